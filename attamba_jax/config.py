@@ -1,0 +1,304 @@
+"""Configuration: frozen dataclasses, YAML files, ``section.key=value`` overrides, validation.
+
+The dataclass defaults are the base config; a YAML file overrides some of them and
+command-line ``key=value`` pairs override the file. Every key is validated before
+anything runs, and an unknown or misspelled key is an error, never ignored.
+
+    cfg = load_config("configs/paper/attamba_k8_w8.yaml", ["model.token_chunk=4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the problem."""
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def round_up(x: int, multiple: int) -> int:
+    return multiple * math.ceil(x / multiple)
+
+
+# --- sections -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The network. Keys marked (attamba) or (transformer) apply to that ``arch`` only."""
+
+    arch: Literal["attamba", "transformer"] = "attamba"
+    vocab_size: int = 32000
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    # Key/value heads (GQA); null = n_heads. (attamba) n_kv_heads*head_dim must equal dim.
+    n_kv_heads: int | None = None
+    # null = dim // n_heads. The transformer's attention width is n_heads*head_dim
+    # (the paper's attn_dim, shrunk for its iso-KV / iso-FLOP baselines).
+    head_dim: int | None = None
+    # FFN hidden = multiple_of*ceil(floor(8*dim/3)/multiple_of); the SSM inner width
+    # uses the same rounding of 2*ssm_hidden_dim/3.
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Compute dtype of matmuls and activations; parameters, norms, softmax, the SSM's
+    # exponentials and the loss stay float32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    # (attamba) chunk length K (the paper's P) and local window W (the paper's L).
+    token_chunk: int = 8
+    leading_tokens: int = 8
+    # (attamba) ablation: plain causal attention over all keys (no KV saving).
+    pseudo_chunk: bool = False
+    ssm_state_dim: int = 32
+    ssm_hidden_dim: int = 32
+    ssm_heads: int = 8
+    ssm_groups: int = 1
+    ssm_conv_width: int = 4
+    ssm_dt_bias: bool = False
+    # A = -exp(A_log), A_log = ln U(a_min, a_max); the paper's runs used (1, 16).
+    ssm_a_init_min: float = 1.0
+    ssm_a_init_max: float = 16.0
+    # (transformer) causal sliding window: each query sees its last W+1 tokens; null = full.
+    sliding_window: int | None = None
+
+    # Which kernel runs each op: "auto" or a name from pallas_kernels.<op>.IMPLEMENTATIONS.
+    # (attamba) ssm: auto | chunked | associative | sequential.
+    ssm_implementation: str = "auto"
+    # attamba: auto | compressed | dense; transformer: auto | xla | cudnn.
+    attention_implementation: str = "auto"
+
+    # --- derived sizes ---------------------------------------------------------------
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def attn_dim(self) -> int:
+        return self.n_heads * self.resolved_head_dim
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return round_up(int(8 * self.dim / 3), self.multiple_of)
+
+    @property
+    def ssm_inner_dim(self) -> int:
+        return round_up(int(2 * self.ssm_hidden_dim / 3), self.multiple_of)
+
+    def validate(self):
+        _check(self.arch in ("attamba", "transformer"), f"model.arch must be 'attamba' or 'transformer', got {self.arch!r}")
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of"):
+            _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
+        _check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
+        _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+        _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.head_dim is None:
+            _check(self.dim % self.n_heads == 0, f"model.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) when head_dim is null")
+        hd = self.resolved_head_dim
+        _check(hd >= 2 and hd % 2 == 0, f"model.head_dim must be even and >= 2 (RoPE rotates pairs), got {hd}")
+        kv = self.resolved_kv_heads
+        _check(kv >= 1 and self.n_heads % kv == 0, f"model.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
+        if self.arch == "attamba":
+            _check(
+                kv * hd == self.dim,
+                f"model.n_kv_heads*head_dim must equal dim: Attamba's K/V are the d-wide SSM outputs "
+                f"(got {kv}*{hd}={kv * hd}, dim={self.dim})",
+            )
+            _check(self.token_chunk >= 1, f"model.token_chunk must be >= 1, got {self.token_chunk}")
+            _check(self.leading_tokens >= 0, f"model.leading_tokens must be >= 0, got {self.leading_tokens}")
+            for key in ("ssm_state_dim", "ssm_hidden_dim", "ssm_heads", "ssm_groups", "ssm_conv_width"):
+                _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
+            inner = self.ssm_inner_dim
+            _check(inner % self.ssm_heads == 0, f"model.ssm_heads ({self.ssm_heads}) must divide the SSM inner width ({inner})")
+            _check(self.ssm_heads % self.ssm_groups == 0, f"model.ssm_groups ({self.ssm_groups}) must divide ssm_heads ({self.ssm_heads})")
+            _check(inner % self.ssm_groups == 0, f"model.ssm_groups ({self.ssm_groups}) must divide the SSM inner width ({inner})")
+            _check(
+                0 < self.ssm_a_init_min <= self.ssm_a_init_max,
+                f"model.ssm_a_init_min/max must satisfy 0 < min <= max, got {self.ssm_a_init_min}, {self.ssm_a_init_max}",
+            )
+            from pallas_kernels.chunked_attention import IMPLEMENTATIONS as attn_impls
+            from pallas_kernels.ssd import IMPLEMENTATIONS as ssm_impls
+
+            _check(
+                self.ssm_implementation in ("auto",) + ssm_impls,
+                f"model.ssm_implementation must be one of {('auto',) + ssm_impls}, got {self.ssm_implementation!r}",
+            )
+            _check(
+                self.attention_implementation in ("auto",) + attn_impls,
+                f"model.attention_implementation for arch=attamba must be one of {('auto',) + attn_impls}, "
+                f"got {self.attention_implementation!r}",
+            )
+        else:
+            _check(
+                self.attention_implementation in ("auto", "xla", "cudnn"),
+                f"model.attention_implementation for arch=transformer must be one of ('auto', 'xla', 'cudnn'), "
+                f"got {self.attention_implementation!r}",
+            )
+            _check(self.sliding_window is None or self.sliding_window >= 0, f"model.sliding_window must be null or >= 0, got {self.sliding_window}")
+
+
+# Keys that mean something for one architecture only: setting them for the other is an error.
+ATTAMBA_ONLY = frozenset(
+    {
+        "token_chunk", "leading_tokens", "pseudo_chunk", "ssm_state_dim", "ssm_hidden_dim", "ssm_heads",
+        "ssm_groups", "ssm_conv_width", "ssm_dt_bias", "ssm_a_init_min", "ssm_a_init_max", "ssm_implementation",
+    }
+)
+TRANSFORMER_ONLY = frozenset({"sliding_window"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    seed: int = 0
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections).validate()
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation; int -> float is the only conversion."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        _check(value in args, f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            _check(type(None) in args, f"{where} may not be null")
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin in (tuple, list):
+        _check(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if annotation is bool:
+        _check(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        _check(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, where)
+    return value
+
+
+def _build(cls, raw: Any, where: str):
+    _check(raw is None or isinstance(raw, dict), f"{where or 'config'} must be a mapping, got {raw!r}")
+    raw = dict(raw or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any):
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        _check(isinstance(node, dict), f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["model.dim=256", "seed=3"]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        _check("=" in item, f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        _check(bool(key.strip()), f"override {item!r} has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a nested dict (YAML or overrides merged)."""
+    model_raw = raw.get("model") or {}
+    if isinstance(model_raw, dict):
+        arch = model_raw.get("arch", ModelConfig.arch)
+        wrong = ATTAMBA_ONLY if arch == "transformer" else TRANSFORMER_ONLY if arch == "attamba" else frozenset()
+        bad = sorted(set(model_raw) & wrong)
+        _check(not bad, f"model.{bad[0] if bad else ''} does not apply to arch={arch}")
+    return _build(Config, raw, "").validate()
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | None = None) -> Config:
+    raw: dict = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        _check(path.is_file(), f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        _check(isinstance(raw, dict), f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = _merge(raw, parse_overrides(list(overrides or [])))
+    return config_from_dict(raw)
+
+
+def dump_config(cfg: Config) -> str:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)

@@ -1,0 +1,115 @@
+"""The language models: Attamba and the transformer baseline, on one code path.
+
+    tokens -> embedding -> N_L × [h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h))] -> RMSNorm -> head
+
+Notebook use, without the trainer:
+
+    cfg = load_config("configs/tiny.yaml")
+    graphdef, params = init_model(cfg.model, seed=0)
+    forward = make_forward(graphdef)          # jitted (params, tokens) -> logits
+    logits = forward(params, tokens)          # tokens [B, T] int32 -> [B, T, vocab]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attamba_jax.attention import AttambaAttention, CausalSelfAttention
+from attamba_jax.chunking import ChunkGrid
+from attamba_jax.config import ModelConfig
+from attamba_jax.layers import Dense, Embedding, RMSNorm
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: W2(silu(W1 x) * W3 x)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, hidden = cfg.dim, cfg.ffn_hidden_dim
+        dtype = jnp.dtype(cfg.dtype)
+        self.w1 = Dense(d, hidden, std=d**-0.5, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.w3 = Dense(d, hidden, std=d**-0.5, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.w2 = Dense(hidden, d, std=hidden**-0.5, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = AttambaAttention(cfg, rngs=rngs) if cfg.arch == "attamba" else CausalSelfAttention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = FeedForward(cfg, rngs=rngs)
+
+    def __call__(self, h, grid: ChunkGrid | None, positions=None):
+        xn = self.attn_norm(h)
+        if grid is None:
+            h = h + self.attention(xn, positions)
+        else:
+            h = h + self.attention(xn, grid, positions)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class LanguageModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        self.embed = Embedding(cfg.vocab_size, cfg.dim, std=cfg.dim**-0.5, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, layer, rngs=rngs) for layer in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = Dense(cfg.dim, cfg.vocab_size, std=cfg.dim**-0.5, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
+
+    def grids(self, token_chunk: int | None = None) -> list[ChunkGrid | None]:
+        """Each layer's chunk grid; ``token_chunk`` overrides K at test time."""
+        cfg = self.cfg
+        if cfg.arch != "attamba":
+            return [None] * cfg.n_layers
+        k = cfg.token_chunk if token_chunk is None else token_chunk
+        return [ChunkGrid.for_layer(layer, k, cfg.n_layers) for layer in range(cfg.n_layers)]
+
+    def __call__(self, tokens: jax.Array, *, token_chunk: int | None = None) -> jax.Array:
+        """tokens: [B, T] int -> logits [B, T, vocab] in the compute dtype."""
+        h = self.embed(tokens)
+        for block, grid in zip(self.blocks, self.grids(token_chunk)):
+            h = block(h, grid)
+        return self.head(self.norm(h))
+
+
+# --- functional surface ------------------------------------------------------------------
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """Build the model and split it once into its (static) graph and its parameters."""
+    model = LanguageModel(cfg, rngs=nnx.Rngs(params=seed))
+    return nnx.split(model)
+
+
+def apply_model(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, *, token_chunk: int | None = None) -> jax.Array:
+    return nnx.merge(graphdef, params)(tokens, token_chunk=token_chunk)
+
+
+def make_forward(graphdef: nnx.GraphDef, *, token_chunk: int | None = None):
+    """A jitted ``(params, tokens) -> logits`` for this graph."""
+    return jax.jit(functools.partial(apply_model, graphdef, token_chunk=token_chunk))
+
+
+def count_params(params: nnx.State) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mean token cross-entropy in float32.
+
+    Returns (mean loss over weighted tokens, total weight).
+    """
+    logits = logits.astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    weights = jnp.ones_like(nll) if weights is None else weights.astype(jnp.float32)
+    total = jnp.sum(weights)
+    return jnp.sum(nll * weights) / jnp.maximum(total, 1.0), total

@@ -1,0 +1,52 @@
+"""The one public entry point of Attamba's boundary + window attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+
+from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.chunked_attention import reference, xla
+
+# In the order ``auto`` tries them.
+IMPLEMENTATIONS = ("compressed", "dense")
+
+
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    grid: ChunkGrid,
+    window: int,
+    implementation: str | Sequence[str] = "auto",
+) -> jax.Array:
+    """Query t attends to key s iff (s < t and s is a boundary of ``grid``) or t-W <= s <= t.
+
+    Args:
+      q: [B, T, H, D] (after RoPE); k, v: [B, T, Hkv, D], H % Hkv == 0.
+      grid: the layer's chunk grid. window: W >= 0.
+      implementation: ``auto``, one name of ``IMPLEMENTATIONS`` or an ordered list.
+
+    Returns:
+      [B, T, H, D] in q.dtype; scale 1/sqrt(D), softmax in float32.
+    """
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"chunked_attention: q [B,T,H,D] and k, v [B,T,Hkv,D] expected, got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"chunked_attention: q {q.shape} and k {k.shape} disagree on batch, length or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"chunked_attention: query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    if window < 0:
+        raise ValueError(f"chunked_attention: window must be >= 0, got {window}")
+    candidates = IMPLEMENTATIONS if implementation == "auto" else (
+        (implementation,) if isinstance(implementation, str) else tuple(implementation)
+    )
+    for name in candidates:
+        if name == "compressed":
+            return xla.chunked_attention_compressed(q, k, v, grid, window)
+        if name == "dense":
+            return reference.chunked_attention_dense(q, k, v, grid, window)
+        raise ValueError(f"chunked_attention: unknown implementation {name!r}; choose from {IMPLEMENTATIONS} or 'auto'")
+    raise ValueError("chunked_attention: empty implementation list")

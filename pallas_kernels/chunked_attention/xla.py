@@ -1,0 +1,76 @@
+"""Compressed Attamba attention in XLA: O(T·(T/K + W)) instead of O(T²).
+
+Query t attends to two disjoint key sets, computed separately and merged by
+log-sum-exp:
+  * boundary part: the ~T/K boundary keys with b < t - W (gathered once per layer);
+  * window part:   keys max(0, t-W) .. t, computed on query blocks of Q >= W tokens
+                   that each see their own block and the one before (2Q keys).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attamba_jax.chunking import ChunkGrid
+
+
+def _partial_attention(scores, mask, v, value_spec):
+    """Unnormalised attention over one key set.
+
+    Returns (acc, row_max, row_sum) with acc = sum_s exp(s - row_max) v_s; rows with
+    no visible key give acc = 0, row_sum = 0, row_max = -inf.
+    """
+    scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    probs = jnp.where(mask, jnp.exp(scores - safe_max), 0.0)
+    acc = jnp.einsum(value_spec, probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, row_max, jnp.sum(probs, axis=-1, keepdims=True)
+
+
+def window_block_size(window: int) -> int:
+    """Query block of the window part: >= W so that two blocks cover every window."""
+    return max(8, -(-window // 8) * 8)
+
+
+def chunked_attention_compressed(q, k, v, grid: ChunkGrid, window: int):
+    """Same contract as ``reference.chunked_attention_dense``."""
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    r = h // hkv
+    f32 = jnp.float32
+    scale = d**-0.5
+    qg = q.reshape(b, t, hkv, r, d)
+    pos = jnp.arange(t)
+
+    # Boundary keys strictly before each query's window.
+    bpos = jnp.asarray(grid.boundaries(t))  # [NB]
+    kb, vb = k[:, bpos], v[:, bpos]  # [B, NB, Hkv, D]
+    s_b = jnp.einsum("btkrd,bnkd->bkrtn", qg, kb, preferred_element_type=f32) * scale
+    mask_b = bpos[None, :] < (pos[:, None] - window)  # [T, NB]
+    acc_b, max_b, sum_b = _partial_attention(s_b, mask_b, vb, "bkrtn,bnkd->bkrtd")
+
+    # Sliding window on blocks: block i's queries see blocks i-1 and i.
+    qb = window_block_size(window)
+    nblk = -(-t // qb)
+    pad = nblk * qb - t
+    padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    qw = padt(qg).reshape(b, nblk, qb, hkv, r, d)
+    kw, vw = (padt(a).reshape(b, nblk, qb, hkv, d) for a in (k, v))
+    prev = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)
+    kw2 = jnp.concatenate([prev(kw), kw], axis=2)  # [B, NBLK, 2Q, Hkv, D]
+    vw2 = jnp.concatenate([prev(vw), vw], axis=2)
+    s_w = jnp.einsum("bnqkrd,bnskd->bkrnqs", qw, kw2, preferred_element_type=f32) * scale
+    qpos = jnp.arange(nblk * qb).reshape(nblk, qb)[:, :, None]  # [NBLK, Q, 1]
+    kpos = qpos[:, :1, :] - qb + jnp.arange(2 * qb)[None, None, :]  # [NBLK, 1, 2Q]
+    mask_w = (kpos <= qpos) & (kpos >= qpos - window) & (kpos >= 0)
+    acc_w, max_w, sum_w = _partial_attention(s_w, mask_w, vw2, "bkrnqs,bnskd->bkrnqd")
+    unblock = lambda a: a.reshape(a.shape[:3] + (nblk * qb,) + a.shape[5:])[:, :, :, :t]
+    acc_w, max_w, sum_w = unblock(acc_w), unblock(max_w), unblock(sum_w)
+
+    # Log-sum-exp merge; the window part always holds key t, so its max is finite.
+    m = jnp.maximum(max_b, max_w)
+    w_b, w_w = jnp.exp(max_b - m), jnp.exp(max_w - m)
+    out = (acc_b * w_b + acc_w * w_w) / (sum_b * w_b + sum_w * w_w)  # [B, Hkv, R, T, D]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q.dtype)

@@ -1,0 +1,83 @@
+"""The one public entry point of the SSD core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.ssd import reference, xla
+
+# In the order ``auto`` tries them.
+IMPLEMENTATIONS = ("chunked", "associative", "sequential")
+
+
+def _reset_from_grid(grid: ChunkGrid, batch: int, length: int) -> jax.Array:
+    reset = grid.is_chunk_start(np.arange(length))
+    return jnp.broadcast_to(jnp.asarray(reset), (batch, length))
+
+
+def _check_shapes(x, dt, A, B, C, D):
+    if x.ndim != 4:
+        raise ValueError(f"ssd: x must be [batch, length, heads, head_dim], got shape {x.shape}")
+    b, t, h, _ = x.shape
+    if dt.shape != (b, t, h):
+        raise ValueError(f"ssd: dt must have shape {(b, t, h)}, got {dt.shape}")
+    if A.shape != (h,) or D.shape != (h,):
+        raise ValueError(f"ssd: A and D must have shape {(h,)}, got {A.shape} and {D.shape}")
+    if B.ndim != 4 or B.shape[:2] != (b, t) or B.shape != C.shape:
+        raise ValueError(f"ssd: B and C must both be [{b}, {t}, groups, state], got {B.shape} and {C.shape}")
+    if h % B.shape[2]:
+        raise ValueError(f"ssd: heads ({h}) must be a multiple of groups ({B.shape[2]})")
+
+
+def ssd(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array,
+    *,
+    grid: ChunkGrid | None = None,
+    reset: jax.Array | None = None,
+    implementation: str | Sequence[str] = "auto",
+) -> jax.Array:
+    """Mamba-2 SSD scan that restarts its state at every chunk start.
+
+    Args:
+      x: [B, T, H, P]; dt: [B, T, H] (after softplus); A: [H] (negative); B, C:
+        [B, T, G, N]; D: [H].
+      grid: the layer's fixed chunk grid. Exactly one of ``grid`` and ``reset``.
+      reset: [T] or [B, T] bool, True where the state restarts before the token
+        (any pattern, e.g. variable-length chunks). ``chunked`` needs ``grid``.
+      implementation: ``auto`` or one name of ``IMPLEMENTATIONS``, or an ordered
+        list of names to try (the first that applies runs).
+
+    Returns:
+      y: [B, T, H, P] in x.dtype.
+    """
+    _check_shapes(x, dt, A, B, C, D)
+    if (grid is None) == (reset is None):
+        raise ValueError("ssd: pass exactly one of grid= (fixed chunk grid) and reset= (any chunk starts)")
+    b, t = x.shape[:2]
+    if reset is not None:
+        reset = jnp.broadcast_to(jnp.asarray(reset, bool), (b, t))
+    candidates = IMPLEMENTATIONS if implementation == "auto" else (
+        (implementation,) if isinstance(implementation, str) else tuple(implementation)
+    )
+    for name in candidates:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"ssd: unknown implementation {name!r}; choose from {IMPLEMENTATIONS} or 'auto'")
+        if name == "chunked":
+            if grid is None:
+                continue
+            return xla.ssd_chunked(x, dt, A, B, C, D, grid)
+        r = reset if reset is not None else _reset_from_grid(grid, b, t)
+        if name == "associative":
+            return xla.ssd_associative(x, dt, A, B, C, D, r)
+        return reference.ssd_sequential(x, dt, A, B, C, D, r)[0]
+    raise ValueError(f"ssd: none of {candidates} applies here ('chunked' needs grid=, not reset=)")

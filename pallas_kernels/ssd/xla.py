@@ -1,0 +1,64 @@
+"""Fast XLA paths for the chunk-reset SSD core.
+
+``associative``: ``jax.lax.associative_scan`` over (decay, input) pairs with the
+decay zeroed at chunk starts; any reset pattern, O(T log T) work, materialises the
+[B, T, H, P, N] state.
+
+``chunked``: fixed grid only. Lays the sequence out as independent K-token chunks
+(see ``ChunkLayout``) and computes each chunk in SSD "quadratic" form, one masked
+matmul per chunk and no scan at all:
+
+    y_i = sum_{j<=i} (C_i · B_j) * exp(cum_i - cum_j) * dt_j * x_j + D * x_i,
+    cum = cumsum(dt * A) within the chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.ssd.reference import expand_groups
+
+
+def ssd_associative(x, dt, A, B, C, D, reset):
+    """Same contract as ``reference.ssd_sequential`` (returns y only)."""
+    h = x.shape[2]
+    f32 = jnp.float32
+    decay = jnp.exp(dt.astype(f32) * A.astype(f32)) * (1.0 - reset.astype(f32))[..., None]
+    # [B, T, H, P, N] input to the state
+    u = (dt.astype(f32)[..., None] * x.astype(f32))[..., None] * expand_groups(B, h).astype(f32)[:, :, :, None, :]
+
+    def combine(left, right):
+        a_l, u_l = left
+        a_r, u_r = right
+        return a_l * a_r, a_r[..., None, None] * u_l + u_r
+
+    _, states = jax.lax.associative_scan(combine, (decay, u), axis=1)
+    y = jnp.einsum("bthpn,bthn->bthp", states, expand_groups(C, h).astype(f32))
+    y = y + D.astype(f32)[:, None] * x.astype(f32)
+    return y.astype(x.dtype)
+
+
+def ssd_chunked(x, dt, A, B, C, D, grid: ChunkGrid):
+    """Fixed-grid SSD: one masked [K, K] matmul per chunk and head."""
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    k = grid.token_chunk
+    f32 = jnp.float32
+    layout = grid.chunk_layout(t)
+    xc = layout.to_chunks(x.astype(f32)).reshape(b, -1, k, g, r, p)  # [B, C, K, G, R, P]
+    dtc = layout.to_chunks(dt.astype(f32)).reshape(b, -1, k, g, r)  # [B, C, K, G, R]
+    Bc = layout.to_chunks(B)  # [B, C, K, G, N]
+    Cc = layout.to_chunks(C)
+    cum = jnp.cumsum(dtc * A.astype(f32).reshape(g, r), axis=2)  # [B, C, K, G, R]
+    seg = cum[:, :, :, None] - cum[:, :, None, :]  # [B, C, Ki, Kj, G, R]
+    causal = jnp.tril(jnp.ones((k, k), bool))[None, None, :, :, None, None]
+    decay = jnp.exp(jnp.where(causal, seg, -jnp.inf))
+    cb = jnp.einsum("bcign,bcjgn->bcijg", Cc, Bc, preferred_element_type=f32)  # [B, C, Ki, Kj, G]
+    weights = cb[..., None] * decay * dtc[:, :, None]  # [B, C, Ki, Kj, G, R]
+    y = jnp.einsum("bcijgr,bcjgrp->bcigrp", weights, xc)  # [B, C, K, G, R, P]
+    y = layout.from_chunks(y.reshape(b, -1, k, h, p))
+    y = y + D.astype(f32)[:, None] * x.astype(f32)
+    return y.astype(x.dtype)
