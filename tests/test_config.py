@@ -1,0 +1,73 @@
+"""Config loading, overrides and validation errors."""
+
+import pathlib
+
+import pytest
+
+from attamba_jax.config import ConfigError, Config, dump_config, load_config, parse_overrides
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+ALL = sorted(CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
+def test_every_shipped_config_loads(path, tmp_path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # dumping and reloading gives the same config
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_paper_configs_exist():
+    names = {p.stem for p in (CONFIGS / "paper").glob("*.yaml")}
+    assert {
+        "attamba_k4_w8", "attamba_k8_w8", "attamba_k16_w16", "attamba_k4_w32", "transformer_isoparam",
+        "transformer_isokv4", "transformer_isokv8", "transformer_isokv16", "transformer_isoflop104",
+    } <= names
+
+
+def test_overrides_parse_yaml_scalars():
+    assert parse_overrides(["model.dim=64", "model.pseudo_chunk=true", "model.head_dim=null"]) == {
+        "model": {"dim": 64, "pseudo_chunk": True, "head_dim": None}
+    }
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.token_chunk=8", "model.leading_tokens=4"])
+    assert cfg.model.token_chunk == 8 and cfg.model.leading_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.token_chunk=0", "token_chunk must be >= 1"),
+        ("model.n_kv_heads=2", "n_kv_heads\\*head_dim must equal dim: Attamba's K/V are the d-wide SSM outputs"),
+        ("model.dimm=3", "unknown config key model.dimm"),
+        ("model.dim=abc", "model.dim must be an integer"),
+        ("model.arch=rnn", "model.arch must be one of"),
+        ("model.ssm_implementation=magic", "model.ssm_implementation must be one of"),
+        ("model.ssm_heads=3", "ssm_heads \\(3\\) must divide the SSM inner width"),
+        ("model.head_dim=7", "head_dim must be even"),
+        ("model.ssm_a_init_min=20", "ssm_a_init_min/max must satisfy"),
+        ("model", "must look like section.key=value"),
+    ],
+)
+def test_bad_values_name_the_problem(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_arch_specific_keys_are_rejected_for_the_other_arch():
+    with pytest.raises(ConfigError, match="model.token_chunk does not apply to arch=transformer"):
+        load_config(CONFIGS / "paper" / "transformer_isoparam.yaml", ["model.token_chunk=4"])
+    with pytest.raises(ConfigError, match="model.sliding_window does not apply to arch=attamba"):
+        load_config(CONFIGS / "tiny.yaml", ["model.sliding_window=4"])
+    with pytest.raises(ConfigError, match="attention_implementation for arch=transformer"):
+        load_config(CONFIGS / "paper" / "transformer_isoparam.yaml", ["model.attention_implementation=compressed"])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

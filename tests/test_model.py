@@ -1,0 +1,143 @@
+"""The whole LM: parameter counts, chunk locality, causality, jit, a tiny overfit."""
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from attamba_jax.chunking import ChunkGrid
+from attamba_jax.config import ModelConfig, load_config
+from attamba_jax.model import LanguageModel, apply_model, count_params, cross_entropy, init_model, make_forward
+from attamba_jax.ssm import Mamba2
+from tests.helpers import assert_close
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+SMALL = ModelConfig(
+    vocab_size=50, dim=32, n_layers=3, n_heads=4, multiple_of=16, ssm_hidden_dim=48, ssm_heads=2,
+    ssm_state_dim=4, token_chunk=4, leading_tokens=2,
+)
+
+
+def _abstract_params(cfg):
+    return count_params(nnx.state(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("attamba_k8_w8", 62_751_488), ("transformer_isoparam", 60_039_680), ("transformer_isokv8", 52_699_648)],
+)
+def test_paper_parameter_counts(name, expected):
+    cfg = load_config(CONFIGS / "paper" / f"{name}.yaml")
+    assert _abstract_params(cfg.model) == expected
+
+
+def test_ssm_outputs_change_only_inside_the_touched_chunk():
+    # Given a chunk-reset SSM, when one input token changes, then outputs change
+    # at that token and later tokens of its chunk only.
+    cfg = dataclasses.replace(SMALL, token_chunk=5)
+    ssm = Mamba2(cfg, rngs=nnx.Rngs(1))
+    grid = ChunkGrid(5, 2)
+    T = 23
+    u = jax.random.normal(jax.random.key(2), (1, T, 32))
+    cid = grid.chunk_id(np.arange(T))
+    for impl in ("sequential", "associative", "chunked"):
+        ssm.implementation = impl
+        base = ssm(u, grid)
+        for t in (0, 1, 2, 3, 9, 22):
+            delta = np.asarray(jnp.abs(ssm(u.at[:, t].add(1.0), grid) - base).max(axis=(0, 2)))
+            changed = delta > 1e-6
+            expect = (cid == cid[t]) & (np.arange(T) >= t)
+            np.testing.assert_array_equal(changed, expect, err_msg=f"{impl}, token {t}")
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SMALL,
+        dataclasses.replace(SMALL, token_chunk=8, n_kv_heads=2, head_dim=16),
+        dataclasses.replace(SMALL, pseudo_chunk=True),
+        ModelConfig(arch="transformer", vocab_size=50, dim=32, n_layers=2, n_heads=4, head_dim=4, multiple_of=16),
+        ModelConfig(arch="transformer", vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, sliding_window=3),
+    ],
+    ids=["attamba", "attamba-gqa", "pseudo-chunk", "isokv-like", "transformer-gqa-swa"],
+)
+def test_causality(cfg):
+    # Changing token t changes no logit before t.
+    graphdef, params = init_model(cfg, seed=3)
+    forward = make_forward(graphdef)
+    tokens = jax.random.randint(jax.random.key(4), (2, 19), 0, cfg.vocab_size)
+    base = forward(params, tokens)
+    for t in (0, 7, 18):
+        other = forward(params, tokens.at[:, t].set((tokens[:, t] + 1) % cfg.vocab_size))
+        diff = np.asarray(jnp.abs(other - base).max(axis=(0, 2)))
+        assert np.all(diff[:t] == 0), f"token {t} leaked backwards"
+        assert diff[t] > 0
+
+
+def test_jit_equals_eager_and_implementations_agree():
+    graphdef, params = init_model(SMALL, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 26), 0, 50)
+    eager = apply_model(graphdef, params, tokens)
+    assert eager.shape == (2, 26, 50)
+    assert_close(make_forward(graphdef)(params, tokens), eager, 1e-5)
+    ref_cfg = dataclasses.replace(SMALL, ssm_implementation="sequential", attention_implementation="dense")
+    ref_graphdef, _ = init_model(ref_cfg, seed=0)
+    assert_close(apply_model(ref_graphdef, params, tokens), eager, 1e-5)
+
+
+def test_test_time_token_chunk_changes_the_grid():
+    graphdef, params = init_model(SMALL, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (1, 30), 0, 50)
+    a = apply_model(graphdef, params, tokens)
+    b = apply_model(graphdef, params, tokens, token_chunk=8)
+    assert a.shape == b.shape and not np.allclose(a, b)
+    # the first chunk ([0] and [1, K-1-o]) is identical at any K
+    np.testing.assert_allclose(a[:, :2], b[:, :2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["attamba", "transformer"])
+def test_loss_decreases_on_a_tiny_batch(arch):
+    cfg = SMALL if arch == "attamba" else ModelConfig(arch="transformer", vocab_size=50, dim=32, n_layers=2, n_heads=4, multiple_of=16)
+    graphdef, params = init_model(cfg, seed=0)
+    tokens = jax.random.randint(jax.random.key(9), (4, 17), 0, 50)
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(p):
+            logits = apply_model(graphdef, p, tokens[:, :-1])
+            return cross_entropy(logits, tokens[:, 1:])[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for _ in range(30):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bfloat16_forward_is_close_to_float32():
+    graphdef, params = init_model(SMALL, seed=0)
+    g16, _ = init_model(dataclasses.replace(SMALL, dtype="bfloat16"), seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, 50)
+    out = apply_model(g16, params, tokens)
+    assert out.dtype == jnp.bfloat16
+    assert_close(out, apply_model(graphdef, params, tokens), 5e-2)
+
+
+def test_cross_entropy_matches_optax():
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 7)
+    loss, total = cross_entropy(logits, targets)
+    assert total == 10
+    np.testing.assert_allclose(loss, optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), rtol=1e-6)
