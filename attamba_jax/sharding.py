@@ -1,0 +1,158 @@
+"""Device meshes and logical-axis sharding.
+
+Parameters carry logical axis names (``logical_axes`` metadata: embed, heads, kv, mlp,
+vocab, ssm_inner, ssm_heads) and activations are constrained with logical names (batch,
+length, embed, ...). A table of rules maps logical names to the mesh axes
+``data``, ``fsdp`` and ``tensor``; the model code never names a mesh axis.
+
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    with use_mesh(mesh, DEFAULT_RULES):
+        shardings = state_shardings(params)       # NamedSharding per parameter
+        params = jax.device_put(params, shardings)
+
+A dimension whose size the mapped mesh axes do not divide is replicated instead, so a
+mesh never makes a model unrunnable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes (a name, a tuple of names, or None = replicated)
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("ssm_inner", "tensor"),
+    ("ssm_heads", None),
+    ("ssm_state", None),
+)
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("attamba_mesh", default=None)
+
+
+def resolve_mesh_shape(shape: dict[str, int], n_devices: int) -> tuple[int, ...]:
+    """Sizes for ``MESH_AXES``; one size may be -1 (= the devices left over)."""
+    unknown = [name for name in shape if name not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"unknown mesh axis {unknown[0]!r}; mesh axes are {MESH_AXES}")
+    sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh axis sizes must be >= 1 or -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices do not divide by {known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {n_devices} are present")
+    return tuple(sizes)
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(shape, len(devices))
+    try:
+        grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except Exception:  # not a physical topology it knows: plain order is still correct
+        grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Make ``mesh`` and ``rules`` the target of ``constrain`` and ``state_shardings``."""
+    token = _ACTIVE.set((mesh, tuple(rules)))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_mesh() -> tuple[Mesh, Rules] | None:
+    return _ACTIVE.get()
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
+    """PartitionSpec for a value of ``shape`` whose dimensions have logical ``axes``."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        # a mesh axis shards at most one dimension, and only one it divides
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+            used.update(mesh_axes)
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def _logical_axes(variable: nnx.Variable) -> tuple:
+    axes = variable.get_metadata().get("logical_axes")
+    return tuple(axes) if axes is not None else (None,) * variable[...].ndim
+
+
+def state_shardings(state: nnx.State, mesh: Mesh | None = None, rules: Rules | None = None) -> nnx.State:
+    """A NamedSharding for every variable of ``state``, from its ``logical_axes`` metadata.
+
+    Returns a pytree with the structure of ``nnx.to_pure_dict``-style leaves: the same
+    State, each Variable's value replaced by its sharding.
+    """
+    if mesh is None:
+        active = active_mesh()
+        if active is None:
+            raise ValueError("state_shardings needs a mesh: pass one or call it inside use_mesh(mesh)")
+        mesh, rules = active
+    rules = DEFAULT_RULES if rules is None else rules
+
+    def one(variable):
+        value = variable[...]
+        return variable.replace(NamedSharding(mesh, logical_to_spec(_logical_axes(variable), value.shape, mesh, rules)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; a no-op outside ``use_mesh``."""
+    active = active_mesh()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+
+
+def batch_sharding(shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a global [batch, length, ...] input batch; the batch must divide evenly."""
+    spec = logical_to_spec(("batch", "length") + (None,) * (len(shape) - 2), shape, mesh, rules)
+    n = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    if shape[0] % n:
+        raise ValueError(f"global batch {shape[0]} must be divisible by the mesh's data*fsdp = {n}")
+    return NamedSharding(mesh, spec)
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Assemble this process's rows of the global batch into one global jax.Array."""
+    return jax.make_array_from_process_local_data(sharding, local)
