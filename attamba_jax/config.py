@@ -165,12 +165,125 @@ TRANSFORMER_ONLY = frozenset({"sliding_window"})
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the model reads. Defaults: the embedded corpus, byte-level, the paper's T and batch."""
+
+    # Training sources, read in this order: "stdlib" (the Python standard library's own .py
+    # files, present on every machine), or paths/globs of text files (one document per file),
+    # .jsonl files (one document per line, in its "text" field) and .bin token files written by
+    # `python -m attamba_jax.prepare`.
+    train: tuple[str, ...] = ("stdlib",)
+    # Held-out sources in the same forms; empty = hold out heldout_fraction of the training documents.
+    eval: tuple[str, ...] = ()
+    # Share of training documents (text files, JSONL lines; never .bin files) held out when eval is empty.
+    heldout_fraction: float = 0.02
+    # "byte" (ids 0-255 = bytes, 256 = BOS, 257 = EOS) or the path of a SentencePiece .model.
+    tokenizer: str = "byte"
+    # Tokens per packed training sequence (documents are BOS...EOS, concatenated and cut).
+    seq_len: int = 1024
+    # Sequences per optimizer step over all processes and devices (the global batch).
+    batch_size: int = 16
+    # Batches assembled ahead of the device step ...
+    prefetch: int = 8
+    # ... by this many reader threads.
+    threads: int = 4
+
+    def validate(self):
+        _check(len(self.train) >= 1, "data.train must name at least one source")
+        for key in ("train", "eval"):
+            for src in getattr(self, key):
+                _check(bool(src.strip()), f"data.{key} holds an empty source name")
+        _check(0.0 <= self.heldout_fraction < 1.0, f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        _check(bool(self.tokenizer.strip()), "data.tokenizer must be 'byte' or the path of a SentencePiece .model")
+        for key in ("seq_len", "batch_size", "prefetch", "threads"):
+            _check(getattr(self, key) >= 1, f"data.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay. Defaults: the paper's recipe (SPEC §7)."""
+
+    # Peak learning rate, reached after warmup_steps.
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Decoupled (AdamW) decay; never applied to norm weights, biases, A_log, D or dt_bias.
+    weight_decay: float = 0.033
+    # Linear warmup from 0 to lr over this many steps.
+    warmup_steps: int = 5000
+    # Cosine decay from lr down to lr * min_lr_ratio at train.steps.
+    min_lr_ratio: float = 1e-6
+    # Clip the gradient to this global norm; null = no clipping.
+    grad_clip: float | None = 1.0
+    # Microbatches per optimizer step (gradient accumulation); data.batch_size must divide by it.
+    grad_accum: int = 1
+
+    def validate(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        for key in ("beta1", "beta2"):
+            _check(0.0 <= getattr(self, key) < 1.0, f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be null or > 0, got {self.grad_clip}")
+        _check(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: length, logging, held-out evaluation, checkpoints."""
+
+    # Optimizer steps of the whole run (a resumed run continues up to it).
+    steps: int = 60000
+    # Write loss, grad norm, lr, tokens/s and MFU every this many steps.
+    log_every: int = 10
+    # Held-out loss every this many steps (also before the first step and after the last).
+    eval_every: int = 1000
+    # Held-out batches per evaluation; null = the whole held-out set.
+    eval_batches: int | None = 20
+    # Save a checkpoint every this many steps (also after the last step and on SIGTERM).
+    checkpoint_every: int = 1000
+    # Keep the newest this many checkpoints ...
+    keep_last: int = 3
+    # ... and, besides, every checkpoint whose step is a multiple of this; null = none.
+    keep_every: int | None = 10000
+    # Peak dense FLOP/s of one device in TFLOP/s, for MFU; null = detect from the device kind.
+    peak_tflops: float | None = None
+
+    def validate(self):
+        for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_last"):
+            _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_batches", "keep_every"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"train.{key} must be null or >= 1, got {value}")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, f"train.peak_tflops must be null or > 0, got {self.peak_tflops}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    # Seeds the parameter initialisation and the data order.
     seed: int = 0
 
     def validate(self) -> "Config":
         self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.train.validate()
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        _check(
+            self.data.batch_size % self.optim.grad_accum == 0,
+            f"data.batch_size ({self.data.batch_size}) must be a multiple of optim.grad_accum ({self.optim.grad_accum})",
+        )
+        _check(
+            self.optim.warmup_steps <= self.train.steps,
+            f"optim.warmup_steps ({self.optim.warmup_steps}) must not exceed train.steps ({self.train.steps})",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,6 +319,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin in (tuple, list):
+        if isinstance(value, str) and args and args[0] is str:
+            value = [value]  # ``data.train=books/*.txt`` on the command line: a one-element list
         _check(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
@@ -301,4 +416,9 @@ def dump_config(cfg: Config) -> str:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
+    tree = plain(cfg.to_dict())
+    # Keys of the other architecture are always at their defaults; leaving them out keeps the
+    # dump loadable (setting them is an error).
+    other = ATTAMBA_ONLY if cfg.model.arch == "transformer" else TRANSFORMER_ONLY
+    tree["model"] = {k: v for k, v in tree["model"].items() if k not in other}
+    return yaml.safe_dump(tree, sort_keys=False)
