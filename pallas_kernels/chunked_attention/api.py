@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 
 from attamba_jax.chunking import ChunkGrid
-from pallas_kernels.chunked_attention import reference, xla
+from pallas_kernels.chunked_attention import pallas_gpu, pallas_tpu, reference, xla
 
-# In the order ``auto`` tries them.
-IMPLEMENTATIONS = ("compressed", "dense")
+# ``pallas_*_interpret`` run the same kernels in the Pallas interpreter (CPU; tests, debugging).
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "compressed", "dense", "pallas_gpu_interpret", "pallas_tpu_interpret")
+_RUN = {
+    "pallas_gpu": pallas_gpu.chunked_attention_pallas_gpu,
+    "pallas_tpu": pallas_tpu.chunked_attention_pallas_tpu,
+    "compressed": xla.chunked_attention_compressed,
+    "dense": reference.chunked_attention_dense,
+    "pallas_gpu_interpret": functools.partial(pallas_gpu.chunked_attention_pallas_gpu, interpret=True),
+    "pallas_tpu_interpret": functools.partial(pallas_tpu.chunked_attention_pallas_tpu, interpret=pallas_tpu.interpret_params()),
+}
+
+
+def auto_implementations(backend: str | None = None) -> tuple[str, ...]:
+    """What ``auto`` picks: the backend's Pallas kernel on GPU/TPU, the XLA ``compressed`` path elsewhere."""
+    backend = backend or jax.default_backend()
+    return {"gpu": ("pallas_gpu",), "cuda": ("pallas_gpu",), "tpu": ("pallas_tpu",)}.get(backend, ("compressed",))
 
 
 def chunked_attention(
@@ -27,7 +42,8 @@ def chunked_attention(
     Args:
       q: [B, T, H, D] (after RoPE); k, v: [B, T, Hkv, D], H % Hkv == 0.
       grid: the layer's chunk grid. window: W >= 0.
-      implementation: ``auto``, one name of ``IMPLEMENTATIONS`` or an ordered list.
+      implementation: ``auto`` (``auto_implementations()``), one name of
+        ``IMPLEMENTATIONS`` or an ordered list (the first name runs).
 
     Returns:
       [B, T, H, D] in q.dtype; scale 1/sqrt(D), softmax in float32.
@@ -40,13 +56,11 @@ def chunked_attention(
         raise ValueError(f"chunked_attention: query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
     if window < 0:
         raise ValueError(f"chunked_attention: window must be >= 0, got {window}")
-    candidates = IMPLEMENTATIONS if implementation == "auto" else (
+    candidates = auto_implementations() if implementation == "auto" else (
         (implementation,) if isinstance(implementation, str) else tuple(implementation)
     )
     for name in candidates:
-        if name == "compressed":
-            return xla.chunked_attention_compressed(q, k, v, grid, window)
-        if name == "dense":
-            return reference.chunked_attention_dense(q, k, v, grid, window)
-        raise ValueError(f"chunked_attention: unknown implementation {name!r}; choose from {IMPLEMENTATIONS} or 'auto'")
+        if name not in _RUN:
+            raise ValueError(f"chunked_attention: unknown implementation {name!r}; choose from {IMPLEMENTATIONS} or 'auto'")
+        return _RUN[name](q, k, v, grid, window)
     raise ValueError("chunked_attention: empty implementation list")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -9,10 +10,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from attamba_jax.chunking import ChunkGrid
-from pallas_kernels.ssd import reference, xla
+from pallas_kernels.ssd import pallas_gpu, pallas_tpu, reference, xla
 
-# In the order ``auto`` tries them.
-IMPLEMENTATIONS = ("chunked", "associative", "sequential")
+# ``pallas_*_interpret`` run the same kernels in the Pallas interpreter (CPU; tests, debugging).
+IMPLEMENTATIONS = (
+    "pallas_gpu", "pallas_tpu", "chunked", "associative", "sequential", "pallas_gpu_interpret", "pallas_tpu_interpret",
+)
+_PALLAS = {
+    "pallas_gpu": pallas_gpu.ssd_pallas_gpu,
+    "pallas_tpu": pallas_tpu.ssd_pallas_tpu,
+    "pallas_gpu_interpret": functools.partial(pallas_gpu.ssd_pallas_gpu, interpret=True),
+    "pallas_tpu_interpret": functools.partial(pallas_tpu.ssd_pallas_tpu, interpret=pallas_tpu.interpret_params()),
+}
+
+
+def auto_implementations(backend: str | None = None) -> tuple[str, ...]:
+    """What ``auto`` tries, in order: the backend's Pallas kernel, then the XLA paths."""
+    backend = backend or jax.default_backend()
+    kernel = {"gpu": ("pallas_gpu",), "cuda": ("pallas_gpu",), "tpu": ("pallas_tpu",)}.get(backend, ())
+    return kernel + ("chunked", "associative", "sequential")
 
 
 def _reset_from_grid(grid: ChunkGrid, batch: int, length: int) -> jax.Array:
@@ -53,9 +69,11 @@ def ssd(
         [B, T, G, N]; D: [H].
       grid: the layer's fixed chunk grid. Exactly one of ``grid`` and ``reset``.
       reset: [T] or [B, T] bool, True where the state restarts before the token
-        (any pattern, e.g. variable-length chunks). ``chunked`` needs ``grid``.
-      implementation: ``auto`` or one name of ``IMPLEMENTATIONS``, or an ordered
-        list of names to try (the first that applies runs).
+        (any pattern, e.g. variable-length chunks). ``chunked`` and the Pallas
+        kernels need ``grid``.
+      implementation: ``auto`` (``auto_implementations()``: the Pallas kernel on
+        GPU/TPU, XLA on CPU) or one name of ``IMPLEMENTATIONS``, or an ordered list
+        of names to try (the first that applies runs).
 
     Returns:
       y: [B, T, H, P] in x.dtype.
@@ -66,18 +84,20 @@ def ssd(
     b, t = x.shape[:2]
     if reset is not None:
         reset = jnp.broadcast_to(jnp.asarray(reset, bool), (b, t))
-    candidates = IMPLEMENTATIONS if implementation == "auto" else (
+    candidates = auto_implementations() if implementation == "auto" else (
         (implementation,) if isinstance(implementation, str) else tuple(implementation)
     )
     for name in candidates:
         if name not in IMPLEMENTATIONS:
             raise ValueError(f"ssd: unknown implementation {name!r}; choose from {IMPLEMENTATIONS} or 'auto'")
-        if name == "chunked":
+        if name == "chunked" or name in _PALLAS:
             if grid is None:
                 continue
-            return xla.ssd_chunked(x, dt, A, B, C, D, grid)
+            if name == "chunked":
+                return xla.ssd_chunked(x, dt, A, B, C, D, grid)
+            return _PALLAS[name](x, dt, A, B, C, D, grid)
         r = reset if reset is not None else _reset_from_grid(grid, b, t)
         if name == "associative":
             return xla.ssd_associative(x, dt, A, B, C, D, r)
         return reference.ssd_sequential(x, dt, A, B, C, D, r)[0]
-    raise ValueError(f"ssd: none of {candidates} applies here ('chunked' needs grid=, not reset=)")
+    raise ValueError(f"ssd: none of {candidates} applies here ('chunked' needs grid=, not reset=, and so do the Pallas kernels)")

@@ -1,0 +1,434 @@
+"""Boundary + window attention as Pallas kernels for GPUs (Triton lowering).
+
+Forward: one program per (query block of BQ tokens, batch row, query head). It runs
+one online softmax over two key streams and nothing else:
+  1. the gathered boundary keys ``kb = k[:, boundaries]`` (~T/K rows). Boundary n is
+     visible to query t iff ``pos(n) < t - W``; blocks visible to the whole query
+     block run unmasked, the few straddling ``t - W`` run masked, the rest are
+     never loaded;
+  2. the window keys ``[q0 - W, q0 + BQ)``, masked by ``t - W <= s <= t``.
+The two sets are disjoint, so the result is exactly softmax over the Attamba mask.
+
+Backward (FlashAttention-2 style, from the saved log-sum-exp): dq walks the same
+two streams as the forward; dk/dv come from two kernels, one per key kind: each
+boundary-key block walks the queries that see it (t > pos(n) + W, to the end), and
+each window-key block the BK + W queries after it. The boundary part is added into
+dk/dv at the boundary positions.
+
+Logits are taken in base 2 (scale·log2 e folded in) so the softmax uses exp2.
+Matmuls run on tensor cores in the input dtype (bf16) with float32 accumulation;
+float32 inputs use exact float32 matmuls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.chunked_attention import tuned_block_sizes
+from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
+
+# jax < 0.6 called the Triton compiler params ``TritonCompilerParams``.
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_NEG = -1e30  # finite "minus infinity": keeps (masked - max) free of inf - inf
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialise on (hashable: a custom_vjp static argument)."""
+
+    length: int  # T
+    num_boundaries: int  # NB
+    grid: ChunkGrid
+    window: int  # W
+    head_dim: int  # D (padded)
+    scale: float  # 1/sqrt(D) of the unpadded head dim
+    blocks: tuned_block_sizes.AttentionBlocks
+    f32: bool  # inputs are float32: exact float32 matmuls
+
+    @property
+    def precision(self):
+        return jax.lax.Precision.HIGHEST if self.f32 else None
+
+    @property
+    def qk_scale(self) -> float:
+        return self.scale * _LOG2E
+
+    def params(self, num_warps: int, num_stages: int):
+        return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _dot(a, b, precision, trans_a=False, trans_b=False):
+    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
+    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+def _iota(n: int):
+    return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _load_rows(ref, start, size, limit):
+    """Rows [start, start + size) of a [rows, D] ref, zero past ``limit``."""
+    rows = start + _iota(size)
+    return plgpu.load(ref.at[pl.ds(start, size), :], mask=(rows < limit)[:, None], other=0.0)
+
+
+def _load_vec(ref, start, size, limit):
+    rows = start + _iota(size)
+    return plgpu.load(ref.at[pl.ds(start, size)], mask=rows < limit, other=0.0)
+
+
+def _walk_keys(st: _Static, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, carry):
+    """Calls ``body(carry, k [BK, D], v [BK, D], visible [BQ, BK] | None)`` on every key block
+    that query block ``[q0, q0 + BQ)`` (positions ``tq``) can see; returns the carry."""
+    bq, bkb, bkw = st.blocks.block_q, st.blocks.block_kb, st.blocks.block_kw
+    t, w, nb = st.length, st.window, st.num_boundaries
+    idx = BoundaryIndex(st.grid)
+    last = jnp.minimum(q0 + bq, t) - 1
+    n_full = idx.count_before(q0 - w)  # boundaries every query of the block sees
+    n_end = idx.count_before(last - w)  # boundaries the last query sees
+
+    def full_block(j, c):
+        n0 = j * bkb  # n0 + bkb <= n_full <= NB: no bounds mask needed
+        kt = plgpu.load(kb_ref.at[pl.ds(n0, bkb), :])
+        vt = plgpu.load(vb_ref.at[pl.ds(n0, bkb), :])
+        return body(c, kt, vt, None)
+
+    def partial_block(j, c):
+        n0 = j * bkb
+        n = n0 + _iota(bkb)
+        kt, vt = _load_rows(kb_ref, n0, bkb, nb), _load_rows(vb_ref, n0, bkb, nb)
+        visible = idx.position(n)[None, :] < tq[:, None] - w
+        return body(c, kt, vt, visible)
+
+    carry = jax.lax.fori_loop(0, n_full // bkb, full_block, carry)
+    carry = jax.lax.fori_loop(n_full // bkb, pl.cdiv(n_end, bkb), partial_block, carry)
+
+    s0 = jnp.maximum(q0 - w, 0)
+
+    def window_block(j, c):
+        start = s0 + j * bkw
+        s = start + _iota(bkw)
+        kt, vt = _load_rows(k_ref, start, bkw, t), _load_rows(v_ref, start, bkw, t)
+        visible = (s[None, :] <= tq[:, None]) & (s[None, :] >= tq[:, None] - w)
+        return body(c, kt, vt, visible)
+
+    return jax.lax.fori_loop(0, pl.cdiv(last + 1 - s0, bkw), window_block, carry)
+
+
+def _query_block(st: _Static, program):
+    """Heaviest (latest) query blocks first: they see the most boundary keys."""
+    num_q = pl.cdiv(st.length, st.blocks.block_q)
+    q0 = (num_q - 1 - program) * st.blocks.block_q
+    return q0, q0 + _iota(st.blocks.block_q)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, o_ref, lse_ref, *, st: _Static):
+    """Refs: q, o [T, D]; k, v [T, D]; kb, vb [NB, D]; lse [Tp] (base-2 log-sum-exp)."""
+    bq, d = st.blocks.block_q, st.head_dim
+    q0, tq = _query_block(st, pl.program_id(0))
+    q = _load_rows(q_ref, q0, bq, st.length)
+
+    def body(carry, kt, vt, visible):
+        acc, m, l = carry
+        s = _dot(q, kt, st.precision, trans_b=True) * st.qk_scale  # [BQ, BK]
+        if visible is not None:
+            s = jnp.where(visible, s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        if visible is not None:
+            p = jnp.where(visible, p, 0.0)
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(vt.dtype), vt, st.precision)
+        return acc, m_new, l
+
+    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    acc, m, l = _walk_keys(st, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, init)
+    # Every real query sees itself, so l > 0; padded rows (t >= T) are not stored.
+    l_safe = jnp.where(l > 0, l, 1.0)
+    plgpu.store(o_ref.at[pl.ds(q0, bq), :], (acc / l_safe[:, None]).astype(o_ref.dtype), mask=(tq < st.length)[:, None])
+    lse_ref[pl.ds(q0, bq)] = m + jnp.log2(l_safe)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
+    """Refs: q, do, dq [T, D]; k, v [T, D]; kb, vb [NB, D]; lse, delta [Tp]."""
+    bq, d = st.blocks.block_q, st.head_dim
+    q0, tq = _query_block(st, pl.program_id(0))
+    q = _load_rows(q_ref, q0, bq, st.length)
+    do = _load_rows(do_ref, q0, bq, st.length)
+    lse = _load_vec(lse_ref, q0, bq, st.length)
+    delta = _load_vec(delta_ref, q0, bq, st.length)
+
+    def body(dq, kt, vt, visible):
+        s = _dot(q, kt, st.precision, trans_b=True) * st.qk_scale
+        p = jnp.exp2(s - lse[:, None])
+        if visible is not None:
+            p = jnp.where(visible, p, 0.0)
+        dp = _dot(do, vt, st.precision, trans_b=True)  # [BQ, BK]
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(kt.dtype), kt, st.precision)
+
+    dq = _walk_keys(st, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, jnp.zeros((bq, d), jnp.float32))
+    plgpu.store(dq_ref.at[pl.ds(q0, bq), :], (dq * st.scale).astype(dq_ref.dtype), mask=(tq < st.length)[:, None])
+
+
+def _dkv_step(st, kt, vt, q, do, lse, delta, visible, dk, dv):
+    """One [BK keys x BQ queries] tile of dk/dv, keys on rows (no transposes of p)."""
+    s_t = _dot(kt, q, st.precision, trans_b=True) * st.qk_scale  # [BK, BQ]
+    p_t = jnp.exp2(s_t - lse[None, :])
+    if visible is not None:
+        p_t = jnp.where(visible, p_t, 0.0)
+    dv = dv + _dot(p_t.astype(do.dtype), do, st.precision)
+    dp_t = _dot(vt, do, st.precision, trans_b=True)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = dk + _dot(ds_t.astype(q.dtype), q, st.precision)
+    return dk, dv
+
+
+def _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, t0, size):
+    """Query-side tiles of head ``head`` (of this kv group) for rows [t0, t0 + size); zeros past T
+    make padded rows contribute nothing (do = 0 and delta = 0)."""
+    valid = t0 + _iota(size) < st.length
+    rows, head = pl.ds(t0, size), jnp.asarray(head, jnp.int32)  # one indexer per load (Triton)
+    q = plgpu.load(q_ref.at[rows, head, :], mask=valid[:, None], other=0.0)
+    do = plgpu.load(do_ref.at[rows, head, :], mask=valid[:, None], other=0.0)
+    lse = plgpu.load(lse_ref.at[head, rows], mask=valid, other=0.0)
+    delta = plgpu.load(delta_ref.at[head, rows], mask=valid, other=0.0)
+    return q, do, lse, delta
+
+
+def _dkv_boundary_kernel(q_ref, do_ref, lse_ref, delta_ref, kb_ref, vb_ref, dkb_ref, dvb_ref, *, st: _Static, group: int):
+    """dk, dv of one block of boundary keys from every query that sees them.
+
+    Refs: q, do [T, R, D] (the R query heads of this kv head); lse, delta [R, Tp];
+    kb, vb, dkb, dvb [NB, D].
+    """
+    bk, bq, d = st.blocks.block_kb_bwd, st.blocks.block_q_bwd, st.head_dim
+    t, w, nb = st.length, st.window, st.num_boundaries
+    idx = BoundaryIndex(st.grid)
+    n0 = pl.program_id(0) * bk
+    n = n0 + _iota(bk)
+    kt, vt = _load_rows(kb_ref, n0, bk, nb), _load_rows(vb_ref, n0, bk, nb)
+    first_query = idx.position(n0) + w + 1  # the first query that sees boundary n0
+    all_see = idx.position(jnp.minimum(n0 + bk, nb) - 1) + w + 1  # from here every key is visible
+    num_masked = pl.cdiv(jnp.maximum(jnp.minimum(all_see, t) - first_query, 0), bq)
+    rest = first_query + num_masked * bq
+    num_rest = pl.cdiv(jnp.maximum(t - rest, 0), bq)
+    pos = idx.position(n)
+
+    dk = dv = jnp.zeros((bk, d), jnp.float32)
+    for head in range(group):
+
+        def masked(j, c, head=head):
+            t0 = first_query + j * bq
+            q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, t0, bq)
+            visible = pos[:, None] < (t0 + _iota(bq))[None, :] - w
+            return _dkv_step(st, kt, vt, q, do, lse, delta, visible, *c)
+
+        def unmasked(j, c, head=head):
+            q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, rest + j * bq, bq)
+            return _dkv_step(st, kt, vt, q, do, lse, delta, None, *c)
+
+        dk, dv = jax.lax.fori_loop(0, num_masked, masked, (dk, dv))
+        dk, dv = jax.lax.fori_loop(0, num_rest, unmasked, (dk, dv))
+    rows = (n < nb)[:, None]
+    plgpu.store(dkb_ref.at[pl.ds(n0, bk), :], dk * st.scale, mask=rows)
+    plgpu.store(dvb_ref.at[pl.ds(n0, bk), :], dv, mask=rows)
+
+
+def _dkv_window_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, st: _Static, group: int):
+    """dk, dv of one block of keys [s0, s0 + BK) from the window queries [s0, s0 + BK + W).
+
+    Refs: q, do [T, R, D]; lse, delta [R, Tp]; k, v, dk, dv [T, D].
+    """
+    bk, bq, d = st.blocks.block_kw_bwd, st.blocks.block_q_bwd, st.head_dim
+    t, w = st.length, st.window
+    s0 = pl.program_id(0) * bk
+    s = s0 + _iota(bk)
+    kt, vt = _load_rows(k_ref, s0, bk, t), _load_rows(v_ref, s0, bk, t)
+    num_q = pl.cdiv(jnp.maximum(jnp.minimum(s0 + bk + w, t) - s0, 0), bq)
+    dk = dv = jnp.zeros((bk, d), jnp.float32)
+    for head in range(group):
+
+        def step(j, c, head=head):
+            t0 = s0 + j * bq
+            q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, t0, bq)
+            tq = (t0 + _iota(bq))[None, :]
+            visible = (tq >= s[:, None]) & (tq <= s[:, None] + w)
+            return _dkv_step(st, kt, vt, q, do, lse, delta, visible, *c)
+
+        dk, dv = jax.lax.fori_loop(0, num_q, step, (dk, dv))
+    rows = (s < t)[:, None]
+    plgpu.store(dk_ref.at[pl.ds(s0, bk), :], dk * st.scale, mask=rows)
+    plgpu.store(dv_ref.at[pl.ds(s0, bk), :], dv, mask=rows)
+
+
+# --- launches ------------------------------------------------------------------------
+
+
+def _padded_length(st: _Static) -> int:
+    return pl.cdiv(st.length, st.blocks.block_q) * st.blocks.block_q
+
+
+def _gather_boundaries(st: _Static, k, v):
+    bpos = jnp.asarray(st.grid.boundaries(st.length))
+    return k[:, bpos], v[:, bpos]  # [B, NB, Hkv, D]
+
+
+def _forward(st: _Static, q, k, v, interpret, poison=False):
+    """-> o [B, T, H, D], lse [B, H, Tp] (base 2)."""
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    r = h // hkv
+    kb, vb = _gather_boundaries(st, k, v)
+    nq = pl.cdiv(t, st.blocks.block_q)
+    tp = _padded_length(st)
+    seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    kv_seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi // r, 0))
+    lse_spec = pl.BlockSpec((None, None, tp), lambda i, bi, hi: (bi, hi, 0))
+    kernel = functools.partial(_fwd_kernel, st=st)
+    args = [q, k, v, kb, vb]
+    in_specs = [seq(t), kv_seq(t), kv_seq(t), kv_seq(st.num_boundaries), kv_seq(st.num_boundaries)]
+    aliases = {}
+    if poison:  # start the outputs from NaN: every element must be written
+        args += [jnp.full(q.shape, jnp.nan, q.dtype), jnp.full((b, h, tp), jnp.nan, jnp.float32)]
+        in_specs += [seq(t), lse_spec]
+        aliases = {5: 0, 6: 1}
+        kernel = functools.partial(_skip_poison_inputs, kernel, 2)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
+        grid=(nq, b, h),
+        in_specs=in_specs,
+        out_specs=(seq(t), lse_spec),
+        input_output_aliases=aliases,
+        compiler_params=st.params(st.blocks.num_warps, st.blocks.num_stages),
+        interpret=interpret,
+        name="chunked_attention_fwd",
+    )(*args)
+
+
+def _skip_poison_inputs(kernel, n, *refs):
+    """The aliased poison inputs come last among the inputs; the kernel only writes the outputs."""
+    return kernel(*refs[: -2 * n], *refs[-n:])
+
+
+def _backward(st: _Static, q, k, v, o, lse, do, interpret):
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    r = h // hkv
+    nb = st.num_boundaries
+    tp = _padded_length(st)
+    kb, vb = _gather_boundaries(st, k, v)
+    f32 = jnp.float32
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(f32), do.astype(f32))
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, tp - t)))  # [B, H, Tp]
+    blk = st.blocks
+
+    # dq: per query block, like the forward.
+    seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    kv_seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi // r, 0))
+    row = pl.BlockSpec((None, None, tp), lambda i, bi, hi: (bi, hi, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, st=st),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(pl.cdiv(t, blk.block_q), b, h),
+        in_specs=[seq(t), kv_seq(t), kv_seq(t), kv_seq(nb), kv_seq(nb), seq(t), row, row],
+        out_specs=seq(t),
+        compiler_params=st.params(blk.num_warps_bwd, blk.num_stages),
+        interpret=interpret,
+        name="chunked_attention_dq",
+    )(q, k, v, kb, vb, do, lse, delta)
+
+    # dk, dv: per kv head, summing its R query heads.
+    group_seq = pl.BlockSpec((None, t, r, d), lambda i, bi, j: (bi, 0, j, 0))
+    group_row = pl.BlockSpec((None, r, tp), lambda i, bi, j: (bi, j, 0))
+    own = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, j: (bi, 0, j, 0))
+    dkb, dvb = pl.pallas_call(
+        functools.partial(_dkv_boundary_kernel, st=st, group=r),
+        out_shape=(jax.ShapeDtypeStruct(kb.shape, f32),) * 2,
+        grid=(pl.cdiv(nb, blk.block_kb_bwd), b, hkv),
+        in_specs=[group_seq, group_seq, group_row, group_row, own(nb), own(nb)],
+        out_specs=(own(nb), own(nb)),
+        compiler_params=st.params(blk.num_warps_bwd, blk.num_stages),
+        interpret=interpret,
+        name="chunked_attention_dkv_boundary",
+    )(q, do, lse, delta, kb, vb)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_window_kernel, st=st, group=r),
+        out_shape=(jax.ShapeDtypeStruct(k.shape, f32),) * 2,
+        grid=(pl.cdiv(t, blk.block_kw_bwd), b, hkv),
+        in_specs=[group_seq, group_seq, group_row, group_row, own(t), own(t)],
+        out_specs=(own(t), own(t)),
+        compiler_params=st.params(blk.num_warps_bwd, blk.num_stages),
+        interpret=interpret,
+        name="chunked_attention_dkv_window",
+    )(q, do, lse, delta, k, v)
+    bpos = jnp.asarray(st.grid.boundaries(t))
+    dk = dk.at[:, bpos].add(dkb)
+    dv = dv.at[:, bpos].add(dvb)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _attention(st, q, k, v, interpret):
+    return _forward(st, q, k, v, interpret)[0]
+
+
+def _attention_fwd(st, q, k, v, interpret):
+    o, lse = _forward(st, q, k, v, interpret)
+    return o, (q, k, v, o, lse)
+
+
+def _attention_bwd(st, interpret, res, do):
+    return _backward(st, *res, do, interpret)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _pad_head_dim(a, d):
+    return a if a.shape[-1] == d else jnp.pad(a, [(0, 0)] * 3 + [(0, d - a.shape[-1])])
+
+
+def make_static(q, k, grid: ChunkGrid, window: int, blocks=None) -> _Static:
+    """The kernels' static configuration for these shapes (head dim padded to a power of two >= 16)."""
+    t, d = q.shape[1], q.shape[3]
+    blocks = blocks or tuned_block_sizes.attention_gpu_blocks(grid.token_chunk, window, d)
+    return _Static(
+        length=t,
+        num_boundaries=grid.num_boundaries(t),
+        grid=grid,
+        window=window,
+        head_dim=max(16, 1 << (d - 1).bit_length()),
+        scale=d**-0.5,
+        blocks=blocks,
+        f32=q.dtype == jnp.float32,
+    )
+
+
+def chunked_attention_pallas_gpu(q, k, v, grid: ChunkGrid, window: int, *, interpret: bool = False, blocks=None):
+    """Same contract as ``reference.chunked_attention_dense``; differentiable in q, k, v.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, T, Hkv, D] with H % Hkv == 0.
+      grid, window: the layer's chunk grid and W.
+      interpret: run the kernels in the Pallas interpreter (CPU).
+      blocks: a ``tuned_block_sizes.AttentionBlocks`` override.
+
+    Returns:
+      [B, T, H, D] in q.dtype.
+    """
+    st = make_static(q, k, grid, window, blocks)
+    d = q.shape[-1]
+    q, k, v = (_pad_head_dim(a, st.head_dim) for a in (q, k, v))
+    return _attention(st, q, k, v, interpret)[..., :d]

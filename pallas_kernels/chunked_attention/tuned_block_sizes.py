@@ -1,0 +1,31 @@
+"""Tile sizes of the chunked-attention Pallas kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBlocks:
+    """Query / key tile lengths (powers of two >= 16 on GPU, multiples of 8 on TPU)."""
+
+    block_q: int = 128  # forward and dq: queries per program
+    block_kb: int = 64  # forward and dq: boundary keys per step
+    block_kw: int = 64  # forward and dq: window keys per step
+    block_q_bwd: int = 64  # dk/dv: queries per step
+    block_kb_bwd: int = 64  # dk/dv: boundary keys per program
+    block_kw_bwd: int = 64  # dk/dv: window keys per program
+    num_warps: int = 4  # GPU only
+    num_warps_bwd: int = 4
+    num_stages: int = 2
+
+
+def attention_gpu_blocks(token_chunk: int, window: int, head_dim: int) -> AttentionBlocks:
+    del token_chunk, window, head_dim
+    return AttentionBlocks()
+
+
+def attention_tpu_blocks(token_chunk: int, window: int, head_dim: int) -> AttentionBlocks:
+    """128-row tiles: one MXU pass per matmul."""
+    del token_chunk, window, head_dim
+    return AttentionBlocks(block_q=128, block_kb=128, block_kw=128, block_q_bwd=128, block_kb_bwd=128, block_kw_bwd=128)

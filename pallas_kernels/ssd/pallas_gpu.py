@@ -1,0 +1,287 @@
+"""Chunk-reset SSD as a Pallas kernel for GPUs (Triton lowering), forward and backward.
+
+Each program owns one block of ``S`` consecutive tokens of one batch row, placed so
+that no chunk of the grid straddles two blocks: block ``m`` covers positions
+``[m*S - o, (m+1)*S - o)`` (o the grid offset, S = the largest multiple of K that
+fits the power-of-two tile L; S = L for the usual power-of-two K). Chunks are then
+independent problems inside the block and, per head, the whole block is one masked
+[L, L] matmul in SSD "quadratic" form:
+
+    y_i = sum_j M_ij (C_i · B_j) exp(cum_i - cum_j) dt_j x_j + D x_i,
+    M_ij = [i, j in one chunk and j <= i],   cum_i = sum_{k in chunk, k <= i} dt_k A.
+
+This reads the [B, T, ...] arrays in place (no ``ChunkLayout`` copy): each input
+byte is read once and each output byte written once, which is what makes the op
+memory bound instead of copy bound. Exponentials and the within-chunk cumsum are
+taken in float32; the two matmuls run on tensor cores in the input dtype (bf16) or
+in exact float32 for float32 inputs.
+
+The first block starts at ``-o``; instead of loading from a negative position it
+loads ``[0, L)`` and writes only ``[0, S - o)`` (the chunk cut there belongs to
+block 1, which loads it whole). The same write range masks the backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.ssd import tuned_block_sizes
+
+# jax < 0.6 called the Triton compiler params ``TritonCompilerParams``.
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad_last(a: jax.Array, size: int) -> jax.Array:
+    """Zero-pads the last axis to ``size`` (Triton tiles need power-of-two sizes >= 16)."""
+    extra = size - a.shape[-1]
+    return a if extra == 0 else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)])
+
+
+def _idx(i: int) -> jax.Array:
+    """A static index as an int32 scalar (the interpreter's load rule wants arrays)."""
+    return jnp.asarray(i, jnp.int32)
+
+
+def _dot(a, b, precision, trans_a=False, trans_b=False):
+    """2-D matmul with float32 accumulation; optional transposes folded into the dot."""
+    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
+    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+class _Geometry:
+    """Static sizes and per-program token positions of one kernel launch."""
+
+    def __init__(self, t: int, grid: ChunkGrid, block_len: int):
+        k = grid.token_chunk
+        self.t, self.k, self.o = t, k, grid.offset
+        self.block = block_len  # L: the tile, a power of two >= K
+        self.stride = (block_len // k) * k  # S: tokens each program owns
+        self.num_blocks = pl.cdiv(t + self.o, self.stride)
+
+    def positions(self, m):
+        """-> (start of the loaded window, [L] token positions, [L] bool loaded, [L] bool written)."""
+        lo = m * self.stride - self.o
+        start = jnp.maximum(lo, 0)
+        pos = start + jax.lax.broadcasted_iota(jnp.int32, (self.block,), 0)
+        loaded = pos < self.t
+        written = loaded & (pos < lo + self.stride)
+        return start, pos, loaded, written
+
+    def chunk_mask(self, pos):
+        """[L, L] bool: key j is in query i's chunk and not after it."""
+        cid = jnp.where(pos == 0, 0, jax.lax.div(pos + self.o, jnp.int32(self.k)) + 1)
+        same = cid[:, None] == cid[None, :]
+        return same & (pos[None, :] <= pos[:, None])
+
+
+def _decay(mask, a):
+    """exp(cum_i - cum_j) on the chunk mask, 0 elsewhere.  a: [L] = dt * A."""
+    cum = jnp.sum(jnp.where(mask, a[None, :], 0.0), axis=1)  # [L], resets at chunk starts
+    seg = jnp.where(mask, cum[:, None] - cum[None, :], -jnp.inf)
+    return jnp.exp(seg)  # [L, L]
+
+
+def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, groups, precision):
+    """Refs: x, y [T, H, P]; dt [T, H]; A, D [H]; B, C [T, G, N] (batch row squeezed)."""
+    start, pos, loaded, written = geo.positions(pl.program_id(1))
+    rows = pl.ds(start, geo.block)
+    mask = geo.chunk_mask(pos)
+    per_group = heads // groups
+    for g in range(groups):
+        bg = plgpu.load(b_ref.at[rows, _idx(g), :], mask=loaded[:, None], other=0.0)  # [L, N]
+        cg = plgpu.load(c_ref.at[rows, _idx(g), :], mask=loaded[:, None], other=0.0)
+        cb = _dot(cg, bg, precision, trans_b=True)  # [L, L] f32
+        for h in range(g * per_group, (g + 1) * per_group):
+            dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)  # [L]
+            x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)  # [L, P]
+            w = cb * _decay(mask, dt * a_ref[h]) * dt[None, :]  # [L, L]
+            y = _dot(w.astype(x.dtype), x, precision) + d_ref[h] * x.astype(jnp.float32)
+            plgpu.store(y_ref.at[rows, _idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
+
+
+def _bwd_kernel(
+    x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, dy_ref,
+    dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref,
+    *, geo: _Geometry, heads, groups, precision,
+):
+    """Recomputes the forward weights per head and backpropagates through them.
+
+    Refs: dx like x, ddt like dt, dB/dC like B/C; dA, dD: [Hp] per-block partial sums.
+    """
+    start, pos, loaded, written = geo.positions(pl.program_id(1))
+    rows = pl.ds(start, geo.block)
+    mask = geo.chunk_mask(pos)
+    per_group = heads // groups
+    head_ids = jax.lax.broadcasted_iota(jnp.int32, (da_ref.shape[0],), 0)
+    da_all = jnp.zeros(da_ref.shape, jnp.float32)
+    dd_all = jnp.zeros(dd_ref.shape, jnp.float32)
+    for g in range(groups):
+        bg = plgpu.load(b_ref.at[rows, _idx(g), :], mask=loaded[:, None], other=0.0)
+        cg = plgpu.load(c_ref.at[rows, _idx(g), :], mask=loaded[:, None], other=0.0)
+        cb = _dot(cg, bg, precision, trans_b=True)  # [L, L]
+        dcb = jnp.zeros_like(cb)
+        for h in range(g * per_group, (g + 1) * per_group):
+            a_h = a_ref[h]
+            dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)
+            x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)
+            # Rows another program writes must not send gradient: their chunk is cut here.
+            dy = plgpu.load(dy_ref.at[rows, _idx(h), :], mask=written[:, None], other=0.0)
+            decay = _decay(mask, dt * a_h)
+            cbe = cb * decay
+            w = cbe * dt[None, :]
+            dx = _dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d_ref[h] * dy.astype(jnp.float32)
+            plgpu.store(dx_ref.at[rows, _idx(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
+            dw = _dot(dy, x, precision, trans_b=True)  # [L, L] = dy_i · x_j
+            dd_all = jnp.where(head_ids == h, jnp.sum(dy.astype(jnp.float32) * x.astype(jnp.float32)), dd_all)
+            dcb = dcb + dw * decay * dt[None, :]
+            q = dw * w  # d(loss)/d(log decay_ij)
+            dcum = jnp.sum(q, axis=1) - jnp.sum(q, axis=0)  # [L]
+            dseg_a = jnp.sum(jnp.where(mask, dcum[:, None], 0.0), axis=0)  # d/d(dt_k A) [L]
+            ddt = jnp.sum(dw * cbe, axis=0) + dseg_a * a_h
+            plgpu.store(ddt_ref.at[rows, _idx(h)], ddt.astype(ddt_ref.dtype), mask=written)
+            da_all = jnp.where(head_ids == h, jnp.sum(dseg_a * dt), da_all)
+        dc = _dot(dcb.astype(bg.dtype), bg, precision)  # [L, N]
+        db = _dot(dcb.astype(cg.dtype), cg, precision, trans_a=True)
+        plgpu.store(dc_ref.at[rows, _idx(g), :], dc.astype(dc_ref.dtype), mask=written[:, None])
+        plgpu.store(db_ref.at[rows, _idx(g), :], db.astype(db_ref.dtype), mask=written[:, None])
+    da_ref[...] = da_all
+    dd_ref[...] = dd_all
+
+
+def _specs(x, dt, B, hp):
+    """BlockSpecs: program (b, m) sees batch row b of every [B, T, ...] array whole."""
+    b_, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    row = lambda *shape: pl.BlockSpec((None, t) + shape, lambda i, m: (i, 0) + (0,) * len(shape))
+    vec = pl.BlockSpec((h,), lambda i, m: (0,))
+    part = pl.BlockSpec((None, None, hp), lambda i, m: (i, m, 0))
+    return row(h, p), row(h), vec, row(g, n), vec, part
+
+
+def _prepare(x, B, C):
+    """Pads P and N to power-of-two tile sizes >= 16 (no-op for the paper's 32, 32)."""
+    p, n = x.shape[-1], B.shape[-1]
+    p2, n2 = max(16, _next_pow2(p)), max(16, _next_pow2(n))
+    return _pad_last(x, p2), _pad_last(B, n2), _pad_last(C, n2)
+
+
+def _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret, poison=False):
+    b_, t, h, p = x.shape
+    xp, Bp, Cp = _prepare(x, B, C)
+    geo = _Geometry(t, grid, block_len)
+    x_spec, dt_spec, vec, bc_spec, _, _ = _specs(xp, dt, Bp, 1)
+    precision = _HI if xp.dtype == jnp.float32 else None
+    kernel = functools.partial(_fwd_kernel, geo=geo, heads=h, groups=B.shape[2], precision=precision)
+    args = [xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32)]
+    in_specs = [x_spec, dt_spec, vec, bc_spec, bc_spec, vec]
+    aliases = {}
+    if poison:  # every element must be overwritten: start from NaN
+        args.append(jnp.full(xp.shape, jnp.nan, xp.dtype))
+        in_specs.append(x_spec)
+        aliases = {len(args) - 1: 0}
+        kernel = _drop_last_input(kernel, n_outputs=1)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
+        grid=(b_, geo.num_blocks),
+        in_specs=in_specs,
+        out_specs=x_spec,
+        input_output_aliases=aliases,
+        compiler_params=_CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="ssd_fwd",
+    )(*args)
+    return y[..., :p]
+
+
+def _drop_last_input(kernel, n_outputs):
+    """Kernel wrapper that ignores the aliased poison input (the output ref is the same buffer)."""
+
+    def wrapped(*refs):
+        ins, outs = refs[: -n_outputs - 1], refs[-n_outputs:]
+        return kernel(*ins, *outs)
+
+    return wrapped
+
+
+def _backward(x, dt, A, B, C, D, dy, grid, block_len, num_warps, interpret):
+    b_, t, h, p = x.shape
+    g = B.shape[2]
+    xp, Bp, Cp = _prepare(x, B, C)
+    dyp = _pad_last(dy, xp.shape[-1])
+    geo = _Geometry(t, grid, block_len)
+    hp = _next_pow2(h)
+    x_spec, dt_spec, vec, bc_spec, _, part = _specs(xp, dt, Bp, hp)
+    precision = _HI if xp.dtype == jnp.float32 else None
+    kernel = functools.partial(_bwd_kernel, geo=geo, heads=h, groups=g, precision=precision)
+    f32 = jnp.float32
+    out_shape = (
+        jax.ShapeDtypeStruct(xp.shape, x.dtype),
+        jax.ShapeDtypeStruct(dt.shape, dt.dtype),
+        jax.ShapeDtypeStruct(Bp.shape, B.dtype),
+        jax.ShapeDtypeStruct(Cp.shape, C.dtype),
+        jax.ShapeDtypeStruct((b_, geo.num_blocks, hp), f32),
+        jax.ShapeDtypeStruct((b_, geo.num_blocks, hp), f32),
+    )
+    dx, ddt, dB, dC, dA, dD = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(b_, geo.num_blocks),
+        in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
+        out_specs=(x_spec, dt_spec, bc_spec, bc_spec, part, part),
+        compiler_params=_CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="ssd_bwd",
+    )(xp, dt, A.astype(f32), Bp, Cp, D.astype(f32), dyp)
+    n = B.shape[-1]
+    dA = jnp.sum(dA[..., :h], axis=(0, 1)).astype(A.dtype)
+    dD = jnp.sum(dD[..., :h], axis=(0, 1)).astype(D.dtype)
+    return dx[..., :p], ddt, dA, dB[..., :n], dC[..., :n], dD
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ssd(x, dt, A, B, C, D, grid, block_len, num_warps, interpret):
+    return _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret)
+
+
+def _ssd_fwd(x, dt, A, B, C, D, grid, block_len, num_warps, interpret):
+    y = _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret)
+    return y, (x, dt, A, B, C, D)
+
+
+def _ssd_bwd(grid, block_len, num_warps, interpret, res, dy):
+    return _backward(*res, dy, grid, block_len, num_warps, interpret)
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+
+
+def ssd_pallas_gpu(x, dt, A, B, C, D, grid: ChunkGrid, *, interpret: bool = False, block_len: int | None = None,
+                   num_warps: int | None = None):
+    """Fixed-grid SSD on the GPU; same contract as ``xla.ssd_chunked``.
+
+    Args:
+      x: [B, T, H, P]; dt: [B, T, H]; A, D: [H]; B, C: [B, T, G, N].
+      grid: the layer's chunk grid.
+      interpret: run the kernel in the Pallas interpreter (CPU).
+      block_len, num_warps: tile override (default: ``tuned_block_sizes``).
+
+    Returns:
+      y: [B, T, H, P] in x.dtype. Differentiable in every array argument.
+    """
+    cfg = tuned_block_sizes.ssd_gpu_blocks(grid.token_chunk, x.shape[-1], x.dtype)
+    block_len = block_len or cfg.block_len
+    if block_len < max(16, grid.token_chunk) or block_len & (block_len - 1):
+        raise ValueError(f"ssd pallas_gpu: block_len ({block_len}) must be a power of two >= max(16, K={grid.token_chunk})")
+    return _ssd(x, dt, A, B, C, D, grid, block_len, num_warps or cfg.num_warps, interpret)

@@ -1,0 +1,165 @@
+"""The chunked-attention Pallas kernels (GPU/Triton and TPU/Mosaic, run in the Pallas interpreter)
+against the dense masked reference: forward and gradients, float32 and bfloat16, GQA, offsets,
+windows, lengths that are no multiple of the blocks, every output written, no masked block visited."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attamba_jax.chunking import ChunkGrid, attention_mask
+from pallas_kernels.chunked_attention import IMPLEMENTATIONS, chunked_attention, pallas_gpu, pallas_tpu, reference
+from pallas_kernels.chunked_attention.api import auto_implementations
+from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
+from pallas_kernels.chunked_attention.tuned_block_sizes import AttentionBlocks
+
+# Small tiles so that a few dozen tokens span several query and key blocks.
+GPU_BLOCKS = AttentionBlocks(block_q=16, block_kb=16, block_kw=16, block_q_bwd=16, block_kb_bwd=16, block_kw_bwd=16)
+TPU_BLOCKS = AttentionBlocks(block_q=16, block_kb=8)
+# The interpreters start every output buffer as NaN (tests/test_pallas_ssd.py checks this),
+# so a finite result proves that every element was written.
+KERNELS = {
+    "gpu": lambda q, k, v, grid, window: pallas_gpu.chunked_attention_pallas_gpu(
+        q, k, v, grid, window, interpret=True, blocks=GPU_BLOCKS
+    ),
+    "tpu": lambda q, k, v, grid, window: pallas_tpu.chunked_attention_pallas_tpu(
+        q, k, v, grid, window, interpret=pallas_tpu.interpret_params(), blocks=TPU_BLOCKS
+    ),
+}
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _value_and_grads(fn, args, cotangent):
+    def loss(*a):
+        o = fn(*a)
+        return jnp.sum(o.astype(jnp.float32) * cotangent), o
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=range(3), has_aux=True)).lower(*args).compile(FAST_COMPILE)
+    (_, o), grads = compiled(*args)
+    return o, grads
+
+
+def _assert_close(actual, expected, rel):
+    chex.assert_tree_all_finite(actual)
+
+    def one(a, e):
+        chex.assert_shape(a, e.shape)
+        e = e.astype(jnp.float32)
+        chex.assert_trees_all_close(a.astype(jnp.float32), e, rtol=rel, atol=rel * float(jnp.max(jnp.abs(e))))
+
+    jax.tree.map(one, actual, expected)
+
+
+@functools.lru_cache(maxsize=None)
+def _case(k, offset, window, t, h, hkv, dtype_name, seed):
+    """Inputs and the dense reference's output and gradients, shared by both kernels."""
+    grid = ChunkGrid(k, offset)
+    ks = jax.random.split(jax.random.key(seed), 4)
+    dtype, d = jnp.dtype(dtype_name), 16
+    q = jax.random.normal(ks[0], (2, t, h, d)).astype(dtype)
+    kk = jax.random.normal(ks[1], (2, t, hkv, d)).astype(dtype)
+    v = jax.random.normal(ks[2], (2, t, hkv, d)).astype(dtype)
+    cot = jax.random.normal(ks[3], (2, t, h, d))
+    ref = _value_and_grads(lambda *a: reference.chunked_attention_dense(*a, grid, window), (q, kk, v), cot)
+    return grid, (q, kk, v), cot, ref
+
+
+# (K, offset, W, T, H, Hkv): several K, offsets, windows (0, < block, > block), GQA ratios
+# 1, 2 and 3, lengths no multiple of 16.
+CASES = [
+    (4, 0, 8, 50, 2, 1),
+    (8, 3, 2, 61, 2, 2),
+    (4, 2, 0, 33, 3, 1),
+    (16, 5, 20, 70, 2, 1),
+]
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("k, offset, window, t, h, hkv", CASES)
+def test_kernel_matches_reference_f32(kernel, k, offset, window, t, h, hkv):
+    # Given random float32 q, k, v and the dense masked reference
+    grid, args, cot, (o_ref, grads_ref) = _case(k, offset, window, t, h, hkv, "float32", 10 * k + offset)
+    # When the kernel runs forward and backward
+    o, grads = _value_and_grads(functools.partial(KERNELS[kernel], grid=grid, window=window), args, cot)
+    # Then it agrees to float32 accuracy and every element is written
+    _assert_close(o, o_ref, 1e-5)
+    _assert_close(grads, grads_ref, 1e-5)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernel_matches_reference_bf16(kernel):
+    grid, args, cot, (o_ref, grads_ref) = _case(8, 7, 8, 45, 4, 2, "bfloat16", 3)
+    o, grads = _value_and_grads(functools.partial(KERNELS[kernel], grid=grid, window=8), args, cot)
+    assert o.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    _assert_close(o, o_ref, 1e-2)
+    _assert_close(grads, grads_ref, 1e-2)
+
+
+def test_gpu_forward_overwrites_nan_buffers():
+    # Given output and log-sum-exp buffers filled with NaN and aliased to the kernel's outputs
+    grid, (q, k, v), _, (o_ref, _) = _case(4, 0, 8, 50, 2, 1, "float32", 40)
+    st = pallas_gpu.make_static(q, k, grid, 8, GPU_BLOCKS)
+    fwd = jax.jit(lambda *a: pallas_gpu._forward(st, *a, True, poison=True))
+    # When the forward kernel writes into them
+    o, lse = fwd.lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
+    # Then nothing is left unwritten
+    _assert_close(o, o_ref, 1e-5)
+    chex.assert_tree_all_finite(lse)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 8, 16])
+def test_boundary_index_closed_forms(k):
+    for offset in range(k):
+        grid = ChunkGrid(k, offset)
+        bpos = grid.boundaries(200)
+        idx = BoundaryIndex(grid)
+        x = np.arange(-20, 200)
+        np.testing.assert_array_equal(np.asarray(idx.count_before(x)), np.searchsorted(bpos, x, side="left"))
+        np.testing.assert_array_equal(np.asarray(idx.position(np.arange(len(bpos)))), bpos)
+
+
+@pytest.mark.parametrize("k, offset, window, t", [(4, 0, 8, 100), (8, 5, 3, 77), (16, 9, 40, 130), (4, 3, 0, 64)])
+def test_tpu_tables_visit_every_visible_block_and_no_masked_one(k, offset, window, t):
+    # Given the TPU kernel's block tables and the dense mask laid out like its stacked keys
+    grid = ChunkGrid(k, offset)
+    st = pallas_tpu.make_static(jnp.zeros((1, t, 1, 16)), grid, window, AttentionBlocks(block_q=16, block_kb=8))
+    tq, s = np.arange(t)[:, None], np.arange(t)[None, :]
+    bpos = grid.boundaries(t)
+    boundary_part = bpos[None, :] < tq - window  # [T, NB]: boundaries before the window
+    window_part = (s <= tq) & (s >= tq - window)  # [T, T]
+    both = window_part.copy()
+    both[:, bpos] |= boundary_part
+    np.testing.assert_array_equal(both, attention_mask(t, grid, window))  # the two parts are the mask
+    stacked = np.zeros((st.q_padded, st.kb_padded + st.k_padded), bool)
+    stacked[:t, : len(bpos)] = boundary_part
+    stacked[:t, st.kb_padded : st.kb_padded + t] = window_part
+    bq, bk = st.block_q, st.block_k
+    blocks = stacked.reshape(st.q_padded // bq, bq, -1, bk).any(axis=(1, 3))  # [query block, key block]
+    # Then the query tables list exactly the key blocks holding a visible key, and the key tables their transpose
+    table, count = pallas_tpu.query_tables(st)
+    listed = np.zeros_like(blocks)
+    for i, (row, n) in enumerate(zip(table, count)):
+        listed[i, row[:n]] = True
+    np.testing.assert_array_equal(listed, blocks)
+    ktable, kcount = pallas_tpu.key_tables(st)
+    listed_t = np.zeros_like(blocks.T)
+    for c, (row, n) in enumerate(zip(ktable, kcount)):
+        listed_t[c, row[:n]] = True
+    np.testing.assert_array_equal(listed_t, blocks.T)
+
+
+def test_public_api_routes_to_the_kernels():
+    grid, (q, k, v), _, (o_ref, _) = _case(8, 3, 2, 61, 2, 2, "float32", 83)
+    for name in ("pallas_gpu_interpret", "pallas_tpu_interpret"):
+        fn = jax.jit(functools.partial(chunked_attention, grid=grid, window=2, implementation=name))
+        _assert_close(fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v), o_ref, 1e-5)
+
+
+def test_auto_picks_the_backend_kernel():
+    assert auto_implementations("gpu") == ("pallas_gpu",)
+    assert auto_implementations("tpu") == ("pallas_tpu",)
+    assert auto_implementations("cpu") == ("compressed",)
+    assert {"pallas_gpu", "pallas_tpu", "pallas_gpu_interpret", "pallas_tpu_interpret"} <= set(IMPLEMENTATIONS)

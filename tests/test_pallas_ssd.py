@@ -1,0 +1,153 @@
+"""The SSD Pallas kernels (GPU/Triton and TPU/Mosaic, run in the Pallas interpreter) against the
+sequential reference: forward and every gradient, float32 and bfloat16, every output written."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.ssd import IMPLEMENTATIONS, pallas_gpu, pallas_tpu, reference, ssd
+from pallas_kernels.ssd.api import auto_implementations
+
+# The interpreters start every output buffer as NaN (see test_interpreter_poisons_unwritten_outputs),
+# so a finite result proves that every element was written.
+KERNELS = {
+    "gpu": lambda *a, grid, block_len: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, block_len=block_len),
+    "tpu": lambda *a, grid, block_len: pallas_tpu.ssd_pallas_tpu(
+        *a, grid, interpret=pallas_tpu.interpret_params(), block_len=block_len
+    ),
+}
+
+
+def _inputs(seed, b, t, h, g, p, n, dtype):
+    """x [b, t, h, p], dt, A, B/C [b, t, g, n], D and a cotangent for y."""
+    ks = jax.random.split(jax.random.key(seed), 7)
+    x = jax.random.normal(ks[0], (b, t, h, p)).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(ks[1], (b, t, h)) - 0.5)
+    A = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.5))
+    B = jax.random.normal(ks[3], (b, t, g, n)).astype(dtype)
+    C = jax.random.normal(ks[4], (b, t, g, n)).astype(dtype)
+    D = jax.random.normal(ks[5], (h,))
+    cotangent = jax.random.normal(ks[6], (b, t, h, p))
+    return (x, dt, A, B, C, D), cotangent
+
+
+# Tiny shapes: XLA's cheap optimisation level keeps compile time (most of each test) down.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _value_and_grads(fn, args, cotangent):
+    """y and d<y, cotangent>/d(every input), in one compiled call."""
+
+    def loss(*a):
+        y = fn(*a)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True)).lower(*args).compile(FAST_COMPILE)
+    (_, y), grads = compiled(*args)
+    return y, grads
+
+
+def _assert_close(actual, expected, rel):
+    """Elementwise within rel·|expected| + rel·max|expected|, and finite everywhere."""
+    chex.assert_tree_all_finite(actual)
+
+    def one(a, e):
+        chex.assert_shape(a, e.shape)
+        e = e.astype(jnp.float32)
+        chex.assert_trees_all_close(a.astype(jnp.float32), e, rtol=rel, atol=rel * float(jnp.max(jnp.abs(e))))
+
+    jax.tree.map(one, actual, expected)
+
+
+# (K, offset, T, H, G, P, N, block_len): several K (incl. one not a power of two), offsets,
+# T not a multiple of the block, several blocks per row, grouped B/C, padded head dims.
+CASES = [
+    (4, 0, 37, 2, 1, 16, 16, 16),
+    (8, 5, 50, 4, 2, 16, 16, 16),
+    (6, 2, 45, 2, 1, 12, 16, 24),
+    (16, 15, 40, 2, 1, 16, 8, 16),
+]
+
+
+def _run(fn, *args):
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _case(k, offset, t, h, g, p, n, dtype_name, seed):
+    """Inputs and the reference's value and gradients, shared by the GPU and TPU variants."""
+    grid = ChunkGrid(k, offset)
+    args, cot = _inputs(seed, 2, t, h, g, p, n, jnp.dtype(dtype_name))
+    reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(t))), (2, t))
+    return grid, args, cot, _value_and_grads(lambda *a: reference.ssd_sequential(*a, reset)[0], args, cot)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("k, offset, t, h, g, p, n, block_len", CASES)
+def test_kernel_matches_reference_f32(kernel, k, offset, t, h, g, p, n, block_len):
+    # Given fresh random float32 inputs on a grid with offset, and the sequential reference
+    grid, args, cot, (y_ref, grads_ref) = _case(k, offset, t, h, g, p, n, "float32", k * 100 + offset)
+    if kernel == "gpu" and block_len % 16:
+        block_len = 16  # GPU tiles are powers of two
+    # When the kernel runs forward and backward
+    y, grads = _value_and_grads(functools.partial(KERNELS[kernel], grid=grid, block_len=block_len), args, cot)
+    # Then it agrees with the reference to float32 accuracy, every element written
+    _assert_close(y, y_ref, 1e-5)
+    _assert_close(grads, grads_ref, 1e-5)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernel_matches_reference_bf16(kernel):
+    grid, args, cot, (y_ref, grads_ref) = _case(8, 3, 41, 2, 1, 16, 16, "bfloat16", 7)
+    y, grads = _value_and_grads(functools.partial(KERNELS[kernel], grid=grid, block_len=16), args, cot)
+    assert y.dtype == jnp.bfloat16 and grads[0].dtype == jnp.bfloat16
+    _assert_close(y, y_ref, 1e-2)
+    _assert_close(grads, grads_ref, 1e-2)
+
+
+def test_gpu_forward_overwrites_a_nan_buffer():
+    # Given an output buffer filled with NaN and aliased to the kernel's output
+    grid = ChunkGrid(4, 1)
+    (x, dt, A, B, C, D), _ = _inputs(3, 2, 29, 2, 1, 16, 16, jnp.float32)
+    # When the forward kernel writes into it
+    y = _run(lambda *a: pallas_gpu._forward(*a, grid, 16, 4, True, poison=True), x, dt, A, B, C, D)
+    # Then no NaN is left and the values are right
+    reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(29))), (2, 29))
+    _assert_close(y, reference.ssd_sequential(x, dt, A, B, C, D, reset)[0], 1e-5)
+
+
+def test_interpreter_poisons_unwritten_outputs():
+    """What makes the finiteness checks above mean "every element written"."""
+
+    def writes_half(x_ref, o_ref):
+        o_ref[:4] = x_ref[:4]
+
+    x = jnp.ones((8, 16), jnp.float32)
+    for interpret in (True, pallas_tpu.interpret_params()):
+        out = pl.pallas_call(writes_half, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=interpret)(x)
+        assert np.isnan(np.asarray(out[4:])).all() and not np.isnan(np.asarray(out[:4])).any()
+
+
+def test_public_api_routes_to_the_kernels():
+    grid = ChunkGrid(4, 2)
+    args, _ = _inputs(5, 1, 23, 2, 1, 16, 16, jnp.float32)
+    expected = _run(functools.partial(ssd, grid=grid, implementation="chunked"), *args)
+    for name in ("pallas_gpu_interpret", "pallas_tpu_interpret"):
+        _assert_close(_run(functools.partial(ssd, grid=grid, implementation=name), *args), expected, 1e-5)
+    # A reset pattern is not a fixed grid: the kernels step aside for the next name.
+    reset = grid.is_chunk_start(np.arange(23))
+    fallback = functools.partial(ssd, reset=reset, implementation=["pallas_gpu_interpret", "associative"])
+    _assert_close(_run(fallback, *args), expected, 1e-5)
+
+
+def test_auto_picks_the_backend_kernel():
+    assert auto_implementations("gpu")[0] == "pallas_gpu"
+    assert auto_implementations("tpu")[0] == "pallas_tpu"
+    assert auto_implementations("cpu")[0] == "chunked"
+    assert {"pallas_gpu", "pallas_tpu", "pallas_gpu_interpret", "pallas_tpu_interpret"} <= set(IMPLEMENTATIONS)
