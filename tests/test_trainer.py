@@ -1,0 +1,305 @@
+"""The trainer: optimizer pieces, FLOP count, exact resume after SIGKILL, non-finite loss,
+incompatible and truncated checkpoints, bad configs, out-of-vocab tokenizers, empty corpora,
+and evaluation of a trained workdir."""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from attamba_jax.checkpointing import CheckpointError, config_differences
+from attamba_jax.config import ConfigError, load_config
+from attamba_jax.data import DataError
+from attamba_jax.evaluate import load_scorer, sliding_windows
+from attamba_jax.flops import attention_flops_per_token, mean_keys_per_query, train_flops_per_token
+from attamba_jax.model import LanguageModel, apply_model, init_model
+from attamba_jax.tokenizer import TokenizerError, train_sentencepiece
+from attamba_jax.trainer import NonFiniteLossError, Trainer, decay_mask, make_optimizer, make_schedule, make_train_step
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+MODEL = [
+    "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.multiple_of=32", "model.ssm_hidden_dim=48",
+    "model.ssm_heads=2", "model.ssm_state_dim=8", "model.token_chunk=4", "model.leading_tokens=4",
+]
+
+
+def _corpus(root: pathlib.Path, n=30) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    for i in range(n):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=int(rng.integers(50, 200)))))
+    return str(root / "*.txt")
+
+
+def _overrides(corpus: str, steps=4, **extra) -> list[str]:
+    base = {
+        "data.train": f"[{corpus}]", "data.heldout_fraction": 0.2, "data.seq_len": 32, "data.batch_size": 8,
+        "data.threads": 1, "data.prefetch": 2, "optim.warmup_steps": 2, "train.steps": steps, "train.log_every": 1,
+        "train.eval_every": 100, "train.eval_batches": 2, "train.checkpoint_every": 2, "train.keep_last": 10,
+    }
+    base.update(extra)
+    return MODEL + [f"{k}={v}" for k, v in base.items()]
+
+
+def _subprocess_env(cache_dir) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = ""  # one CPU device: the subprocesses compile less
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)  # the three runs share compiled steps
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+def _train_losses(workdir: pathlib.Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(set(steps)), f"each step logged once, in order: {steps}"
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def _final_state(workdir: pathlib.Path, step: int):
+    return ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+
+
+# --- pieces -------------------------------------------------------------------------------
+
+
+def test_weight_decay_skips_norms_and_ssm_scalars():
+    cfg = load_config(TINY, MODEL + ["model.n_layers=2", "model.ssm_dt_bias=true"])
+    _, params = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0))))  # shapes only
+    flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+    skipped = sorted(k for k, decays in flat.items() if not decays)
+    assert all(any(s in k for s in ("A_log", "'D'", "dt_bias", "norm']")) for k in skipped), skipped
+    assert sum("A_log" in k for k in skipped) == sum("dt_bias" in k for k in skipped) == 2 * 2 * 1  # layers x (k, v)
+    assert any("['norm']['weight']" == k[: len("['norm']['weight']")] for k in skipped)  # the final norm
+    decayed = [k for k, decays in flat.items() if decays]
+    assert all("kernel" in k or "embedding" in k or "conv_weight" in k for k in decayed), decayed
+
+
+def test_schedule_warms_up_linearly_then_decays_to_min_ratio():
+    cfg = load_config(TINY, ["optim.lr=1e-2", "optim.warmup_steps=10", "optim.min_lr_ratio=1e-3", "train.steps=110"]).optim
+    schedule = make_schedule(cfg, 110)
+    np.testing.assert_allclose([schedule(s) for s in (0, 5, 10)], [0.0, 5e-3, 1e-2], rtol=1e-6)
+    np.testing.assert_allclose(schedule(60), 1e-2 * (1e-3 + (1 - 1e-3) * 0.5), rtol=1e-5)  # cosine midpoint
+    np.testing.assert_allclose(schedule(110), 1e-5, rtol=1e-5)
+
+
+def test_grad_accumulation_gives_the_same_step():
+    cfg = load_config(TINY, MODEL + ["data.seq_len=16", "data.batch_size=4", "optim.warmup_steps=0", "train.steps=1"])
+    graphdef, params = init_model(cfg.model)
+    tx, schedule = make_optimizer(cfg.optim, 1)
+    rng = np.random.default_rng(0)
+    batch = {
+        "inputs": rng.integers(0, 256, (4, 16)).astype(np.int32),
+        "targets": rng.integers(0, 256, (4, 16)).astype(np.int32),
+        "weights": (rng.random((4, 16)) > 0.3).astype(np.float32),
+    }
+    step = jax.jit(make_train_step(graphdef, tx, schedule))
+    results = []
+    for accum in (1, 2):
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+        split = {k: v.reshape(accum, 4 // accum, 16) for k, v in batch.items()}
+        results.append(step(state, split))
+    (s1, m1), (s2, m2) = results
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    chex.assert_trees_all_close(s1["params"], s2["params"], rtol=1e-5, atol=1e-7)
+
+
+def test_flops_count_what_attamba_attends_to():
+    # SPEC §4: mean keys per query of layer 0 at T = 1024.
+    for path, keys in (("attamba_k8_w8", 72.5), ("attamba_k4_w8", 135.5), ("attamba_k16_w16", 48.4), ("transformer_isoparam", 512.5)):
+        cfg = load_config(REPO / "configs" / "paper" / f"{path}.yaml").model
+        assert mean_keys_per_query(cfg, 1024, 0) == pytest.approx(keys, abs=0.06)
+    cfg = load_config(REPO / "configs" / "paper" / "attamba_k8_w8.yaml").model
+    full = load_config(REPO / "configs" / "paper" / "attamba_k8_w8.yaml", ["model.pseudo_chunk=true"]).model
+    assert attention_flops_per_token(cfg, 1024) < attention_flops_per_token(full, 1024) / 6
+    n = 62_751_488
+    expected = 6 * (n - 32000 * 512) + 3 * attention_flops_per_token(cfg, 1024)
+    assert train_flops_per_token(cfg, n, 1024) == pytest.approx(expected)
+
+
+def test_config_differences_allow_optim_and_train_changes_only():
+    cfg = load_config(TINY)
+    a = json.loads(json.dumps(cfg.to_dict()))
+    b = json.loads(json.dumps(load_config(TINY, ["train.steps=999", "optim.lr=1e-4", "data.threads=7"]).to_dict()))
+    assert config_differences(a, b) == []
+    c = json.loads(json.dumps(load_config(TINY, ["model.dim=64", "data.seq_len=128", "seed=5"]).to_dict()))
+    diffs = config_differences(a, c)
+    assert [d.split(":")[0] for d in diffs] == ["data.seq_len", "model.dim", "seed"]
+    assert "128 in the checkpoint, 64 now" in diffs[1]
+
+
+def test_sliding_windows_score_every_token_once_with_context():
+    for n, t, stride in ((1, 8, 4), (7, 8, 4), (8, 8, 4), (9, 8, 4), (100, 16, 5), (100, 16, 16)):
+        scored = []
+        for w in sliding_windows(n, t, stride):
+            assert w.stop - w.start <= t
+            targets = range(w.score_from + 1, w.stop + 1)
+            # Each scored target sees >= t - stride tokens, or everything from BOS on.
+            assert all(j - w.start >= min(j, t - stride) for j in targets)
+            scored.extend(targets)
+        assert scored == list(range(1, n + 1))
+
+
+# --- exact resume after SIGKILL -----------------------------------------------------------
+
+_KILL_AFTER_CHECKPOINT = """
+import os, signal, sys, time, pathlib
+from attamba_jax.config import load_config
+from attamba_jax.trainer import Trainer
+config, workdir, kill_step, *overrides = sys.argv[1:]
+trainer = Trainer(load_config(config, overrides), workdir, progress=False)
+def callback(step):
+    if step == int(kill_step) + 1:  # step kill_step+1 is running; wait for kill_step's checkpoint, then die
+        folder = pathlib.Path(workdir) / "checkpoints" / kill_step
+        for _ in range(600):
+            if folder.is_dir():
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.run(callback)
+"""
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    env = _subprocess_env(tmp_path / "jax_cache")
+    args = _overrides(corpus, steps=8, **{"train.checkpoint_every": 4})
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    straight = run("train.py", "--no-progress", "--config", TINY, "--workdir", str(tmp_path / "a"), *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = run("-c", _KILL_AFTER_CHECKPOINT, TINY, str(tmp_path / "b"), "4", *args)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (tmp_path / "b" / "checkpoints" / "4").is_dir() and not (tmp_path / "b" / "checkpoints" / "8").exists()
+
+    resumed = run("train.py", "--no-progress", "--config", TINY, "--workdir", str(tmp_path / "b"), *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint step 4" in resumed.stdout
+
+    a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
+    assert list(a) == list(b) == list(range(1, 9))
+    assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]  # bit-identical losses after resuming
+    chex.assert_trees_all_equal(_final_state(tmp_path / "a", 8), _final_state(tmp_path / "b", 8))
+
+
+# --- one trained workdir, many checks (one compile of the step for all of them) -----------
+
+
+def test_a_trained_workdir_outputs_rerun_bad_checkpoints_non_finite_and_evaluation(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    overrides = _overrides(corpus, steps=4)
+    run = tmp_path / "run"
+    result = Trainer(load_config(TINY, overrides), run, progress=False).run()
+
+    # Outputs: checkpoints, config, metrics, TensorBoard, plot.
+    assert result.status == "finished" and result.step == 4
+    assert result.last_eval_loss < result.first_eval_loss
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    assert (run / "loss.png").stat().st_size > 1000
+    assert any((run / "tensorboard").iterdir())
+    assert load_config(run / "config.yaml") == load_config(TINY, overrides)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["lr"] >= 0 for r in train)
+    assert train[0]["tokens_per_s"] is None and train[-1]["tokens_per_s"] > 0  # step 1 compiles, so it is not timed
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 4]
+
+    # Re-running a finished workdir does nothing.
+    again = Trainer(load_config(TINY, overrides), run, progress=False).run()
+    assert again.status == "already_done" and again.step == 4
+
+    # Another model config: a clear error naming the key; nothing saved is touched.
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"different config:\n  model.dim: 32 in the checkpoint, 48 now"):
+        Trainer(load_config(TINY, overrides + ["model.dim=48"]), run, progress=False)
+    assert (run / "config.yaml").read_text() == before
+
+    # A truncated checkpoint: a clear error naming the folder and the previous step.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    state_dir = damaged / "checkpoints" / "4" / "state"
+    biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 cannot be read .*resume from step 2"):
+        Trainer(load_config(TINY, overrides), damaged, progress=False)
+    assert (damaged / "checkpoints" / "2").is_dir() and (damaged / "checkpoints" / "4").is_dir()
+
+    # A non-finite loss stops the run, names the step and keeps the last good checkpoint.
+    longer = overrides + ["train.steps=8"]
+    trainer = Trainer(load_config(TINY, longer), run, progress=False)
+    assert trainer.start_step == 4
+
+    def poison(step):
+        if step == 5:  # after step 5 is dispatched: step 6 computes on NaN parameters
+            trainer.state["params"] = jax.tree.map(lambda x: x * jnp.nan, trainer.state["params"])
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 6 .*last good checkpoint is step 4"):
+        trainer.run(poison)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    resumed = Trainer(load_config(TINY, longer), run, progress=False)
+    assert resumed.start_step == 4
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(resumed.state["params"]))
+    resumed.checkpointer.close()
+
+    # Evaluation of the workdir's latest checkpoint.
+    scorer, step = load_scorer(run, batch_size=2)
+    assert step == 4
+    text = "alpha beta gamma delta " * 40  # 920 bytes: many windows of T = 32
+    score = scorer.score_text(text, stride=16)
+    report = score.report()
+    assert report["tokens"] == report["bytes"] == len(text) and report["words"] == 160
+    assert report["bits_per_byte"] == pytest.approx(score.nll / (math.log(2) * len(text)))
+    assert report["word_perplexity"] == pytest.approx(math.exp(score.nll / 160))
+    assert report["token_perplexity"] == pytest.approx(math.exp(score.nll / len(text)))
+    # A document shorter than the context is one window: the plain forward pass's NLL.
+    short = "beta gamma alpha"
+    tokens = jnp.asarray([[256] + list(short.encode())], jnp.int32)
+    graphdef, _ = init_model(scorer.cfg.model)
+    logits = jax.jit(lambda p, x: apply_model(graphdef, p, x))(scorer.params, tokens[:, :-1])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).sum()
+    assert scorer.score_text(short, stride=16).nll == pytest.approx(float(nll), rel=1e-5)
+
+
+# --- errors before anything runs ------------------------------------------------------------
+
+
+def test_bad_configs_are_rejected_with_the_key_named(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    with pytest.raises(ConfigError, match="data.batch_size .8. must be a multiple of optim.grad_accum .3."):
+        load_config(TINY, _overrides(corpus, **{"optim.grad_accum": 3}))
+    with pytest.raises(ConfigError, match="unknown config key optim.learning_rate"):
+        load_config(TINY, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="optim.warmup_steps .50. must not exceed train.steps .4."):
+        load_config(TINY, _overrides(corpus, **{"optim.warmup_steps": 50}))
+    with pytest.raises(ConfigError, match="multiple of the 8 devices"):  # conftest: 8 CPU devices
+        Trainer(load_config(TINY, _overrides(corpus, **{"data.batch_size": 4})), tmp_path / "run", progress=False)
+
+
+def test_tokenizer_beyond_the_model_vocab_and_empty_corpus_are_errors(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    (tmp_path / "lines.txt").write_text("\n".join(f"alpha beta {i} gamma delta" for i in range(300)))
+    sp = train_sentencepiece([tmp_path / "lines.txt"], tmp_path / "sp", vocab_size=300, threads=1)
+    with pytest.raises(TokenizerError, match="300 ids but model.vocab_size is 258"):
+        Trainer(load_config(TINY, _overrides(corpus, **{"data.tokenizer": sp})), tmp_path / "run", progress=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    with pytest.raises(DataError, match="hold no training documents"):
+        Trainer(load_config(TINY, _overrides(str(tmp_path / "empty" / "*.txt"))), tmp_path / "run2", progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
