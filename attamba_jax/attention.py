@@ -13,10 +13,14 @@ The transformer baseline projects q, k, v to ``n_heads * head_dim`` (the paper's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from attamba_jax.cache import AttambaLayerCache, KeySet, TransformerLayerCache
 from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, apply_rope
@@ -43,6 +47,35 @@ def causal_attention(q, k, v, *, window: int | None = None, implementation: str 
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation=implementation)
 
 
+def cached_attention(q: jax.Array, key_sets: Sequence[KeySet]) -> jax.Array:
+    """Decode-time attention of one query per row over disjoint sets of cached keys.
+
+    One softmax (float32, scale 1/sqrt(D)) runs over the union of the sets; each set is
+    read where it lies, so no cache is ever copied into one buffer.
+
+    Args:
+      q: [B, 1, H, D]; key_sets: (k [B, Hkv, S, D], v [B, Hkv, S, D], visible [B, S]) each.
+        Query head h reads kv head h // (H // Hkv); some key must be visible in each row.
+
+    Returns:
+      [B, 1, H, D] in q.dtype.
+    """
+    b, _, h, d = q.shape
+    hkv = key_sets[0][0].shape[1]
+    qg = q.reshape(b, hkv, h // hkv, d)  # [B, Hkv, R, D]
+    scores = [
+        jnp.where(visible[:, None, None, :], jnp.einsum("bkrd,bksd->bkrs", qg, k, preferred_element_type=jnp.float32), -jnp.inf)
+        for k, _, visible in key_sets
+    ]  # [B, Hkv, R, S_i] each
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) * (d**-0.5), axis=-1)
+    splits = np.cumsum([s.shape[-1] for s in scores])[:-1]
+    out = sum(
+        jnp.einsum("bkrs,bksd->bkrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        for p, (_, v, _) in zip(jnp.split(probs, splits, axis=-1), key_sets)
+    )
+    return out.reshape(b, 1, h, d).astype(q.dtype)
+
+
 def _positions(positions: jax.Array | None, length: int) -> jax.Array:
     return jnp.arange(length) if positions is None else positions
 
@@ -63,17 +96,52 @@ class AttambaAttention(nnx.Module):
 
     def __call__(self, xn: jax.Array, grid: ChunkGrid, positions: jax.Array | None = None) -> jax.Array:
         """xn: [B, T, dim] (already normalised) -> [B, T, dim]."""
+        pos = _positions(positions, xn.shape[1])
+        return self._forward(xn, grid, pos, self.ssm_k(xn, grid), self.ssm_v(xn, grid))[0]
+
+    def _forward(self, xn, grid: ChunkGrid, pos, k_ssm, v_ssm):
+        """The parallel attention given both SSM outputs: (out [B,T,dim], post-RoPE k, v)."""
         b, t, _ = xn.shape
-        pos = _positions(positions, t)
-        q = self.wq(xn).reshape(b, t, self.n_heads, self.head_dim)
-        k = (self.ssm_k(xn, grid) + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
-        v = (self.ssm_v(xn, grid) + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
+        q, k, v = self._qkv(xn, k_ssm, v_ssm, pos)
         if self.pseudo_chunk:
             o = causal_attention(q, k, v)
         else:
             o = chunked_attention(q, k, v, grid=grid, window=self.window, implementation=self.implementation)
-        return self.wo(o.reshape(b, t, -1))
+        return self.wo(o.reshape(b, t, -1)), k, v
+
+    def _qkv(self, xn, k_ssm, v_ssm, pos):
+        """q [B,T,H,D], k, v [B,T,Hkv,D] from xn and the two SSM outputs; q, k rotated at ``pos``."""
+        b, t, _ = xn.shape
+        q = self.wq(xn).reshape(b, t, self.n_heads, self.head_dim)
+        k = (k_ssm + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = (v_ssm + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta), v
+
+    # --- inference (attamba_jax.cache) -------------------------------------------------------
+
+    def prefill(self, xn: jax.Array, grid: ChunkGrid, lengths: jax.Array, cache: AttambaLayerCache):
+        """The parallel forward over prompts of ``lengths`` [B] tokens, and the filled layer cache.
+
+        Returns (out [B, T, dim], cache); ``cache`` supplies the capacities only.
+        """
+        k_ssm, k_state = self.ssm_k.prefill(xn, grid, lengths)
+        v_ssm, v_state = self.ssm_v.prefill(xn, grid, lengths)
+        out, k, v = self._forward(xn, grid, jnp.arange(xn.shape[1]), k_ssm, v_ssm)
+        return out, cache.fill(grid, k, v, lengths, k_state, v_state)
+
+    def decode(self, xn: jax.Array, grid: ChunkGrid, positions: jax.Array, cache: AttambaLayerCache):
+        """One token per row: xn [B, 1, dim] at ``positions`` [B] -> (out [B, 1, dim], cache).
+
+        Runs both SSMs one step, stores the new k, v (as a boundary too when the token
+        ends a chunk) and attends to the boundaries b < t-W plus the window t-W..t.
+        """
+        b = xn.shape[0]
+        k_ssm, k_state = self.ssm_k.step(xn, grid, positions, cache.ssm_k)
+        v_ssm, v_state = self.ssm_v.step(xn, grid, positions, cache.ssm_v)
+        q, k, v = self._qkv(xn, k_ssm, v_ssm, positions[:, None])
+        cache = cache.append(grid, positions, k[:, 0], v[:, 0], k_state, v_state)
+        o = cached_attention(q, cache.key_sets(grid, positions, self.window))
+        return self.wo(o.reshape(b, 1, -1)), cache
 
 
 class CausalSelfAttention(nnx.Module):
@@ -93,11 +161,33 @@ class CausalSelfAttention(nnx.Module):
         self.implementation = cfg.attention_implementation
 
     def __call__(self, xn: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        return self._forward(xn, _positions(positions, xn.shape[1]))[0]
+
+    def _forward(self, xn, pos):
+        """The parallel attention: (out [B,T,dim], post-RoPE k, v)."""
         b, t, _ = xn.shape
-        pos = _positions(positions, t)
+        q, k, v = self._qkv(xn, pos)
+        o = causal_attention(q, k, v, window=self.window, implementation=self.implementation)
+        return self.wo(o.reshape(b, t, -1)), k, v
+
+    def _qkv(self, xn, pos):
+        b, t, _ = xn.shape
         q = self.wq(xn).reshape(b, t, self.n_heads, self.head_dim)
         k = self.wk(xn).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(xn).reshape(b, t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
-        o = causal_attention(q, k, v, window=self.window, implementation=self.implementation)
-        return self.wo(o.reshape(b, t, -1))
+        return apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta), v
+
+    # --- inference (attamba_jax.cache) -------------------------------------------------------
+
+    def prefill(self, xn: jax.Array, lengths: jax.Array, cache: TransformerLayerCache):
+        """The parallel forward, and the layer cache filled with each row's first ``lengths`` tokens."""
+        out, k, v = self._forward(xn, jnp.arange(xn.shape[1]))
+        return out, cache.fill(k, v, lengths)
+
+    def decode(self, xn: jax.Array, positions: jax.Array, cache: TransformerLayerCache):
+        """One token per row: xn [B, 1, dim] at ``positions`` [B] -> (out [B, 1, dim], cache)."""
+        b = xn.shape[0]
+        q, k, v = self._qkv(xn, positions[:, None])
+        cache = cache.append(positions, k[:, 0], v[:, 0])
+        o = cached_attention(q, cache.key_sets(positions))
+        return self.wo(o.reshape(b, 1, -1)), cache

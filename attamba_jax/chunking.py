@@ -92,6 +92,14 @@ class ChunkGrid:
         short = pos < self.token_chunk - self.offset
         return _where(pos == 0, 0, _where(short, pos - 1, in_chunk))
 
+    def num_boundaries_before(self, pos):
+        """``#{b ∈ B : b < pos}``: the index a boundary at ``pos`` takes in arrival order."""
+        first = self.token_chunk - 1 - self.offset
+        on_grid = (pos - first + self.token_chunk - 1) // self.token_chunk  # grid points first + jK < pos
+        on_grid = _where(on_grid > 0, on_grid, 0)
+        # Token 0 is a boundary of its own unless the grid already starts there.
+        return on_grid + _where((pos > 0) & (first != 0), 1, 0)
+
     # --- whole-sequence views (static, NumPy) --------------------------------------
 
     def boundaries(self, length: int) -> np.ndarray:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attamba_jax.attention import AttambaAttention, CausalSelfAttention
+from attamba_jax.cache import Cache
 from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, Embedding, RMSNorm
@@ -54,6 +55,24 @@ class Block(nnx.Module):
             h = h + self.attention(xn, grid, positions)
         return h + self.ffn(self.ffn_norm(h))
 
+    # --- inference (attamba_jax.cache) -------------------------------------------------------
+
+    def _residual(self, h, attend):
+        """``__call__``'s residual structure around ``attend: xn -> (out, layer_cache)``."""
+        out, cache = attend(self.attn_norm(h))
+        h = h + out
+        return h + self.ffn(self.ffn_norm(h)), cache
+
+    def prefill(self, h, grid: ChunkGrid | None, lengths, cache):
+        if grid is None:
+            return self._residual(h, lambda xn: self.attention.prefill(xn, lengths, cache))
+        return self._residual(h, lambda xn: self.attention.prefill(xn, grid, lengths, cache))
+
+    def decode(self, h, grid: ChunkGrid | None, positions, cache):
+        if grid is None:
+            return self._residual(h, lambda xn: self.attention.decode(xn, positions, cache))
+        return self._residual(h, lambda xn: self.attention.decode(xn, grid, positions, cache))
+
 
 class LanguageModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -79,6 +98,38 @@ class LanguageModel(nnx.Module):
         for block, grid in zip(self.blocks, self.grids(token_chunk)):
             h = block(h, grid)
         return self.head(self.norm(h))
+
+    # --- inference (attamba_jax.cache) -------------------------------------------------------
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Run the parallel forward over prompts and fill ``cache`` (from ``init_cache``).
+
+        Args:
+          tokens: [B, T] int, row i's prompt in positions 0..lengths[i]-1 (the rest is
+            padding and never read). lengths: [B] int, each in 1..T.
+
+        Returns:
+          logits [B, T, vocab] (row i's next-token logits at lengths[i]-1) and the cache,
+          at position lengths[i] for row i.
+        """
+        lengths = lengths.astype(jnp.int32)
+        h = self.embed(tokens)
+        layers = []
+        for block, grid, layer_cache in zip(self.blocks, self.grids(cache.token_chunk), cache.layers):
+            h, layer_cache = block.prefill(h, grid, lengths, layer_cache)
+            layers.append(layer_cache)
+        return self.head(self.norm(h)), cache.replace(layers=tuple(layers), positions=lengths)
+
+    def decode_step(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Feed one token per row (tokens [B] int) at ``cache.positions``; returns logits [B, vocab]."""
+        positions = cache.positions
+        h = self.embed(tokens[:, None])  # [B, 1, dim]
+        layers = []
+        for block, grid, layer_cache in zip(self.blocks, self.grids(cache.token_chunk), cache.layers):
+            h, layer_cache = block.decode(h, grid, positions, layer_cache)
+            layers.append(layer_cache)
+        logits = self.head(self.norm(h))[:, 0]
+        return logits, cache.replace(layers=tuple(layers), positions=positions + 1)
 
 
 # --- functional surface ------------------------------------------------------------------

@@ -12,6 +12,7 @@ the output at a boundary summarises exactly the chunk that ends there.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,14 @@ from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, RMSNorm, truncated_normal
 from pallas_kernels.ssd import ssd
+from pallas_kernels.ssd.reference import ssd_sequential
+
+
+class SSMState(NamedTuple):
+    """What one chunk-reset SSM carries between decode steps (SPEC §5)."""
+
+    scan: jax.Array  # [B, Hs, P, N] float32: the scan state of the current chunk
+    conv: jax.Array  # [B, conv_width-1, I+2GN]: raw conv inputs of the current chunk, zero before it
 
 
 def chunk_causal_conv(x: jax.Array, weight: jax.Array, position_in_chunk: jax.Array) -> jax.Array:
@@ -72,24 +81,95 @@ class Mamba2(nnx.Module):
 
     def __call__(self, u: jax.Array, grid: ChunkGrid) -> jax.Array:
         """u: [B, T, dim] -> [B, T, dim], restarting at every chunk start of ``grid``."""
-        b, t, _ = u.shape
-        inner, gn, hs = self.inner, self.groups * self.state, self.heads
+        return self._forward(u, grid)[0]
+
+    def _forward(self, u: jax.Array, grid: ChunkGrid):
+        """The parallel forward; also returns the intermediates that prefill reads its state from."""
+        t = u.shape[1]
+        z, xbc, dt = self._in_projection(u)
+        position = jnp.asarray(grid.position_in_chunk(np.arange(t)))
+        x, B, C = self._conv(xbc, position)
+        y = ssd(x, dt, self._A(), B, C, self.D[...], grid=grid, implementation=self.implementation)
+        return self._gated_output(y, z), (xbc, x, dt, B, C)
+
+    # --- the pieces shared by the parallel forward, prefill and decode ------------------
+
+    def _in_projection(self, u: jax.Array):
+        """u [B, T, dim] -> z [B, T, I], xbc [B, T, I+2GN] (pre-conv), dt [B, T, Hs] (f32, softplus)."""
+        inner, gn = self.inner, self.groups * self.state
         zxbcdt = self.in_proj(u)  # [B, T, 2I + 2GN + Hs]
         z, xbc, dt = jnp.split(zxbcdt, [inner, 2 * inner + 2 * gn], axis=-1)
-        position = jnp.asarray(grid.position_in_chunk(np.arange(t)))
-        xbc = jax.nn.silu(chunk_causal_conv(xbc, self.conv_weight[...].astype(xbc.dtype), position))
-        x, B, C = jnp.split(xbc, [inner, inner + gn], axis=-1)
         dt = dt.astype(jnp.float32)
         if self.dt_bias is not None:
             dt = dt + self.dt_bias[...]
-        y = ssd(
-            x.reshape(b, t, hs, inner // hs),
-            jax.nn.softplus(dt),
-            -jnp.exp(self.A_log[...]),
+        return z, xbc, jax.nn.softplus(dt)
+
+    def _conv(self, xbc: jax.Array, position: jax.Array):
+        """Chunk-causal conv + silu, split into the SSD inputs x [B,T,Hs,P], B and C [B,T,G,N]."""
+        b, t, _ = xbc.shape
+        inner, gn = self.inner, self.groups * self.state
+        xbc = jax.nn.silu(chunk_causal_conv(xbc, self.conv_weight[...].astype(xbc.dtype), position))
+        x, B, C = jnp.split(xbc, [inner, inner + gn], axis=-1)
+        return (
+            x.reshape(b, t, self.heads, inner // self.heads),
             B.reshape(b, t, self.groups, self.state),
             C.reshape(b, t, self.groups, self.state),
-            self.D[...],
-            grid=grid,
-            implementation=self.implementation,
-        ).reshape(b, t, inner)
-        return self.out_proj(self.norm(y * jax.nn.silu(z)))
+        )
+
+    def _A(self) -> jax.Array:
+        return -jnp.exp(self.A_log[...])
+
+    def _gated_output(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        """y [B, T, Hs, P], z [B, T, I] -> out_proj(RMSNorm(y * silu(z))) [B, T, dim]."""
+        b, t = z.shape[:2]
+        return self.out_proj(self.norm(y.reshape(b, t, self.inner) * jax.nn.silu(z)))
+
+    # --- inference -----------------------------------------------------------------------
+
+    def prefill(self, u: jax.Array, grid: ChunkGrid, lengths: jax.Array) -> tuple[jax.Array, SSMState]:
+        """The parallel forward, plus each row's state after its last token.
+
+        Args:
+          u: [B, T, dim]; row i holds ``lengths[i]`` (>= 1) real tokens at positions 0..L_i-1.
+
+        Returns:
+          out [B, T, dim] (equal to ``__call__``) and the state after token L_i - 1: the
+          scan state and conv history of that token's chunk.
+        """
+        b, t, _ = u.shape
+        out, (xbc, x, dt, B, C) = self._forward(u, grid)
+
+        # The state after token `last` depends only on its own chunk, which starts at
+        # `start` and is at most K tokens long: rerun the recurrence over those tokens.
+        last = lengths.astype(jnp.int32) - 1  # [B]
+        start = last - grid.position_in_chunk(last)  # [B]
+        rows = jnp.arange(b)[:, None]
+        span = grid.token_chunk
+        idx = last[:, None] - (span - 1) + jnp.arange(span)  # [B, K]
+        take = lambda a: a[rows, jnp.clip(idx, 0, t - 1)]
+        in_chunk = idx >= start[:, None]  # [B, K]
+        dt_chunk = jnp.where(in_chunk[..., None], take(dt), 0.0)  # dt = 0: no decay, no input
+        _, scan = ssd_sequential(
+            take(x), dt_chunk, self._A(), take(B), take(C), self.D[...], reset=jnp.zeros((b, span), bool)
+        )
+        # Conv history: the raw inputs of the last conv_width-1 tokens, zero before the chunk.
+        width = self.conv_weight.shape[1]
+        hidx = last[:, None] - (width - 2) + jnp.arange(width - 1)  # [B, width-1]
+        conv = jnp.where((hidx >= start[:, None])[..., None], xbc[rows, jnp.clip(hidx, 0, t - 1)], 0)
+        return out, SSMState(scan=scan, conv=conv.astype(xbc.dtype))
+
+    def step(self, u: jax.Array, grid: ChunkGrid, positions: jax.Array, state: SSMState) -> tuple[jax.Array, SSMState]:
+        """One token per row: u [B, 1, dim] at ``positions`` [B] -> out [B, 1, dim], new state.
+
+        A token that starts a chunk (t = 0 or t-1 a boundary) starts from the zero state.
+        """
+        width = self.conv_weight.shape[1]
+        z, xbc, dt = self._in_projection(u)  # [B, 1, ...]
+        start = grid.is_chunk_start(positions)  # [B]
+        history = jnp.where(start[:, None, None], 0, state.conv)  # [B, width-1, C]
+        window = jnp.concatenate([history, xbc], axis=1)  # [B, width, C]
+        # Window positions in the chunk, so that the conv masks taps exactly as in training.
+        window_pos = grid.position_in_chunk(positions)[:, None] - (width - 1) + jnp.arange(width)
+        x, B, C = (a[:, -1:] for a in self._conv(window, window_pos))
+        y, scan = ssd_sequential(x, dt, self._A(), B, C, self.D[...], reset=start[:, None], initial_state=state.scan)
+        return self._gated_output(y, z), SSMState(scan=scan, conv=window[:, 1:])
