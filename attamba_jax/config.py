@@ -185,7 +185,7 @@ class DataConfig:
     batch_size: int = 16
     # Batches assembled ahead of the device step ...
     prefetch: int = 8
-    # ... by this many reader threads.
+    # ... by this many reader threads (0 = in the training thread, between device steps).
     threads: int = 4
 
     def validate(self):
@@ -195,8 +195,10 @@ class DataConfig:
                 _check(bool(src.strip()), f"data.{key} holds an empty source name")
         _check(0.0 <= self.heldout_fraction < 1.0, f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         _check(bool(self.tokenizer.strip()), "data.tokenizer must be 'byte' or the path of a SentencePiece .model")
-        for key in ("seq_len", "batch_size", "prefetch", "threads"):
+        for key in ("seq_len", "batch_size", "prefetch"):
             _check(getattr(self, key) >= 1, f"data.{key} must be >= 1, got {getattr(self, key)}")
+        _check(self.threads >= 0, f"data.threads must be >= 0 (0 = read in the training thread), got {self.threads}")
+        _check(self.prefetch >= self.threads, f"data.prefetch ({self.prefetch}) must be >= data.threads ({self.threads}), or threads sit idle")
 
 
 @dataclasses.dataclass(frozen=True)

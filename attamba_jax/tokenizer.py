@@ -108,8 +108,10 @@ def train_sentencepiece(
 ) -> pathlib.Path:
     """Train a SentencePiece model on text files (one sentence per line); returns the .model path.
 
-    Ids: 0 = <unk>, 1 = BOS, 2 = EOS (the LLaMA layout), no padding id. Digits are split and
-    unknown characters fall back to bytes, so every text encodes.
+    Ids: 0 = <unk>, 1 = BOS, 2 = EOS (the LLaMA layout), no padding id. Like LLaMA's model:
+    no normalization and whitespace kept as it is, digits split, and characters outside the
+    pieces (newlines among them: training reads one line at a time) fall back to bytes, so
+    ``decode(encode(text)) == text``.
     """
     import sentencepiece as spm
 
@@ -124,6 +126,8 @@ def train_sentencepiece(
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=0.9995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         byte_fallback=True,
         split_digits=True,
         unk_id=0,

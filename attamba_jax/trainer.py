@@ -251,12 +251,19 @@ class Trainer:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's host batch ([b, T] arrays) -> the global [microbatches, B/microbatches, T] arrays."""
         a = self.cfg.optim.grad_accum
         return {
             k: jax.make_array_from_process_local_data(self.batch_sharding, batch[k].reshape(a, -1, batch[k].shape[-1]))
             for k in ("inputs", "targets", "weights")
         }
+
+    def step(self, device_batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """One optimizer step on ``device_batch`` (dispatched asynchronously); its metrics, on device."""
+        with use_mesh(self.mesh):
+            self.state, metrics = self._train_step(self.state, device_batch)
+        return metrics
 
     def evaluate(self) -> float | None:
         """Held-out loss (nats per counted token) of the current parameters."""
@@ -335,8 +342,7 @@ class Trainer:
             step = self.start_step
             while step < tcfg.steps:
                 batch = next(self.train_iter)
-                with use_mesh(self.mesh):
-                    self.state, metrics = self._train_step(self.state, self._device_batch(batch))
+                metrics = self.step(self.device_batch(batch))
                 step += 1
                 pending.append((step, metrics))
                 bar.update(1)

@@ -44,7 +44,7 @@ def test_sentencepiece_train_load_and_round_trip(sp_model):
     tok = load_tokenizer(str(sp_model))
     assert isinstance(tok, SentencePieceTokenizer)
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (300, 1, 2)
-    text = "the lazy fox judges seven boxing wizards"
+    text = "the lazy fox  judges\nseven boxing wizards\n\n  "  # newlines and runs of spaces survive
     ids = tok.encode(text)
     assert ids.dtype == np.int32 and ids.max() < tok.vocab_size
     assert tok.decode(ids) == text
