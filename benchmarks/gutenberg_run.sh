@@ -41,7 +41,7 @@ COMMON=(--config "$CONFIG" "data.train=[$WORK/gut.train.bin]" "data.eval=[$WORK/
   "optim.warmup_steps=$WARMUP" "train.steps=$STEPS" $EXTRA)
 
 log "input pipeline and step time (real vs synthetic batches)"
-timeout 150 python3 benchmarks/input_pipeline.py --workdir "$WORK/bench" --threads 0,4,16 --seconds 3 --steps 40 \
+timeout "${STAGE_LIMIT:-150}" python3 benchmarks/input_pipeline.py --workdir "$WORK/bench" --threads 0,4,16 --seconds 3 --steps 40 \
   --json "$OUT/pipeline.json" "${COMMON[@]}" 2>&1 | grep -v Warning
 
 TRAIN=(python3 train.py --no-progress --workdir "$WORK/run" "${COMMON[@]}" "train.log_every=$LOG_EVERY"
@@ -49,7 +49,7 @@ TRAIN=(python3 train.py --no-progress --workdir "$WORK/run" "${COMMON[@]}" "trai
 log "train, SIGTERM after step $STOP_AT"
 "${TRAIN[@]}" > "$OUT/train1.log" 2>&1 &
 pid=$!
-deadline=$((SECONDS + ${FIRST_RUN_LIMIT:-180}))
+deadline=$((SECONDS + ${STAGE_LIMIT:-150}))
 until grep -q "\"step\": $STOP_AT," "$WORK/run/metrics.jsonl" 2>/dev/null; do
   kill -0 $pid 2>/dev/null || break
   [ $SECONDS -lt $deadline ] || { log "step $STOP_AT not reached in time; stopping anyway"; break; }
@@ -62,7 +62,7 @@ grep -v Warning "$OUT/train1.log" | tail -5
 echo "checkpoints: $(ls "$WORK/run/checkpoints")"
 
 log "same command again: resume"
-timeout 150 "${TRAIN[@]}" > "$OUT/train2.log" 2>&1
+timeout "${STAGE_LIMIT:-150}" "${TRAIN[@]}" > "$OUT/train2.log" 2>&1
 log "second run exited with $?"
 grep -v Warning "$OUT/train2.log" | tail -5
 echo "checkpoints: $(ls "$WORK/run/checkpoints")"
