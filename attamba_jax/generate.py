@@ -1,7 +1,8 @@
 """Prefill, decode and sampling: text generation with the compressed KV cache.
 
     graphdef, params = init_model(cfg.model)
-    out = generate(graphdef, params, [[256, 72, 105], [256]], max_new_tokens=32, temperature=0.8, top_p=0.9)
+    out = generate(graphdef, params, [[256, 72, 105], [256]], max_new_tokens=32, temperature=0.8, top_p=0.9,
+                   stop_tokens=[257])
     out.tokens   # [B, 32] int32, padded with pad_id after each row's end
     out.lengths  # [B] tokens generated per row (a stop token included)
 
@@ -10,10 +11,11 @@ so every row keeps its own true positions (for RoPE and the chunk grid) while de
 The prefill is the training forward pass; every later token takes one ``decode_step``,
 and the whole decode loop runs on the device under ``jax.lax.while_loop``.
 
-Command line (byte-level models: ids 0-255 are bytes, 256 = BOS, 257 = EOS):
+Command line (the workdir's tokenizer; the prompt gets BOS, EOS stops a row):
 
-    python -m attamba_jax.generate --config configs/tiny.yaml --prompt "Hello" --max-new-tokens 64
-    python -m attamba_jax.generate --config ... --checkpoint path/to/params --prompt "Hello"
+    python -m attamba_jax.generate --workdir runs/tiny --prompt "def main(" --max-new-tokens 64
+    python -m attamba_jax.generate --workdir runs/tiny --prompt "import" --prompt "class" --temperature 0.8 --top-p 0.95
+    python -m attamba_jax.generate --config configs/tiny.yaml --prompt "Hello"     # random weights
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ import numpy as np
 from flax import nnx
 
 from attamba_jax.cache import Cache, init_cache
-
-BYTE_BOS, BYTE_EOS = 256, 257
 
 
 # --- prefill and one decode step (pure functions of the parameters) ---------------------------
@@ -207,69 +207,70 @@ def generate(
     return Generated(np.asarray(out), np.asarray(count))
 
 
-# --- byte-level text --------------------------------------------------------------------------------
-
-
-def encode_bytes(text: str) -> list[int]:
-    """BOS followed by the UTF-8 bytes."""
-    return [BYTE_BOS] + list(text.encode("utf-8"))
-
-
-def decode_bytes(ids: Sequence[int]) -> str:
-    """Bytes up to the first EOS; BOS and other special ids dropped."""
-    out = bytearray()
-    for i in ids:
-        if i == BYTE_EOS:
-            break
-        if 0 <= i < 256:
-            out.append(int(i))
-    return out.decode("utf-8", errors="replace")
-
-
 # --- command line -------------------------------------------------------------------------------------
 
 
-def _load(args) -> tuple[nnx.GraphDef, nnx.State]:
-    from attamba_jax.config import load_config
-    from attamba_jax.model import init_model
+def load_workdir(workdir: str, step: int | None = None):
+    """(graphdef, params, config, tokenizer, step) of a training workdir's checkpoint (default: the latest)."""
+    from attamba_jax.evaluate import load_scorer
+    from attamba_jax.model import LanguageModel
 
-    cfg = load_config(args.config, args.override)
-    graphdef, params = init_model(cfg.model, seed=cfg.seed)
-    if args.checkpoint is not None:
-        import orbax.checkpoint as ocp
-
-        params = ocp.StandardCheckpointer().restore(args.checkpoint, params)
-    return graphdef, params
+    scorer, step = load_scorer(workdir, step=step, batch_size=1)
+    cfg = scorer.cfg
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(params=cfg.seed))))
+    return graphdef, scorer.params, cfg, scorer.tokenizer, step
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from attamba_jax.checkpointing import CheckpointError
+    from attamba_jax.config import ConfigError, load_config
+    from attamba_jax.model import init_model
+    from attamba_jax.tokenizer import TokenizerError, check_fits, load_tokenizer
+
     parser = argparse.ArgumentParser(prog="python -m attamba_jax.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="model config YAML (e.g. configs/tiny.yaml)")
-    parser.add_argument("--checkpoint", default=None, help="an Orbax checkpoint of the parameters (random weights if omitted)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a training workdir (config.yaml + checkpoints/)")
+    source.add_argument("--config", help="a config YAML: random weights, to try the decoder without training")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--token-chunk", type=int, default=None, help="decode at chunk size K' (Attamba)")
-    parser.add_argument("override", nargs="*", help="config overrides, section.key=value")
+    parser.add_argument("--token-chunk", type=int, default=None, help="(attamba) chunk length K' at test time (default: the trained K)")
+    parser.add_argument("override", nargs="*", help="with --config: section.key=value overrides")
     args = parser.parse_args(argv)
-    graphdef, params = _load(args)
-    out = generate(
-        graphdef,
-        params,
-        [encode_bytes(p) for p in args.prompt],
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop_tokens=(BYTE_EOS,),
-        seed=args.seed,
-        token_chunk=args.token_chunk,
-    )
+    try:
+        if args.workdir is not None:
+            if args.override:
+                raise ConfigError("overrides apply to --config only; a workdir's config is the one it was trained with")
+            graphdef, params, cfg, tokenizer, step = load_workdir(args.workdir, args.step)
+            print(f"checkpoint step {step} of {args.workdir}", file=sys.stderr)
+        else:
+            cfg = load_config(args.config, args.override)
+            graphdef, params = init_model(cfg.model, seed=cfg.seed)
+            tokenizer = load_tokenizer(cfg.data.tokenizer)
+        check_fits(tokenizer, cfg.model.vocab_size)
+        prompts = [[tokenizer.bos_id] + tokenizer.encode(p).tolist() for p in args.prompt]
+        out = generate(
+            graphdef,
+            params,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_tokens=(tokenizer.eos_id,),
+            seed=args.seed,
+            token_chunk=args.token_chunk,
+        )
+    except (ConfigError, CheckpointError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for prompt, tokens, n in zip(args.prompt, out.tokens, out.lengths):
-        print(prompt + decode_bytes(tokens[:n]))
+        ids = [int(t) for t in tokens[:n] if t != tokenizer.eos_id]
+        print(prompt + tokenizer.decode(ids))
     return 0
 
 
