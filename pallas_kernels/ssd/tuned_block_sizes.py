@@ -18,9 +18,10 @@ def _next_pow2(n: int) -> int:
 
 def ssd_gpu_blocks(token_chunk: int, head_dim: int, dtype) -> SsdBlocks:
     """GPU tile: the [L, L] decay tile costs L exponentials per token and head, so L stays
-    small; 32 tokens keep every matmul dimension >= 16 for the tensor cores."""
+    small. On the H200 at 8×8192, K=8, bf16 (BENCHMARKS.md), L=32 with 2 warps beat
+    L=32/4 warps, 64/4, 64/8 and 128/8, forward and backward."""
     del head_dim, dtype
-    return SsdBlocks(block_len=max(32, _next_pow2(token_chunk)), num_warps=4)
+    return SsdBlocks(block_len=max(32, _next_pow2(token_chunk)), num_warps=2)
 
 
 def ssd_tpu_blocks(token_chunk: int) -> SsdBlocks:

@@ -1,0 +1,316 @@
+"""Attamba attention speed: the Pallas kernel against the XLA ``compressed`` and ``dense`` paths
+and against cuDNN's full causal flash attention (what a same-size transformer runs).
+
+Paper sizes: H = Hkv = 8 heads of D = 64, bf16, W = 8, layer 0's grid (offset 0),
+K in {4, 8, 16}, L = 1k ... 64k with B = max(1, tokens // L) rows (32k tokens by default).
+Forward and forward+backward (gradients of q, k and v). ``dense`` is skipped where its
+[B, H, L, L] float32 scores would pass ``--dense-max-gb``, ``compressed`` where its
+[B, H, L, L/K] scores would pass ``--compressed-max-gb``.
+
+Timing: jit, one compile run, a warm-up call, then ``reps`` calls queued back to back
+and one block_until_ready; the per-call mean, median of ``trials`` rounds. Ratios are
+between numbers of this one run. TFLOP/s counts the useful work only: 4·D FLOPs per
+(query, visible key) pair and head forward, 3.5× that forward+backward.
+
+    PYTHONPATH=. python benchmarks/bench_attention.py --check --out attention.json     # on the GPU
+    python benchmarks/bench_attention.py --plot attention.json                          # redraw the PNG
+    PYTHONPATH=. python benchmarks/bench_attention.py --lengths 256 --chunks 4 --tokens 256 \\
+        --implementations pallas_gpu,compressed --interpret --reps 1 --out /tmp/a.json  # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+_T0 = time.perf_counter()
+
+
+def _stamp() -> str:
+    """Seconds since start, on every progress line (compile time shows in the gaps)."""
+    return f"[{time.perf_counter() - _T0:6.1f}s]"
+
+
+def _save(result: dict, path: str) -> None:
+    """Rewritten after every measurement, so a run cut short keeps what it measured."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attamba_jax.chunking import ChunkGrid, keys_per_query
+from pallas_kernels.chunked_attention import chunked_attention, pallas_gpu, reference
+from pallas_kernels.chunked_attention.tuned_block_sizes import AttentionBlocks
+
+HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
+
+
+def time_calls(fn, args, reps: int, trials: int):
+    """(seconds per call of jitted ``fn`` (see module docstring), its output)."""
+    first = jax.block_until_ready(fn(*args))  # compile
+    jax.block_until_ready(fn(*args))  # warm-up
+    means = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        outs = [fn(*args) for _ in range(reps)]
+        jax.block_until_ready(outs)
+        means.append((time.perf_counter() - t0) / reps)
+        del outs
+    return statistics.median(means), first
+
+
+def _inputs(key, b, t, dtype, h=HEADS, hkv=KV_HEADS, d=HEAD_DIM):
+    ks = jax.random.split(key, 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, t, hkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, t, hkv, d), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (b, t, h, d), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+
+def _fwd_bwd(impl):
+    def run(q, k, v, do):
+        o, vjp = jax.vjp(impl, q, k, v)
+        return o, vjp(do)
+
+    return run
+
+
+def _impl(name, grid, window, interpret=False, blocks=None):
+    if name == "cudnn":
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if name == "pallas_gpu":
+        return lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(q, k, v, grid, window, interpret=interpret, blocks=blocks)
+    return lambda q, k, v: chunked_attention(q, k, v, grid=grid, window=window, implementation=name)
+
+
+# --- correctness on the device ---------------------------------------------------------
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0) -> None:
+    """The kernel against the dense reference on the device: fresh inputs, forward and the q, k, v
+    gradients, f32 and bf16, GQA, offsets, ragged lengths, outputs poisoned with NaN."""
+    cases = [(4, 0, 8, 2, 1000, 8, 8), (8, 5, 8, 2, 777, 8, 2), (16, 3, 32, 1, 1500, 4, 1), (8, 7, 0, 1, 300, 6, 3)]
+    tolerances = {"float32": 1e-5, "bfloat16": 1e-2}
+    for dtype_name in dtypes:
+        dtype, tol = jnp.dtype(dtype_name), tolerances[dtype_name]
+        for case_id, (k, o, w, b, t, h, hkv) in enumerate(cases):
+            seed += 1
+            if case_ids is not None and case_id not in case_ids:
+                continue
+            try:
+                record("check", _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol))
+            except Exception as e:  # a compile or runtime failure is a failed check, not a crash
+                record("check", {"K": k, "offset": o, "W": w, "T": t, "dtype": jnp.dtype(dtype).name, "ok": False,
+                                "error": f"{type(e).__name__}: {e}"[:2000]})
+                print(f"check attention K={k} o={o} T={t} {jnp.dtype(dtype).name}: FAIL {type(e).__name__}: {str(e)[:500]}", flush=True)
+
+
+def _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol) -> dict:
+    """One case: the kernel's forward, gradients and poisoned forward against the dense reference."""
+    grid = ChunkGrid(k, o)
+    q, kk, v, do = _inputs(jax.random.key(seed), b, t, dtype, h=h, hkv=hkv)
+    with jax.default_matmul_precision("highest"):
+        o_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.chunked_attention_dense(*a, grid, w)))(q, kk, v, do)
+    out, grads = jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, w)))(q, kk, v, do)
+    st = pallas_gpu.make_static(q, kk, grid, w)
+    poisoned, lse = jax.jit(lambda *a: pallas_gpu._forward(st, *a, False, poison=True))(q, kk, v)
+    errs = {"o": _rel(out, o_ref), "poisoned_o": _rel(poisoned, o_ref)}
+    errs.update({f"d{n}": _rel(a, r) for n, a, r in zip("qkv", grads, g_ref)})
+    finite = all(bool(jnp.isfinite(a).all()) for a in (out, poisoned, lse, *grads))
+    ok = finite and max(errs.values()) <= tol
+    print(f"{_stamp()} check attention {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} W={w:2d} B={b} T={t:5d} H={h} Hkv={hkv}: "
+          f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}", flush=True)
+    return {"K": k, "offset": o, "W": w, "B": b, "T": t, "H": h, "Hkv": hkv, "dtype": jnp.dtype(dtype).name,
+            "tolerance": tol, "max_rel_err": max(errs.values()), "errors": errs, "finite": finite, "ok": ok}
+
+
+# --- timing -----------------------------------------------------------------------------
+
+
+def _pairs(t: int, grid: ChunkGrid | None, window: int | None) -> int:
+    """(query, visible key) pairs per row and head."""
+    return int(keys_per_query(t, grid, window).sum())
+
+
+def bench(record, lengths, chunks, window, tokens, implementations, reps, trials, dense_max_gb, compressed_max_gb, interpret):
+    for t in lengths:
+        b = max(1, tokens // t)
+        q, k, v, do = _inputs(jax.random.key(t), b, t, jnp.bfloat16)
+        kernel_out = {}  # (K, mode) -> the Pallas kernel's output, to hold the other paths against
+        for name in implementations:
+            for kc in ([None] if name == "cudnn" else chunks):
+                grid = ChunkGrid(kc) if kc else None
+                if name == "dense" and b * HEADS * t * t * 4 > dense_max_gb * 2**30:
+                    continue
+                if name == "compressed" and b * HEADS * t * (t // kc + 1) * 4 > compressed_max_gb * 2**30:
+                    continue
+                impl = _impl(name, grid, window, interpret)
+                pairs = _pairs(t, grid, window if kc else None)
+                for mode, fn, args, flop_factor in (
+                    ("fwd", jax.jit(impl), (q, k, v), 1.0),
+                    ("fwd+bwd", jax.jit(_fwd_bwd(impl)), (q, k, v, do), 3.5),
+                ):
+                    try:
+                        sec, out = time_calls(fn, args, reps, trials)
+                    except Exception as e:  # out of memory, or cuDNN not applicable
+                        print(f"skip {name} K={kc} {mode} L={t}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        continue
+                    tflops = flop_factor * 4 * HEAD_DIM * pairs * b * HEADS / sec / 1e12
+                    if name == "pallas_gpu":
+                        kernel_out[(kc, mode)] = out
+                    elif (kc, mode) in kernel_out:  # same function at full size: the kernel must agree
+                        err = max(_rel(a, r) for a, r in zip(jax.tree.leaves(kernel_out[(kc, mode)]), jax.tree.leaves(out)))
+                        record("agreement", {"L": t, "B": b, "K": kc, "mode": mode, "against": name, "max_rel_err": err})
+                        print(f"{_stamp()} L={t} K={kc} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
+                    del out
+                    record("rows", {"L": t, "B": b, "K": kc, "implementation": name, "mode": mode, "ms": sec * 1e3,
+                                    "useful_TFLOP/s": tflops})
+                    print(f"{_stamp()} L={t:6d} B={b:2d} {name:11s} K={kc!s:4s} {mode:8s} {sec * 1e3:10.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+
+
+def _try_time(fn, args, reps, trials) -> float:
+    try:
+        return time_calls(fn, args, reps, trials)[0]
+    except Exception as e:  # a tile that does not compile (e.g. out of shared memory) is no result
+        print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return float("nan")
+
+
+def sweep(record, t, kc, window, tokens, reps, trials) -> None:
+    """Tile sizes of the GPU kernels at one size."""
+    b = max(1, tokens // t)
+    q, k, v, do = _inputs(jax.random.key(7), b, t, jnp.bfloat16)
+    grid = ChunkGrid(kc)
+    fwd_configs = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 4)]
+    for bq, bk, warps, stages in fwd_configs:
+        blocks = AttentionBlocks(block_q=bq, block_kb=bk, block_kw=bk, num_warps=warps, num_stages=stages)
+        sec = _try_time(jax.jit(_impl("pallas_gpu", grid, window, blocks=blocks)), (q, k, v), reps, trials)
+        record("sweep", {"mode": "fwd", "block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages, "ms": sec * 1e3})
+        print(f"{_stamp()} sweep attention fwd L={t} K={kc} bq={bq} bk={bk} warps={warps} stages={stages}: {sec * 1e3:.3f} ms", flush=True)
+    bwd_configs = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
+    for bqb, bkb, warps, stages in bwd_configs:
+        blocks = AttentionBlocks(block_q_bwd=bqb, block_kb_bwd=bkb, block_kw_bwd=bkb, num_warps_bwd=warps, num_stages=stages)
+        sec = _try_time(jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, window, blocks=blocks))), (q, k, v, do), reps, trials)
+        record("sweep", {"mode": "fwd+bwd", "block_q_bwd": bqb, "block_k_bwd": bkb, "num_warps_bwd": warps, "num_stages": stages, "ms": sec * 1e3})
+        print(f"{_stamp()} sweep attention fwd+bwd L={t} K={kc} bq_bwd={bqb} bk_bwd={bkb} warps={warps} stages={stages}: "
+              f"{sec * 1e3:.3f} ms", flush=True)
+
+
+def ratios(rows) -> list[dict]:
+    """Pallas time over the other paths' time, per (L, K, mode), within this run."""
+    by = {(r["L"], r["K"], r["implementation"], r["mode"]): r["ms"] for r in rows}
+    out = []
+    for (t, kc, name, mode), ms in by.items():
+        if name != "pallas_gpu":
+            continue
+        entry = {"L": t, "K": kc, "mode": mode, "pallas_ms": ms}
+        for other in ("compressed", "dense"):
+            if (t, kc, other, mode) in by:
+                entry[f"vs_{other}"] = ms / by[(t, kc, other, mode)]
+        if (t, None, "cudnn", mode) in by:
+            entry["vs_cudnn_causal"] = ms / by[(t, None, "cudnn", mode)]
+        out.append(entry)
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    styles = {"pallas_gpu": "-", "compressed": "--", "dense": ":"}
+    colors = {4: "tab:blue", 8: "tab:orange", 16: "tab:green"}
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for name, kc in dict.fromkeys((r["implementation"], r["K"]) for r in rows):
+            pts = sorted((r["L"], r["ms"]) for r in rows if r["implementation"] == name and r["K"] == kc and r["mode"] == mode)
+            if not pts:
+                continue
+            label = "cuDNN full causal" if name == "cudnn" else f"{name} K={kc}"
+            style = dict(color="black", linestyle="-", marker="s") if name == "cudnn" else dict(
+                color=colors.get(kc), linestyle=styles.get(name, "-"), marker="o")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, markersize=3, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"L (B = max(1, {result['config']['tokens']} // L))")
+        ax.set_title(f"attention {mode}, H={HEADS} D={HEAD_DIM} W={result['config']['W']} bf16")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{result['device']}, jax {result['jax']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
+    ap.add_argument("--chunks", default="4,8,16")
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32768, help="B = max(1, tokens // L)")
+    ap.add_argument("--implementations", default="pallas_gpu,compressed,dense,cudnn")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--dense-max-gb", type=float, default=12.0)
+    ap.add_argument("--compressed-max-gb", type=float, default=24.0)
+    ap.add_argument("--check", action="store_true", help="first compare the kernel with the reference on the device")
+    ap.add_argument("--check-dtypes", default="float32,bfloat16")
+    ap.add_argument("--check-cases", default="", help="indices of the check cases to run (default: all)")
+    ap.add_argument("--sweep", default="", help="L,K at which to sweep the kernels' tile sizes")
+    ap.add_argument("--interpret", action="store_true", help="run the Pallas kernel in the interpreter (CPU smoke run)")
+    ap.add_argument("--out", default="attention.json")
+    ap.add_argument("--png", default="")
+    ap.add_argument("--plot", default="", help="only redraw the PNG from this JSON")
+    a = ap.parse_args()
+    if a.plot:
+        plot(json.load(open(a.plot)), a.png or a.plot.replace(".json", ".png"))
+        return
+    device = jax.devices()[0].device_kind
+    print(f"device {device}, jax {jax.__version__}, python {platform.python_version()}", flush=True)
+    result = {"device": device, "jax": jax.__version__,
+              "config": {"H": HEADS, "Hkv": KV_HEADS, "D": HEAD_DIM, "W": a.window, "tokens": a.tokens, "dtype": "bfloat16",
+                         "offset": 0, "reps": a.reps, "trials": a.trials}}
+    for key in ("check", "sweep", "rows", "ratios", "agreement"):
+        result[key] = []
+
+    def record(key, item):
+        result[key].append(item)
+        if key == "rows":
+            result["ratios"] = ratios(result["rows"])
+        _save(result, a.out)
+
+    if a.check:
+        case_ids = {int(c) for c in a.check_cases.split(",")} if a.check_cases else None
+        check(record, a.check_dtypes.split(","), case_ids)
+    if a.sweep:
+        t, kc = (int(v) for v in a.sweep.split(","))
+        sweep(record, t, kc, a.window, a.tokens, a.reps, a.trials)
+    lengths = [int(v) for v in a.lengths.split(",")]
+    chunks = [int(v) for v in a.chunks.split(",")]
+    bench(record, lengths, chunks, a.window, a.tokens, a.implementations.split(","), a.reps, a.trials,
+          a.dense_max_gb, a.compressed_max_gb, a.interpret)
+    print(f"wrote {a.out}")
+    plot(result, a.png or a.out.replace(".json", ".png"))
+    print("\n     L   K  mode       pallas ms  vs compressed  vs dense  vs cuDNN causal")
+    fmt = lambda x: f"{x:8.3f}" if x is not None else "       -"
+    for r in result["ratios"]:
+        print(f"{r['L']:6d} {r['K']:3d}  {r['mode']:8s} {r['pallas_ms']:10.3f}  {fmt(r.get('vs_compressed'))}      "
+              f"{fmt(r.get('vs_dense'))}  {fmt(r.get('vs_cudnn_causal'))}")
+
+
+if __name__ == "__main__":
+    main()

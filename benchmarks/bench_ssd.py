@@ -1,0 +1,286 @@
+"""SSD core speed: the Pallas kernel against the XLA ``chunked`` and ``associative`` paths.
+
+Paper sizes (H = 8 heads of P = 32, state N = 32, G = 1 group), bf16 x/B/C, f32 dt,
+one fixed chunk grid. For each B×L it times the forward and forward+backward of every
+implementation and reports milliseconds and the achieved HBM bandwidth: the bytes the
+op must move (each input read once, each output written once) over the time, against
+the device-to-device copy bandwidth measured in the same run.
+
+Timing: jit, one compile run, a warm-up pass, then ``reps`` calls queued back to back
+and one block_until_ready; the per-call mean, median of ``trials`` such rounds. Calls
+rotate over several input sets (>= 256 MB together) so that small sizes are not
+served from the 60 MB L2.
+
+    PYTHONPATH=. python benchmarks/bench_ssd.py --check --out ssd.json          # on the GPU
+    python benchmarks/bench_ssd.py --plot ssd.json                               # redraw the PNG
+    PYTHONPATH=. python benchmarks/bench_ssd.py --sizes 2x256 --reps 2 --interpret --out /tmp/s.json   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import platform
+import statistics
+import time
+
+_T0 = time.perf_counter()
+
+
+def _stamp() -> str:
+    """Seconds since start, on every progress line (compile time shows in the gaps)."""
+    return f"[{time.perf_counter() - _T0:6.1f}s]"
+
+
+def _save(result: dict, path: str) -> None:
+    """Rewritten after every measurement, so a run cut short keeps what it measured."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.ssd import pallas_gpu, reference, ssd
+from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks
+
+HEADS, HEAD_DIM, STATE, GROUPS = 8, 32, 32, 1
+
+
+def _inputs(key, b, t, dtype, h=HEADS, p=HEAD_DIM, g=GROUPS, n=STATE):
+    ks = jax.random.split(key, 7)
+    x = jax.random.normal(ks[0], (b, t, h, p), jnp.float32).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(ks[1], (b, t, h)) - 1.0)
+    A = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=0.0, maxval=math.log(16.0)))
+    B = jax.random.normal(ks[3], (b, t, g, n), jnp.float32).astype(dtype)
+    C = jax.random.normal(ks[4], (b, t, g, n), jnp.float32).astype(dtype)
+    D = jax.random.normal(ks[5], (h,))
+    dy = jax.random.normal(ks[6], (b, t, h, p), jnp.float32).astype(dtype)
+    return (x, dt, A, B, C, D), dy
+
+
+def _nbytes(*arrays) -> int:
+    return sum(a.size * a.dtype.itemsize for a in arrays)
+
+
+def time_calls(fn, arg_sets, reps: int, trials: int):
+    """(seconds per call of jitted ``fn``, rotating over ``arg_sets`` (see module docstring), its first output)."""
+    first = jax.block_until_ready(fn(*arg_sets[0]))  # compile
+    jax.block_until_ready([fn(*a) for a in arg_sets])  # warm-up
+    means = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        outs = [fn(*arg_sets[i % len(arg_sets)]) for i in range(reps)]
+        jax.block_until_ready(outs)
+        means.append((time.perf_counter() - t0) / reps)
+        del outs
+    return statistics.median(means), first
+
+
+def copy_bandwidth(reps: int = 20) -> float:
+    """Device-to-device bandwidth (bytes read + written per second) of a 2 GiB elementwise copy."""
+    x = jnp.ones((1 << 30 if jax.default_backend() != "cpu" else 1 << 22,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    return 2 * _nbytes(x) / time_calls(f, [(x,)], reps, 3)[0]
+
+
+def _fwd_bwd(impl):
+    def run(x, dt, A, B, C, D, dy):
+        y, vjp = jax.vjp(impl, x, dt, A, B, C, D)
+        return y, vjp(dy)
+
+    return run
+
+
+# --- correctness on the device ---------------------------------------------------------
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0) -> None:
+    """The kernel against the sequential reference on the device: fresh inputs, forward and every
+    gradient, f32 and bf16, an output buffer poisoned with NaN."""
+    cases = [(4, 0, 2, 1000, 8, 1), (8, 3, 2, 777, 8, 1), (16, 10, 1, 1500, 8, 1), (8, 7, 2, 600, 4, 2)]
+    tolerances = {"float32": 1e-5, "bfloat16": 1e-2}
+    for dtype_name in dtypes:
+        dtype, tol = jnp.dtype(dtype_name), tolerances[dtype_name]
+        for case_id, (k, o, b, t, h, g) in enumerate(cases):
+            seed += 1
+            if case_ids is not None and case_id not in case_ids:
+                continue
+            try:
+                record("check", _check_one(seed, k, o, b, t, h, g, dtype, tol))
+            except Exception as e:  # a compile or runtime failure is a failed check, not a crash
+                record("check", {"K": k, "offset": o, "T": t, "dtype": jnp.dtype(dtype).name, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
+                print(f"check ssd K={k} o={o} T={t} {jnp.dtype(dtype).name}: FAIL {type(e).__name__}: {str(e)[:500]}", flush=True)
+
+
+def _check_one(seed, k, o, b, t, h, g, dtype, tol) -> dict:
+    """One case: the kernel's forward, gradients and poisoned forward against the reference."""
+    grid = ChunkGrid(k, o)
+    args, dy = _inputs(jax.random.key(seed), b, t, dtype, h=h, g=g)
+    reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(t))), (b, t))
+    with jax.default_matmul_precision("highest"):
+        y_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.ssd_sequential(*a, reset)[0]))(*args, dy)
+    y, grads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid)))(*args, dy)
+    poisoned = jax.jit(lambda *a: pallas_gpu._forward(*a, grid, 32, 4, False, poison=True))(*args)
+    errs = {"y": _rel(y, y_ref), "poisoned_y": _rel(poisoned, y_ref)}
+    errs.update({f"d{n}": _rel(a, r) for n, a, r in zip(("x", "dt", "A", "B", "C", "D"), grads, g_ref)})
+    finite = all(bool(jnp.isfinite(a).all()) for a in (y, poisoned, *grads))
+    ok = finite and max(errs.values()) <= tol
+    print(f"{_stamp()} check ssd {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} B={b} T={t:5d} H={h} G={g}: "
+          f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}", flush=True)
+    return {"K": k, "offset": o, "B": b, "T": t, "H": h, "G": g, "dtype": jnp.dtype(dtype).name,
+            "tolerance": tol, "max_rel_err": max(errs.values()), "errors": errs, "finite": finite, "ok": ok}
+
+
+# --- timing -----------------------------------------------------------------------------
+
+
+def _impl(name: str, grid: ChunkGrid, interpret: bool, blocks: SsdBlocks | None = None):
+    if name == "pallas_gpu":
+        kw = {"block_len": blocks.block_len, "num_warps": blocks.num_warps} if blocks else {}
+        return lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=interpret, **kw)
+    return lambda *a: ssd(*a, grid=grid, implementation=name)
+
+
+def bench(record, sizes, implementations, grid, dtype, reps, trials, interpret, bandwidth) -> None:
+    for b, t in sizes:
+        args, dy = _inputs(jax.random.key(b * t), b, t, dtype)
+        x, dt, A, B, C, D = args
+        # fwd reads x, dt, B, C and writes y; bwd reads them and dy, and writes dx, ddt, dB, dC.
+        fwd_bytes = _nbytes(x, dt, B, C, x)
+        moved = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + 2 * _nbytes(x, dt, B, C) + _nbytes(dy)}
+        num_sets = min(32, max(1, math.ceil((256 << 20) / moved["fwd"])))
+        sets = [args] + [_inputs(jax.random.key(b * t + i), b, t, dtype)[0] for i in range(1, num_sets)]
+        kernel_out = {}  # mode -> the Pallas kernel's output, to hold the other paths against
+        for name in implementations:
+            impl = _impl(name, grid, interpret)
+            for mode, fn in (("fwd", jax.jit(impl)), ("fwd+bwd", jax.jit(_fwd_bwd(impl)))):
+                call_sets = sets if mode == "fwd" else [(*s, dy) for s in sets]
+                try:
+                    sec, out = time_calls(fn, call_sets, reps, trials)
+                except Exception as e:  # e.g. out of memory for the associative scan's state
+                    print(f"skip {name} {mode} {b}x{t}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                if name == "pallas_gpu":
+                    kernel_out[mode] = out
+                elif mode in kernel_out:  # same function at full size: the kernel must agree
+                    err = max(_rel(a, r) for a, r in zip(jax.tree.leaves(kernel_out[mode]), jax.tree.leaves(out)))
+                    record("agreement", {"B": b, "L": t, "mode": mode, "against": name, "max_rel_err": err})
+                    print(f"{_stamp()} {b}x{t} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
+                del out
+                gbps = moved[mode] / sec / 1e9
+                row = {"B": b, "L": t, "implementation": name, "mode": mode, "ms": sec * 1e3,
+                       "bytes": moved[mode], "GB/s": gbps, "fraction_of_copy_bw": gbps * 1e9 / bandwidth}
+                record("rows", row)
+                print(f"{_stamp()} {b:3d}x{t:<6d} {name:12s} {mode:8s} {sec * 1e3:9.3f} ms {gbps:8.1f} GB/s "
+                      f"{100 * row['fraction_of_copy_bw']:5.1f}% of copy", flush=True)
+
+
+def sweep(record, b, t, grid, dtype, reps, trials, bandwidth) -> None:
+    """Tile sizes of the GPU kernel at one size."""
+    args, dy = _inputs(jax.random.key(1), b, t, dtype)
+    moved = _nbytes(args[0], args[1], args[3], args[4], args[0])
+    sets = [args] + [_inputs(jax.random.key(2 + i), b, t, dtype)[0] for i in range(min(31, max(0, math.ceil((256 << 20) / moved) - 1)))]
+    for block_len, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 8)):
+        if block_len < grid.token_chunk:
+            continue
+        impl = _impl("pallas_gpu", grid, False, SsdBlocks(block_len, warps))
+        for mode, fn in (("fwd", jax.jit(impl)), ("fwd+bwd", jax.jit(_fwd_bwd(impl)))):
+            call_sets = sets if mode == "fwd" else [(*s, dy) for s in sets]
+            try:
+                sec = time_calls(fn, call_sets, reps, trials)[0]
+            except Exception as e:  # a tile that does not compile is no result
+                print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                sec = float("nan")
+            record("sweep", {"block_len": block_len, "num_warps": warps, "mode": mode, "ms": sec * 1e3})
+            print(f"{_stamp()} sweep ssd {b}x{t} L={block_len:3d} warps={warps} {mode:8s} {sec * 1e3:8.3f} ms", flush=True)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for name in dict.fromkeys(r["implementation"] for r in result["rows"]):
+            pts = sorted((r["L"], r["ms"], r["B"]) for r in result["rows"] if r["implementation"] == name and r["mode"] == mode)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("L (tokens per row; B = 16, 16, 8, 8, 4, 4 ...)")
+        ax.set_title(f"SSD {mode}, H={HEADS} P={HEAD_DIM} N={STATE}, K={result['config']['K']}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms")
+    axes[0].legend()
+    fig.suptitle(f"{result['device']}, jax {result['jax']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="16x1024,16x2048,8x4096,8x8192,4x16384,4x32768", help="BxL,BxL,...")
+    ap.add_argument("--implementations", default="pallas_gpu,chunked,associative")
+    ap.add_argument("--token-chunk", type=int, default=8)
+    ap.add_argument("--offset", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--check", action="store_true", help="first compare the kernel with the reference on the device")
+    ap.add_argument("--check-dtypes", default="float32,bfloat16")
+    ap.add_argument("--check-cases", default="", help="indices of the check cases to run (default: all)")
+    ap.add_argument("--sweep", default="", help="BxL at which to sweep the kernel's tile sizes")
+    ap.add_argument("--interpret", action="store_true", help="run the Pallas kernel in the interpreter (CPU smoke run)")
+    ap.add_argument("--out", default="ssd.json")
+    ap.add_argument("--png", default="")
+    ap.add_argument("--plot", default="", help="only redraw the PNG from this JSON")
+    a = ap.parse_args()
+    if a.plot:
+        plot(json.load(open(a.plot)), a.png or a.plot.replace(".json", ".png"))
+        return
+    grid = ChunkGrid(a.token_chunk, a.offset)
+    dtype = jnp.dtype(a.dtype)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
+    device = jax.devices()[0].device_kind
+    print(f"device {device}, jax {jax.__version__}, python {platform.python_version()}", flush=True)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (bytes read + written)", flush=True)
+    result = {"device": device, "jax": jax.__version__, "copy_bandwidth_Bps": bandwidth,
+              "config": {"H": HEADS, "P": HEAD_DIM, "N": STATE, "G": GROUPS, "K": a.token_chunk, "offset": a.offset,
+                         "dtype": a.dtype, "reps": a.reps, "trials": a.trials}}
+    for key in ("check", "sweep", "rows", "agreement"):
+        result[key] = []
+
+    def record(key, item):
+        result[key].append(item)
+        _save(result, a.out)
+
+    if a.check:
+        case_ids = {int(c) for c in a.check_cases.split(",")} if a.check_cases else None
+        check(record, a.check_dtypes.split(","), case_ids)
+    if a.sweep:
+        b, t = (int(v) for v in a.sweep.split("x"))
+        sweep(record, b, t, grid, dtype, a.reps, a.trials, bandwidth)
+    bench(record, sizes, a.implementations.split(","), grid, dtype, a.reps, a.trials, a.interpret, bandwidth)
+    print(f"wrote {a.out}")
+    plot(result, a.png or a.out.replace(".json", ".png"))
+    print("\n  B x L       implementation  mode      ms        GB/s   % copy BW")
+    for r in result["rows"]:
+        print(f"{r['B']:3d} x {r['L']:<6d}  {r['implementation']:14s}  {r['mode']:8s} {r['ms']:8.3f}  {r['GB/s']:8.1f}  "
+              f"{100 * r['fraction_of_copy_bw']:5.1f}")
+
+
+if __name__ == "__main__":
+    main()
