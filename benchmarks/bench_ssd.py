@@ -216,9 +216,11 @@ def plot(result: dict, path: str) -> None:
             pts = sorted((r["L"], r["ms"], r["B"]) for r in result["rows"] if r["implementation"] == name and r["mode"] == mode)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+                for L, ms, b in pts:
+                    ax.annotate(f"B={b}", (L, ms), fontsize=6, textcoords="offset points", xytext=(3, 3))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("L (tokens per row; B = 16, 16, 8, 8, 4, 4 ...)")
+        ax.set_xlabel("L (tokens per row; B rows as marked)")
         ax.set_title(f"SSD {mode}, H={HEADS} P={HEAD_DIM} N={STATE}, K={result['config']['K']}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("ms")
