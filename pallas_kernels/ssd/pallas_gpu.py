@@ -159,14 +159,15 @@ def _bwd_kernel(
     dd_ref[...] = dd_all
 
 
-def _specs(x, dt, B, hp):
-    """BlockSpecs: program (b, m) sees batch row b of every [B, T, ...] array whole."""
+def _specs(x, B, hp):
+    """BlockSpecs (x, dt, [H] vectors, B/C, [B, blocks, Hp] partial sums): program (b, m) sees
+    batch row b of every [B, T, ...] array whole and indexes the tokens itself."""
     b_, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     row = lambda *shape: pl.BlockSpec((None, t) + shape, lambda i, m: (i, 0) + (0,) * len(shape))
     vec = pl.BlockSpec((h,), lambda i, m: (0,))
     part = pl.BlockSpec((None, None, hp), lambda i, m: (i, m, 0))
-    return row(h, p), row(h), vec, row(g, n), vec, part
+    return row(h, p), row(h), vec, row(g, n), part
 
 
 def _prepare(x, B, C):
@@ -176,11 +177,22 @@ def _prepare(x, B, C):
     return _pad_last(x, p2), _pad_last(B, n2), _pad_last(C, n2)
 
 
+def _drop_last_input(kernel, n_outputs):
+    """Kernel wrapper that ignores the aliased poison input (the output ref is the same buffer)."""
+
+    def wrapped(*refs):
+        ins, outs = refs[: -n_outputs - 1], refs[-n_outputs:]
+        return kernel(*ins, *outs)
+
+    return wrapped
+
+
 def _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret, poison=False):
+    """-> y [B, T, H, P]; ``poison`` aliases the output to a NaN-filled buffer (tests, device checks)."""
     b_, t, h, p = x.shape
     xp, Bp, Cp = _prepare(x, B, C)
     geo = _Geometry(t, grid, block_len)
-    x_spec, dt_spec, vec, bc_spec, _, _ = _specs(xp, dt, Bp, 1)
+    x_spec, dt_spec, vec, bc_spec, _ = _specs(xp, Bp, 1)
     precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(_fwd_kernel, geo=geo, heads=h, groups=B.shape[2], precision=precision)
     args = [xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32)]
@@ -205,16 +217,6 @@ def _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret, poison=Fa
     return y[..., :p]
 
 
-def _drop_last_input(kernel, n_outputs):
-    """Kernel wrapper that ignores the aliased poison input (the output ref is the same buffer)."""
-
-    def wrapped(*refs):
-        ins, outs = refs[: -n_outputs - 1], refs[-n_outputs:]
-        return kernel(*ins, *outs)
-
-    return wrapped
-
-
 def _backward(x, dt, A, B, C, D, dy, grid, block_len, num_warps, interpret):
     b_, t, h, p = x.shape
     g = B.shape[2]
@@ -222,7 +224,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, block_len, num_warps, interpret):
     dyp = _pad_last(dy, xp.shape[-1])
     geo = _Geometry(t, grid, block_len)
     hp = _next_pow2(h)
-    x_spec, dt_spec, vec, bc_spec, _, part = _specs(xp, dt, Bp, hp)
+    x_spec, dt_spec, vec, bc_spec, part = _specs(xp, Bp, hp)
     precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(_bwd_kernel, geo=geo, heads=h, groups=g, precision=precision)
     f32 = jnp.float32
