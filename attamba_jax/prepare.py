@@ -57,7 +57,9 @@ def prepare(sources: Sequence[str], out_prefix: str, *, tokenizer: str = "byte",
     total = len(files) if all(s.kind == "text" for s in files) else None
     bar = tqdm(total=total, unit="doc", disable=not progress, mininterval=1.0)
     start, n_bytes = time.perf_counter(), 0
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    # Spawned, not forked: the parent may already run threads (JAX, grain), which fork does not copy.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         for held, tokens, size in pool.imap(_encode, documents(), chunksize=4):
             writers[held].write(tokens)
             n_bytes += size

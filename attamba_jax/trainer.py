@@ -223,7 +223,7 @@ class Trainer:
         try:
             latest = self._restore_latest()
         except BaseException:
-            self.checkpointer.close()
+            self.close()
             raise
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.yaml").write_text(dump_config(cfg))
@@ -248,6 +248,12 @@ class Trainer:
             self.state = self.checkpointer.restore(latest, abstract, self.train_iter)
             self.start_step = latest
         return latest
+
+    def close(self):
+        """Finish pending saves and stop the checkpoint manager and the data reader threads."""
+        self.checkpointer.wait()
+        self.checkpointer.close()
+        self.train_iter.close()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -313,7 +319,7 @@ class Trainer:
         result = RunResult(self.workdir, self.start_step, "finished")
         if self.start_step >= tcfg.steps:
             result.status = "already_done"
-            self.checkpointer.close()
+            self.close()
             return result
         log = MetricsLog(self.workdir, resume_step=self.start_step if self.last_saved_step is not None else None)
         say = tqdm.write if self.progress else print
@@ -398,8 +404,7 @@ class Trainer:
             bar.close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
-            self.checkpointer.wait()  # an in-flight save of a good state still completes
-            self.checkpointer.close()
+            self.close()  # an in-flight save of a good state still completes
             log.close()
 
 

@@ -82,7 +82,7 @@ def main(argv=None):
     out["real_ms"] = [step_ms(trainer, real, args.steps)]
     out["synthetic_ms"] = step_ms(trainer, synthetic, args.steps)
     out["real_ms"].append(step_ms(trainer, real, args.steps))
-    trainer.checkpointer.close()
+    trainer.close()
     tokens = cfg.data.batch_size * cfg.data.seq_len
     print(f"train step, real pipeline:    {out['real_ms'][0]:7.2f} / {out['real_ms'][1]:7.2f} ms  (before / after)")
     print(f"train step, synthetic batch:  {out['synthetic_ms']:7.2f} ms")

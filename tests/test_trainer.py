@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from attamba_jax.checkpointing import CheckpointError, config_differences
+from attamba_jax.checkpointing import Checkpointer, CheckpointError, config_differences
 from attamba_jax.config import ConfigError, load_config
 from attamba_jax.data import DataError
 from attamba_jax.evaluate import load_scorer, sliding_windows
@@ -155,6 +155,19 @@ def test_sliding_windows_score_every_token_once_with_context():
         assert scored == list(range(1, n + 1))
 
 
+def test_checkpoint_retention_keeps_the_newest_and_every_nth(tmp_path):
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=2, keep_every=4)
+    state = {"w": jnp.arange(3.0)}
+    for step in range(1, 10):
+        ckpt.save(step, {"w": state["w"] + step}, None, {"step": step, "config": {}})
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 8, 9]
+    assert ckpt.read_meta(8)["step"] == 8
+    restored = ckpt.restore(8, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), None)
+    np.testing.assert_array_equal(restored["w"], np.arange(3.0) + 8)
+    ckpt.close()
+
+
 # --- exact resume after SIGKILL -----------------------------------------------------------
 
 _KILL_AFTER_CHECKPOINT = """
@@ -175,6 +188,7 @@ trainer.run(callback)
 """
 
 
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # the comparison reads checkpoints without a target
 def test_resume_after_sigkill_is_exact(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     env = _subprocess_env(tmp_path / "jax_cache")
@@ -256,7 +270,7 @@ def test_a_trained_workdir_outputs_rerun_bad_checkpoints_non_finite_and_evaluati
     resumed = Trainer(load_config(TINY, longer), run, progress=False)
     assert resumed.start_step == 4
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(resumed.state["params"]))
-    resumed.checkpointer.close()
+    resumed.close()
 
     # Evaluation of the workdir's latest checkpoint.
     scorer, step = load_scorer(run, batch_size=2)
@@ -275,6 +289,10 @@ def test_a_trained_workdir_outputs_rerun_bad_checkpoints_non_finite_and_evaluati
     logits = jax.jit(lambda p, x: apply_model(graphdef, p, x))(scorer.params, tokens[:, :-1])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).sum()
     assert scorer.score_text(short, stride=16).nll == pytest.approx(float(nll), rel=1e-5)
+    # Another chunk length at test time (trained with K = 4) scores the same tokens differently.
+    other, _ = load_scorer(run, batch_size=2, token_chunk=2)
+    other_score = other.score_text(text, stride=16)
+    assert other_score.tokens == score.tokens and other_score.nll != pytest.approx(score.nll, rel=1e-6)
 
 
 # --- errors before anything runs ------------------------------------------------------------
