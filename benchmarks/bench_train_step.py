@@ -1,0 +1,147 @@
+"""Whole training step: Attamba vs the transformer, tokens/s and MFU, one process, one device.
+
+    PYTHONPATH=. python benchmarks/bench_train_step.py --out train_step.json [--deadline 420]
+
+Each case builds the model from its paper config in bfloat16 compute (float32 parameters and
+AdamW state), jits the trainer's own step (``trainer.make_train_step``, donated state) and
+times it on synthetic token batches: warm-up steps, then timed steps closed by
+``block_until_ready``. Attamba runs with ``auto`` kernels (Pallas on a GPU) and, where named,
+with the XLA paths (``chunked`` SSD + ``compressed`` attention) for comparison. MFU uses the
+trainer's honest FLOP count (``flops.train_flops_per_token``: 6·matmul params + the attention
+a query really computes) over the device's data-sheet bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attamba_jax.config import load_config
+from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
+from attamba_jax.model import count_params, init_model
+from attamba_jax.trainer import make_optimizer, make_train_step
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODELS = {
+    "attamba": ("configs/paper/attamba_k8_w8.yaml", {}),
+    "attamba-xla": ("configs/paper/attamba_k8_w8.yaml", {"ssm_implementation": "chunked", "attention_implementation": "compressed"}),
+    "transformer": ("configs/paper/transformer_isoparam.yaml", {}),
+}
+# (batch, length): equal tokens per step (16k) where the length allows it
+SHAPES = [(16, 1024), (64, 1024), (4, 4096), (1, 16384), (1, 32768)]
+XLA_SHAPES = {(16, 1024), (1, 16384)}
+
+
+def time_case(model: str, batch: int, length: int, warmup: int, reps: int) -> dict:
+    path, overrides = MODELS[model]
+    cfg = load_config(ROOT / path, ["model.dtype=bfloat16"]).model
+    cfg = dataclasses.replace(cfg, **overrides)
+    graphdef, params = init_model(cfg, seed=0)
+    n_params = count_params(params)
+    tx, schedule = make_optimizer(load_config(ROOT / path).optim, 100_000)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+    step = jax.jit(make_train_step(graphdef, tx, schedule), donate_argnums=0)
+    tokens = jax.random.randint(jax.random.key(1), (1, batch, length + 1), 0, cfg.vocab_size)
+    data = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "weights": jnp.ones((1, batch, length), jnp.float32)}
+    t0 = time.perf_counter()
+    state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    ms = 1e3 * float(np.median(times))
+    tokens_per_step = batch * length
+    flops = train_flops_per_token(cfg, n_params, length) * tokens_per_step
+    peak = peak_flops_per_device(jax.devices()[0].device_kind, "bfloat16", None)
+    return {
+        "model": model, "batch": batch, "length": length, "params": n_params, "step_ms": ms,
+        "tokens_per_s": tokens_per_step / (ms / 1e3), "mfu": (flops / (ms / 1e3) / peak) if peak else None,
+        "compile_s": compile_s, "loss": float(metrics["loss"]),
+    }
+
+
+def plot(json_paths: list[str], png: str):
+    """Step time against L (log-log) for equal-token runs, from one or more result files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for p in json_paths for c in json.loads(pathlib.Path(p).read_text())["cases"] if "error" not in c]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, style in (("attamba", "o-"), ("transformer", "s-"), ("attamba-xla", "^--")):
+        pts = sorted((c["length"], c["step_ms"] / (c["batch"] * c["length"]) * 16384) for c in cases
+                     if c["model"] == model and c["batch"] * c["length"] <= 32768 and not (c["length"] == 1024 and c["batch"] != 16))
+        if pts:
+            ax.plot(*zip(*pts), style, label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel("step time per 16k tokens (ms)")
+    ax.set_title("Training step, paper config (62.8M / 60.0M params)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="train_step.json")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--shapes", default=",".join(f"{b}x{l}" for b, l in SHAPES), help="BxL,BxL,...")
+    parser.add_argument("--plot", nargs="+", metavar="JSON", help="only draw step time vs L from these result files")
+    parser.add_argument("--png", default="train_step.png")
+    parser.add_argument("--deadline", type=float, default=1e9, help="stop starting new cases after this many seconds")
+    args = parser.parse_args()
+    if args.plot:
+        plot(args.plot, args.png)
+        return
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    start = time.perf_counter()
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": []}
+    print(f"{'model':<12} {'B':>3} {'L':>6} {'step ms':>9} {'tokens/s':>11} {'MFU':>6}", flush=True)
+    for batch, length in shapes:
+        for model in ("attamba", "transformer", "attamba-xla"):
+            if model == "attamba-xla" and (batch, length) not in XLA_SHAPES:
+                continue
+            if time.perf_counter() - start > args.deadline:
+                print(f"deadline reached: skipped {model} B{batch} L{length}", flush=True)
+                continue
+            try:
+                r = time_case(model, batch, length, args.warmup, args.reps)
+            except Exception as e:  # a case that does not fit or compile is reported, not fatal
+                r = {"model": model, "batch": batch, "length": length, "error": f"{type(e).__name__}: {e}"[:300]}
+                print(f"{model:<12} {batch:>3} {length:>6} ERROR {r['error']}", flush=True)
+            else:
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+                print(f"{model:<12} {batch:>3} {length:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,.0f} {mfu:>6}", flush=True)
+            results["cases"].append(r)
+            pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+    # ratios within this run
+    by = {(c["model"], c["batch"], c["length"]): c for c in results["cases"] if "error" not in c}
+    print("\nAttamba / transformer (same run):")
+    for batch, length in shapes:
+        a, t = by.get(("attamba", batch, length)), by.get(("transformer", batch, length))
+        if a and t:
+            print(f"  B{batch} L{length}: tokens/s ratio {a['tokens_per_s'] / t['tokens_per_s']:.2f}, step-time ratio {a['step_ms'] / t['step_ms']:.2f}")
+    plot([args.out], args.png)
+
+
+if __name__ == "__main__":
+    main()
