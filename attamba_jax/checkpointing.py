@@ -32,8 +32,9 @@ class CheckpointError(RuntimeError):
 # Keys that may change between a checkpoint and the run that resumes from it: they change
 # neither the shapes of the state nor the order of the data.
 RESUMABLE_CHANGES = frozenset({"data.prefetch", "data.threads"})
-# Sections that may change freely (a longer run, another learning rate, other logging).
-RESUMABLE_SECTIONS = ("optim.", "train.")
+# Sections that may change freely (a longer run, another learning rate, other logging,
+# another device mesh: the state is restored onto the current mesh's shardings).
+RESUMABLE_SECTIONS = ("optim.", "train.", "mesh.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

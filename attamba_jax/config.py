@@ -264,11 +264,39 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """How the devices of all processes are laid out; -1 = the devices the other axes leave.
+
+    The batch is split over data x fsdp; parameters and optimizer moments are split over
+    fsdp (their embed dimension) and tensor (heads, kv, mlp, vocab, ssm_inner), by the
+    logical-axis rules of ``attamba_jax.sharding``. data*fsdp*tensor must equal the number
+    of devices. A checkpoint restores onto any mesh.
+    """
+
+    # Data parallelism: a full copy of the state per group, gradients all-reduced.
+    data: int = -1
+    # Fully sharded data parallelism: state split, gathered per layer as it is used.
+    fsdp: int = 1
+    # Tensor parallelism: heads and hidden widths split (where they divide).
+    tensor: int = 1
+
+    def validate(self):
+        sizes = dataclasses.asdict(self)
+        for key, size in sizes.items():
+            _check(size >= 1 or size == -1, f"mesh.{key} must be >= 1 or -1 (= the remaining devices), got {size}")
+        _check(list(sizes.values()).count(-1) <= 1, f"at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+
+    def shape(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     # Seeds the parameter initialisation and the data order.
     seed: int = 0
 
@@ -277,6 +305,7 @@ class Config:
         self.data.validate()
         self.optim.validate()
         self.train.validate()
+        self.mesh.validate()
         _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         _check(
             self.data.batch_size % self.optim.grad_accum == 0,

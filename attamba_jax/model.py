@@ -23,6 +23,7 @@ from attamba_jax.cache import Cache
 from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, Embedding, RMSNorm
+from attamba_jax.sharding import constrain
 
 
 class FeedForward(nnx.Module):
@@ -94,10 +95,11 @@ class LanguageModel(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, token_chunk: int | None = None) -> jax.Array:
         """tokens: [B, T] int -> logits [B, T, vocab] in the compute dtype."""
-        h = self.embed(tokens)
+        # Logical names of the main activations (no-ops unless a mesh is active; see sharding.py).
+        h = constrain(self.embed(tokens), ("batch", "length", "embed"))
         for block, grid in zip(self.blocks, self.grids(token_chunk)):
-            h = block(h, grid)
-        return self.head(self.norm(h))
+            h = constrain(block(h, grid), ("batch", "length", "embed"))
+        return constrain(self.head(self.norm(h)), ("batch", "length", "vocab"))
 
     # --- inference (attamba_jax.cache) -------------------------------------------------------
 

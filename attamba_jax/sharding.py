@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -110,29 +111,48 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     return PartitionSpec(*spec)
 
 
+def _value_shape(variable: nnx.Variable) -> tuple[int, ...]:
+    return tuple(jax.tree.leaves(variable)[0].shape)  # an array or a ShapeDtypeStruct
+
+
 def _logical_axes(variable: nnx.Variable) -> tuple:
     axes = variable.get_metadata().get("logical_axes")
-    return tuple(axes) if axes is not None else (None,) * variable[...].ndim
+    return tuple(axes) if axes is not None else (None,) * len(_value_shape(variable))
+
+
+def _resolve(mesh: Mesh | None, rules: Rules | None, what: str) -> tuple[Mesh, Rules]:
+    if mesh is None:
+        active = active_mesh()
+        if active is None:
+            raise ValueError(f"{what} needs a mesh: pass one or call it inside use_mesh(mesh)")
+        mesh, rules = active
+    return mesh, DEFAULT_RULES if rules is None else rules
 
 
 def state_shardings(state: nnx.State, mesh: Mesh | None = None, rules: Rules | None = None) -> nnx.State:
     """A NamedSharding for every variable of ``state``, from its ``logical_axes`` metadata.
 
-    Returns a pytree with the structure of ``nnx.to_pure_dict``-style leaves: the same
-    State, each Variable's value replaced by its sharding.
+    Returns the same State, each Variable's value replaced by its sharding.
     """
-    if mesh is None:
-        active = active_mesh()
-        if active is None:
-            raise ValueError("state_shardings needs a mesh: pass one or call it inside use_mesh(mesh)")
-        mesh, rules = active
-    rules = DEFAULT_RULES if rules is None else rules
+    return tree_shardings(state, mesh, rules)
 
-    def one(variable):
-        value = variable[...]
-        return variable.replace(NamedSharding(mesh, logical_to_spec(_logical_axes(variable), value.shape, mesh, rules)))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def tree_shardings(tree: Any, mesh: Mesh | None = None, rules: Rules | None = None) -> Any:
+    """Shardings for any pytree holding nnx Variables (params, optimizer moments) and plain arrays.
+
+    A Variable is placed by its ``logical_axes``; any other leaf (a step count, a scalar)
+    is replicated. Leaves may be arrays or ``jax.ShapeDtypeStruct``.
+    """
+    mesh, rules = _resolve(mesh, rules, "tree_shardings")
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            spec = logical_to_spec(_logical_axes(leaf), _value_shape(leaf), mesh, rules)
+            return leaf.replace(NamedSharding(mesh, spec))
+        return replicated
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -151,6 +171,29 @@ def batch_sharding(shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULE
     if shape[0] % n:
         raise ValueError(f"global batch {shape[0]} must be divisible by the mesh's data*fsdp = {n}")
     return NamedSharding(mesh, spec)
+
+
+def check_process_rows(sharding: NamedSharding, global_rows: int) -> None:
+    """Check that every process holds its own, equal share of the batch rows.
+
+    Each process reads ``global_rows / process_count`` rows of its own (grain's per-process
+    shard) and ``make_array_from_process_local_data`` places them on its devices; that holds
+    only if no two processes need the same rows (a tensor axis spanning hosts would).
+    """
+    n = jax.process_count()
+    if n == 1:
+        return
+    rows: dict[int, set[int]] = {}
+    for device, index in sharding.devices_indices_map((global_rows, 1)).items():
+        start, stop, _ = index[0].indices(global_rows)
+        rows.setdefault(device.process_index, set()).update(range(start, stop))
+    sizes = {p: len(r) for p, r in rows.items()}
+    overlap = any(rows[p] & rows[q] for p in rows for q in rows if p < q)
+    if overlap or set(sizes.values()) != {global_rows // n}:
+        raise ValueError(
+            f"the mesh {dict(sharding.mesh.shape)} gives the {n} processes overlapping or unequal batch rows "
+            f"(rows per process: {sizes}); put the axes that span hosts first (data, fsdp) and keep tensor within a host"
+        )
 
 
 def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -6,9 +6,11 @@
 The model is split once into its graph and its parameters; the train step is a pure,
 jitted function of ``state = {"params", "opt_state", "step"}`` (donated, so the update
 happens in place) and of a batch. Parameters and optimizer moments stay float32;
-``model.dtype`` sets the compute dtype. Data parallelism: the batch is split over every
-device (of every process) along the ``data`` mesh axis and the state is replicated, so the
-gradient all-reduce is XLA's (``sharding`` holds the mesh and the logical-axis rules).
+``model.dtype`` sets the compute dtype. Devices form the (data, fsdp, tensor) mesh of the
+``mesh`` config section: the batch is split over data x fsdp, parameters and optimizer moments
+are placed by the logical-axis rules of ``sharding`` (split over fsdp and tensor where the
+sizes divide), and the step is one ``jax.jit`` with those in/out shardings, so gradient
+all-reduces, reduce-scatters and parameter all-gathers are XLA's.
 
 A step's loss is (sum of token NLL) / (number of counted tokens) over the whole global
 batch, however it is cut into microbatches (``optim.grad_accum``), so accumulation changes
@@ -37,11 +39,11 @@ from tqdm.auto import tqdm
 
 from attamba_jax import data as data_lib
 from attamba_jax.checkpointing import Checkpointer, CheckpointError, config_differences
-from attamba_jax.config import Config, ConfigError, OptimConfig, dump_config
+from attamba_jax.config import Config, ConfigError, MeshConfig, OptimConfig, dump_config
 from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
 from attamba_jax.metrics import MetricsLog
 from attamba_jax.model import apply_model, count_params, cross_entropy, init_model
-from attamba_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, state_shardings, use_mesh
+from attamba_jax.sharding import DEFAULT_RULES, check_process_rows, logical_to_spec, make_mesh, tree_shardings, use_mesh
 from attamba_jax.tokenizer import check_fits, load_tokenizer
 
 
@@ -101,8 +103,15 @@ def _nll_sum(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
     return mean * jnp.maximum(total, 1.0), total
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule):
-    """``(state, batch) -> (state, metrics)``; batch arrays are [microbatches, b, T]."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, param_shardings=None):
+    """``(state, batch) -> (state, metrics)``; batch arrays are [microbatches, b, T].
+
+    ``param_shardings``: keep the accumulated gradients sharded like the parameters (under
+    fsdp XLA then reduce-scatters them instead of all-reducing full copies).
+    """
+
+    def shard_like_params(tree):
+        return tree if param_shardings is None else jax.lax.with_sharding_constraint(tree, param_shardings)
 
     def step_fn(state, batch):
         params = state["params"]
@@ -111,9 +120,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         def micro(carry, mb):
             grads, nll, weight = carry
             (mb_nll, mb_weight), mb_grads = grad_fn(params, mb)
-            return (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, weight + mb_weight), None
+            return (shard_like_params(jax.tree.map(jnp.add, grads, mb_grads)), nll + mb_nll, weight + mb_weight), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = shard_like_params(jax.tree.map(jnp.zeros_like, params))
         (grads, nll, weight), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -123,6 +132,58 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         return new_state, metrics
 
     return step_fn
+
+
+def mesh_from_config(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of ``cfg`` over ``devices`` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    try:
+        return make_mesh(cfg.shape(), devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh config {cfg.shape()} does not fit the {len(devices)} devices: {e}") from None
+
+
+def init_train_state(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation):
+    """(graphdef, state, shardings): the initial train state placed on ``mesh`` by the logical rules.
+
+    ``state = {"params", "opt_state", "step"}``; ``shardings`` has the same structure. Optimizer
+    moments are placed like their parameters (they carry the same ``logical_axes``); step
+    counts are replicated.
+    """
+    graphdef, params = init_model(cfg.model, seed=cfg.seed)
+    replicated = NamedSharding(mesh, P())
+    with use_mesh(mesh):
+        param_shardings = tree_shardings(params, mesh)
+        params = jax.device_put(params, param_shardings)
+        opt_shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), replicated)}
+    return graphdef, state, {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+
+
+def jit_train_step(graphdef, tx, schedule, shardings, batch_sharding: NamedSharding):
+    """The train step jitted with the state's and the batch's shardings in and out, state donated.
+
+    Call it inside ``use_mesh(mesh)`` so that the model's activation constraints apply.
+    """
+    replicated = NamedSharding(batch_sharding.mesh, P())
+    return jax.jit(
+        make_train_step(graphdef, tx, schedule, param_shardings=shardings["params"]),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def train_batch_sharding(mesh: jax.sharding.Mesh, microbatch: int) -> NamedSharding:
+    """[microbatches, b, T] batches: rows split over data x fsdp, which must divide ``microbatch``."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if microbatch % n:
+        raise ConfigError(
+            f"data.batch_size / optim.grad_accum = {microbatch} sequences per microbatch must be a multiple of "
+            f"mesh.data x mesh.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {n}"
+        )
+    return NamedSharding(mesh, logical_to_spec((None, "batch", "length"), (1, microbatch, 1), mesh, DEFAULT_RULES))
 
 
 def make_eval_step(graphdef):
@@ -150,7 +211,8 @@ class RunResult:
 class Trainer:
     """Everything one run needs, built once; ``run()`` trains from the latest checkpoint on."""
 
-    def __init__(self, cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True):
+    def __init__(self, cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True, devices=None):
+        """``devices``: the mesh's devices (default: every device of every process)."""
         self.cfg = cfg.validate()
         self.workdir = pathlib.Path(workdir)
         self.progress = progress
@@ -173,39 +235,24 @@ class Trainer:
                 max_batches=cfg.train.eval_batches, **shard,
             )
 
-        # Devices: a data-parallel mesh over all of them (parameters placed by the logical-axis
-        # rules of ``sharding``, which replicate them on a pure data axis).
-        self.devices = jax.devices()
+        # Devices: the configured (data, fsdp, tensor) mesh; state placed by the logical-axis rules.
+        self.mesh = mesh_from_config(cfg.mesh, devices)
+        self.devices = list(self.mesh.devices.flat)
         micro = dcfg.batch_size // cfg.optim.grad_accum
-        if micro % len(self.devices):
-            raise ConfigError(
-                f"data.batch_size / optim.grad_accum = {micro} sequences per microbatch must be a multiple of the "
-                f"{len(self.devices)} devices"
-            )
-        self.mesh = make_mesh({"data": -1})
         self.replicated = NamedSharding(self.mesh, P())
         # [microbatches, b, T] for training, [b, T] for evaluation: rows split over the data axes.
-        self.batch_sharding = NamedSharding(self.mesh, logical_to_spec((None, "batch", "length"), (1, micro, 1), self.mesh, DEFAULT_RULES))
+        self.batch_sharding = train_batch_sharding(self.mesh, micro)
         self.eval_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), (micro, 1), self.mesh, DEFAULT_RULES))
+        try:
+            check_process_rows(self.eval_sharding, micro)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
         # Model, optimizer, steps.
-        self.graphdef, params = init_model(mcfg, seed=cfg.seed)
-        self.num_params = count_params(params)
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
-        with use_mesh(self.mesh):
-            params = jax.device_put(params, state_shardings(params, self.mesh))
-            opt_state = jax.jit(self.tx.init)(params)  # moments are placed like their parameters
-        # Scalars the optimizer creates (step counts) land on one device: replicate them.
-        n = len(self.devices)
-        opt_state = jax.tree.map(lambda x: x if len(x.sharding.device_set) == n else jax.device_put(x, self.replicated), opt_state)
-        self.state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), self.replicated)}
-        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        self._train_step = jax.jit(
-            make_train_step(self.graphdef, self.tx, self.schedule),
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, self.replicated),
-            donate_argnums=0,
-        )
+        self.graphdef, self.state, self.state_shardings = init_train_state(cfg, self.mesh, self.tx)
+        self.num_params = count_params(self.state["params"])
+        self._train_step = jit_train_step(self.graphdef, self.tx, self.schedule, self.state_shardings, self.batch_sharding)
         self._eval_step = jax.jit(
             make_eval_step(self.graphdef),
             in_shardings=(self.state_shardings["params"], self.eval_sharding),

@@ -1,0 +1,179 @@
+"""Meshes: a train step on any (data, fsdp, tensor) mesh equals the one-device step, fsdp keeps
+the state sharded in the compiled step, checkpoints restore onto another mesh, and mesh config
+errors say what is wrong. CPU, 8 virtual devices (conftest.py)."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from attamba_jax.config import ConfigError, load_config
+from attamba_jax.model import make_forward
+from attamba_jax.sharding import make_mesh, use_mesh
+from attamba_jax.trainer import (
+    Trainer, init_train_state, jit_train_step, make_optimizer, mesh_from_config, train_batch_sharding,
+)
+from tests.helpers import assert_close
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+# heads, mlp, vocab and ssm_inner all divide by 2 (tensor); embed (32) divides by 8 (fsdp).
+MODEL = [
+    "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.multiple_of=32", "model.ssm_hidden_dim=48",
+    "model.ssm_heads=2", "model.ssm_state_dim=8", "model.token_chunk=4", "model.leading_tokens=4",
+]
+BATCH, LENGTH = 8, 32
+
+
+def _cfg(*extra):
+    return load_config(TINY, MODEL + [f"data.seq_len={LENGTH}", f"data.batch_size={BATCH}", "optim.warmup_steps=1", "train.steps=10", *extra])
+
+
+def _batches(cfg, n):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, size=(n, 1, BATCH, LENGTH + 1), dtype=np.int32)
+    return [{"inputs": t[..., :-1], "targets": t[..., 1:], "weights": np.ones((1, BATCH, LENGTH), np.float32)} for t in tokens]
+
+
+def _train(cfg, mesh, batches):
+    """Losses of the given steps and the final parameters, on ``mesh``."""
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, state, shardings = init_train_state(cfg, mesh, tx)
+    batch_sharding = train_batch_sharding(mesh, BATCH)
+    step = jit_train_step(graphdef, tx, schedule, shardings, batch_sharding)
+    losses = []
+    with use_mesh(mesh):
+        for b in batches:
+            arrays = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in b.items()}
+            state, metrics = step(state, arrays)
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"]), state, step, arrays
+
+
+@pytest.fixture(scope="module")
+def one_device_run():
+    cfg = _cfg()
+    batches = _batches(cfg, 2)
+    losses, params, *_ = _train(cfg, make_mesh({"data": 1}, jax.devices()[:1]), batches)
+    return cfg, batches, losses, params
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)])
+def test_train_step_on_a_mesh_equals_one_device(one_device_run, shape):
+    # Given the losses and parameters after two steps on one device
+    cfg, batches, ref_losses, ref_params = one_device_run
+    # When the same two steps run on a (data, fsdp, tensor) mesh of 8 devices
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
+    losses, params, *_ = _train(cfg, mesh, batches)
+    # Then losses and updated parameters agree to float32 rounding
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_close(params, ref_params, rel=1e-4)
+
+
+def test_compiled_step_keeps_fsdp_state_sharded(one_device_run):
+    cfg, batches, *_ = one_device_run
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    _, _, state, step, arrays = _train(cfg, mesh, batches[:1])
+    with use_mesh(mesh):
+        compiled = step.lower(state, arrays).compile()
+    out_state, _ = compiled.output_shardings
+    head = out_state["params"]["head"]["kernel"]  # [embed=32, vocab=258]
+    head = jax.tree.leaves(head)[0]
+    # The compiled step's outputs: the embed dimension split 4 ways over fsdp, not replicated
+    assert head.is_equivalent_to(NamedSharding(mesh, P("fsdp", None)), 2), head
+    assert head.shard_shape((32, 258)) == (8, 258)
+    # and so are the AdamW moments and the arrays the step really returned
+    sharded = [s for s in jax.tree.leaves(out_state["opt_state"]) if not s.is_fully_replicated]
+    assert len(sharded) == 2 * len([s for s in jax.tree.leaves(out_state["params"]) if not s.is_fully_replicated]) > 0
+    returned = jax.tree.leaves(state["params"]["head"]["kernel"])[0]
+    assert returned.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", None)), 2)
+    assert {s.data.shape for s in returned.addressable_shards} == {(8, 258)}
+    # the parameters are gathered for use inside the step, not kept whole between steps
+    assert "all-gather" in compiled.as_text()
+
+
+def test_model_activations_carry_logical_shardings():
+    cfg = _cfg()
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tx, _ = make_optimizer(cfg.optim, 10)
+    graphdef, state, _ = init_train_state(cfg, mesh, tx)
+    tokens = jax.device_put(np.zeros((BATCH, LENGTH), np.int32), NamedSharding(mesh, P(("data", "fsdp"))))
+    with use_mesh(mesh):
+        logits = make_forward(graphdef)(state["params"], tokens)
+    # logits: batch over data x fsdp, vocab (258) over tensor
+    assert logits.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")), 3), logits.sharding
+    # without a mesh the constraints are no-ops: the same numbers
+    plain = make_forward(graphdef)(jax.device_get(state["params"]), np.zeros((BATCH, LENGTH), np.int32))
+    assert_close(logits, plain, rel=1e-5)
+
+
+# --- checkpoints across meshes ----------------------------------------------------------------
+
+
+def _corpus(root: pathlib.Path) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    for i in range(12):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words, size=150)))
+    return str(root / "*.txt")
+
+
+def _trainer_cfg(corpus, steps, mesh):
+    extra = {
+        "data.train": f"[{corpus}]", "data.heldout_fraction": 0.0, "data.threads": 0, "data.prefetch": 1,
+        "train.steps": steps, "train.log_every": 1, "train.checkpoint_every": 2, "train.keep_last": 5,
+        "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
+    }
+    return _cfg(*[f"{k}={v}" for k, v in extra.items()])
+
+
+def _losses(workdir):
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    # Given a run on 4 devices, fsdp, to step 3 (checkpoints at steps 2 and 3)
+    saved = tmp_path / "fsdp4"
+    Trainer(_trainer_cfg(corpus, 3, (1, 4, 1)), saved, progress=False, devices=jax.devices()[:4]).run()
+    expected = _losses(saved)[3]
+    # When its step-2 checkpoint continues to step 3 on 1 device, and on 8 as data x fsdp
+    for name in ("one", "dp_fsdp"):
+        shutil.copytree(saved, tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "3")
+    one = Trainer(_trainer_cfg(corpus, 3, (1, 1, 1)), tmp_path / "one", progress=False, devices=jax.devices()[:1])
+    assert one.start_step == 2 and one.state["params"]["head"]["kernel"][...].sharding.num_devices == 1
+    one.run()
+    wide = Trainer(_trainer_cfg(corpus, 3, (2, 4, 1)), tmp_path / "dp_fsdp", progress=False)
+    kernel = wide.state["params"]["head"]["kernel"][...]
+    assert wide.start_step == 2 and kernel.sharding.is_equivalent_to(NamedSharding(wide.mesh, P("fsdp", None)), 2)
+    wide.run()
+    # Then the next loss is the one the 4-device run computed
+    assert _losses(tmp_path / "one")[3] == pytest.approx(expected, rel=1e-5)
+    assert _losses(tmp_path / "dp_fsdp")[3] == pytest.approx(expected, rel=1e-5)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def test_mesh_config_errors_are_clear():
+    with pytest.raises(ConfigError, match=r"needs 3 devices, but 8 are present"):
+        mesh_from_config(_cfg("mesh.data=3").mesh)
+    with pytest.raises(ConfigError, match=r"8 devices do not divide by 3"):
+        mesh_from_config(_cfg("mesh.fsdp=3").mesh)
+    with pytest.raises(ConfigError, match=r"unknown config key mesh\.pipeline"):
+        _cfg("mesh.pipeline=2")
+    with pytest.raises(ValueError, match=r"unknown mesh axis 'expert'"):
+        make_mesh({"expert": 2})
+    with pytest.raises(ConfigError, match=r"mesh\.tensor must be >= 1 or -1"):
+        _cfg("mesh.tensor=0")
+    with pytest.raises(ConfigError, match=r"at most one of mesh\.data/fsdp/tensor may be -1"):
+        _cfg("mesh.fsdp=-1")
+    with pytest.raises(ConfigError, match=r"microbatch must be a multiple of mesh.data x mesh.fsdp = 2 x 4 = 8"):
+        train_batch_sharding(make_mesh({"data": 2, "fsdp": 4}), 4)
