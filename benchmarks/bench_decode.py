@@ -18,14 +18,12 @@ compute dtype, as an inference server would store them.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import platform
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attamba_jax.cache import Cache, cache_bytes, formula_bytes, init_cache
 from attamba_jax.config import load_config

@@ -19,7 +19,6 @@ served from the 60 MB L2.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import platform

@@ -6,15 +6,33 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# Tiny shapes: XLA's cheap optimisation level keeps compile time (most of each test) down.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def assert_close(actual, expected, rel: float):
-    """Every leaf within ``rel`` of the expected leaf's largest magnitude (and elementwise rtol)."""
+    """Same shapes, finite everywhere, and elementwise within rel·|expected| + rel·max|expected|."""
+    chex.assert_tree_all_finite(actual)
 
     def one(a, e):
-        scale = float(jnp.max(jnp.abs(e.astype(jnp.float32)))) or 1.0
-        chex.assert_trees_all_close(a.astype(jnp.float32), e.astype(jnp.float32), rtol=rel, atol=rel * scale)
+        chex.assert_shape(a, e.shape)
+        e = e.astype(jnp.float32)
+        scale = float(jnp.max(jnp.abs(e))) or 1.0
+        chex.assert_trees_all_close(a.astype(jnp.float32), e, rtol=rel, atol=rel * scale)
 
     jax.tree.map(one, actual, expected)
-    chex.assert_tree_all_finite(actual)
+
+
+def value_and_grads(fn, args, cotangent):
+    """fn(*args) and d<fn(*args), cotangent>/d(every arg), in one compiled call."""
+
+    def loss(*a):
+        y = fn(*a)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=range(len(args)), has_aux=True)).lower(*args).compile(FAST_COMPILE)
+    (_, y), grads = compiled(*args)
+    return y, grads
 
 
 def random_ssd_inputs(key, b, t, h, p, g, n, dtype=jnp.float32):

@@ -159,7 +159,7 @@ def test_stdlib_corpus_is_found_and_split_deterministically():
 
 
 def test_prepared_bin_files_read_back_as_the_same_stream(tmp_path):
-    texts = _write_docs(tmp_path, n=30)
+    _write_docs(tmp_path, n=30)
     prepare_main([str(tmp_path / "*.txt"), "--out", str(tmp_path / "out" / "c"), "--heldout-fraction", "0.25", "--workers", "2"])
     meta = json.loads((tmp_path / "out" / "c.train.bin.json").read_text())
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == "byte"

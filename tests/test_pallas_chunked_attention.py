@@ -15,6 +15,7 @@ from pallas_kernels.chunked_attention import IMPLEMENTATIONS, chunked_attention,
 from pallas_kernels.chunked_attention.api import auto_implementations
 from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
 from pallas_kernels.chunked_attention.tuned_block_sizes import AttentionBlocks
+from tests.helpers import FAST_COMPILE, assert_close, value_and_grads
 
 # Small tiles so that a few dozen tokens span several query and key blocks.
 GPU_BLOCKS = AttentionBlocks(block_q=16, block_kb=16, block_kw=16, block_q_bwd=16, block_kb_bwd=16, block_kw_bwd=16)
@@ -29,28 +30,6 @@ KERNELS = {
         q, k, v, grid, window, interpret=pallas_tpu.interpret_params(), blocks=TPU_BLOCKS
     ),
 }
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _value_and_grads(fn, args, cotangent):
-    def loss(*a):
-        o = fn(*a)
-        return jnp.sum(o.astype(jnp.float32) * cotangent), o
-
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=range(3), has_aux=True)).lower(*args).compile(FAST_COMPILE)
-    (_, o), grads = compiled(*args)
-    return o, grads
-
-
-def _assert_close(actual, expected, rel):
-    chex.assert_tree_all_finite(actual)
-
-    def one(a, e):
-        chex.assert_shape(a, e.shape)
-        e = e.astype(jnp.float32)
-        chex.assert_trees_all_close(a.astype(jnp.float32), e, rtol=rel, atol=rel * float(jnp.max(jnp.abs(e))))
-
-    jax.tree.map(one, actual, expected)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +42,7 @@ def _case(k, offset, window, t, h, hkv, dtype_name, seed):
     kk = jax.random.normal(ks[1], (2, t, hkv, d)).astype(dtype)
     v = jax.random.normal(ks[2], (2, t, hkv, d)).astype(dtype)
     cot = jax.random.normal(ks[3], (2, t, h, d))
-    ref = _value_and_grads(lambda *a: reference.chunked_attention_dense(*a, grid, window), (q, kk, v), cot)
+    ref = value_and_grads(lambda *a: reference.chunked_attention_dense(*a, grid, window), (q, kk, v), cot)
     return grid, (q, kk, v), cot, ref
 
 
@@ -82,19 +61,19 @@ def test_kernel_matches_reference_f32(kernel, k, offset, window, t, h, hkv):
     # Given random float32 q, k, v and the dense masked reference
     grid, args, cot, (o_ref, grads_ref) = _case(k, offset, window, t, h, hkv, "float32", 10 * k + offset)
     # When the kernel runs forward and backward
-    o, grads = _value_and_grads(functools.partial(KERNELS[kernel], grid=grid, window=window), args, cot)
+    o, grads = value_and_grads(functools.partial(KERNELS[kernel], grid=grid, window=window), args, cot)
     # Then it agrees to float32 accuracy and every element is written
-    _assert_close(o, o_ref, 1e-5)
-    _assert_close(grads, grads_ref, 1e-5)
+    assert_close(o, o_ref, 1e-5)
+    assert_close(grads, grads_ref, 1e-5)
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_kernel_matches_reference_bf16(kernel):
     grid, args, cot, (o_ref, grads_ref) = _case(8, 7, 8, 45, 4, 2, "bfloat16", 3)
-    o, grads = _value_and_grads(functools.partial(KERNELS[kernel], grid=grid, window=8), args, cot)
+    o, grads = value_and_grads(functools.partial(KERNELS[kernel], grid=grid, window=8), args, cot)
     assert o.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
-    _assert_close(o, o_ref, 1e-2)
-    _assert_close(grads, grads_ref, 1e-2)
+    assert_close(o, o_ref, 1e-2)
+    assert_close(grads, grads_ref, 1e-2)
 
 
 def test_gpu_forward_overwrites_nan_buffers():
@@ -105,7 +84,7 @@ def test_gpu_forward_overwrites_nan_buffers():
     # When the forward kernel writes into them
     o, lse = fwd.lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
     # Then nothing is left unwritten
-    _assert_close(o, o_ref, 1e-5)
+    assert_close(o, o_ref, 1e-5)
     chex.assert_tree_all_finite(lse)
 
 
@@ -154,7 +133,7 @@ def test_public_api_routes_to_the_kernels():
     grid, (q, k, v), _, (o_ref, _) = _case(8, 3, 2, 61, 2, 2, "float32", 83)
     for name in ("pallas_gpu_interpret", "pallas_tpu_interpret"):
         fn = jax.jit(functools.partial(chunked_attention, grid=grid, window=2, implementation=name))
-        _assert_close(fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v), o_ref, 1e-5)
+        assert_close(fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v), o_ref, 1e-5)
 
 
 def test_auto_picks_the_backend_kernel():

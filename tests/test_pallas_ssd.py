@@ -3,7 +3,6 @@ sequential reference: forward and every gradient, float32 and bfloat16, every ou
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ from jax.experimental import pallas as pl
 from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import IMPLEMENTATIONS, pallas_gpu, pallas_tpu, reference, ssd
 from pallas_kernels.ssd.api import auto_implementations
+from tests.helpers import FAST_COMPILE, assert_close, value_and_grads
 
 # The interpreters start every output buffer as NaN (see test_interpreter_poisons_unwritten_outputs),
 # so a finite result proves that every element was written.
@@ -37,34 +37,6 @@ def _inputs(seed, b, t, h, g, p, n, dtype):
     return (x, dt, A, B, C, D), cotangent
 
 
-# Tiny shapes: XLA's cheap optimisation level keeps compile time (most of each test) down.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _value_and_grads(fn, args, cotangent):
-    """y and d<y, cotangent>/d(every input), in one compiled call."""
-
-    def loss(*a):
-        y = fn(*a)
-        return jnp.sum(y.astype(jnp.float32) * cotangent), y
-
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True)).lower(*args).compile(FAST_COMPILE)
-    (_, y), grads = compiled(*args)
-    return y, grads
-
-
-def _assert_close(actual, expected, rel):
-    """Elementwise within rel·|expected| + rel·max|expected|, and finite everywhere."""
-    chex.assert_tree_all_finite(actual)
-
-    def one(a, e):
-        chex.assert_shape(a, e.shape)
-        e = e.astype(jnp.float32)
-        chex.assert_trees_all_close(a.astype(jnp.float32), e, rtol=rel, atol=rel * float(jnp.max(jnp.abs(e))))
-
-    jax.tree.map(one, actual, expected)
-
-
 # (K, offset, T, H, G, P, N, block_len): several K (incl. one not a power of two), offsets,
 # T not a multiple of the block, several blocks per row, grouped B/C, padded head dims.
 CASES = [
@@ -85,7 +57,7 @@ def _case(k, offset, t, h, g, p, n, dtype_name, seed):
     grid = ChunkGrid(k, offset)
     args, cot = _inputs(seed, 2, t, h, g, p, n, jnp.dtype(dtype_name))
     reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(t))), (2, t))
-    return grid, args, cot, _value_and_grads(lambda *a: reference.ssd_sequential(*a, reset)[0], args, cot)
+    return grid, args, cot, value_and_grads(lambda *a: reference.ssd_sequential(*a, reset)[0], args, cot)
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
@@ -96,19 +68,19 @@ def test_kernel_matches_reference_f32(kernel, k, offset, t, h, g, p, n, block_le
     if kernel == "gpu" and block_len % 16:
         block_len = 16  # GPU tiles are powers of two
     # When the kernel runs forward and backward
-    y, grads = _value_and_grads(functools.partial(KERNELS[kernel], grid=grid, block_len=block_len), args, cot)
+    y, grads = value_and_grads(functools.partial(KERNELS[kernel], grid=grid, block_len=block_len), args, cot)
     # Then it agrees with the reference to float32 accuracy, every element written
-    _assert_close(y, y_ref, 1e-5)
-    _assert_close(grads, grads_ref, 1e-5)
+    assert_close(y, y_ref, 1e-5)
+    assert_close(grads, grads_ref, 1e-5)
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_kernel_matches_reference_bf16(kernel):
     grid, args, cot, (y_ref, grads_ref) = _case(8, 3, 41, 2, 1, 16, 16, "bfloat16", 7)
-    y, grads = _value_and_grads(functools.partial(KERNELS[kernel], grid=grid, block_len=16), args, cot)
+    y, grads = value_and_grads(functools.partial(KERNELS[kernel], grid=grid, block_len=16), args, cot)
     assert y.dtype == jnp.bfloat16 and grads[0].dtype == jnp.bfloat16
-    _assert_close(y, y_ref, 1e-2)
-    _assert_close(grads, grads_ref, 1e-2)
+    assert_close(y, y_ref, 1e-2)
+    assert_close(grads, grads_ref, 1e-2)
 
 
 def test_gpu_forward_overwrites_a_nan_buffer():
@@ -119,7 +91,7 @@ def test_gpu_forward_overwrites_a_nan_buffer():
     y = _run(lambda *a: pallas_gpu._forward(*a, grid, 16, 4, True, poison=True), x, dt, A, B, C, D)
     # Then no NaN is left and the values are right
     reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(29))), (2, 29))
-    _assert_close(y, reference.ssd_sequential(x, dt, A, B, C, D, reset)[0], 1e-5)
+    assert_close(y, reference.ssd_sequential(x, dt, A, B, C, D, reset)[0], 1e-5)
 
 
 def test_interpreter_poisons_unwritten_outputs():
@@ -139,11 +111,11 @@ def test_public_api_routes_to_the_kernels():
     args, _ = _inputs(5, 1, 23, 2, 1, 16, 16, jnp.float32)
     expected = _run(functools.partial(ssd, grid=grid, implementation="chunked"), *args)
     for name in ("pallas_gpu_interpret", "pallas_tpu_interpret"):
-        _assert_close(_run(functools.partial(ssd, grid=grid, implementation=name), *args), expected, 1e-5)
+        assert_close(_run(functools.partial(ssd, grid=grid, implementation=name), *args), expected, 1e-5)
     # A reset pattern is not a fixed grid: the kernels step aside for the next name.
     reset = grid.is_chunk_start(np.arange(23))
     fallback = functools.partial(ssd, reset=reset, implementation=["pallas_gpu_interpret", "associative"])
-    _assert_close(_run(fallback, *args), expected, 1e-5)
+    assert_close(_run(fallback, *args), expected, 1e-5)
 
 
 def test_auto_picks_the_backend_kernel():

@@ -43,7 +43,7 @@ def ssd_associative(x, dt, A, B, C, D, reset):
 def ssd_chunked(x, dt, A, B, C, D, grid: ChunkGrid):
     """Fixed-grid SSD: one masked [K, K] matmul per chunk and head."""
     b, t, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
+    g = B.shape[2]
     r = h // g
     k = grid.token_chunk
     f32 = jnp.float32
