@@ -177,3 +177,16 @@ def test_mesh_config_errors_are_clear():
         _cfg("mesh.fsdp=-1")
     with pytest.raises(ConfigError, match=r"microbatch must be a multiple of mesh.data x mesh.fsdp = 2 x 4 = 8"):
         train_batch_sharding(make_mesh({"data": 2, "fsdp": 4}), 4)
+
+
+def test_distributed_start_reads_the_environment():
+    from train import distributed_args
+
+    assert distributed_args(False, {}) is None  # one process
+    assert distributed_args(True, {}) == {}  # jax's cluster auto-detection
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed_args(False, env) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID set without JAX_COORDINATOR_ADDRESS"):
+        distributed_args(False, {"JAX_PROCESS_ID": "0"})
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES must be an integer, got 'two'"):
+        distributed_args(False, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two"})

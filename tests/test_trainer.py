@@ -311,7 +311,7 @@ def test_bad_configs_are_rejected_with_the_key_named(tmp_path):
         load_config(TINY, ["optim.learning_rate=1"])
     with pytest.raises(ConfigError, match="optim.warmup_steps .50. must not exceed train.steps .4."):
         load_config(TINY, _overrides(corpus, **{"optim.warmup_steps": 50}))
-    with pytest.raises(ConfigError, match="multiple of the 8 devices"):  # conftest: 8 CPU devices
+    with pytest.raises(ConfigError, match="multiple of mesh.data x mesh.fsdp = 8 x 1 = 8"):  # conftest: 8 CPU devices
         Trainer(load_config(TINY, _overrides(corpus, **{"data.batch_size": 4})), tmp_path / "run", progress=False)
 
 
