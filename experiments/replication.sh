@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Small-scale replication: Attamba vs the iso-KV and full transformers on the Gutenberg books,
+# one model per GPU, the same token budget for all, then held-out and WikiText-2 evaluation.
+#
+#   1. unpack the books; tokenize them once with the carried 32k SentencePiece model (prepare),
+#      holding out whole books (HELDOUT, by a hash of the file name);
+#   2. train every model of MODELS at once, model i on GPU i (CUDA_VISIBLE_DEVICES), each for
+#      STEPS steps of the paper's batch (16 x 1024) and recipe with warmup scaled to STEPS/12;
+#   3. evaluate every model on the held-out books and on WikiText-2 raw test (token / word
+#      perplexity, bits per byte), and Attamba K=8 also at K=4 and K=16 (test-time chunk sweep);
+#   4. pack metrics, evaluations and configs into $OUT/replication.tar.gz for
+#      `python experiments/summarize.py` (docs/results.md).
+#
+# Run from the repository root with .whl, .data/gutenberg.tar.xz, .data/gutenberg-32k.model and
+# .data/wiki.test.raw in place (carried). A CPU dry run: STEPS=4 EXTRA="model.dim=64 ..." .
+set -uo pipefail
+OUT=${OUT:-/tmp/replication_out}
+WORK=${WORK:-/tmp/replication}
+TOKENIZER=${TOKENIZER:-.data/gutenberg-32k.model}
+WIKI=${WIKI:-.data/wiki.test.raw}
+MODELS=${MODELS:-"attamba_k8_w8 transformer_isokv8 transformer_isoparam attamba_k4_w32"}
+STEPS=${STEPS:-12000}
+HELDOUT=${HELDOUT:-0.02}
+TRAIN_LIMIT=${TRAIN_LIMIT:-540}   # seconds a training run may take before it is stopped (SIGTERM saves)
+EXTRA=${EXTRA:-}
+mkdir -p "$OUT" "$WORK/runs"
+export PYTHONUNBUFFERED=1
+log() { echo "[+${SECONDS}s] $*"; }
+
+log "versions"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+
+log "unpack and tokenize"
+[ -d "$WORK/gutenberg" ] || tar -xJf .data/gutenberg.tar.xz -C "$WORK" || exit 1
+[ -f "$WORK/gut.train.bin" ] || python3 -m attamba_jax.prepare "$WORK/gutenberg/books/*.txt" --out "$WORK/gut" \
+  --tokenizer "$TOKENIZER" --heldout-fraction "$HELDOUT" --workers "$(nproc)" 2>&1 | tr '\r' '\n' | grep -v '^ *[0-9]*%' || exit 1
+# the held-out books as text files, chosen by the same rule prepare used
+python3 - "$WORK" "$HELDOUT" > "$WORK/heldout_books.txt" <<'EOF'
+import glob, os, sys
+from attamba_jax.data import is_heldout
+work, fraction = sys.argv[1], float(sys.argv[2])
+for path in sorted(glob.glob(os.path.join(work, "gutenberg/books/*.txt"))):
+    if is_heldout(path, fraction):
+        print(path)
+EOF
+log "held-out books: $(wc -l < "$WORK/heldout_books.txt")"
+
+log "train ${MODELS} for ${STEPS} steps each"
+WARMUP=$(( STEPS / 12 > 1 ? STEPS / 12 : 1 ))
+i=0
+pids=()
+for m in $MODELS; do
+  gpu=$(( NGPU > 0 ? i % NGPU : 0 ))
+  ( export CUDA_VISIBLE_DEVICES=$gpu
+    start=$SECONDS
+    timeout -s TERM "$TRAIN_LIMIT" python3 train.py --no-progress --config "configs/paper/$m.yaml" --workdir "$WORK/runs/$m" \
+      "data.train=[$WORK/gut.train.bin]" "data.eval=[$WORK/gut.heldout.bin]" "data.tokenizer=$TOKENIZER" \
+      "train.steps=$STEPS" "optim.warmup_steps=$WARMUP" "train.log_every=$(( STEPS / 60 > 1 ? STEPS / 60 : 1 ))" \
+      "train.eval_every=$(( STEPS / 6 > 1 ? STEPS / 6 : 1 ))" "train.checkpoint_every=$STEPS" $EXTRA > "$WORK/runs/$m.train.log" 2>&1
+    echo "{\"model\": \"$m\", \"exit\": $?, \"wall_s\": $(( SECONDS - start ))}" > "$WORK/runs/$m.wall.json" ) &
+  pids+=($!)
+  i=$((i + 1))
+  # with fewer GPUs than models, run one wave per GPU count
+  if [ "$NGPU" -gt 0 ] && [ $(( i % NGPU )) -eq 0 ]; then wait "${pids[@]}"; pids=(); fi
+  if [ "$NGPU" -eq 0 ]; then wait "${pids[@]}"; pids=(); fi
+done
+wait "${pids[@]}" 2>/dev/null
+for m in $MODELS; do log "$m: $(cat "$WORK/runs/$m.wall.json")"; tail -2 "$WORK/runs/$m.train.log"; done
+
+log "evaluate"
+mapfile -t BOOKS < "$WORK/heldout_books.txt"
+i=0
+pids=()
+for m in $MODELS; do
+  gpu=$(( NGPU > 0 ? i % NGPU : 0 ))
+  ( export CUDA_VISIBLE_DEVICES=$gpu
+    python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" --text "${BOOKS[@]}" --json "$WORK/runs/$m.eval.heldout.json" > "$WORK/runs/$m.eval.log" 2>&1
+    python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" --text "$WIKI" --json "$WORK/runs/$m.eval.wiki.json" >> "$WORK/runs/$m.eval.log" 2>&1
+    if [ "$m" = attamba_k8_w8 ]; then
+      for k in 4 16; do
+        python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" --text "${BOOKS[@]}" --token-chunk $k --json "$WORK/runs/$m.eval.heldout.k$k.json" >> "$WORK/runs/$m.eval.log" 2>&1
+        python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" --text "$WIKI" --token-chunk $k --json "$WORK/runs/$m.eval.wiki.k$k.json" >> "$WORK/runs/$m.eval.log" 2>&1
+      done
+    fi ) &
+  pids+=($!)
+  i=$((i + 1))
+done
+wait "${pids[@]}"
+for m in $MODELS; do grep -v Warning "$WORK/runs/$m.eval.log" | tail -4; done
+
+log "pack"
+(cd "$WORK/runs" && tar -czf "$OUT/replication.tar.gz" ./*.json ./*.log ./*/metrics.jsonl ./*/config.yaml ./*/loss.png 2>/dev/null)
+ls -la "$OUT"
+log "done"
