@@ -93,6 +93,16 @@ def active_mesh() -> tuple[Mesh, Rules] | None:
     return _ACTIVE.get()
 
 
+def spans_devices() -> bool:
+    """True inside ``use_mesh`` with a mesh of more than one device.
+
+    The Pallas kernels are single-device programs (not wrapped in ``shard_map``), so
+    ``implementation="auto"`` takes the XLA paths, which XLA partitions, when this holds.
+    """
+    active = _ACTIVE.get()
+    return active is not None and active[0].devices.size > 1
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
     """PartitionSpec for a value of ``shape`` whose dimensions have logical ``axes``."""
     table = dict(rules)

@@ -190,3 +190,17 @@ def test_distributed_start_reads_the_environment():
         distributed_args(False, {"JAX_PROCESS_ID": "0"})
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES must be an integer, got 'two'"):
         distributed_args(False, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two"})
+
+
+def test_auto_takes_the_xla_paths_under_a_multi_device_mesh():
+    # The Pallas kernels are single-device programs: under a mesh of several devices `auto`
+    # must pick the paths XLA partitions, on any backend.
+    from pallas_kernels.chunked_attention.api import auto_implementations as attention_auto
+    from pallas_kernels.ssd.api import auto_implementations as ssd_auto
+    from attamba_jax.sharding import make_mesh, use_mesh
+
+    assert ssd_auto("gpu")[0] == "pallas_gpu" and attention_auto("tpu") == ("pallas_tpu",)
+    with use_mesh(make_mesh({"data": 2}, devices=jax.devices()[:2])):
+        assert ssd_auto("gpu")[0] == "chunked" and attention_auto("gpu") == ("compressed",)
+    with use_mesh(make_mesh({"data": 1}, devices=jax.devices()[:1])):
+        assert ssd_auto("gpu")[0] == "pallas_gpu"

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import jax
 
 from attamba_jax.chunking import ChunkGrid
+from attamba_jax.sharding import spans_devices
 from pallas_kernels.chunked_attention import pallas_gpu, pallas_tpu, reference, xla
 
 # ``pallas_*_interpret`` run the same kernels in the Pallas interpreter (CPU; tests, debugging).
@@ -23,8 +24,11 @@ _RUN = {
 
 
 def auto_implementations(backend: str | None = None) -> tuple[str, ...]:
-    """What ``auto`` picks: the backend's Pallas kernel on GPU/TPU, the XLA ``compressed`` path elsewhere."""
+    """What ``auto`` picks: the backend's Pallas kernel on GPU/TPU, the XLA ``compressed`` path elsewhere
+    and under a multi-device mesh (``sharding.spans_devices``: the kernels are single-device programs)."""
     backend = backend or jax.default_backend()
+    if spans_devices():
+        return ("compressed",)
     return {"gpu": ("pallas_gpu",), "cuda": ("pallas_gpu",), "tpu": ("pallas_tpu",)}.get(backend, ("compressed",))
 
 

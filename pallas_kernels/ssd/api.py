@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attamba_jax.chunking import ChunkGrid
+from attamba_jax.sharding import spans_devices
 from pallas_kernels.ssd import pallas_gpu, pallas_tpu, reference, xla
 
 # ``pallas_*_interpret`` run the same kernels in the Pallas interpreter (CPU; tests, debugging).
@@ -25,9 +26,15 @@ _PALLAS = {
 
 
 def auto_implementations(backend: str | None = None) -> tuple[str, ...]:
-    """What ``auto`` tries, in order: the backend's Pallas kernel, then the XLA paths."""
+    """What ``auto`` tries, in order: the backend's Pallas kernel, then the XLA paths.
+
+    Under a multi-device mesh (``sharding.spans_devices``) the XLA paths only: the kernels
+    are single-device programs.
+    """
     backend = backend or jax.default_backend()
     kernel = {"gpu": ("pallas_gpu",), "cuda": ("pallas_gpu",), "tpu": ("pallas_tpu",)}.get(backend, ())
+    if spans_devices():
+        kernel = ()
     return kernel + ("chunked", "associative", "sequential")
 
 
