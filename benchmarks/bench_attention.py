@@ -23,45 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
-_T0 = time.perf_counter()
-
-
-def _stamp() -> str:
-    """Seconds since start, on every progress line (compile time shows in the gaps)."""
-    return f"[{time.perf_counter() - _T0:6.1f}s]"
-
-
-def _save(result: dict, path: str) -> None:
-    """Rewritten after every measurement, so a run cut short keeps what it measured."""
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from timing import rel_err, save, stamp, time_calls  # benchmarks/timing.py
 
 from attamba_jax.chunking import ChunkGrid, keys_per_query
 from pallas_kernels.chunked_attention import chunked_attention, pallas_gpu, reference
 from pallas_kernels.chunked_attention.tuned_block_sizes import AttentionBlocks
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
-
-
-def time_calls(fn, args, reps: int, trials: int):
-    """(seconds per call of jitted ``fn`` (see module docstring), its output)."""
-    first = jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm-up
-    means = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        outs = [fn(*args) for _ in range(reps)]
-        jax.block_until_ready(outs)
-        means.append((time.perf_counter() - t0) / reps)
-        del outs
-    return statistics.median(means), first
 
 
 def _inputs(key, b, t, dtype, h=HEADS, hkv=KV_HEADS, d=HEAD_DIM):
@@ -92,11 +64,6 @@ def _impl(name, grid, window, interpret=False, blocks=None):
 # --- correctness on the device ---------------------------------------------------------
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
 def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0) -> None:
     """The kernel against the dense reference on the device: fresh inputs, forward and the q, k, v
     gradients, f32 and bf16, GQA, offsets, ragged lengths, outputs poisoned with NaN."""
@@ -125,11 +92,11 @@ def _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol) -> dict:
     out, grads = jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, w)))(q, kk, v, do)
     st = pallas_gpu.make_static(q, kk, grid, w)
     poisoned, lse = jax.jit(lambda *a: pallas_gpu._forward(st, *a, False, poison=True))(q, kk, v)
-    errs = {"o": _rel(out, o_ref), "poisoned_o": _rel(poisoned, o_ref)}
-    errs.update({f"d{n}": _rel(a, r) for n, a, r in zip("qkv", grads, g_ref)})
+    errs = {"o": rel_err(out, o_ref), "poisoned_o": rel_err(poisoned, o_ref)}
+    errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip("qkv", grads, g_ref)})
     finite = all(bool(jnp.isfinite(a).all()) for a in (out, poisoned, lse, *grads))
     ok = finite and max(errs.values()) <= tol
-    print(f"{_stamp()} check attention {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} W={w:2d} B={b} T={t:5d} H={h} Hkv={hkv}: "
+    print(f"{stamp()} check attention {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} W={w:2d} B={b} T={t:5d} H={h} Hkv={hkv}: "
           f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}", flush=True)
     return {"K": k, "offset": o, "W": w, "B": b, "T": t, "H": h, "Hkv": hkv, "dtype": jnp.dtype(dtype).name,
             "tolerance": tol, "max_rel_err": max(errs.values()), "errors": errs, "finite": finite, "ok": ok}
@@ -162,7 +129,7 @@ def bench(record, lengths, chunks, window, tokens, implementations, reps, trials
                     ("fwd+bwd", jax.jit(_fwd_bwd(impl)), (q, k, v, do), 3.5),
                 ):
                     try:
-                        sec, out = time_calls(fn, args, reps, trials)
+                        sec, out = time_calls(fn, [args], reps, trials)
                     except Exception as e:  # out of memory, or cuDNN not applicable
                         print(f"skip {name} K={kc} {mode} L={t}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         continue
@@ -170,18 +137,18 @@ def bench(record, lengths, chunks, window, tokens, implementations, reps, trials
                     if name == "pallas_gpu":
                         kernel_out[(kc, mode)] = out
                     elif (kc, mode) in kernel_out:  # same function at full size: the kernel must agree
-                        err = max(_rel(a, r) for a, r in zip(jax.tree.leaves(kernel_out[(kc, mode)]), jax.tree.leaves(out)))
+                        err = max(rel_err(a, r) for a, r in zip(jax.tree.leaves(kernel_out[(kc, mode)]), jax.tree.leaves(out)))
                         record("agreement", {"L": t, "B": b, "K": kc, "mode": mode, "against": name, "max_rel_err": err})
-                        print(f"{_stamp()} L={t} K={kc} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
+                        print(f"{stamp()} L={t} K={kc} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
                     del out
                     record("rows", {"L": t, "B": b, "K": kc, "implementation": name, "mode": mode, "ms": sec * 1e3,
                                     "useful_TFLOP/s": tflops})
-                    print(f"{_stamp()} L={t:6d} B={b:2d} {name:11s} K={kc!s:4s} {mode:8s} {sec * 1e3:10.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+                    print(f"{stamp()} L={t:6d} B={b:2d} {name:11s} K={kc!s:4s} {mode:8s} {sec * 1e3:10.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
 
 
 def _try_time(fn, args, reps, trials) -> float:
     try:
-        return time_calls(fn, args, reps, trials)[0]
+        return time_calls(fn, [args], reps, trials)[0]
     except Exception as e:  # a tile that does not compile (e.g. out of shared memory) is no result
         print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return float("nan")
@@ -197,13 +164,13 @@ def sweep(record, t, kc, window, tokens, reps, trials) -> None:
         blocks = AttentionBlocks(block_q=bq, block_kb=bk, block_kw=bk, num_warps=warps, num_stages=stages)
         sec = _try_time(jax.jit(_impl("pallas_gpu", grid, window, blocks=blocks)), (q, k, v), reps, trials)
         record("sweep", {"mode": "fwd", "block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages, "ms": sec * 1e3})
-        print(f"{_stamp()} sweep attention fwd L={t} K={kc} bq={bq} bk={bk} warps={warps} stages={stages}: {sec * 1e3:.3f} ms", flush=True)
+        print(f"{stamp()} sweep attention fwd L={t} K={kc} bq={bq} bk={bk} warps={warps} stages={stages}: {sec * 1e3:.3f} ms", flush=True)
     bwd_configs = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
     for bqb, bkb, warps, stages in bwd_configs:
         blocks = AttentionBlocks(block_q_bwd=bqb, block_kb_bwd=bkb, block_kw_bwd=bkb, num_warps_bwd=warps, num_stages=stages)
         sec = _try_time(jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, window, blocks=blocks))), (q, k, v, do), reps, trials)
         record("sweep", {"mode": "fwd+bwd", "block_q_bwd": bqb, "block_k_bwd": bkb, "num_warps_bwd": warps, "num_stages": stages, "ms": sec * 1e3})
-        print(f"{_stamp()} sweep attention fwd+bwd L={t} K={kc} bq_bwd={bqb} bk_bwd={bkb} warps={warps} stages={stages}: "
+        print(f"{stamp()} sweep attention fwd+bwd L={t} K={kc} bq_bwd={bqb} bk_bwd={bkb} warps={warps} stages={stages}: "
               f"{sec * 1e3:.3f} ms", flush=True)
 
 
@@ -291,7 +258,7 @@ def main():
         result[key].append(item)
         if key == "rows":
             result["ratios"] = ratios(result["rows"])
-        _save(result, a.out)
+        save(result, a.out)
 
     if a.check:
         case_ids = {int(c) for c in a.check_cases.split(",")} if a.check_cases else None

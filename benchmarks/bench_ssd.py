@@ -22,25 +22,12 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import time
 
-_T0 = time.perf_counter()
-
-
-def _stamp() -> str:
-    """Seconds since start, on every progress line (compile time shows in the gaps)."""
-    return f"[{time.perf_counter() - _T0:6.1f}s]"
-
-
-def _save(result: dict, path: str) -> None:
-    """Rewritten after every measurement, so a run cut short keeps what it measured."""
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import rel_err, save, stamp, time_calls  # benchmarks/timing.py
 
 from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import pallas_gpu, reference, ssd
@@ -65,20 +52,6 @@ def _nbytes(*arrays) -> int:
     return sum(a.size * a.dtype.itemsize for a in arrays)
 
 
-def time_calls(fn, arg_sets, reps: int, trials: int):
-    """(seconds per call of jitted ``fn``, rotating over ``arg_sets`` (see module docstring), its first output)."""
-    first = jax.block_until_ready(fn(*arg_sets[0]))  # compile
-    jax.block_until_ready([fn(*a) for a in arg_sets])  # warm-up
-    means = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        outs = [fn(*arg_sets[i % len(arg_sets)]) for i in range(reps)]
-        jax.block_until_ready(outs)
-        means.append((time.perf_counter() - t0) / reps)
-        del outs
-    return statistics.median(means), first
-
-
 def copy_bandwidth(reps: int = 20) -> float:
     """Device-to-device bandwidth (bytes read + written per second) of a 2 GiB elementwise copy."""
     x = jnp.ones((1 << 30 if jax.default_backend() != "cpu" else 1 << 22,), jnp.bfloat16)
@@ -95,11 +68,6 @@ def _fwd_bwd(impl):
 
 
 # --- correctness on the device ---------------------------------------------------------
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0) -> None:
@@ -129,11 +97,11 @@ def _check_one(seed, k, o, b, t, h, g, dtype, tol) -> dict:
         y_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.ssd_sequential(*a, reset)[0]))(*args, dy)
     y, grads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid)))(*args, dy)
     poisoned = jax.jit(lambda *a: pallas_gpu._forward(*a, grid, 32, 4, False, poison=True))(*args)
-    errs = {"y": _rel(y, y_ref), "poisoned_y": _rel(poisoned, y_ref)}
-    errs.update({f"d{n}": _rel(a, r) for n, a, r in zip(("x", "dt", "A", "B", "C", "D"), grads, g_ref)})
+    errs = {"y": rel_err(y, y_ref), "poisoned_y": rel_err(poisoned, y_ref)}
+    errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip(("x", "dt", "A", "B", "C", "D"), grads, g_ref)})
     finite = all(bool(jnp.isfinite(a).all()) for a in (y, poisoned, *grads))
     ok = finite and max(errs.values()) <= tol
-    print(f"{_stamp()} check ssd {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} B={b} T={t:5d} H={h} G={g}: "
+    print(f"{stamp()} check ssd {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} B={b} T={t:5d} H={h} G={g}: "
           f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}", flush=True)
     return {"K": k, "offset": o, "B": b, "T": t, "H": h, "G": g, "dtype": jnp.dtype(dtype).name,
             "tolerance": tol, "max_rel_err": max(errs.values()), "errors": errs, "finite": finite, "ok": ok}
@@ -171,15 +139,15 @@ def bench(record, sizes, implementations, grid, dtype, reps, trials, interpret, 
                 if name == "pallas_gpu":
                     kernel_out[mode] = out
                 elif mode in kernel_out:  # same function at full size: the kernel must agree
-                    err = max(_rel(a, r) for a, r in zip(jax.tree.leaves(kernel_out[mode]), jax.tree.leaves(out)))
+                    err = max(rel_err(a, r) for a, r in zip(jax.tree.leaves(kernel_out[mode]), jax.tree.leaves(out)))
                     record("agreement", {"B": b, "L": t, "mode": mode, "against": name, "max_rel_err": err})
-                    print(f"{_stamp()} {b}x{t} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
+                    print(f"{stamp()} {b}x{t} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
                 del out
                 gbps = moved[mode] / sec / 1e9
                 row = {"B": b, "L": t, "implementation": name, "mode": mode, "ms": sec * 1e3,
                        "bytes": moved[mode], "GB/s": gbps, "fraction_of_copy_bw": gbps * 1e9 / bandwidth}
                 record("rows", row)
-                print(f"{_stamp()} {b:3d}x{t:<6d} {name:12s} {mode:8s} {sec * 1e3:9.3f} ms {gbps:8.1f} GB/s "
+                print(f"{stamp()} {b:3d}x{t:<6d} {name:12s} {mode:8s} {sec * 1e3:9.3f} ms {gbps:8.1f} GB/s "
                       f"{100 * row['fraction_of_copy_bw']:5.1f}% of copy", flush=True)
 
 
@@ -200,7 +168,7 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth) -> None:
                 print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 sec = float("nan")
             record("sweep", {"block_len": block_len, "num_warps": warps, "mode": mode, "ms": sec * 1e3})
-            print(f"{_stamp()} sweep ssd {b}x{t} L={block_len:3d} warps={warps} {mode:8s} {sec * 1e3:8.3f} ms", flush=True)
+            print(f"{stamp()} sweep ssd {b}x{t} L={block_len:3d} warps={warps} {mode:8s} {sec * 1e3:8.3f} ms", flush=True)
 
 
 def plot(result: dict, path: str) -> None:
@@ -266,7 +234,7 @@ def main():
 
     def record(key, item):
         result[key].append(item)
-        _save(result, a.out)
+        save(result, a.out)
 
     if a.check:
         case_ids = {int(c) for c in a.check_cases.split(",")} if a.check_cases else None

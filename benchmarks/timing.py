@@ -1,0 +1,48 @@
+"""What every benchmark script shares: progress stamps, incremental JSON, timing, relative error."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+
+_T0 = time.perf_counter()
+
+
+def stamp() -> str:
+    """Seconds since start, on every progress line (compile time shows in the gaps)."""
+    return f"[{time.perf_counter() - _T0:6.1f}s]"
+
+
+def save(result: dict, path: str) -> None:
+    """Rewritten after every measurement, so a run cut short keeps what it measured."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def time_calls(fn, arg_sets, reps: int, trials: int):
+    """(median over ``trials`` of the seconds per call of jitted ``fn``, its first output).
+
+    Each trial issues ``reps`` calls back to back, rotating over ``arg_sets`` (several input
+    sets keep a call's inputs out of the L2 cache left by the previous one), and waits once.
+    The first call compiles and a round over every input set warms up; neither is timed.
+    """
+    first = jax.block_until_ready(fn(*arg_sets[0]))
+    jax.block_until_ready([fn(*a) for a in arg_sets])
+    means = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        outs = [fn(*arg_sets[i % len(arg_sets)]) for i in range(reps)]
+        jax.block_until_ready(outs)
+        means.append((time.perf_counter() - t0) / reps)
+        del outs
+    return statistics.median(means), first
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, in float32."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
