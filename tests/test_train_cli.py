@@ -2,6 +2,7 @@
 evaluation command on the workdir it leaves."""
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -89,4 +90,9 @@ def test_sigterm_saves_then_the_same_command_resumes_and_evaluate_scores(tmp_pat
     total = result["results"]["total"]
     assert result["step"] == stop + 2 and result["stride"] == 16
     assert total["tokens"] == total["bytes"] == len(text.read_text()) and total["words"] == 80
-    assert 1.0 < total["token_perplexity"] < 258 and total["bits_per_byte"] > 0
+    # A model a few steps old can score worse than uniform, and how many steps it had depends on
+    # when SIGTERM landed: check the metrics are finite and consistent with the total NLL instead.
+    assert math.isfinite(total["nll"]) and total["nll"] > 0
+    assert math.isclose(total["token_perplexity"], math.exp(total["nll"] / total["tokens"]), rel_tol=1e-6)
+    assert math.isclose(total["word_perplexity"], math.exp(total["nll"] / total["words"]), rel_tol=1e-6)
+    assert math.isclose(total["bits_per_byte"], total["nll"] / total["bytes"] / math.log(2), rel_tol=1e-6)
