@@ -69,26 +69,29 @@ done
 wait "${pids[@]}" 2>/dev/null
 for m in $MODELS; do log "$m: $(cat "$WORK/runs/$m.wall.json")"; tail -2 "$WORK/runs/$m.train.log"; done
 
-log "evaluate"
+log "evaluate (every evaluation at once, several processes per GPU)"
 mapfile -t BOOKS < "$WORK/heldout_books.txt"
 i=0
 pids=()
-for m in $MODELS; do
-  gpu=$(( NGPU > 0 ? i % NGPU : 0 ))
-  ( export CUDA_VISIBLE_DEVICES=$gpu
-    python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" --text "${BOOKS[@]}" --json "$WORK/runs/$m.eval.heldout.json" > "$WORK/runs/$m.eval.log" 2>&1
-    python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" --text "$WIKI" --json "$WORK/runs/$m.eval.wiki.json" >> "$WORK/runs/$m.eval.log" 2>&1
-    if [ "$m" = attamba_k8_w8 ]; then
-      for k in 4 16; do
-        python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" --text "${BOOKS[@]}" --token-chunk $k --json "$WORK/runs/$m.eval.heldout.k$k.json" >> "$WORK/runs/$m.eval.log" 2>&1
-        python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" --text "$WIKI" --token-chunk $k --json "$WORK/runs/$m.eval.wiki.k$k.json" >> "$WORK/runs/$m.eval.log" 2>&1
-      done
-    fi ) &
+evaluate() {  # model gpu name args...
+  local m=$1 gpu=$2 name=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" \
+    --batch-size 32 --json "$WORK/runs/$m.eval.$name.json" "$@" > "$WORK/runs/$m.eval.$name.log" 2>&1 &
   pids+=($!)
-  i=$((i + 1))
+}
+for m in $MODELS; do
+  evaluate "$m" $(( NGPU > 0 ? i % NGPU : 0 )) heldout --text "${BOOKS[@]}"; i=$((i + 1))
+  evaluate "$m" $(( NGPU > 0 ? i % NGPU : 0 )) wiki --text "$WIKI"; i=$((i + 1))
+  if [ "$m" = attamba_k8_w8 ]; then
+    for k in 4 16; do
+      evaluate "$m" $(( NGPU > 0 ? i % NGPU : 0 )) heldout.k$k --text "${BOOKS[@]}" --token-chunk $k; i=$((i + 1))
+      evaluate "$m" $(( NGPU > 0 ? i % NGPU : 0 )) wiki.k$k --text "$WIKI" --token-chunk $k; i=$((i + 1))
+    done
+  fi
+  if [ "$NGPU" -eq 0 ]; then wait "${pids[@]}"; pids=(); fi
 done
 wait "${pids[@]}"
-for m in $MODELS; do grep -v Warning "$WORK/runs/$m.eval.log" | tail -4; done
+for f in "$WORK"/runs/*.eval.*.log; do echo "== $(basename "$f")"; grep -v Warning "$f" | tail -2; done
 
 log "pack"
 (cd "$WORK/runs" && tar -czf "$OUT/replication.tar.gz" ./*.json ./*.log ./*/metrics.jsonl ./*/config.yaml ./*/loss.png 2>/dev/null)
