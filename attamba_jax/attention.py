@@ -86,8 +86,7 @@ class AttambaAttention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
         dtype = jnp.dtype(cfg.dtype)
         self.wq = Dense(d, cfg.attn_dim, std=d**-0.5, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
-        self.ssm_k = Mamba2(cfg, rngs=rngs)
-        self.ssm_v = Mamba2(cfg, rngs=rngs)
+        self.ssm = Mamba2(cfg, streams=2, rngs=rngs)  # stream 0 makes the keys, stream 1 the values
         self.wo = Dense(cfg.attn_dim, d, std=d**-0.5, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
         self.window = cfg.leading_tokens
         self.pseudo_chunk = cfg.pseudo_chunk
@@ -97,24 +96,24 @@ class AttambaAttention(nnx.Module):
     def __call__(self, xn: jax.Array, grid: ChunkGrid, positions: jax.Array | None = None) -> jax.Array:
         """xn: [B, T, dim] (already normalised) -> [B, T, dim]."""
         pos = _positions(positions, xn.shape[1])
-        return self._forward(xn, grid, pos, self.ssm_k(xn, grid), self.ssm_v(xn, grid))[0]
+        return self._forward(xn, grid, pos, self.ssm(xn, grid))[0]
 
-    def _forward(self, xn, grid: ChunkGrid, pos, k_ssm, v_ssm):
-        """The parallel attention given both SSM outputs: (out [B,T,dim], post-RoPE k, v)."""
+    def _forward(self, xn, grid: ChunkGrid, pos, kv_ssm):
+        """The parallel attention given the SSM outputs: (out [B,T,dim], post-RoPE k, v)."""
         b, t, _ = xn.shape
-        q, k, v = self._qkv(xn, k_ssm, v_ssm, pos)
+        q, k, v = self._qkv(xn, kv_ssm, pos)
         if self.pseudo_chunk:
             o = causal_attention(q, k, v)
         else:
             o = chunked_attention(q, k, v, grid=grid, window=self.window, implementation=self.implementation)
         return self.wo(o.reshape(b, t, -1)), k, v
 
-    def _qkv(self, xn, k_ssm, v_ssm, pos):
-        """q [B,T,H,D], k, v [B,T,Hkv,D] from xn and the two SSM outputs; q, k rotated at ``pos``."""
+    def _qkv(self, xn, kv_ssm, pos):
+        """q [B,T,H,D], k, v [B,T,Hkv,D] from xn and the SSM outputs kv_ssm [B,T,2,dim]; q, k rotated at ``pos``."""
         b, t, _ = xn.shape
         q = self.wq(xn).reshape(b, t, self.n_heads, self.head_dim)
-        k = (k_ssm + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
-        v = (v_ssm + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
+        k = (kv_ssm[:, :, 0] + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = (kv_ssm[:, :, 1] + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
         return apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta), v
 
     # --- inference (attamba_jax.cache) -------------------------------------------------------
@@ -124,10 +123,9 @@ class AttambaAttention(nnx.Module):
 
         Returns (out [B, T, dim], cache); ``cache`` supplies the capacities only.
         """
-        k_ssm, k_state = self.ssm_k.prefill(xn, grid, lengths)
-        v_ssm, v_state = self.ssm_v.prefill(xn, grid, lengths)
-        out, k, v = self._forward(xn, grid, jnp.arange(xn.shape[1]), k_ssm, v_ssm)
-        return out, cache.fill(grid, k, v, lengths, k_state, v_state)
+        kv_ssm, state = self.ssm.prefill(xn, grid, lengths)
+        out, k, v = self._forward(xn, grid, jnp.arange(xn.shape[1]), kv_ssm)
+        return out, cache.fill(grid, k, v, lengths, state)
 
     def decode(self, xn: jax.Array, grid: ChunkGrid, positions: jax.Array, cache: AttambaLayerCache):
         """One token per row: xn [B, 1, dim] at ``positions`` [B] -> (out [B, 1, dim], cache).
@@ -136,10 +134,9 @@ class AttambaAttention(nnx.Module):
         ends a chunk) and attends to the boundaries b < t-W plus the window t-W..t.
         """
         b = xn.shape[0]
-        k_ssm, k_state = self.ssm_k.step(xn, grid, positions, cache.ssm_k)
-        v_ssm, v_state = self.ssm_v.step(xn, grid, positions, cache.ssm_v)
-        q, k, v = self._qkv(xn, k_ssm, v_ssm, positions[:, None])
-        cache = cache.append(grid, positions, k[:, 0], v[:, 0], k_state, v_state)
+        kv_ssm, state = self.ssm.step(xn, grid, positions, cache.ssm)
+        q, k, v = self._qkv(xn, kv_ssm, positions[:, None])
+        cache = cache.append(grid, positions, k[:, 0], v[:, 0], state)
         o = cached_attention(q, cache.key_sets(grid, positions, self.window))
         return self.wo(o.reshape(b, 1, -1)), cache
 

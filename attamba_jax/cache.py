@@ -4,8 +4,8 @@ Per Attamba layer l (SPEC §5, chunk resets of §3.2 on the fixed grid B_l):
 
     boundaries  post-RoPE k, v of every boundary so far, in arrival order   [B, Hkv, ⌈L/K⌉+1, D]
     window      ring of the last W+1 tokens' k, v (token t in slot t % (W+1)) [B, Hkv, W+1, D]
-    ssm_k/ssm_v scan state [B, Hs, P, N] (float32) and conv history
-                [B, conv_width-1, I+2GN] of the current chunk, for each SSM
+    ssm         scan state [B, 2·Hs, P, N] (float32) and conv history
+                [B, conv_width-1, 2·(I+2GN)] of the current chunk, the K and V SSMs stacked
 
 Decoding token t attends to the boundaries b < t-W and to the window t-W..t, which is
 exactly row t of ``chunking.attention_mask``. Because the grid never depends on the
@@ -125,25 +125,18 @@ class BoundaryKV(struct.PyTreeNode):
 class AttambaLayerCache(struct.PyTreeNode):
     boundaries: BoundaryKV
     window: KVRing
-    ssm_k: SSMState
-    ssm_v: SSMState
+    ssm: SSMState
 
-    def fill(self, grid: ChunkGrid, k, v, lengths, ssm_k: SSMState, ssm_v: SSMState) -> "AttambaLayerCache":
+    def fill(self, grid: ChunkGrid, k, v, lengths, ssm: SSMState) -> "AttambaLayerCache":
         """After a prefill: k, v [B, T, Hkv, D] post-RoPE, SSM states after each row's last token."""
         return AttambaLayerCache(
-            boundaries=self.boundaries.fill(grid, k, v, lengths),
-            window=self.window.fill(k, v, lengths),
-            ssm_k=ssm_k,
-            ssm_v=ssm_v,
+            boundaries=self.boundaries.fill(grid, k, v, lengths), window=self.window.fill(k, v, lengths), ssm=ssm
         )
 
-    def append(self, grid: ChunkGrid, positions, k, v, ssm_k: SSMState, ssm_v: SSMState) -> "AttambaLayerCache":
+    def append(self, grid: ChunkGrid, positions, k, v, ssm: SSMState) -> "AttambaLayerCache":
         """After one decode step: k, v [B, Hkv, D] of the tokens at ``positions`` [B]."""
         return AttambaLayerCache(
-            boundaries=self.boundaries.write(grid, positions, k, v),
-            window=self.window.write(positions, k, v),
-            ssm_k=ssm_k,
-            ssm_v=ssm_v,
+            boundaries=self.boundaries.write(grid, positions, k, v), window=self.window.write(positions, k, v), ssm=ssm
         )
 
     def key_sets(self, grid: ChunkGrid, positions, window: int) -> list[KeySet]:
@@ -209,15 +202,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, token_chunk: int |
     else:
         k = cfg.token_chunk if token_chunk is None else token_chunk
         inner, gn = cfg.ssm_inner_dim, cfg.ssm_groups * cfg.ssm_state_dim
-        ssm = lambda: SSMState(
-            scan=jnp.zeros((batch, cfg.ssm_heads, inner // cfg.ssm_heads, cfg.ssm_state_dim), jnp.float32),
-            conv=jnp.zeros((batch, cfg.ssm_conv_width - 1, inner + 2 * gn), dtype),
+        ssm = lambda: SSMState(  # the K and V SSMs, stacked
+            scan=jnp.zeros((batch, 2 * cfg.ssm_heads, inner // cfg.ssm_heads, cfg.ssm_state_dim), jnp.float32),
+            conv=jnp.zeros((batch, cfg.ssm_conv_width - 1, 2 * (inner + 2 * gn)), dtype),
         )
         layer = lambda: AttambaLayerCache(
             boundaries=BoundaryKV.zeros(batch, n_boundaries, heads, hd, dtype),
             window=KVRing.zeros(batch, ring, heads, hd, dtype),
-            ssm_k=ssm(),
-            ssm_v=ssm(),
+            ssm=ssm(),
         )
     layers = tuple(layer() for _ in range(cfg.n_layers))
     return Cache(layers=layers, positions=jnp.zeros((batch,), jnp.int32), token_chunk=k, max_len=max_len)

@@ -1,12 +1,20 @@
-"""The Mamba-2 SSM that produces Attamba's keys (and, separately, values).
+"""The chunk-reset Mamba-2 SSMs that produce Attamba's keys and values.
 
-    [z | x | B | C | dt] = u @ W_in                    widths I, I, G·N, G·N, Hs
+Per SSM (stream) s — Attamba runs two, one for K and one for V, with separate weights:
+
+    [z | x | B | C | dt] = u @ W_in[s]                 widths I, I, G·N, G·N, Hs
     x, B, C = silu(causal_depthwise_conv(x, B, C))      restarts at every chunk start
     y = SSD(x, dt=softplus(dt [+ dt_bias]), A=-exp(A_log), B, C, D)   restarts likewise
-    out = W_out(RMSNorm(y * silu(z)))                   I -> dim
+    out[s] = W_out[s](RMSNorm(y * silu(z)))             I -> dim
 
 State and conv history restart at the start of every chunk of the layer's grid, so
 the output at a boundary summarises exactly the chunk that ends there.
+
+The S streams are independent SSMs computed side by side: one ``in_proj`` matmul whose
+columns are stream-major, one conv over S·(I+2GN) channels, one SSD call over S·Hs heads
+and S·G groups (head s·Hs+h reads group s·G + h//(Hs/G), i.e. its own stream's B and C),
+one grouped RMSNorm over S·G groups and one batched ``out_proj``. That is the same math
+as S separate modules in a fraction of the kernel launches.
 """
 
 from __future__ import annotations
@@ -27,10 +35,10 @@ from pallas_kernels.ssd.reference import ssd_sequential
 
 
 class SSMState(NamedTuple):
-    """What one chunk-reset SSM carries between decode steps (SPEC §5)."""
+    """What the chunk-reset SSMs carry between decode steps (SPEC §5), streams stacked."""
 
-    scan: jax.Array  # [B, Hs, P, N] float32: the scan state of the current chunk
-    conv: jax.Array  # [B, conv_width-1, I+2GN]: raw conv inputs of the current chunk, zero before it
+    scan: jax.Array  # [B, S·Hs, P, N] float32: the scan state of the current chunk
+    conv: jax.Array  # [B, conv_width-1, S·(I+2GN)]: raw conv inputs of the current chunk, zero before it
 
 
 def chunk_causal_conv(x: jax.Array, weight: jax.Array, position_in_chunk: jax.Array) -> jax.Array:
@@ -56,31 +64,38 @@ def _inverse_softplus(y: jax.Array) -> jax.Array:
 
 
 class Mamba2(nnx.Module):
-    """One chunk-reset Mamba-2 SSM, ``dim -> dim``."""
+    """``streams`` independent chunk-reset Mamba-2 SSMs of one input: ``dim -> [streams, dim]``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, streams: int = 1, rngs: nnx.Rngs):
         d, inner = cfg.dim, cfg.ssm_inner_dim
+        self.streams = streams
         self.inner, self.state, self.heads, self.groups = inner, cfg.ssm_state_dim, cfg.ssm_heads, cfg.ssm_groups
         dtype = jnp.dtype(cfg.dtype)
         conv_ch = inner + 2 * self.groups * self.state
-        self.in_proj = Dense(d, 2 * inner + 2 * self.groups * self.state + self.heads, std=d**-0.5, axes=("embed", "ssm_inner"), dtype=dtype, rngs=rngs)
-        self.conv_weight = nnx.Param(truncated_normal(rngs.params(), (conv_ch, cfg.ssm_conv_width), 0.5), logical_axes=("ssm_inner", None))
-        a = jax.random.uniform(rngs.params(), (self.heads,), jnp.float32, cfg.ssm_a_init_min, cfg.ssm_a_init_max)
+        width = 2 * inner + 2 * self.groups * self.state + self.heads
+        heads = streams * self.heads
+        self.in_proj = Dense(d, streams * width, std=d**-0.5, axes=("embed", "ssm_inner"), dtype=dtype, rngs=rngs)
+        self.conv_weight = nnx.Param(truncated_normal(rngs.params(), (streams * conv_ch, cfg.ssm_conv_width), 0.5), logical_axes=("ssm_inner", None))
+        a = jax.random.uniform(rngs.params(), (heads,), jnp.float32, cfg.ssm_a_init_min, cfg.ssm_a_init_max)
         self.A_log = nnx.Param(jnp.log(a), logical_axes=("ssm_heads",))
-        self.D = nnx.Param(jnp.ones((self.heads,), jnp.float32), logical_axes=("ssm_heads",))
+        self.D = nnx.Param(jnp.ones((heads,), jnp.float32), logical_axes=("ssm_heads",))
         if cfg.ssm_dt_bias:
             # Mamba-2's dt initialisation: log-uniform in [1e-3, 0.1], floored at 1e-4.
-            u = jax.random.uniform(rngs.params(), (self.heads,), jnp.float32)
+            u = jax.random.uniform(rngs.params(), (heads,), jnp.float32)
             dt = jnp.maximum(jnp.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)), 1e-4)
             self.dt_bias = nnx.Param(_inverse_softplus(dt), logical_axes=("ssm_heads",))
         else:
             self.dt_bias = None
-        self.norm = RMSNorm(inner, eps=cfg.norm_eps, axis_name="ssm_inner", groups=self.groups)
-        self.out_proj = Dense(inner, d, std=inner**-0.5, axes=("ssm_inner", "embed"), dtype=dtype, rngs=rngs)
+        # Grouped over S·G groups of I/G channels: each stream's groups are normalised alone.
+        self.norm = RMSNorm(streams * inner, eps=cfg.norm_eps, axis_name="ssm_inner", groups=streams * self.groups)
+        self.out_proj = nnx.Param(
+            truncated_normal(rngs.params(), (streams, inner, d), inner**-0.5), logical_axes=(None, "ssm_inner", "embed")
+        )
+        self.dtype = dtype
         self.implementation = cfg.ssm_implementation
 
     def __call__(self, u: jax.Array, grid: ChunkGrid) -> jax.Array:
-        """u: [B, T, dim] -> [B, T, dim], restarting at every chunk start of ``grid``."""
+        """u: [B, T, dim] -> [B, T, streams, dim], restarting at every chunk start of ``grid``."""
         return self._forward(u, grid)[0]
 
     def _forward(self, u: jax.Array, grid: ChunkGrid):
@@ -95,34 +110,36 @@ class Mamba2(nnx.Module):
     # --- the pieces shared by the parallel forward, prefill and decode ------------------
 
     def _in_projection(self, u: jax.Array):
-        """u [B, T, dim] -> z [B, T, I], xbc [B, T, I+2GN] (pre-conv), dt [B, T, Hs] (f32, softplus)."""
+        """u [B, T, dim] -> z [B, T, S·I], xbc [B, T, S·(I+2GN)] (pre-conv), dt [B, T, S·Hs] (f32, softplus)."""
+        b, t, _ = u.shape
         inner, gn = self.inner, self.groups * self.state
-        zxbcdt = self.in_proj(u)  # [B, T, 2I + 2GN + Hs]
+        zxbcdt = self.in_proj(u).reshape(b, t, self.streams, -1)  # [B, T, S, 2I + 2GN + Hs]
         z, xbc, dt = jnp.split(zxbcdt, [inner, 2 * inner + 2 * gn], axis=-1)
-        dt = dt.astype(jnp.float32)
+        dt = dt.reshape(b, t, -1).astype(jnp.float32)
         if self.dt_bias is not None:
             dt = dt + self.dt_bias[...]
-        return z, xbc, jax.nn.softplus(dt)
+        return z.reshape(b, t, -1), xbc.reshape(b, t, -1), jax.nn.softplus(dt)
 
     def _conv(self, xbc: jax.Array, position: jax.Array):
-        """Chunk-causal conv + silu, split into the SSD inputs x [B,T,Hs,P], B and C [B,T,G,N]."""
+        """Chunk-causal conv + silu, split into the SSD inputs x [B,T,S·Hs,P], B and C [B,T,S·G,N]."""
         b, t, _ = xbc.shape
         inner, gn = self.inner, self.groups * self.state
         xbc = jax.nn.silu(chunk_causal_conv(xbc, self.conv_weight[...].astype(xbc.dtype), position))
-        x, B, C = jnp.split(xbc, [inner, inner + gn], axis=-1)
+        x, B, C = jnp.split(xbc.reshape(b, t, self.streams, -1), [inner, inner + gn], axis=-1)
         return (
-            x.reshape(b, t, self.heads, inner // self.heads),
-            B.reshape(b, t, self.groups, self.state),
-            C.reshape(b, t, self.groups, self.state),
+            x.reshape(b, t, self.streams * self.heads, inner // self.heads),
+            B.reshape(b, t, self.streams * self.groups, self.state),
+            C.reshape(b, t, self.streams * self.groups, self.state),
         )
 
     def _A(self) -> jax.Array:
         return -jnp.exp(self.A_log[...])
 
     def _gated_output(self, y: jax.Array, z: jax.Array) -> jax.Array:
-        """y [B, T, Hs, P], z [B, T, I] -> out_proj(RMSNorm(y * silu(z))) [B, T, dim]."""
+        """y [B, T, S·Hs, P], z [B, T, S·I] -> out_proj[s](RMSNorm(y * silu(z))[s]) [B, T, S, dim]."""
         b, t = z.shape[:2]
-        return self.out_proj(self.norm(y.reshape(b, t, self.inner) * jax.nn.silu(z)))
+        gated = self.norm(y.reshape(b, t, -1) * jax.nn.silu(z)).reshape(b, t, self.streams, self.inner)
+        return jnp.einsum("btsi,sid->btsd", gated.astype(self.dtype), self.out_proj[...].astype(self.dtype))
 
     # --- inference -----------------------------------------------------------------------
 
@@ -133,7 +150,7 @@ class Mamba2(nnx.Module):
           u: [B, T, dim]; row i holds ``lengths[i]`` (>= 1) real tokens at positions 0..L_i-1.
 
         Returns:
-          out [B, T, dim] (equal to ``__call__``) and the state after token L_i - 1: the
+          out [B, T, S, dim] (equal to ``__call__``) and the state after token L_i - 1: the
           scan state and conv history of that token's chunk.
         """
         b, t, _ = u.shape
@@ -159,7 +176,7 @@ class Mamba2(nnx.Module):
         return out, SSMState(scan=scan, conv=conv.astype(xbc.dtype))
 
     def step(self, u: jax.Array, grid: ChunkGrid, positions: jax.Array, state: SSMState) -> tuple[jax.Array, SSMState]:
-        """One token per row: u [B, 1, dim] at ``positions`` [B] -> out [B, 1, dim], new state.
+        """One token per row: u [B, 1, dim] at ``positions`` [B] -> out [B, 1, S, dim], new state.
 
         A token that starts a chunk (t = 0 or t-1 a boundary) starts from the zero state.
         """

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import chex
 import pytest
 from flax import nnx
 
@@ -51,10 +52,48 @@ def test_ssm_outputs_change_only_inside_the_touched_chunk():
         run = nnx.jit(lambda m, x: m(x, grid))
         base = run(ssm, u)
         for t in (0, 1, 2, 3, 9, 22):
-            delta = np.asarray(jnp.abs(run(ssm, u.at[:, t].add(1.0)) - base).max(axis=(0, 2)))
+            delta = np.asarray(jnp.abs(run(ssm, u.at[:, t].add(1.0)) - base).max(axis=(0, 2, 3)))
             changed = delta > 1e-6
             expect = (cid == cid[t]) & (np.arange(T) >= t)
             np.testing.assert_array_equal(changed, expect, err_msg=f"{impl}, token {t}")
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_stacked_ssm_streams_equal_separate_ssms(groups):
+    # Given one Mamba2 module of two streams (how Attamba computes its K and V SSMs), when
+    # each stream's weights are copied into a single-stream module, then that module's
+    # output equals the stream's output, forward and gradient: stacking is only a layout.
+    cfg = dataclasses.replace(SMALL, token_chunk=5, ssm_groups=groups, ssm_dt_bias=True)
+    fused = Mamba2(cfg, streams=2, rngs=nnx.Rngs(1))
+    grid = ChunkGrid(5, 3)
+    u = jax.random.normal(jax.random.key(2), (2, 21, cfg.dim))
+    conv_ch = cfg.ssm_inner_dim + 2 * groups * cfg.ssm_state_dim
+    width = conv_ch + cfg.ssm_inner_dim + cfg.ssm_heads
+    hs, inner = cfg.ssm_heads, cfg.ssm_inner_dim
+
+    def stream(s):
+        single = Mamba2(cfg, rngs=nnx.Rngs(7))
+        single.in_proj.kernel[...] = fused.in_proj.kernel[:, s * width : (s + 1) * width]
+        single.conv_weight[...] = fused.conv_weight[s * conv_ch : (s + 1) * conv_ch]
+        for name in ("A_log", "D", "dt_bias"):
+            getattr(single, name)[...] = getattr(fused, name)[s * hs : (s + 1) * hs]
+        single.norm.weight[...] = jax.random.normal(jax.random.key(s), (inner,))
+        fused.norm.weight[...] = fused.norm.weight[...].at[s * inner : (s + 1) * inner].set(single.norm.weight[...])
+        single.out_proj[...] = fused.out_proj[s : s + 1]
+        return single
+
+    singles = [stream(0), stream(1)]
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x, grid)))
+    for impl in ("sequential", "chunked"):
+        for m in (fused, *singles):
+            m.implementation = impl
+        out = fused(u, grid)
+        chex.assert_shape(out, (2, 21, 2, cfg.dim))
+        grad = jax.grad(lambda x: loss(fused, x))(u)
+        grad_singles = sum(jax.grad(lambda x, m=m: loss(m, x))(u) for m in singles)
+        for s, single in enumerate(singles):
+            assert_close(out[:, :, s], single(u, grid)[:, :, 0], 1e-5)
+        assert_close(grad, grad_singles, 1e-5)
 
 
 @pytest.mark.parametrize(

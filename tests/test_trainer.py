@@ -84,10 +84,10 @@ def test_weight_decay_skips_norms_and_ssm_scalars():
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
     skipped = sorted(k for k, decays in flat.items() if not decays)
     assert all(any(s in k for s in ("A_log", "'D'", "dt_bias", "norm']")) for k in skipped), skipped
-    assert sum("A_log" in k for k in skipped) == sum("dt_bias" in k for k in skipped) == 2 * 2 * 1  # layers x (k, v)
+    assert sum("A_log" in k for k in skipped) == sum("dt_bias" in k for k in skipped) == 2  # layers (K and V SSMs stacked)
     assert any("['norm']['weight']" == k[: len("['norm']['weight']")] for k in skipped)  # the final norm
     decayed = [k for k, decays in flat.items() if decays]
-    assert all("kernel" in k or "embedding" in k or "conv_weight" in k for k in decayed), decayed
+    assert all("kernel" in k or "embedding" in k or "conv_weight" in k or "out_proj" in k for k in decayed), decayed
 
 
 def test_schedule_warms_up_linearly_then_decays_to_min_ratio():
@@ -117,7 +117,9 @@ def test_grad_accumulation_gives_the_same_step():
     (s1, m1), (s2, m2) = results
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-    chex.assert_trees_all_close(s1["params"], s2["params"], rtol=1e-5, atol=1e-7)
+    # Adam's first update is lr·g/(|g|+eps): where |g| is near eps, float32 rounding of g
+    # (summation order) moves the update by a small fraction of lr, so atol is ~1e-3·lr.
+    chex.assert_trees_all_close(s1["params"], s2["params"], rtol=1e-5, atol=1e-3 * cfg.optim.lr)
 
 
 def test_flops_count_what_attamba_attends_to():
