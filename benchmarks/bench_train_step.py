@@ -9,6 +9,10 @@ times it on synthetic token batches: warm-up steps, then timed steps closed by
 with the XLA paths (``chunked`` SSD + ``compressed`` attention) for comparison. MFU uses the
 trainer's honest FLOP count (``flops.train_flops_per_token``: 6·matmul params + the attention
 a query really computes) over the device's data-sheet bf16 peak.
+
+``--profile-shapes 16x1024`` also traces a few steps of those cases with the JAX profiler and
+prints (and stores in the JSON) where the device time goes, kernel by kernel
+(``benchmarks/trace_summary.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -27,6 +32,7 @@ from attamba_jax.config import load_config
 from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
 from attamba_jax.model import count_params, init_model
 from attamba_jax.trainer import make_optimizer, make_train_step
+import trace_summary  # benchmarks/trace_summary.py
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = {
@@ -39,7 +45,7 @@ SHAPES = [(16, 1024), (64, 1024), (4, 4096), (1, 16384), (1, 32768)]
 XLA_SHAPES = {(16, 1024), (1, 16384)}
 
 
-def time_case(model: str, batch: int, length: int, warmup: int, reps: int) -> dict:
+def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profile_steps: int = 0) -> dict:
     path, overrides = MODELS[model]
     cfg = load_config(ROOT / path, ["model.dtype=bfloat16"]).model
     cfg = dataclasses.replace(cfg, **overrides)
@@ -64,13 +70,21 @@ def time_case(model: str, batch: int, length: int, warmup: int, reps: int) -> di
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     ms = 1e3 * float(np.median(times))
+    profile = None
+    if profile_steps:
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                for _ in range(profile_steps):
+                    state, metrics = step(state, data)
+                jax.block_until_ready(metrics)
+            profile = trace_summary.kernel_table(trace_dir, profile_steps)
     tokens_per_step = batch * length
     flops = train_flops_per_token(cfg, n_params, length) * tokens_per_step
     peak = peak_flops_per_device(jax.devices()[0].device_kind, "bfloat16", None)
     return {
         "model": model, "batch": batch, "length": length, "params": n_params, "step_ms": ms,
         "tokens_per_s": tokens_per_step / (ms / 1e3), "mfu": (flops / (ms / 1e3) / peak) if peak else None,
-        "compile_s": compile_s, "loss": float(metrics["loss"]),
+        "compile_s": compile_s, "loss": float(metrics["loss"]), "profile": profile,
     }
 
 
@@ -108,11 +122,14 @@ def main():
     parser.add_argument("--plot", nargs="+", metavar="JSON", help="only draw step time vs L from these result files")
     parser.add_argument("--png", default="train_step.png")
     parser.add_argument("--deadline", type=float, default=1e9, help="stop starting new cases after this many seconds")
+    parser.add_argument("--profile-shapes", default="", help="BxL,... whose cases are also traced, kernel by kernel")
+    parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args()
     if args.plot:
         plot(args.plot, args.png)
         return
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    parse = lambda text: [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s]
+    shapes, profiled = parse(args.shapes), set(parse(args.profile_shapes))
     start = time.perf_counter()
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": []}
     print(f"{'model':<12} {'B':>3} {'L':>6} {'step ms':>9} {'tokens/s':>11} {'MFU':>6}", flush=True)
@@ -124,13 +141,16 @@ def main():
                 print(f"deadline reached: skipped {model} B{batch} L{length}", flush=True)
                 continue
             try:
-                r = time_case(model, batch, length, args.warmup, args.reps)
+                steps = args.profile_steps if (batch, length) in profiled else 0
+                r = time_case(model, batch, length, args.warmup, args.reps, steps)
             except Exception as e:  # a case that does not fit or compile is reported, not fatal
                 r = {"model": model, "batch": batch, "length": length, "error": f"{type(e).__name__}: {e}"[:300]}
                 print(f"{model:<12} {batch:>3} {length:>6} ERROR {r['error']}", flush=True)
             else:
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
                 print(f"{model:<12} {batch:>3} {length:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,.0f} {mfu:>6}", flush=True)
+                if r["profile"]:
+                    print(trace_summary.format_table(r["profile"], f"  {model} B{batch} L{length}"), flush=True)
             results["cases"].append(r)
             pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
     # ratios within this run
