@@ -4,8 +4,9 @@
 #
 #   1. unpack the books; tokenize them once with the carried 32k SentencePiece model (prepare),
 #      holding out whole books (HELDOUT, by a hash of the file name);
-#   2. train every model of MODELS at once, model i on GPU i (CUDA_VISIBLE_DEVICES), each for
-#      STEPS steps of the paper's batch (16 x 1024) and recipe with warmup scaled to STEPS/12;
+#   2. train every model of MODELS at once, model i on GPU i mod #GPUs (CUDA_VISIBLE_DEVICES), up
+#      to PER_GPU models sharing one GPU, each for STEPS steps of the paper's batch (16 x 1024)
+#      and recipe with warmup scaled to STEPS/12;
 #   3. evaluate every model on the held-out books and on WikiText-2 raw test (token / word
 #      perplexity, bits per byte), and Attamba K=8 also at K=4 and K=16 (test-time chunk sweep);
 #   4. pack metrics, evaluations and configs into $OUT/replication.tar.gz for
@@ -20,6 +21,7 @@ TOKENIZER=${TOKENIZER:-.data/gutenberg-32k.model}
 WIKI=${WIKI:-.data/wiki.test.raw}
 MODELS=${MODELS:-"attamba_k8_w8 transformer_isokv8 transformer_isoparam attamba_k4_w32"}
 STEPS=${STEPS:-12000}
+PER_GPU=${PER_GPU:-1}              # models trained at once on one GPU (they share it)
 HELDOUT=${HELDOUT:-0.02}
 TRAIN_LIMIT=${TRAIN_LIMIT:-540}   # seconds a training run may take before it is stopped (SIGTERM saves)
 EXTRA=${EXTRA:-}
@@ -47,24 +49,25 @@ for path in sorted(glob.glob(os.path.join(work, "gutenberg/books/*.txt"))):
 EOF
 log "held-out books: $(wc -l < "$WORK/heldout_books.txt")"
 
-log "train ${MODELS} for ${STEPS} steps each"
+log "train ${MODELS} for ${STEPS} steps each, ${PER_GPU} per GPU at once"
 WARMUP=$(( STEPS / 12 > 1 ? STEPS / 12 : 1 ))
+SLOTS=$(( NGPU > 0 ? NGPU * PER_GPU : 1 ))
+MEM_FRACTION=$(python3 -c "print(round(0.9 / $PER_GPU, 2))")
 i=0
 pids=()
 for m in $MODELS; do
   gpu=$(( NGPU > 0 ? i % NGPU : 0 ))
-  ( export CUDA_VISIBLE_DEVICES=$gpu
+  ( export CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION
     start=$SECONDS
     timeout -s TERM "$TRAIN_LIMIT" python3 train.py --no-progress --config "configs/paper/$m.yaml" --workdir "$WORK/runs/$m" \
       "data.train=[$WORK/gut.train.bin]" "data.eval=[$WORK/gut.heldout.bin]" "data.tokenizer=$TOKENIZER" \
       "train.steps=$STEPS" "optim.warmup_steps=$WARMUP" "train.log_every=$(( STEPS / 60 > 1 ? STEPS / 60 : 1 ))" \
       "train.eval_every=$(( STEPS / 6 > 1 ? STEPS / 6 : 1 ))" "train.checkpoint_every=$STEPS" $EXTRA > "$WORK/runs/$m.train.log" 2>&1
-    echo "{\"model\": \"$m\", \"exit\": $?, \"wall_s\": $(( SECONDS - start ))}" > "$WORK/runs/$m.wall.json" ) &
+    echo "{\"model\": \"$m\", \"exit\": $?, \"wall_s\": $(( SECONDS - start )), \"gpus\": $NGPU, \"per_gpu\": $PER_GPU}" > "$WORK/runs/$m.wall.json" ) &
   pids+=($!)
   i=$((i + 1))
-  # with fewer GPUs than models, run one wave per GPU count
-  if [ "$NGPU" -gt 0 ] && [ $(( i % NGPU )) -eq 0 ]; then wait "${pids[@]}"; pids=(); fi
-  if [ "$NGPU" -eq 0 ]; then wait "${pids[@]}"; pids=(); fi
+  # more models than slots: one wave per SLOTS models
+  if [ $(( i % SLOTS )) -eq 0 ]; then wait "${pids[@]}"; pids=(); fi
 done
 wait "${pids[@]}" 2>/dev/null
 for m in $MODELS; do log "$m: $(cat "$WORK/runs/$m.wall.json")"; tail -2 "$WORK/runs/$m.train.log"; done
