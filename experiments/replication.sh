@@ -78,7 +78,7 @@ i=0
 pids=()
 evaluate() {  # model gpu name args...
   local m=$1 gpu=$2 name=$3; shift 3
-  CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" \
+  CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 python3 -m attamba_jax.evaluate --workdir "$WORK/runs/$m" \
     --batch-size 32 --json "$WORK/runs/$m.eval.$name.json" "$@" > "$WORK/runs/$m.eval.$name.log" 2>&1 &
   pids+=($!)
 }
