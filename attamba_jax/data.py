@@ -63,7 +63,11 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """One file of a source list. kind: text | jsonl | bin; key: stable name for the split."""
+    """One file of a source list. kind: text | jsonl | bin; key: stable name for the split.
+
+    The key of a file is its name without the directory, so the held-out split does not
+    depend on where a corpus is unpacked (the stdlib's: its path below the stdlib root).
+    """
 
     kind: Literal["text", "jsonl", "bin"]
     path: pathlib.Path
@@ -97,7 +101,7 @@ def expand_sources(patterns: Sequence[str], what: str) -> list[Source]:
         for m in matches:
             suffix = pathlib.Path(m).suffix
             kind = "bin" if suffix == ".bin" else "jsonl" if suffix == ".jsonl" else "text"
-            out.append(Source(kind, pathlib.Path(m), m))
+            out.append(Source(kind, pathlib.Path(m), pathlib.Path(m).name))
     return out
 
 

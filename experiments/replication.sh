@@ -44,7 +44,7 @@ import glob, os, sys
 from attamba_jax.data import is_heldout
 work, fraction = sys.argv[1], float(sys.argv[2])
 for path in sorted(glob.glob(os.path.join(work, "gutenberg/books/*.txt"))):
-    if is_heldout(path, fraction):
+    if is_heldout(os.path.basename(path), fraction):  # the key prepare used: the file's name
         print(path)
 EOF
 log "held-out books: $(wc -l < "$WORK/heldout_books.txt")"

@@ -137,7 +137,7 @@ def test_jsonl_and_text_sources_and_heldout_split(tmp_path):
     (tmp_path / "all.jsonl").write_text("\n".join(lines[:20]) + "\n\n" + "\n".join(lines[20:]) + "\n")
     cfg = DataConfig(train=(str(tmp_path / "all.jsonl"),), heldout_fraction=0.3, seq_len=16, batch_size=4)
     corpus = data.load_corpus(cfg, BYTE, VOCAB)
-    keys = [f"{tmp_path / 'all.jsonl'}:{i + 1 + (i >= 20)}" for i in range(40)]  # the blank line shifts numbering
+    keys = [f"all.jsonl:{i + 1 + (i >= 20)}" for i in range(40)]  # the blank line shifts numbering
     held = [t for k, t in zip(keys, texts) if data.is_heldout(k, 0.3)]
     kept = [t for k, t in zip(keys, texts) if not data.is_heldout(k, 0.3)]
     assert 0 < len(held) < 40
@@ -147,6 +147,19 @@ def test_jsonl_and_text_sources_and_heldout_split(tmp_path):
     cfg = DataConfig(train=(str(tmp_path / "doc0*.txt"),), eval=(str(tmp_path / "doc1*.txt"),), seq_len=16, batch_size=4)
     corpus = data.load_corpus(cfg, BYTE, VOCAB)
     np.testing.assert_array_equal(corpus.heldout.read(0, len(corpus.heldout)), _stream_of(texts[10:20]))
+
+
+def test_heldout_split_does_not_depend_on_the_directory(tmp_path):
+    # Given the same books unpacked in two places, the same books are held out.
+    for where in ("a", "b/deeper"):
+        (tmp_path / where).mkdir(parents=True)
+    texts = _write_docs(tmp_path / "a", n=60)
+    _write_docs(tmp_path / "b" / "deeper", n=60)
+    held = {
+        where: [data.is_heldout(f.key, 0.2) for f in data.expand_sources([str(tmp_path / where / "doc*.txt")], "x")]
+        for where in ("a", "b/deeper")
+    }
+    assert held["a"] == held["b/deeper"] and 0 < sum(held["a"]) < len(texts)
 
 
 def test_stdlib_corpus_is_found_and_split_deterministically():
