@@ -1,12 +1,14 @@
 """Turn the results of ``experiments/replication.sh`` into a table and loss curves.
 
-    python experiments/summarize.py RESULTS_DIR --png docs/results_loss.png > table.md
+    python experiments/summarize.py RESULTS_DIR[=LABEL] [RESULTS_DIR=LABEL ...] --png docs/results_loss.png > table.md
 
-RESULTS_DIR is the unpacked ``replication.tar.gz``: per model ``<name>/metrics.jsonl``,
+Each RESULTS_DIR is an unpacked ``replication.tar.gz``: per model ``<name>/metrics.jsonl``,
 ``<name>/config.yaml``, ``<name>.wall.json`` and ``<name>.eval.{heldout,wiki}[.kK].json``.
 Prints one Markdown table: model, parameters, KV-cache bytes per token at L=1024 (what a
 decoder holds, ``cache.formula_bytes``), tokens seen, training wall time, and token / word
-perplexity and bits per byte on the held-out books and on WikiText-2 raw test.
+perplexity and bits per byte on the held-out books and on WikiText-2 raw test. Several
+directories (e.g. one per learning rate) give one table each, titled by LABEL, and one panel
+each in the PNG.
 """
 
 from __future__ import annotations
@@ -54,36 +56,44 @@ def summarize(root: pathlib.Path) -> tuple[str, dict[str, list[dict]]]:
     return "\n".join(rows), curves
 
 
-def plot(curves: dict[str, list[dict]], png: str):
+def plot(groups: dict[str, dict[str, list[dict]]], png: str):
+    """One panel per group: train loss (lines) and held-out loss (markers) against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, metrics in curves.items():
-        train = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "train"]
-        held = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "eval"]
-        line = ax.plot(*zip(*train), label=f"{name} (train)", alpha=0.8)[0] if train else None
-        if held:
-            ax.plot(*zip(*held), "o--", color=line.get_color() if line else None, label=f"{name} (held-out)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False, sharey=True)
+    for ax, (label, curves) in zip(axes[0], groups.items()):
+        for name, metrics in curves.items():
+            train = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "train"]
+            held = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "eval"]
+            line = ax.plot(*zip(*train), label=f"{name} (train)", alpha=0.8)[0] if train else None
+            if held:
+                ax.plot(*zip(*held), "o--", color=line.get_color() if line else None, label=f"{name} (held-out)")
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", type=pathlib.Path)
+    parser.add_argument("results", nargs="+", help="RESULTS_DIR or RESULTS_DIR=LABEL")
     parser.add_argument("--png", default="results_loss.png")
     args = parser.parse_args()
-    table, curves = summarize(args.results)
-    print(table)
-    plot(curves, args.png)
+    groups = {}
+    for entry in args.results:
+        root, _, label = entry.partition("=")
+        table, groups[label or root] = summarize(pathlib.Path(root))
+        if len(args.results) > 1:
+            print(f"\n**{label or root}**\n")
+        print(table)
+    plot(groups, args.png)
 
 
 if __name__ == "__main__":
