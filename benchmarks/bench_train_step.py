@@ -122,6 +122,7 @@ def main():
     parser.add_argument("--plot", nargs="+", metavar="JSON", help="only draw step time vs L from these result files")
     parser.add_argument("--png", default="train_step.png")
     parser.add_argument("--deadline", type=float, default=1e9, help="stop starting new cases after this many seconds")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(MODELS)} to time")
     parser.add_argument("--profile-shapes", default="", help="BxL,... whose cases are also traced, kernel by kernel")
     parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args()
@@ -134,7 +135,7 @@ def main():
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": []}
     print(f"{'model':<12} {'B':>3} {'L':>6} {'step ms':>9} {'tokens/s':>11} {'MFU':>6}", flush=True)
     for batch, length in shapes:
-        for model in ("attamba", "transformer", "attamba-xla"):
+        for model in args.models.split(","):
             if model == "attamba-xla" and (batch, length) not in XLA_SHAPES:
                 continue
             if time.perf_counter() - start > args.deadline:

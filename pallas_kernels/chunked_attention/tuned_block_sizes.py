@@ -9,7 +9,7 @@ import dataclasses
 class AttentionBlocks:
     """Query / key tile lengths (powers of two >= 16 on GPU, multiples of 8 on TPU)."""
 
-    block_q: int = 128  # forward and dq: queries per program
+    block_q: int = 64  # forward and dq: queries per program
     block_kb: int = 64  # forward and dq: boundary keys per step
     block_kw: int = 64  # forward and dq: window keys per step
     block_q_bwd: int = 64  # dk/dv: queries per step
@@ -17,10 +17,12 @@ class AttentionBlocks:
     block_kw_bwd: int = 64  # dk/dv: window keys per program
     num_warps: int = 4  # GPU only
     num_warps_bwd: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def attention_gpu_blocks(token_chunk: int, window: int, head_dim: int) -> AttentionBlocks:
+    """The defaults: the best forward and backward tiles of the H200 sweep at L=64k, K=8, D=64
+    (``bench_attention.py --sweep 65536,8``; BENCHMARKS.md)."""
     del token_chunk, window, head_dim
     return AttentionBlocks()
 
