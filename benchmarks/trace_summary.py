@@ -6,7 +6,7 @@
 
 Reads the Perfetto (Chrome trace-event) JSON that ``jax.profiler.trace`` writes and sums the
 duration of every complete event on the device's processes (``/device:GPU:0`` ...; on a CPU,
-where no device process exists, the XLA executor threads of ``/host:CPU``), grouped by
+where no device process exists, the kernels on the XLA threads of ``/host:CPU``), grouped by
 kernel name. Durations are the profiler's own kernel timestamps (CUPTI on a GPU).
 """
 
@@ -45,8 +45,9 @@ def device_events(events: list[dict]) -> list[dict]:
     if devices:
         return [e for e in events if e.get("ph") == "X" and e["pid"] in devices]
     threads = {(e["pid"], e["tid"]) for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name" and "XLA" in e["args"]["name"] and "Client" not in e["args"]["name"]}
-    return [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in threads]
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and "XLA" in e["args"]["name"]}
+    runtime = lambda name: "::" in name or name.startswith(("$", "end:"))  # executor bookkeeping, not kernels
+    return [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in threads and not runtime(e["name"])]
 
 
 def kernel_table(trace_dir: str | pathlib.Path, steps: int, top: int = 25) -> dict:

@@ -1,0 +1,57 @@
+"""benchmarks/trace_summary.py: per-kernel device time from a JAX profiler trace."""
+
+import gzip
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+import trace_summary  # noqa: E402
+
+
+def _write_trace(root: pathlib.Path, events: list[dict]):
+    path = root / "plugins" / "profile" / "run" / "perfetto_trace.json.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_device_kernels_are_summed_by_name_and_family(tmp_path):
+    # Given a GPU-like trace (a device process beside the host), only the device's kernels
+    # count, summed per name and per family, per step.
+    meta = lambda pid, name: {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+    kernel = lambda pid, name, dur: {"ph": "X", "pid": pid, "tid": 1, "ts": 0, "dur": dur, "name": name}
+    _write_trace(tmp_path, [
+        meta(1, "/host:CPU"), meta(2, "/device:GPU:0"),
+        kernel(1, "PjitFunction(step)", 5000.0),
+        kernel(2, "ssd_fwd", 100.0), kernel(2, "ssd_bwd", 300.0),
+        kernel(2, "nvjet_sm90_tst_128x160", 400.0), kernel(2, "loop_add_fusion_3", 200.0),
+        kernel(2, "nvjet_sm90_tst_128x160", 400.0), kernel(2, "cudnn_generated_fort_native_sdpa", 600.0),
+    ])
+    table = trace_summary.kernel_table(tmp_path, steps=2)
+    assert table["device_ms_per_step"] == pytest.approx(1.0)
+    families = {r["name"]: r["ms_per_step"] for r in table["families"]}
+    assert families == pytest.approx({"matmul": 0.4, "cuDNN attention": 0.3, "SSD (Pallas)": 0.2, "other fusions": 0.1})
+    top = table["kernels"][0]
+    assert (top["name"], top["calls_per_step"], top["share"]) == ("nvjet_sm90_tst_128x160", 1.0, pytest.approx(0.4))
+    assert "matmul" in trace_summary.format_table(table, "step")
+
+
+def test_a_real_cpu_trace_is_read(tmp_path):
+    f = jax.jit(lambda x: jnp.sin(x @ x).sum())
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        f(x).block_until_ready()
+    table = trace_summary.kernel_table(tmp_path, steps=1)
+    assert table["device_ms_per_step"] > 0 and table["kernels"]
+    assert sum(r["share"] for r in table["families"]) == pytest.approx(1.0)
+
+
+def test_no_trace_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="perfetto_trace.json.gz"):
+        trace_summary.kernel_table(tmp_path, steps=1)
