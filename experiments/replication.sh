@@ -19,11 +19,11 @@ OUT=${OUT:-/tmp/replication_out}
 WORK=${WORK:-/tmp/replication}
 TOKENIZER=${TOKENIZER:-.data/gutenberg-32k.model}
 WIKI=${WIKI:-.data/wiki.test.raw}
-MODELS=${MODELS:-"attamba_k8_w8 transformer_isokv8 transformer_isoparam attamba_k4_w32"}
-STEPS=${STEPS:-12000}
+MODELS=${MODELS:-"attamba_k8_w8 transformer_isokv8 transformer_isoparam attamba_k4_w32 transformer_isokv4"}
+STEPS=${STEPS:-5500}                # docs/results.md: 5500 steps, 90M tokens per model
 PER_GPU=${PER_GPU:-1}              # models trained at once on one GPU (they share it)
 HELDOUT=${HELDOUT:-0.02}
-TRAIN_LIMIT=${TRAIN_LIMIT:-540}   # seconds a training run may take before it is stopped (SIGTERM saves)
+TRAIN_LIMIT=${TRAIN_LIMIT:-420}   # seconds a training run may take before it is stopped (SIGTERM saves)
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT" "$WORK/runs"
 export PYTHONUNBUFFERED=1
