@@ -96,11 +96,33 @@ def active_mesh() -> tuple[Mesh, Rules] | None:
 def spans_devices() -> bool:
     """True inside ``use_mesh`` with a mesh of more than one device.
 
-    The Pallas kernels are single-device programs (not wrapped in ``shard_map``), so
-    ``implementation="auto"`` takes the XLA paths, which XLA partitions, when this holds.
+    The Pallas kernels then run once per device on its shard (``per_shard``). Until that is
+    measured on GPUs, ``implementation="auto"`` takes the XLA paths, which XLA partitions,
+    when this holds; naming a kernel runs it sharded.
     """
     active = _ACTIVE.get()
     return active is not None and active[0].devices.size > 1
+
+
+def per_shard(fn, args: Sequence[jax.Array], axes: Sequence[Sequence[str | None] | None], out_axes: Sequence[str | None]):
+    """``fn(*args)``, run once per device on its shard of every argument under the active mesh.
+
+    For a single-device program (a Pallas kernel) whose work splits along some dimensions
+    (batch rows, heads): ``axes`` names each argument's dimensions logically (None: the
+    argument is replicated) and ``out_axes`` the output's; ``shard_map`` hands each device
+    its blocks, by the same rules and divisibility as ``constrain``. Outside a multi-device
+    mesh it is ``fn(*args)``. Gradients flow through (a replicated argument's cotangent is
+    summed over the devices).
+    """
+    if not spans_devices():
+        return fn(*args)
+    mesh, rules = _ACTIVE.get()
+    spec = lambda names, shape: PartitionSpec() if names is None else logical_to_spec(names, shape, mesh, rules)
+    in_specs = tuple(spec(names, x.shape) for names, x in zip(axes, args))
+    out_spec = spec(out_axes, jax.eval_shape(fn, *args).shape)
+    # check_vma=False: pallas_call outputs carry no varying-axes types; every output block is
+    # a function of its own devices' inputs, which the in/out specs state.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:

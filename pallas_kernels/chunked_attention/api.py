@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax
 
 from attamba_jax.chunking import ChunkGrid
-from attamba_jax.sharding import spans_devices
+from attamba_jax.sharding import active_mesh, logical_to_spec, per_shard, spans_devices
 from pallas_kernels.chunked_attention import pallas_gpu, pallas_tpu, reference, xla
 
 # ``pallas_*_interpret`` run the same kernels in the Pallas interpreter (CPU; tests, debugging).
@@ -25,7 +25,8 @@ _RUN = {
 
 def auto_implementations(backend: str | None = None) -> tuple[str, ...]:
     """What ``auto`` picks: the backend's Pallas kernel on GPU/TPU, the XLA ``compressed`` path elsewhere
-    and under a multi-device mesh (``sharding.spans_devices``: the kernels are single-device programs)."""
+    and, until the sharded kernels are measured there, under a multi-device mesh
+    (``sharding.spans_devices``). A kernel named explicitly runs per device (``_sharded``)."""
     backend = backend or jax.default_backend()
     if spans_devices():
         return ("compressed",)
@@ -66,5 +67,21 @@ def chunked_attention(
     for name in candidates:
         if name not in _RUN:
             raise ValueError(f"chunked_attention: unknown implementation {name!r}; choose from {IMPLEMENTATIONS} or 'auto'")
+        if name.startswith("pallas"):
+            return _sharded(functools.partial(_RUN[name], grid=grid, window=window), q, k, v)
         return _RUN[name](q, k, v, grid, window)
     raise ValueError("chunked_attention: empty implementation list")
+
+
+def _sharded(kernel, q, k, v):
+    """The single-device kernel once per device under a multi-device mesh (``sharding.per_shard``):
+    batch rows split like the activations, heads over ``tensor`` when the kv heads divide (query
+    head h reads kv head h // (H/Hkv), so q's heads split only together with k's and v's)."""
+    active = active_mesh()
+    kv_heads = None
+    if active is not None:
+        mesh, rules = active
+        kv_heads = "kv" if logical_to_spec(("batch", None, "kv", None), k.shape, mesh, rules)[2] is not None else None
+    q_axes = ("batch", None, "kv" if kv_heads else None, None)  # q's heads split exactly as k's
+    kv_axes = ("batch", None, kv_heads, None)
+    return per_shard(kernel, (q, k, v), (q_axes, kv_axes, kv_axes), q_axes)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attamba_jax.chunking import ChunkGrid
-from attamba_jax.sharding import spans_devices
+from attamba_jax.sharding import per_shard, spans_devices
 from pallas_kernels.ssd import pallas_gpu, pallas_tpu, reference, xla
 
 # ``pallas_*_interpret`` run the same kernels in the Pallas interpreter (CPU; tests, debugging).
@@ -28,8 +28,9 @@ _PALLAS = {
 def auto_implementations(backend: str | None = None) -> tuple[str, ...]:
     """What ``auto`` tries, in order: the backend's Pallas kernel, then the XLA paths.
 
-    Under a multi-device mesh (``sharding.spans_devices``) the XLA paths only: the kernels
-    are single-device programs.
+    Under a multi-device mesh (``sharding.spans_devices``) the XLA paths only, until the
+    sharded kernels are measured there; a kernel named explicitly runs per device
+    (``sharding.per_shard``, batch rows split like the activations).
     """
     backend = backend or jax.default_backend()
     kernel = {"gpu": ("pallas_gpu",), "cuda": ("pallas_gpu",), "tpu": ("pallas_tpu",)}.get(backend, ())
@@ -102,7 +103,9 @@ def ssd(
                 continue
             if name == "chunked":
                 return xla.ssd_chunked(x, dt, A, B, C, D, grid)
-            return _PALLAS[name](x, dt, A, B, C, D, grid)
+            kernel = functools.partial(_PALLAS[name], grid=grid)
+            rows = ("batch", None, None, None)
+            return per_shard(kernel, (x, dt, A, B, C, D), (rows, rows[:3], None, rows, rows, None), rows)
         r = reset if reset is not None else _reset_from_grid(grid, b, t)
         if name == "associative":
             return xla.ssd_associative(x, dt, A, B, C, D, r)
