@@ -27,7 +27,7 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import rel_err, save, stamp, time_calls  # benchmarks/timing.py
+from timing import add_kernel_bench_args, rel_err, save, stamp, time_calls  # benchmarks/timing.py
 
 from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import pallas_gpu, reference, ssd
@@ -207,14 +207,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--check", action="store_true", help="first compare the kernel with the reference on the device")
-    ap.add_argument("--check-dtypes", default="float32,bfloat16")
-    ap.add_argument("--check-cases", default="", help="indices of the check cases to run (default: all)")
-    ap.add_argument("--sweep", default="", help="BxL at which to sweep the kernel's tile sizes")
-    ap.add_argument("--interpret", action="store_true", help="run the Pallas kernel in the interpreter (CPU smoke run)")
-    ap.add_argument("--out", default="ssd.json")
-    ap.add_argument("--png", default="")
-    ap.add_argument("--plot", default="", help="only redraw the PNG from this JSON")
+    add_kernel_bench_args(ap, out="ssd.json", sweep_help="BxL at which to sweep the kernel's tile sizes")
     a = ap.parse_args()
     if a.plot:
         plot(json.load(open(a.plot)), a.png or a.plot.replace(".json", ".png"))

@@ -46,3 +46,15 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b|, in float32."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def add_kernel_bench_args(ap, *, out: str, sweep_help: str) -> None:
+    """The options every kernel benchmark shares: device checks, tile sweep, interpreter, output, plot."""
+    ap.add_argument("--check", action="store_true", help="first compare the kernel with the reference on the device")
+    ap.add_argument("--check-dtypes", default="float32,bfloat16")
+    ap.add_argument("--check-cases", default="", help="indices of the check cases to run (default: all)")
+    ap.add_argument("--sweep", default="", help=sweep_help)
+    ap.add_argument("--interpret", action="store_true", help="run the Pallas kernel in the interpreter (CPU smoke run)")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--png", default="")
+    ap.add_argument("--plot", default="", help="only redraw the PNG from this JSON")

@@ -17,7 +17,7 @@ from attamba_jax.sharding import make_mesh, use_mesh
 from attamba_jax.trainer import (
     Trainer, init_train_state, jit_train_step, make_optimizer, mesh_from_config, train_batch_sharding,
 )
-from tests.helpers import assert_close
+from tests.helpers import assert_close, random_ssd_inputs, value_and_grads
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -216,9 +216,10 @@ def test_auto_takes_the_xla_paths_under_a_multi_device_mesh():
         assert ssd_auto("gpu")[0] == "pallas_gpu"
 
 
-def _grads(fn, args):
-    """fn(*args) and the gradient of sum(sin(fn)) in every argument, jitted."""
-    return jax.jit(lambda *a: (fn(*a), jax.grad(lambda *b: jax.numpy.sum(jax.numpy.sin(fn(*b))), argnums=range(len(a)))(*a)))(*args)
+def _out_and_grads(fn, args):
+    """fn(*args) and its gradients in every argument against a fixed random cotangent."""
+    out = jax.eval_shape(fn, *args)
+    return value_and_grads(fn, args, jax.random.normal(jax.random.key(9), out.shape))
 
 
 @pytest.mark.parametrize("kernel, shape", [("pallas_gpu_interpret", (4, 2, 1)), ("pallas_tpu_interpret", (2, 2, 2))])
@@ -228,18 +229,12 @@ def test_ssd_kernels_run_per_device_under_a_mesh(kernel, shape):
     from attamba_jax.chunking import ChunkGrid
     from pallas_kernels.ssd import ssd
 
-    b, t, h, p, g, n = 8, 48, 4, 16, 2, 16
-    ks = jax.random.split(jax.random.key(0), 6)
-    args = (
-        jax.random.normal(ks[0], (b, t, h, p)), jax.nn.softplus(jax.random.normal(ks[1], (b, t, h))),
-        -jax.numpy.exp(jax.random.normal(ks[2], (h,))), jax.random.normal(ks[3], (b, t, g, n)),
-        jax.random.normal(ks[4], (b, t, g, n)), jax.random.normal(ks[5], (h,)),
-    )
+    args = random_ssd_inputs(jax.random.key(0), b=8, t=48, h=4, p=16, g=2, n=16)
     grid = ChunkGrid(8, 3)
-    expected = _grads(lambda *a: ssd(*a, grid=grid, implementation="sequential"), args)
+    expected = _out_and_grads(lambda *a: ssd(*a, grid=grid, implementation="sequential"), args)
     mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
     with use_mesh(mesh):
-        actual = _grads(lambda *a: ssd(*a, grid=grid, implementation=kernel), args)
+        actual = _out_and_grads(lambda *a: ssd(*a, grid=grid, implementation=kernel), args)
         jaxpr = str(jax.make_jaxpr(lambda *a: ssd(*a, grid=grid, implementation=kernel))(*args))
     assert "shard_map" in jaxpr and "('data', 'fsdp')" in jaxpr  # split over the batch axes
     assert_close(actual, expected, 1e-4)
@@ -261,9 +256,9 @@ def test_attention_kernels_run_per_device_under_a_mesh(kernel, shape, kv_heads):
     q = jax.random.normal(ks[0], (b, t, h, d))
     k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in ks[1:])
     grid = ChunkGrid(4, 1)
-    expected = _grads(lambda *a: chunked_attention(*a, grid=grid, window=4, implementation="dense"), (q, k, v))
+    expected = _out_and_grads(lambda *a: chunked_attention(*a, grid=grid, window=4, implementation="dense"), (q, k, v))
     with use_mesh(make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))):
-        actual = _grads(lambda *a: chunked_attention(*a, grid=grid, window=4, implementation=kernel), (q, k, v))
+        actual = _out_and_grads(lambda *a: chunked_attention(*a, grid=grid, window=4, implementation=kernel), (q, k, v))
         jaxpr = str(jax.make_jaxpr(lambda *a: chunked_attention(*a, grid=grid, window=4, implementation=kernel))(q, k, v))
     heads_split = "None, 'tensor', None)" in jaxpr  # a [B, T, heads, D] spec with heads over tensor
     assert "shard_map" in jaxpr and heads_split == (kv_heads % shape[2] == 0 and shape[2] > 1)
