@@ -117,15 +117,16 @@ def _impl(name: str, grid: ChunkGrid, interpret: bool, blocks: SsdBlocks | None 
     return lambda *a: ssd(*a, grid=grid, implementation=name)
 
 
-def bench(record, sizes, implementations, grid, dtype, reps, trials, interpret, bandwidth) -> None:
+def bench(record, sizes, implementations, grid, dtype, reps, trials, interpret, bandwidth, heads=HEADS, groups=GROUPS) -> None:
+    shape = {"h": heads, "g": groups}
     for b, t in sizes:
-        args, dy = _inputs(jax.random.key(b * t), b, t, dtype)
+        args, dy = _inputs(jax.random.key(b * t), b, t, dtype, **shape)
         x, dt, A, B, C, D = args
         # fwd reads x, dt, B, C and writes y; bwd reads them and dy, and writes dx, ddt, dB, dC.
         fwd_bytes = _nbytes(x, dt, B, C, x)
         moved = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + 2 * _nbytes(x, dt, B, C) + _nbytes(dy)}
         num_sets = min(32, max(1, math.ceil((256 << 20) / moved["fwd"])))
-        sets = [args] + [_inputs(jax.random.key(b * t + i), b, t, dtype)[0] for i in range(1, num_sets)]
+        sets = [args] + [_inputs(jax.random.key(b * t + i), b, t, dtype, **shape)[0] for i in range(1, num_sets)]
         kernel_out = {}  # mode -> the Pallas kernel's output, to hold the other paths against
         for name in implementations:
             impl = _impl(name, grid, interpret)
@@ -151,11 +152,12 @@ def bench(record, sizes, implementations, grid, dtype, reps, trials, interpret, 
                       f"{100 * row['fraction_of_copy_bw']:5.1f}% of copy", flush=True)
 
 
-def sweep(record, b, t, grid, dtype, reps, trials, bandwidth) -> None:
+def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, groups=GROUPS) -> None:
     """Tile sizes of the GPU kernel at one size."""
-    args, dy = _inputs(jax.random.key(1), b, t, dtype)
+    shape = {"h": heads, "g": groups}
+    args, dy = _inputs(jax.random.key(1), b, t, dtype, **shape)
     moved = _nbytes(args[0], args[1], args[3], args[4], args[0])
-    sets = [args] + [_inputs(jax.random.key(2 + i), b, t, dtype)[0] for i in range(min(31, max(0, math.ceil((256 << 20) / moved) - 1)))]
+    sets = [args] + [_inputs(jax.random.key(2 + i), b, t, dtype, **shape)[0] for i in range(min(31, max(0, math.ceil((256 << 20) / moved) - 1)))]
     for block_len, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 8)):
         if block_len < grid.token_chunk:
             continue
@@ -188,7 +190,8 @@ def plot(result: dict, path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("L (tokens per row; B rows as marked)")
-        ax.set_title(f"SSD {mode}, H={HEADS} P={HEAD_DIM} N={STATE}, K={result['config']['K']}")
+        c = result["config"]
+        ax.set_title(f"SSD {mode}, H={c['H']} G={c['G']} P={c['P']} N={c['N']}, K={c['K']}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("ms")
     axes[0].legend()
@@ -205,6 +208,8 @@ def main():
     ap.add_argument("--token-chunk", type=int, default=8)
     ap.add_argument("--offset", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--heads", type=int, default=HEADS, help="H (the model's stacked K/V SSMs: 16)")
+    ap.add_argument("--groups", type=int, default=GROUPS, help="G (the model's stacked K/V SSMs: 2)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--trials", type=int, default=3)
     add_kernel_bench_args(ap, out="ssd.json", sweep_help="BxL at which to sweep the kernel's tile sizes")
@@ -220,7 +225,7 @@ def main():
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (bytes read + written)", flush=True)
     result = {"device": device, "jax": jax.__version__, "copy_bandwidth_Bps": bandwidth,
-              "config": {"H": HEADS, "P": HEAD_DIM, "N": STATE, "G": GROUPS, "K": a.token_chunk, "offset": a.offset,
+              "config": {"H": a.heads, "P": HEAD_DIM, "N": STATE, "G": a.groups, "K": a.token_chunk, "offset": a.offset,
                          "dtype": a.dtype, "reps": a.reps, "trials": a.trials}}
     for key in ("check", "sweep", "rows", "agreement"):
         result[key] = []
@@ -234,8 +239,8 @@ def main():
         check(record, a.check_dtypes.split(","), case_ids)
     if a.sweep:
         b, t = (int(v) for v in a.sweep.split("x"))
-        sweep(record, b, t, grid, dtype, a.reps, a.trials, bandwidth)
-    bench(record, sizes, a.implementations.split(","), grid, dtype, a.reps, a.trials, a.interpret, bandwidth)
+        sweep(record, b, t, grid, dtype, a.reps, a.trials, bandwidth, a.heads, a.groups)
+    bench(record, sizes, a.implementations.split(","), grid, dtype, a.reps, a.trials, a.interpret, bandwidth, a.heads, a.groups)
     print(f"wrote {a.out}")
     plot(result, a.png or a.out.replace(".json", ".png"))
     print("\n  B x L       implementation  mode      ms        GB/s   % copy BW")

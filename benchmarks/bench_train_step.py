@@ -45,7 +45,7 @@ SHAPES = [(16, 1024), (64, 1024), (4, 4096), (1, 16384), (1, 32768)]
 XLA_SHAPES = {(16, 1024), (1, 16384)}
 
 
-def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profile_steps: int = 0) -> dict:
+def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profile_steps: int = 0, profile_top: int = 25) -> dict:
     path, overrides = MODELS[model]
     cfg = load_config(ROOT / path, ["model.dtype=bfloat16"]).model
     cfg = dataclasses.replace(cfg, **overrides)
@@ -77,7 +77,7 @@ def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profi
                 for _ in range(profile_steps):
                     state, metrics = step(state, data)
                 jax.block_until_ready(metrics)
-            profile = trace_summary.kernel_table(trace_dir, profile_steps)
+            profile = trace_summary.kernel_table(trace_dir, profile_steps, top=profile_top)
     tokens_per_step = batch * length
     flops = train_flops_per_token(cfg, n_params, length) * tokens_per_step
     peak = peak_flops_per_device(jax.devices()[0].device_kind, "bfloat16", None)
@@ -125,6 +125,7 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(MODELS)} to time")
     parser.add_argument("--profile-shapes", default="", help="BxL,... whose cases are also traced, kernel by kernel")
     parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-top", type=int, default=25, help="how many of the costliest kernels the profile lists")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot, args.png)
@@ -143,7 +144,7 @@ def main():
                 continue
             try:
                 steps = args.profile_steps if (batch, length) in profiled else 0
-                r = time_case(model, batch, length, args.warmup, args.reps, steps)
+                r = time_case(model, batch, length, args.warmup, args.reps, steps, args.profile_top)
             except Exception as e:  # a case that does not fit or compile is reported, not fatal
                 r = {"model": model, "batch": batch, "length": length, "error": f"{type(e).__name__}: {e}"[:300]}
                 print(f"{model:<12} {batch:>3} {length:>6} ERROR {r['error']}", flush=True)
