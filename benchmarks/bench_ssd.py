@@ -158,7 +158,7 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
     args, dy = _inputs(jax.random.key(1), b, t, dtype, **shape)
     moved = _nbytes(args[0], args[1], args[3], args[4], args[0])
     sets = [args] + [_inputs(jax.random.key(2 + i), b, t, dtype, **shape)[0] for i in range(min(31, max(0, math.ceil((256 << 20) / moved) - 1)))]
-    for block_len, warps in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 8)):
+    for block_len, warps in ((16, 1), (16, 2), (32, 1), (32, 2), (32, 4)):
         if block_len < grid.token_chunk:
             continue
         impl = _impl("pallas_gpu", grid, False, SsdBlocks(block_len, warps))

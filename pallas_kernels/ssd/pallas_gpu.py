@@ -92,82 +92,79 @@ def _decay(mask, a):
     return jnp.exp(seg)  # [L, L]
 
 
-def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, groups, precision):
-    """Refs: x, y [T, H, P]; dt [T, H]; A, D [H]; B, C [T, G, N] (batch row squeezed)."""
+def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, precision):
+    """One group's heads. Refs: x, y [T, Hg, P]; dt [T, Hg]; A, D [Hg]; B, C [T, N] (batch row and group squeezed)."""
     start, pos, loaded, written = geo.positions(pl.program_id(1))
     rows = pl.ds(start, geo.block)
     mask = geo.chunk_mask(pos)
-    per_group = heads // groups
-    for g in range(groups):
-        bg = plgpu.load(b_ref.at[rows, _idx(g), :], mask=loaded[:, None], other=0.0)  # [L, N]
-        cg = plgpu.load(c_ref.at[rows, _idx(g), :], mask=loaded[:, None], other=0.0)
-        cb = _dot(cg, bg, precision, trans_b=True)  # [L, L] f32
-        for h in range(g * per_group, (g + 1) * per_group):
-            dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)  # [L]
-            x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)  # [L, P]
-            w = cb * _decay(mask, dt * a_ref[h]) * dt[None, :]  # [L, L]
-            y = _dot(w.astype(x.dtype), x, precision) + d_ref[h] * x.astype(jnp.float32)
-            plgpu.store(y_ref.at[rows, _idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
+    bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)  # [L, N]
+    cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
+    cb = _dot(cg, bg, precision, trans_b=True)  # [L, L] f32
+    for h in range(heads):
+        dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)  # [L]
+        x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)  # [L, P]
+        w = cb * _decay(mask, dt * a_ref[h]) * dt[None, :]  # [L, L]
+        y = _dot(w.astype(x.dtype), x, precision) + d_ref[h] * x.astype(jnp.float32)
+        plgpu.store(y_ref.at[rows, _idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
 
 
 def _bwd_kernel(
     x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, dy_ref,
-    dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref,
-    *, geo: _Geometry, heads, groups, precision,
+    dx_ref, ddt_ref, db_ref, dc_ref, dlog_ref, dskip_ref,
+    *, geo: _Geometry, heads, precision,
 ):
-    """Recomputes the forward weights per head and backpropagates through them.
+    """Recomputes the forward weights of one group's heads and backpropagates through them.
 
-    Refs: dx like x, ddt like dt, dB/dC like B/C; dA, dD: [Hp] per-block partial sums.
+    Refs as in the forward; dx like x, ddt like dt, dB/dC like B/C; ``dlog`` [T, Hg] (f32): the
+    gradient of each token's log-decay dt·A, and ``dskip`` [T, Hg] (f32): dy·x summed over P.
+    dA = sum dlog·dt and dD = sum dskip are left to the caller: per-token rows keep the
+    kernel free of block-wide reductions.
     """
     start, pos, loaded, written = geo.positions(pl.program_id(1))
     rows = pl.ds(start, geo.block)
     mask = geo.chunk_mask(pos)
-    per_group = heads // groups
-    head_ids = jax.lax.broadcasted_iota(jnp.int32, (da_ref.shape[0],), 0)
-    da_all = jnp.zeros(da_ref.shape, jnp.float32)
-    dd_all = jnp.zeros(dd_ref.shape, jnp.float32)
-    for g in range(groups):
-        bg = plgpu.load(b_ref.at[rows, _idx(g), :], mask=loaded[:, None], other=0.0)
-        cg = plgpu.load(c_ref.at[rows, _idx(g), :], mask=loaded[:, None], other=0.0)
-        cb = _dot(cg, bg, precision, trans_b=True)  # [L, L]
-        dcb = jnp.zeros_like(cb)
-        for h in range(g * per_group, (g + 1) * per_group):
-            a_h = a_ref[h]
-            dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)
-            x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)
-            # Rows another program writes must not send gradient: their chunk is cut here.
-            dy = plgpu.load(dy_ref.at[rows, _idx(h), :], mask=written[:, None], other=0.0)
-            decay = _decay(mask, dt * a_h)
-            cbe = cb * decay
-            w = cbe * dt[None, :]
-            dx = _dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d_ref[h] * dy.astype(jnp.float32)
-            plgpu.store(dx_ref.at[rows, _idx(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
-            dw = _dot(dy, x, precision, trans_b=True)  # [L, L] = dy_i · x_j
-            dd_all = jnp.where(head_ids == h, jnp.sum(dy.astype(jnp.float32) * x.astype(jnp.float32)), dd_all)
-            dcb = dcb + dw * decay * dt[None, :]
-            q = dw * w  # d(loss)/d(log decay_ij)
-            dcum = jnp.sum(q, axis=1) - jnp.sum(q, axis=0)  # [L]
-            dseg_a = jnp.sum(jnp.where(mask, dcum[:, None], 0.0), axis=0)  # d/d(dt_k A) [L]
-            ddt = jnp.sum(dw * cbe, axis=0) + dseg_a * a_h
-            plgpu.store(ddt_ref.at[rows, _idx(h)], ddt.astype(ddt_ref.dtype), mask=written)
-            da_all = jnp.where(head_ids == h, jnp.sum(dseg_a * dt), da_all)
-        dc = _dot(dcb.astype(bg.dtype), bg, precision)  # [L, N]
-        db = _dot(dcb.astype(cg.dtype), cg, precision, trans_a=True)
-        plgpu.store(dc_ref.at[rows, _idx(g), :], dc.astype(dc_ref.dtype), mask=written[:, None])
-        plgpu.store(db_ref.at[rows, _idx(g), :], db.astype(db_ref.dtype), mask=written[:, None])
-    da_ref[...] = da_all
-    dd_ref[...] = dd_all
+    bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)
+    cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
+    cb = _dot(cg, bg, precision, trans_b=True)  # [L, L]
+    dcb = jnp.zeros_like(cb)
+    for h in range(heads):
+        a_h = a_ref[h]
+        dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)
+        x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)
+        # Rows another program writes must not send gradient: their chunk is cut here.
+        dy = plgpu.load(dy_ref.at[rows, _idx(h), :], mask=written[:, None], other=0.0)
+        decay = _decay(mask, dt * a_h)
+        cbe = cb * decay
+        w = cbe * dt[None, :]
+        dx = _dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d_ref[h] * dy.astype(jnp.float32)
+        plgpu.store(dx_ref.at[rows, _idx(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
+        dskip = jnp.sum(dy.astype(jnp.float32) * x.astype(jnp.float32), axis=1)  # [L]
+        plgpu.store(dskip_ref.at[rows, _idx(h)], dskip, mask=written)
+        dw = _dot(dy, x, precision, trans_b=True)  # [L, L] = dy_i · x_j
+        dcb = dcb + dw * decay * dt[None, :]
+        q = dw * w  # d(loss)/d(log decay_ij)
+        dcum = jnp.sum(q, axis=1) - jnp.sum(q, axis=0)  # [L]
+        dlog = jnp.sum(jnp.where(mask, dcum[:, None], 0.0), axis=0)  # d/d(dt_k A) [L]
+        plgpu.store(dlog_ref.at[rows, _idx(h)], dlog, mask=written)
+        ddt = jnp.sum(dw * cbe, axis=0) + dlog * a_h
+        plgpu.store(ddt_ref.at[rows, _idx(h)], ddt.astype(ddt_ref.dtype), mask=written)
+    dc = _dot(dcb.astype(bg.dtype), bg, precision)  # [L, N]
+    db = _dot(dcb.astype(cg.dtype), cg, precision, trans_a=True)
+    plgpu.store(dc_ref.at[rows, :], dc.astype(dc_ref.dtype), mask=written[:, None])
+    plgpu.store(db_ref.at[rows, :], db.astype(db_ref.dtype), mask=written[:, None])
 
 
-def _specs(x, B, hp):
-    """BlockSpecs (x, dt, [H] vectors, B/C, [B, blocks, Hp] partial sums): program (b, m) sees
-    batch row b of every [B, T, ...] array whole and indexes the tokens itself."""
-    b_, t, h, p = x.shape
+def _specs(x, B):
+    """BlockSpecs (x, dt, [H] vectors, B/C) of the grid (batch row b, block m, group g): program
+    (b, m, g) sees group g's heads and B, C of batch row b whole, and indexes the tokens itself."""
+    _, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    row = lambda *shape: pl.BlockSpec((None, t) + shape, lambda i, m: (i, 0) + (0,) * len(shape))
-    vec = pl.BlockSpec((h,), lambda i, m: (0,))
-    part = pl.BlockSpec((None, None, hp), lambda i, m: (i, m, 0))
-    return row(h, p), row(h), vec, row(g, n), part
+    hg = h // g
+    x_spec = pl.BlockSpec((None, t, hg, p), lambda i, m, k: (i, 0, k, 0))
+    dt_spec = pl.BlockSpec((None, t, hg), lambda i, m, k: (i, 0, k))
+    vec = pl.BlockSpec((hg,), lambda i, m, k: (k,))
+    bc_spec = pl.BlockSpec((None, t, None, n), lambda i, m, k: (i, 0, k, 0))
+    return x_spec, dt_spec, vec, bc_spec
 
 
 def _prepare(x, B, C):
@@ -192,9 +189,10 @@ def _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret, poison=Fa
     b_, t, h, p = x.shape
     xp, Bp, Cp = _prepare(x, B, C)
     geo = _Geometry(t, grid, block_len)
-    x_spec, dt_spec, vec, bc_spec, _ = _specs(xp, Bp, 1)
+    g = B.shape[2]
+    x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
-    kernel = functools.partial(_fwd_kernel, geo=geo, heads=h, groups=B.shape[2], precision=precision)
+    kernel = functools.partial(_fwd_kernel, geo=geo, heads=h // g, precision=precision)
     args = [xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32)]
     in_specs = [x_spec, dt_spec, vec, bc_spec, bc_spec, vec]
     aliases = {}
@@ -206,7 +204,7 @@ def _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret, poison=Fa
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
-        grid=(b_, geo.num_blocks),
+        grid=(b_, geo.num_blocks, g),
         in_specs=in_specs,
         out_specs=x_spec,
         input_output_aliases=aliases,
@@ -219,36 +217,34 @@ def _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret, poison=Fa
 
 def _backward(x, dt, A, B, C, D, dy, grid, block_len, num_warps, interpret):
     b_, t, h, p = x.shape
-    g = B.shape[2]
+    g, n = B.shape[2], B.shape[3]
     xp, Bp, Cp = _prepare(x, B, C)
     dyp = _pad_last(dy, xp.shape[-1])
     geo = _Geometry(t, grid, block_len)
-    hp = _next_pow2(h)
-    x_spec, dt_spec, vec, bc_spec, part = _specs(xp, Bp, hp)
+    x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
-    kernel = functools.partial(_bwd_kernel, geo=geo, heads=h, groups=g, precision=precision)
+    kernel = functools.partial(_bwd_kernel, geo=geo, heads=h // g, precision=precision)
     f32 = jnp.float32
     out_shape = (
         jax.ShapeDtypeStruct(xp.shape, x.dtype),
         jax.ShapeDtypeStruct(dt.shape, dt.dtype),
         jax.ShapeDtypeStruct(Bp.shape, B.dtype),
         jax.ShapeDtypeStruct(Cp.shape, C.dtype),
-        jax.ShapeDtypeStruct((b_, geo.num_blocks, hp), f32),
-        jax.ShapeDtypeStruct((b_, geo.num_blocks, hp), f32),
+        jax.ShapeDtypeStruct(dt.shape, f32),
+        jax.ShapeDtypeStruct(dt.shape, f32),
     )
-    dx, ddt, dB, dC, dA, dD = pl.pallas_call(
+    dx, ddt, dB, dC, dlog, dskip = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(b_, geo.num_blocks),
+        grid=(b_, geo.num_blocks, g),
         in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
-        out_specs=(x_spec, dt_spec, bc_spec, bc_spec, part, part),
+        out_specs=(x_spec, dt_spec, bc_spec, bc_spec, dt_spec, dt_spec),
         compiler_params=_CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="ssd_bwd",
     )(xp, dt, A.astype(f32), Bp, Cp, D.astype(f32), dyp)
-    n = B.shape[-1]
-    dA = jnp.sum(dA[..., :h], axis=(0, 1)).astype(A.dtype)
-    dD = jnp.sum(dD[..., :h], axis=(0, 1)).astype(D.dtype)
+    dA = jnp.sum(dlog * dt.astype(f32), axis=(0, 1)).astype(A.dtype)
+    dD = jnp.sum(dskip, axis=(0, 1)).astype(D.dtype)
     return dx[..., :p], ddt, dA, dB[..., :n], dC[..., :n], dD
 
 
