@@ -96,7 +96,7 @@ def _check_one(seed, k, o, b, t, h, g, dtype, tol) -> dict:
     with jax.default_matmul_precision("highest"):
         y_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.ssd_sequential(*a, reset)[0]))(*args, dy)
     y, grads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid)))(*args, dy)
-    poisoned = jax.jit(lambda *a: pallas_gpu._forward(*a, grid, 32, 4, False, poison=True))(*args)
+    poisoned = jax.jit(lambda *a: pallas_gpu._forward(*a, grid, SsdBlocks(max(16, k), 4), False, poison=True))(*args)
     errs = {"y": rel_err(y, y_ref), "poisoned_y": rel_err(poisoned, y_ref)}
     errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip(("x", "dt", "A", "B", "C", "D"), grads, g_ref)})
     finite = all(bool(jnp.isfinite(a).all()) for a in (y, poisoned, *grads))
@@ -112,8 +112,7 @@ def _check_one(seed, k, o, b, t, h, g, dtype, tol) -> dict:
 
 def _impl(name: str, grid: ChunkGrid, interpret: bool, blocks: SsdBlocks | None = None):
     if name == "pallas_gpu":
-        kw = {"block_len": blocks.block_len, "num_warps": blocks.num_warps} if blocks else {}
-        return lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=interpret, **kw)
+        return lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=interpret, blocks=blocks)
     return lambda *a: ssd(*a, grid=grid, implementation=name)
 
 
@@ -158,10 +157,10 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
     args, dy = _inputs(jax.random.key(1), b, t, dtype, **shape)
     moved = _nbytes(args[0], args[1], args[3], args[4], args[0])
     sets = [args] + [_inputs(jax.random.key(2 + i), b, t, dtype, **shape)[0] for i in range(min(31, max(0, math.ceil((256 << 20) / moved) - 1)))]
-    for block_len, warps in ((16, 1), (16, 2), (32, 1), (32, 2), (32, 4)):
+    for block_len, warps, warps_bwd in ((16, 2, 1), (16, 1, 1), (16, 2, 2), (16, 4, 2), (32, 2, 1), (32, 2, 2)):
         if block_len < grid.token_chunk:
             continue
-        impl = _impl("pallas_gpu", grid, False, SsdBlocks(block_len, warps))
+        impl = _impl("pallas_gpu", grid, False, SsdBlocks(block_len, warps, warps_bwd))
         for mode, fn in (("fwd", jax.jit(impl)), ("fwd+bwd", jax.jit(_fwd_bwd(impl)))):
             call_sets = sets if mode == "fwd" else [(*s, dy) for s in sets]
             try:
@@ -169,8 +168,8 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
             except Exception as e:  # a tile that does not compile is no result
                 print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 sec = float("nan")
-            record("sweep", {"block_len": block_len, "num_warps": warps, "mode": mode, "ms": sec * 1e3})
-            print(f"{stamp()} sweep ssd {b}x{t} L={block_len:3d} warps={warps} {mode:8s} {sec * 1e3:8.3f} ms", flush=True)
+            record("sweep", {"block_len": block_len, "num_warps": warps, "num_warps_bwd": warps_bwd, "mode": mode, "ms": sec * 1e3})
+            print(f"{stamp()} sweep ssd {b}x{t} L={block_len:3d} warps={warps}/{warps_bwd} {mode:8s} {sec * 1e3:8.3f} ms", flush=True)
 
 
 def plot(result: dict, path: str) -> None:

@@ -2,6 +2,7 @@
 against the dense masked reference: forward and gradients, float32 and bfloat16, GQA, offsets,
 windows, lengths that are no multiple of the blocks, every output written, no masked block visited."""
 
+import dataclasses
 import functools
 
 import chex
@@ -74,6 +75,19 @@ def test_kernel_matches_reference_bf16(kernel):
     assert o.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     assert_close(o, o_ref, 1e-2)
     assert_close(grads, grads_ref, 1e-2)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_gpu_boundary_dkv_split_into_query_shares(splits):
+    # Given the boundary dk/dv pass cut into shares of the query walk (some shares empty)
+    blocks = dataclasses.replace(GPU_BLOCKS, dkv_query_splits=splits)
+    grid, args, cot, (o_ref, grads_ref) = _case(8, 3, 2, 61, 2, 2, "float32", 83)
+    kernel = lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(q, k, v, grid, 2, interpret=True, blocks=blocks)
+    # When the kernel runs forward and backward
+    o, grads = value_and_grads(kernel, args, cot)
+    # Then the shares add up to the reference's gradients
+    assert_close(o, o_ref, 1e-5)
+    assert_close(grads, grads_ref, 1e-5)
 
 
 def test_gpu_forward_overwrites_nan_buffers():

@@ -12,6 +12,7 @@ from jax.experimental import pallas as pl
 from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import IMPLEMENTATIONS, pallas_gpu, pallas_tpu, reference, ssd
 from pallas_kernels.ssd.api import auto_implementations
+from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks
 from tests.helpers import FAST_COMPILE, assert_close, value_and_grads
 
 # The interpreters start every output buffer as NaN (see test_interpreter_poisons_unwritten_outputs),
@@ -88,7 +89,7 @@ def test_gpu_forward_overwrites_a_nan_buffer():
     grid = ChunkGrid(4, 1)
     (x, dt, A, B, C, D), _ = _inputs(3, 2, 29, 2, 1, 16, 16, jnp.float32)
     # When the forward kernel writes into it
-    y = _run(lambda *a: pallas_gpu._forward(*a, grid, 16, 4, True, poison=True), x, dt, A, B, C, D)
+    y = _run(lambda *a: pallas_gpu._forward(*a, grid, SsdBlocks(16, 4), True, poison=True), x, dt, A, B, C, D)
     # Then no NaN is left and the values are right
     reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(29))), (2, 29))
     assert_close(y, reference.ssd_sequential(x, dt, A, B, C, D, reset)[0], 1e-5)

@@ -11,7 +11,8 @@ The two sets are disjoint, so the result is exactly softmax over the Attamba mas
 
 Backward (FlashAttention-2 style, from the saved log-sum-exp): dq walks the same
 two streams as the forward; dk/dv come from two kernels, one per key kind: each
-boundary-key block walks the queries that see it (t > pos(n) + W, to the end), and
+boundary-key block walks the queries that see it (t > pos(n) + W, to the end; on long
+rows that walk is cut into equal shares run by separate programs and summed), and
 each window-key block the BK + W queries after it. The boundary part is added into
 dk/dv at the boundary positions.
 
@@ -206,23 +207,31 @@ def _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, t0, size):
     return q, do, lse, delta
 
 
-def _dkv_boundary_kernel(q_ref, do_ref, lse_ref, delta_ref, kb_ref, vb_ref, dkb_ref, dvb_ref, *, st: _Static, group: int):
-    """dk, dv of one block of boundary keys from every query that sees them.
+def _dkv_boundary_kernel(
+    q_ref, do_ref, lse_ref, delta_ref, kb_ref, vb_ref, dkb_ref, dvb_ref, *, st: _Static, group: int, splits: int
+):
+    """dk, dv of one block of boundary keys from one of ``splits`` equal shares of the queries
+    that see them (the shares' partial sums are added by the caller).
 
     Refs: q, do [T, R, D] (the R query heads of this kv head); lse, delta [R, Tp];
-    kb, vb, dkb, dvb [NB, D].
+    kb, vb [NB, D]; dkb, dvb [NB, D]: this share's partial sums.
     """
     bk, bq, d = st.blocks.block_kb_bwd, st.blocks.block_q_bwd, st.head_dim
     t, w, nb = st.length, st.window, st.num_boundaries
     idx = BoundaryIndex(st.grid)
-    n0 = pl.program_id(0) * bk
+    n0 = (pl.program_id(0) // splits) * bk
+    share = pl.program_id(0) % splits
     n = n0 + _iota(bk)
     kt, vt = _load_rows(kb_ref, n0, bk, nb), _load_rows(vb_ref, n0, bk, nb)
+    # Query blocks t0 = first_query + j*bq, j < num_total; the first num_masked straddle a key.
     first_query = idx.position(n0) + w + 1  # the first query that sees boundary n0
     all_see = idx.position(jnp.minimum(n0 + bk, nb) - 1) + w + 1  # from here every key is visible
     num_masked = pl.cdiv(jnp.maximum(jnp.minimum(all_see, t) - first_query, 0), bq)
-    rest = first_query + num_masked * bq
-    num_rest = pl.cdiv(jnp.maximum(t - rest, 0), bq)
+    num_total = jnp.maximum(num_masked, pl.cdiv(jnp.maximum(t - first_query, 0), bq))
+    per_share = pl.cdiv(num_total, splits)
+    j0 = jnp.minimum(share * per_share, num_total)
+    j1 = jnp.minimum(j0 + per_share, num_total)
+    split_at = jnp.clip(num_masked, j0, j1)
     pos = idx.position(n)
 
     dk = dv = jnp.zeros((bk, d), jnp.float32)
@@ -235,14 +244,27 @@ def _dkv_boundary_kernel(q_ref, do_ref, lse_ref, delta_ref, kb_ref, vb_ref, dkb_
             return _dkv_step(st, kt, vt, q, do, lse, delta, visible, *c)
 
         def unmasked(j, c, head=head):
-            q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, rest + j * bq, bq)
+            q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, first_query + j * bq, bq)
             return _dkv_step(st, kt, vt, q, do, lse, delta, None, *c)
 
-        dk, dv = jax.lax.fori_loop(0, num_masked, masked, (dk, dv))
-        dk, dv = jax.lax.fori_loop(0, num_rest, unmasked, (dk, dv))
+        dk, dv = jax.lax.fori_loop(j0, split_at, masked, (dk, dv))
+        dk, dv = jax.lax.fori_loop(split_at, j1, unmasked, (dk, dv))
     rows = (n < nb)[:, None]
     plgpu.store(dkb_ref.at[pl.ds(n0, bk), :], dk * st.scale, mask=rows)
     plgpu.store(dvb_ref.at[pl.ds(n0, bk), :], dv, mask=rows)
+
+
+def _query_splits(st: _Static, programs: int) -> int:
+    """Shares of the query walk per boundary-key block in the dk/dv pass.
+
+    With few boundary-key blocks (one long row: T/K/BK blocks x kv heads) the pass would run
+    a few hundred programs that each walk up to T/BQ query blocks; splitting the walk keeps
+    ~1024 programs in flight, each share at least 8 query blocks long.
+    """
+    if st.blocks.dkv_query_splits:
+        return st.blocks.dkv_query_splits
+    num_q = pl.cdiv(st.length, st.blocks.block_q_bwd)
+    return max(1, min(pl.cdiv(1024, programs), num_q // 8))
 
 
 def _dkv_window_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, st: _Static, group: int):
@@ -353,16 +375,20 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
     group_seq = pl.BlockSpec((None, t, r, d), lambda i, bi, j: (bi, 0, j, 0))
     group_row = pl.BlockSpec((None, r, tp), lambda i, bi, j: (bi, j, 0))
     own = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, j: (bi, 0, j, 0))
+    num_kb = pl.cdiv(nb, blk.block_kb_bwd)
+    splits = _query_splits(st, num_kb * b * hkv)
+    share = pl.BlockSpec((None, None, nb, None, d), lambda i, bi, j: (i % splits, bi, 0, j, 0))
     dkb, dvb = pl.pallas_call(
-        functools.partial(_dkv_boundary_kernel, st=st, group=r),
-        out_shape=(jax.ShapeDtypeStruct(kb.shape, f32),) * 2,
-        grid=(pl.cdiv(nb, blk.block_kb_bwd), b, hkv),
+        functools.partial(_dkv_boundary_kernel, st=st, group=r, splits=splits),
+        out_shape=(jax.ShapeDtypeStruct((splits,) + kb.shape, f32),) * 2,
+        grid=(num_kb * splits, b, hkv),
         in_specs=[group_seq, group_seq, group_row, group_row, own(nb), own(nb)],
-        out_specs=(own(nb), own(nb)),
+        out_specs=(share, share),
         compiler_params=st.params(blk.num_warps_bwd, blk.num_stages),
         interpret=interpret,
         name="chunked_attention_dkv_boundary",
     )(q, do, lse, delta, kb, vb)
+    dkb, dvb = jnp.sum(dkb, axis=0), jnp.sum(dvb, axis=0)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_window_kernel, st=st, group=r),
         out_shape=(jax.ShapeDtypeStruct(k.shape, f32),) * 2,

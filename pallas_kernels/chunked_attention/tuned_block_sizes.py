@@ -18,6 +18,7 @@ class AttentionBlocks:
     num_warps: int = 4  # GPU only
     num_warps_bwd: int = 4
     num_stages: int = 3
+    dkv_query_splits: int = 0  # GPU only: shares of the boundary dk/dv query walk (0: chosen by size)
 
 
 def attention_gpu_blocks(token_chunk: int, window: int, head_dim: int) -> AttentionBlocks:

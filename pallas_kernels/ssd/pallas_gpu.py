@@ -23,6 +23,7 @@ block 1, which loads it whole). The same write range masks the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,6 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import tuned_block_sizes
+from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks
 
 # jax < 0.6 called the Triton compiler params ``TritonCompilerParams``.
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
@@ -184,11 +186,11 @@ def _drop_last_input(kernel, n_outputs):
     return wrapped
 
 
-def _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret, poison=False):
+def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False):
     """-> y [B, T, H, P]; ``poison`` aliases the output to a NaN-filled buffer (tests, device checks)."""
     b_, t, h, p = x.shape
     xp, Bp, Cp = _prepare(x, B, C)
-    geo = _Geometry(t, grid, block_len)
+    geo = _Geometry(t, grid, blocks.block_len)
     g = B.shape[2]
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
@@ -208,19 +210,19 @@ def _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret, poison=Fa
         in_specs=in_specs,
         out_specs=x_spec,
         input_output_aliases=aliases,
-        compiler_params=_CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=_CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         interpret=interpret,
         name="ssd_fwd",
     )(*args)
     return y[..., :p]
 
 
-def _backward(x, dt, A, B, C, D, dy, grid, block_len, num_warps, interpret):
+def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
     b_, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     xp, Bp, Cp = _prepare(x, B, C)
     dyp = _pad_last(dy, xp.shape[-1])
-    geo = _Geometry(t, grid, block_len)
+    geo = _Geometry(t, grid, blocks.block_len)
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(_bwd_kernel, geo=geo, heads=h // g, precision=precision)
@@ -239,7 +241,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, block_len, num_warps, interpret):
         grid=(b_, geo.num_blocks, g),
         in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
         out_specs=(x_spec, dt_spec, bc_spec, bc_spec, dt_spec, dt_spec),
-        compiler_params=_CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=_CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=1),
         interpret=interpret,
         name="ssd_bwd",
     )(xp, dt, A.astype(f32), Bp, Cp, D.astype(f32), dyp)
@@ -248,38 +250,42 @@ def _backward(x, dt, A, B, C, D, dy, grid, block_len, num_warps, interpret):
     return dx[..., :p], ddt, dA, dB[..., :n], dC[..., :n], dD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ssd(x, dt, A, B, C, D, grid, block_len, num_warps, interpret):
-    return _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _ssd(x, dt, A, B, C, D, grid, blocks, interpret):
+    return _forward(x, dt, A, B, C, D, grid, blocks, interpret)
 
 
-def _ssd_fwd(x, dt, A, B, C, D, grid, block_len, num_warps, interpret):
-    y = _forward(x, dt, A, B, C, D, grid, block_len, num_warps, interpret)
+def _ssd_fwd(x, dt, A, B, C, D, grid, blocks, interpret):
+    y = _forward(x, dt, A, B, C, D, grid, blocks, interpret)
     return y, (x, dt, A, B, C, D)
 
 
-def _ssd_bwd(grid, block_len, num_warps, interpret, res, dy):
-    return _backward(*res, dy, grid, block_len, num_warps, interpret)
+def _ssd_bwd(grid, blocks, interpret, res, dy):
+    return _backward(*res, dy, grid, blocks, interpret)
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
 def ssd_pallas_gpu(x, dt, A, B, C, D, grid: ChunkGrid, *, interpret: bool = False, block_len: int | None = None,
-                   num_warps: int | None = None):
+                   blocks: SsdBlocks | None = None):
     """Fixed-grid SSD on the GPU; same contract as ``xla.ssd_chunked``.
 
     Args:
       x: [B, T, H, P]; dt: [B, T, H]; A, D: [H]; B, C: [B, T, G, N].
       grid: the layer's chunk grid.
       interpret: run the kernel in the Pallas interpreter (CPU).
-      block_len, num_warps: tile override (default: ``tuned_block_sizes``).
+      block_len: tokens per tile, overriding the tuned one (tests).
+      blocks: the whole tile configuration (default: ``tuned_block_sizes``).
 
     Returns:
       y: [B, T, H, P] in x.dtype. Differentiable in every array argument.
     """
-    cfg = tuned_block_sizes.ssd_gpu_blocks(grid.token_chunk, x.shape[-1], x.dtype)
-    block_len = block_len or cfg.block_len
-    if block_len < max(16, grid.token_chunk) or block_len & (block_len - 1):
-        raise ValueError(f"ssd pallas_gpu: block_len ({block_len}) must be a power of two >= max(16, K={grid.token_chunk})")
-    return _ssd(x, dt, A, B, C, D, grid, block_len, num_warps or cfg.num_warps, interpret)
+    blocks = blocks or tuned_block_sizes.ssd_gpu_blocks(grid.token_chunk, x.shape[-1], x.dtype)
+    if block_len:
+        blocks = dataclasses.replace(blocks, block_len=block_len)
+    if blocks.block_len < max(16, grid.token_chunk) or blocks.block_len & (blocks.block_len - 1):
+        raise ValueError(
+            f"ssd pallas_gpu: block_len ({blocks.block_len}) must be a power of two >= max(16, K={grid.token_chunk})"
+        )
+    return _ssd(x, dt, A, B, C, D, grid, blocks, interpret)

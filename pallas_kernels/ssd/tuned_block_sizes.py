@@ -9,7 +9,8 @@ import math
 @dataclasses.dataclass(frozen=True)
 class SsdBlocks:
     block_len: int  # tokens per tile (a power of two >= K)
-    num_warps: int = 4  # GPU only
+    num_warps: int = 4  # GPU only: the forward kernel
+    num_warps_bwd: int = 4  # GPU only: the backward kernel
 
 
 def _next_pow2(n: int) -> int:
@@ -17,11 +18,13 @@ def _next_pow2(n: int) -> int:
 
 
 def ssd_gpu_blocks(token_chunk: int, head_dim: int, dtype) -> SsdBlocks:
-    """GPU tile: the [L, L] decay tile costs L exponentials per token and head, so L stays
-    small. On the H200 at 8×8192, K=8, bf16 (BENCHMARKS.md), L=32 with 2 warps beat
-    L=32/4 warps, 64/4, 64/8 and 128/8, forward and backward."""
+    """GPU tile: the smallest the tensor cores take (16 tokens) or K. Each program holds
+    several [L, L] float32 tiles per head, so larger tiles cost registers and occupancy.
+    On the H200 at 16×1024, H=16, G=2, K=8, bf16 (BENCHMARKS.md), 16 tokens with 2 warps
+    forward and 1 warp backward beat 16/1, 16/2, 32/1, 32/2 and 32/4: the backward's
+    cross-row reductions stay inside one warp."""
     del head_dim, dtype
-    return SsdBlocks(block_len=max(32, _next_pow2(token_chunk)), num_warps=2)
+    return SsdBlocks(block_len=max(16, _next_pow2(token_chunk)), num_warps=2, num_warps_bwd=1)
 
 
 def ssd_tpu_blocks(token_chunk: int) -> SsdBlocks:
