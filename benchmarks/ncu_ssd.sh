@@ -11,13 +11,15 @@ HEADS=${HEADS:-16}     # the model's stacked K and V SSMs: 2 x 8 heads
 GROUPS=${GROUPS:-2}
 SECTIONS=${SECTIONS:-"SpeedOfLight LaunchStats Occupancy WarpStateStats SchedulerStats MemoryWorkloadAnalysis ComputeWorkloadAnalysis"}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # leave ncu room to save and restore memory
+# Leave ncu room to save and restore memory, and launch every kernel on its own: inside XLA's
+# command buffers (CUDA graphs) ncu saw no kernel at all.
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
 bench=(python3 benchmarks/bench_ssd.py --sizes "$SIZE" --implementations pallas_gpu --reps 1 --trials 1
        --heads "$HEADS" --groups "$GROUPS" --out /tmp/ncu_ssd_bench.json)
 sections=()
 for s in $SECTIONS; do sections+=(--section "$s"); done
 for kernel in ssd_fwd ssd_bwd; do
-    ncu --clock-control none --kernel-name "regex:$kernel" --launch-count 1 "${sections[@]}" \
+    ncu --clock-control none --graph-profiling node --kernel-name "regex:$kernel" --launch-count 1 "${sections[@]}" \
         -f -o "/tmp/$kernel" "${bench[@]}" > "/tmp/$kernel.log" 2>&1
     grep -E "==(PROF|ERROR|WARNING)==" "/tmp/$kernel.log" | head -20
     { ncu --import "/tmp/$kernel.ncu-rep" --page details || tail -40 "/tmp/$kernel.log"; } > "$OUT/$kernel.txt" 2>&1
@@ -25,7 +27,7 @@ for kernel in ssd_fwd ssd_bwd; do
 done
 # Registers and spills: dump the compiled module's PTX and assemble the SSD kernels with ptxas.
 rm -rf /tmp/ncu_ssd_dump
-XLA_FLAGS="--xla_dump_to=/tmp/ncu_ssd_dump" "${bench[@]}" > /dev/null 2>&1
+XLA_FLAGS="$XLA_FLAGS --xla_dump_to=/tmp/ncu_ssd_dump" "${bench[@]}" > /dev/null 2>&1
 for ptx in $(grep -rl --include="*.ptx" "ssd_bwd" /tmp/ncu_ssd_dump 2>/dev/null); do
     echo "== $ptx"
     ptxas -arch=sm_90a -v "$ptx" -o /dev/null 2>&1 | grep -A2 "ssd_"

@@ -1,7 +1,7 @@
 """Chunk-reset SSD as a Pallas kernel for GPUs (Triton lowering), forward and backward.
 
-Each program owns one block of ``S`` consecutive tokens of one batch row, placed so
-that no chunk of the grid straddles two blocks: block ``m`` covers positions
+Each program owns one block of ``S`` consecutive tokens of one batch row and the heads
+of one B/C group (C·Bᵀ is computed once per group), placed so that no chunk of the grid straddles two blocks: block ``m`` covers positions
 ``[m*S - o, (m+1)*S - o)`` (o the grid offset, S = the largest multiple of K that
 fits the power-of-two tile L; S = L for the usual power-of-two K). Chunks are then
 independent problems inside the block and, per head, the whole block is one masked
@@ -19,6 +19,10 @@ in exact float32 for float32 inputs.
 The first block starts at ``-o``; instead of loading from a negative position it
 loads ``[0, L)`` and writes only ``[0, S - o)`` (the chunk cut there belongs to
 block 1, which loads it whole). The same write range masks the backward pass.
+
+The backward writes the gradients of x, dt, B and C, plus two per-token float32 rows
+(d loss / d(dt·A) and dy·x summed over P) that the caller sums into dA and dD, so no
+program reduces over its whole block.
 """
 
 from __future__ import annotations
