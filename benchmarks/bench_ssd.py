@@ -151,25 +151,33 @@ def bench(record, sizes, implementations, grid, dtype, reps, trials, interpret, 
                       f"{100 * row['fraction_of_copy_bw']:5.1f}% of copy", flush=True)
 
 
-def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, groups=GROUPS) -> None:
-    """Tile sizes of the GPU kernel at one size."""
+def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, groups=GROUPS, interpret=False) -> None:
+    """Tile sizes of the GPU kernel at one size; every tile's outputs (forward, and every
+    gradient) are held to the first tile's, which ``check`` holds to the reference."""
     shape = {"h": heads, "g": groups}
     args, dy = _inputs(jax.random.key(1), b, t, dtype, **shape)
     moved = _nbytes(args[0], args[1], args[3], args[4], args[0])
     sets = [args] + [_inputs(jax.random.key(2 + i), b, t, dtype, **shape)[0] for i in range(min(31, max(0, math.ceil((256 << 20) / moved) - 1)))]
-    for block_len, warps, warps_bwd in ((16, 2, 1), (16, 1, 1), (16, 2, 2), (16, 4, 2), (32, 2, 1), (32, 2, 2)):
+    first = {}  # mode -> the first tile's output
+    for block_len, warps, warps_bwd, tiles in ((16, 2, 1, 1), (16, 2, 1, 2), (16, 2, 1, 4), (16, 4, 2, 4), (16, 2, 2, 1), (32, 2, 2, 1)):
         if block_len < grid.token_chunk:
             continue
-        impl = _impl("pallas_gpu", grid, False, SsdBlocks(block_len, warps, warps_bwd))
+        impl = _impl("pallas_gpu", grid, interpret, SsdBlocks(block_len, warps, warps_bwd, tiles))
         for mode, fn in (("fwd", jax.jit(impl)), ("fwd+bwd", jax.jit(_fwd_bwd(impl)))):
             call_sets = sets if mode == "fwd" else [(*s, dy) for s in sets]
+            err = float("nan")
             try:
-                sec = time_calls(fn, call_sets, reps, trials)[0]
+                sec, out = time_calls(fn, call_sets, reps, trials)
+                out = jax.tree.leaves(out)
+                first.setdefault(mode, out)
+                err = max(rel_err(a, r) for a, r in zip(out, first[mode]))
             except Exception as e:  # a tile that does not compile is no result
                 print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 sec = float("nan")
-            record("sweep", {"block_len": block_len, "num_warps": warps, "num_warps_bwd": warps_bwd, "mode": mode, "ms": sec * 1e3})
-            print(f"{stamp()} sweep ssd {b}x{t} L={block_len:3d} warps={warps}/{warps_bwd} {mode:8s} {sec * 1e3:8.3f} ms", flush=True)
+            record("sweep", {"block_len": block_len, "num_warps": warps, "num_warps_bwd": warps_bwd, "tiles": tiles,
+                             "mode": mode, "ms": sec * 1e3, "max_rel_err_vs_first": err})
+            print(f"{stamp()} sweep ssd {b}x{t} L={block_len:3d} warps={warps}/{warps_bwd} tiles={tiles} {mode:8s} "
+                  f"{sec * 1e3:8.3f} ms  (vs first tile: max rel err {err:.1e})", flush=True)
 
 
 def plot(result: dict, path: str) -> None:
@@ -238,7 +246,7 @@ def main():
         check(record, a.check_dtypes.split(","), case_ids)
     if a.sweep:
         b, t = (int(v) for v in a.sweep.split("x"))
-        sweep(record, b, t, grid, dtype, a.reps, a.trials, bandwidth, a.heads, a.groups)
+        sweep(record, b, t, grid, dtype, a.reps, a.trials, bandwidth, a.heads, a.groups, a.interpret)
     bench(record, sizes, a.implementations.split(","), grid, dtype, a.reps, a.trials, a.interpret, bandwidth, a.heads, a.groups)
     print(f"wrote {a.out}")
     plot(result, a.png or a.out.replace(".json", ".png"))

@@ -84,6 +84,19 @@ def test_kernel_matches_reference_bf16(kernel):
     assert_close(grads, grads_ref, 1e-2)
 
 
+@pytest.mark.parametrize("tiles", [2, 3])
+def test_gpu_kernel_runs_several_tiles_per_program(tiles):
+    # Given programs that each run `tiles` consecutive tiles (4 tiles per row: the last program
+    # runs past the row's end)
+    grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 4, 2, 16, 16, "float32", 805)
+    blocks = SsdBlocks(block_len=16, num_warps=2, num_warps_bwd=1, tiles=tiles)
+    # When the kernel runs forward and backward
+    y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks), args, cot)
+    # Then it agrees with the reference and writes every element
+    assert_close(y, y_ref, 1e-5)
+    assert_close(grads, grads_ref, 1e-5)
+
+
 def test_gpu_forward_overwrites_a_nan_buffer():
     # Given an output buffer filled with NaN and aliased to the kernel's output
     grid = ChunkGrid(4, 1)

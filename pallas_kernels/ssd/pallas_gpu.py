@@ -98,9 +98,29 @@ def _decay(mask, a):
     return jnp.exp(seg)  # [L, L]
 
 
-def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, precision):
-    """One group's heads. Refs: x, y [T, Hg, P]; dt [T, Hg]; A, D [Hg]; B, C [T, N] (batch row and group squeezed)."""
-    start, pos, loaded, written = geo.positions(pl.program_id(1))
+def _each_tile(tiles: int, body) -> None:
+    """Runs ``body(m)`` on this program's ``tiles`` consecutive tiles (those past the row's
+    last tile load and store nothing)."""
+    first = pl.program_id(1) * tiles
+    if tiles == 1:
+        body(first)
+        return
+
+    def step(k, carry):
+        body(first + k)
+        return carry
+
+    jax.lax.fori_loop(0, tiles, step, 0)
+
+
+def _fwd_kernel(*refs, geo: _Geometry, heads, precision, tiles):
+    _each_tile(tiles, lambda m: _fwd_tile(m, *refs, geo=geo, heads=heads, precision=precision))
+
+
+def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, precision):
+    """Tile m of one group's heads. Refs: x, y [T, Hg, P]; dt [T, Hg]; A, D [Hg]; B, C [T, N]
+    (batch row and group squeezed)."""
+    start, pos, loaded, written = geo.positions(m)
     rows = pl.ds(start, geo.block)
     mask = geo.chunk_mask(pos)
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)  # [L, N]
@@ -114,8 +134,12 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geome
         plgpu.store(y_ref.at[rows, _idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
 
 
-def _bwd_kernel(
-    x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, dy_ref,
+def _bwd_kernel(*refs, geo: _Geometry, heads, precision, tiles):
+    _each_tile(tiles, lambda m: _bwd_tile(m, *refs, geo=geo, heads=heads, precision=precision))
+
+
+def _bwd_tile(
+    m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, dy_ref,
     dx_ref, ddt_ref, db_ref, dc_ref, dlog_ref, dskip_ref,
     *, geo: _Geometry, heads, precision,
 ):
@@ -126,7 +150,7 @@ def _bwd_kernel(
     dA = sum dlog·dt and dD = sum dskip are left to the caller: per-token rows keep the
     kernel free of block-wide reductions.
     """
-    start, pos, loaded, written = geo.positions(pl.program_id(1))
+    start, pos, loaded, written = geo.positions(m)
     rows = pl.ds(start, geo.block)
     mask = geo.chunk_mask(pos)
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)
@@ -198,7 +222,7 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
     g = B.shape[2]
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
-    kernel = functools.partial(_fwd_kernel, geo=geo, heads=h // g, precision=precision)
+    kernel = functools.partial(_fwd_kernel, geo=geo, heads=h // g, precision=precision, tiles=blocks.tiles)
     args = [xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32)]
     in_specs = [x_spec, dt_spec, vec, bc_spec, bc_spec, vec]
     aliases = {}
@@ -210,7 +234,7 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
-        grid=(b_, geo.num_blocks, g),
+        grid=(b_, pl.cdiv(geo.num_blocks, blocks.tiles), g),
         in_specs=in_specs,
         out_specs=x_spec,
         input_output_aliases=aliases,
@@ -229,7 +253,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
     geo = _Geometry(t, grid, blocks.block_len)
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
-    kernel = functools.partial(_bwd_kernel, geo=geo, heads=h // g, precision=precision)
+    kernel = functools.partial(_bwd_kernel, geo=geo, heads=h // g, precision=precision, tiles=blocks.tiles)
     f32 = jnp.float32
     out_shape = (
         jax.ShapeDtypeStruct(xp.shape, x.dtype),
@@ -242,7 +266,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
     dx, ddt, dB, dC, dlog, dskip = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(b_, geo.num_blocks, g),
+        grid=(b_, pl.cdiv(geo.num_blocks, blocks.tiles), g),
         in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
         out_specs=(x_spec, dt_spec, bc_spec, bc_spec, dt_spec, dt_spec),
         compiler_params=_CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=1),

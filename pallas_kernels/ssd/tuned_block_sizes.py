@@ -11,6 +11,7 @@ class SsdBlocks:
     block_len: int  # tokens per tile (a power of two >= K)
     num_warps: int = 4  # GPU only: the forward kernel
     num_warps_bwd: int = 4  # GPU only: the backward kernel
+    tiles: int = 1  # GPU only: consecutive tiles each program runs, one after the other
 
 
 def _next_pow2(n: int) -> int:
