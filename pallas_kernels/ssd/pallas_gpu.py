@@ -1,11 +1,12 @@
 """Chunk-reset SSD as a Pallas kernel for GPUs (Triton lowering), forward and backward.
 
-Each program owns one block of ``S`` consecutive tokens of one batch row and the heads
-of one B/C group (C·Bᵀ is computed once per group), placed so that no chunk of the grid straddles two blocks: block ``m`` covers positions
-``[m*S - o, (m+1)*S - o)`` (o the grid offset, S = the largest multiple of K that
-fits the power-of-two tile L; S = L for the usual power-of-two K). Chunks are then
-independent problems inside the block and, per head, the whole block is one masked
-[L, L] matmul in SSD "quadratic" form:
+Each program owns one block of ``S`` consecutive tokens of one batch row (or a few
+consecutive blocks: ``SsdBlocks.tiles``) and the heads of one B/C group (C·Bᵀ is
+computed once per group). Blocks are placed so that no chunk of the grid straddles two:
+block ``m`` covers positions ``[m*S - o, (m+1)*S - o)`` (o the grid offset, S = the
+largest multiple of K that fits the power-of-two tile L; S = L for the usual
+power-of-two K). Chunks are then independent problems inside the block and, per head,
+the whole block is one masked [L, L] matmul in SSD "quadratic" form:
 
     y_i = sum_j M_ij (C_i · B_j) exp(cum_i - cum_j) dt_j x_j + D x_i,
     M_ij = [i, j in one chunk and j <= i],   cum_i = sum_{k in chunk, k <= i} dt_k A.
