@@ -156,13 +156,42 @@ def count_params(params: nnx.State) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
+@jax.custom_vjp
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per token, in float32.
+
+    logits [..., V] (any float dtype), targets [...] int -> [...] float32. The gradient
+    (softmax - onehot) comes back in logits' dtype from one fused elementwise pass: automatic
+    differentiation of the same formula scatters into a float32 [..., V] buffer and converts it
+    afterwards, which at B·T = 16k tokens and V = 32k moves 3 GB more per step.
+    """
+    return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+    f = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(f, axis=-1)
+    nll = lse - jnp.take_along_axis(f, targets[..., None], axis=-1)[..., 0]
+    return nll, (logits, targets, lse)
+
+
+def _token_nll_bwd(res, g):
+    logits, targets, lse = res
+    vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+    softmax = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    dlogits = (softmax - (vocab == targets[..., None]).astype(jnp.float32)) * g[..., None]
+    return dlogits.astype(logits.dtype), None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Mean token cross-entropy in float32.
+    """Mean token cross-entropy in float32 (``token_nll``).
 
     Returns (mean loss over weighted tokens, total weight).
     """
-    logits = logits.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = token_nll(logits, targets)
     weights = jnp.ones_like(nll) if weights is None else weights.astype(jnp.float32)
     total = jnp.sum(weights)
     return jnp.sum(nll * weights) / jnp.maximum(total, 1.0), total

@@ -101,14 +101,17 @@ def test_schedule_warms_up_linearly_then_decays_to_min_ratio():
 def test_grad_accumulation_gives_the_same_step():
     cfg = load_config(TINY, MODEL + ["data.seq_len=16", "data.batch_size=4", "optim.warmup_steps=0", "train.steps=1"])
     graphdef, params = init_model(cfg.model)
-    tx, schedule = make_optimizer(cfg.optim, 1)
+    # Plain SGD with lr 1: the step moves each parameter by exactly its (accumulated) gradient,
+    # so the comparison is of gradients (Adam's first step, lr·g/(|g|+eps), would amplify float32
+    # rounding wherever |g| is near eps).
+    tx = optax.sgd(1.0)
     rng = np.random.default_rng(0)
     batch = {
         "inputs": rng.integers(0, 256, (4, 16)).astype(np.int32),
         "targets": rng.integers(0, 256, (4, 16)).astype(np.int32),
         "weights": (rng.random((4, 16)) > 0.3).astype(np.float32),
     }
-    step = jax.jit(make_train_step(graphdef, tx, schedule))
+    step = jax.jit(make_train_step(graphdef, tx, lambda count: 1.0))
     results = []
     for accum in (1, 2):
         state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
@@ -117,9 +120,7 @@ def test_grad_accumulation_gives_the_same_step():
     (s1, m1), (s2, m2) = results
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-    # Adam's first update is lr·g/(|g|+eps): where |g| is near eps, float32 rounding of g
-    # (summation order) moves the update by a small fraction of lr, so atol is ~1e-3·lr.
-    chex.assert_trees_all_close(s1["params"], s2["params"], rtol=1e-5, atol=1e-3 * cfg.optim.lr)
+    chex.assert_trees_all_close(s1["params"], s2["params"], rtol=1e-5, atol=1e-7)
 
 
 def test_flops_count_what_attamba_attends_to():
