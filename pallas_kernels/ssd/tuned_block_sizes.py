@@ -19,12 +19,12 @@ def _next_pow2(n: int) -> int:
 
 
 def ssd_gpu_blocks(token_chunk: int, head_dim: int, dtype) -> SsdBlocks:
-    """GPU tile: the smallest the tensor cores take (16 tokens), or K. Each program holds
+    """GPU tile: the smallest the tensor cores take (16 tokens), or K. Each program keeps
     several [L, L] float32 tiles per head live, so larger tiles presumably cost registers and
-    occupancy (not profiled):
-    on the H200 at 16×1024, H=16, G=2, K=8, bf16 (BENCHMARKS.md) 16-token tiles took half
-    the forward+backward time of 32-token ones (0.11-0.13 vs 0.26-0.38 ms). Between 1, 2
-    and 4 warps at 16 tokens the differences stayed within run-to-run noise."""
+    occupancy (not profiled). On the H200 at 16×1024, H=16, G=2, K=8, bf16 (BENCHMARKS.md),
+    16-token tiles took half the forward+backward time of 32-token ones (0.11-0.13 vs
+    0.26-0.38 ms); between 1, 2 and 4 warps at 16 tokens, and 1, 2 or 4 tiles per program,
+    the differences stayed within run-to-run noise or favoured the defaults."""
     del head_dim, dtype
     return SsdBlocks(block_len=max(16, _next_pow2(token_chunk)), num_warps=2, num_warps_bwd=1)
 
