@@ -38,15 +38,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import tuned_block_sizes
-from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks
+from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks, next_pow2
 
 # jax < 0.6 called the Triton compiler params ``TritonCompilerParams``.
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 _HI = jax.lax.Precision.HIGHEST
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _pad_last(a: jax.Array, size: int) -> jax.Array:
@@ -201,7 +197,7 @@ def _specs(x, B):
 def _prepare(x, B, C):
     """Pads P and N to power-of-two tile sizes >= 16 (no-op for the paper's 32, 32)."""
     p, n = x.shape[-1], B.shape[-1]
-    p2, n2 = max(16, _next_pow2(p)), max(16, _next_pow2(n))
+    p2, n2 = max(16, next_pow2(p)), max(16, next_pow2(n))
     return _pad_last(x, p2), _pad_last(B, n2), _pad_last(C, n2)
 
 

@@ -14,7 +14,7 @@ class SsdBlocks:
     tiles: int = 1  # GPU only: consecutive tiles each program runs (more than 1 did not pay on the H200)
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -26,7 +26,7 @@ def ssd_gpu_blocks(token_chunk: int, head_dim: int, dtype) -> SsdBlocks:
     0.26-0.38 ms); between 1, 2 and 4 warps at 16 tokens, and 1, 2 or 4 tiles per program,
     the differences stayed within run-to-run noise or favoured the defaults."""
     del head_dim, dtype
-    return SsdBlocks(block_len=max(16, _next_pow2(token_chunk)), num_warps=2, num_warps_bwd=1)
+    return SsdBlocks(block_len=max(16, next_pow2(token_chunk)), num_warps=2, num_warps_bwd=1)
 
 
 def ssd_tpu_blocks(token_chunk: int) -> SsdBlocks:
