@@ -134,7 +134,7 @@ class ModelConfig:
                 f"model.ssm_a_init_min/max must satisfy 0 < min <= max, got {self.ssm_a_init_min}, {self.ssm_a_init_max}",
             )
             from pallas_kernels.chunked_attention import IMPLEMENTATIONS as attn_impls
-            from pallas_kernels.ssm_block import IMPLEMENTATIONS as ssm_impls
+            from pallas_kernels.ssd import IMPLEMENTATIONS as ssm_impls
 
             _check(
                 self.ssm_implementation in ("auto",) + ssm_impls,

@@ -30,10 +30,8 @@ from flax import nnx
 from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, RMSNorm, truncated_normal
+from pallas_kernels.ssd import ssd
 from pallas_kernels.ssd.reference import ssd_sequential
-from pallas_kernels.ssm_block import SsmDims, ssm_block
-from pallas_kernels.ssm_block.reference import conv_silu, gated_norm, split_projection
-
 
 
 class SSMState(NamedTuple):
@@ -41,6 +39,24 @@ class SSMState(NamedTuple):
 
     scan: jax.Array  # [B, S·Hs, P, N] float32: the scan state of the current chunk
     conv: jax.Array  # [B, conv_width-1, S·(I+2GN)]: raw conv inputs of the current chunk, zero before it
+
+
+def chunk_causal_conv(x: jax.Array, weight: jax.Array, position_in_chunk: jax.Array) -> jax.Array:
+    """Depthwise causal conv whose taps never reach into an earlier chunk.
+
+    out[t] = sum_j weight[:, W-1-j] * x[t-j] over lags j <= position_in_chunk[t].
+
+    Args:
+      x: [B, T, C]; weight: [C, W] (last tap = current token);
+      position_in_chunk: [T] or [B, T] ints (0 at each chunk start).
+    """
+    width = weight.shape[1]
+    pos = position_in_chunk[..., None] if position_in_chunk.ndim == 2 else position_in_chunk[None, :, None]
+    out = x * weight[:, width - 1]
+    for lag in range(1, width):
+        shifted = jnp.pad(x, ((0, 0), (lag, 0), (0, 0)))[:, : x.shape[1]]
+        out = out + jnp.where(pos >= lag, shifted, 0) * weight[:, width - 1 - lag]
+    return out
 
 
 def _inverse_softplus(y: jax.Array) -> jax.Array:
@@ -77,31 +93,44 @@ class Mamba2(nnx.Module):
         )
         self.dtype = dtype
         self.implementation = cfg.ssm_implementation
-        self.dims = SsmDims(inner=inner, heads=self.heads, groups=self.groups, state=self.state)
 
     def __call__(self, u: jax.Array, grid: ChunkGrid) -> jax.Array:
         """u: [B, T, dim] -> [B, T, streams, dim], restarting at every chunk start of ``grid``."""
-        gated = ssm_block(
-            self._projection(u), self.conv_weight[...], None if self.dt_bias is None else self.dt_bias[...],
-            self._A(), self.D[...], self.norm.weight[...], dims=self.dims, grid=grid, eps=self.norm.eps,
-            implementation=self.implementation,
-        )
-        return self._output_projection(gated)
+        return self._forward(u, grid)[0]
+
+    def _forward(self, u: jax.Array, grid: ChunkGrid):
+        """The parallel forward; also returns the intermediates that prefill reads its state from."""
+        t = u.shape[1]
+        z, xbc, dt = self._in_projection(u)
+        position = jnp.asarray(grid.position_in_chunk(np.arange(t)))
+        x, B, C = self._conv(xbc, position)
+        y = ssd(x, dt, self._A(), B, C, self.D[...], grid=grid, implementation=self.implementation)
+        return self._gated_output(y, z), (xbc, x, dt, B, C)
 
     # --- the pieces shared by the parallel forward, prefill and decode ------------------
 
-    def _projection(self, u: jax.Array) -> jax.Array:
-        """u [B, T, dim] -> [B, T, S, width]: each stream's row [z | x | B | C | dt]."""
-        b, t, _ = u.shape
-        return self.in_proj(u).reshape(b, t, self.streams, self.dims.width)
-
     def _in_projection(self, u: jax.Array):
         """u [B, T, dim] -> z [B, T, S·I], xbc [B, T, S·(I+2GN)] (pre-conv), dt [B, T, S·Hs] (f32, softplus)."""
-        return split_projection(self._projection(u), self.dims, None if self.dt_bias is None else self.dt_bias[...])
+        b, t, _ = u.shape
+        inner, gn = self.inner, self.groups * self.state
+        zxbcdt = self.in_proj(u).reshape(b, t, self.streams, -1)  # [B, T, S, 2I + 2GN + Hs]
+        z, xbc, dt = jnp.split(zxbcdt, [inner, 2 * inner + 2 * gn], axis=-1)
+        dt = dt.reshape(b, t, -1).astype(jnp.float32)
+        if self.dt_bias is not None:
+            dt = dt + self.dt_bias[...]
+        return z.reshape(b, t, -1), xbc.reshape(b, t, -1), jax.nn.softplus(dt)
 
     def _conv(self, xbc: jax.Array, position: jax.Array):
         """Chunk-causal conv + silu, split into the SSD inputs x [B,T,S·Hs,P], B and C [B,T,S·G,N]."""
-        return conv_silu(xbc, self.conv_weight[...], position, self.dims)
+        b, t, _ = xbc.shape
+        inner, gn = self.inner, self.groups * self.state
+        xbc = jax.nn.silu(chunk_causal_conv(xbc, self.conv_weight[...].astype(xbc.dtype), position))
+        x, B, C = jnp.split(xbc.reshape(b, t, self.streams, -1), [inner, inner + gn], axis=-1)
+        return (
+            x.reshape(b, t, self.streams * self.heads, inner // self.heads),
+            B.reshape(b, t, self.streams * self.groups, self.state),
+            C.reshape(b, t, self.streams * self.groups, self.state),
+        )
 
     def _A(self) -> jax.Array:
         return -jnp.exp(self.A_log[...])
@@ -109,11 +138,7 @@ class Mamba2(nnx.Module):
     def _gated_output(self, y: jax.Array, z: jax.Array) -> jax.Array:
         """y [B, T, S·Hs, P], z [B, T, S·I] -> out_proj[s](RMSNorm(y * silu(z))[s]) [B, T, S, dim]."""
         b, t = z.shape[:2]
-        gated = gated_norm(y, z, self.norm.weight[...], eps=self.norm.eps, groups=self.norm.groups)
-        return self._output_projection(gated.reshape(b, t, self.streams, self.inner))
-
-    def _output_projection(self, gated: jax.Array) -> jax.Array:
-        """[B, T, S, I] -> [B, T, S, dim]: each stream's own out_proj."""
+        gated = self.norm(y.reshape(b, t, -1) * jax.nn.silu(z)).reshape(b, t, self.streams, self.inner)
         return jnp.einsum("btsi,sid->btsd", gated.astype(self.dtype), self.out_proj[...].astype(self.dtype))
 
     # --- inference -----------------------------------------------------------------------
@@ -129,9 +154,7 @@ class Mamba2(nnx.Module):
           scan state and conv history of that token's chunk.
         """
         b, t, _ = u.shape
-        out = self(u, grid)
-        _, xbc, dt = self._in_projection(u)
-        x, B, C = self._conv(xbc, jnp.asarray(grid.position_in_chunk(np.arange(t))))
+        out, (xbc, x, dt, B, C) = self._forward(u, grid)
 
         # The state after token `last` depends only on its own chunk, which starts at
         # `start` and is at most K tokens long: rerun the recurrence over those tokens.
