@@ -8,8 +8,7 @@ times it on synthetic token batches as the trainer runs it: ``reps`` steps dispa
 back and waited on once (median of 3 such rounds; ``step_ms``). ``synced_step_ms`` is the median
 step closed by its own ``block_until_ready``, which adds the host's dispatch of every step.
 Attamba runs with ``auto`` kernels (Pallas on a GPU) and, where named,
-with the XLA paths (``chunked`` SSD + ``compressed`` attention) or with the SSD kernel unfused
-(``attamba-unfused``) for comparison. MFU uses the
+with the XLA paths (``chunked`` SSD + ``compressed`` attention) for comparison. MFU uses the
 trainer's honest FLOP count (``flops.train_flops_per_token``: 6·matmul params + the attention
 a query really computes) over the device's data-sheet bf16 peak.
 
@@ -41,8 +40,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = {
     "attamba": ("configs/paper/attamba_k8_w8.yaml", {}),
     "attamba-xla": ("configs/paper/attamba_k8_w8.yaml", {"ssm_implementation": "chunked", "attention_implementation": "compressed"}),
-    # the SSD kernel alone, with XLA's conv, gate and norm around it (auto fuses them on a GPU)
-    "attamba-unfused": ("configs/paper/attamba_k8_w8.yaml", {"ssm_implementation": "pallas_gpu"}),
     "transformer": ("configs/paper/transformer_isoparam.yaml", {}),
 }
 # (batch, length): equal tokens per step (16k) where the length allows it
