@@ -13,14 +13,16 @@ trainer's honest FLOP count (``flops.train_flops_per_token``: 6·matmul params +
 a query really computes) over the device's data-sheet bf16 peak.
 
 ``--profile-shapes 16x1024`` also traces a few steps of those cases with the JAX profiler and
-prints (and stores in the JSON) where the device time goes, kernel by kernel
-(``benchmarks/trace_summary.py``).
+prints (and stores in the JSON) where the device time goes, kernel by kernel, each XLA kernel with
+the shape and JAX op it computes (``benchmarks/trace_summary.py``; ``--hlo-dir`` keeps the
+compiled module's text to read further).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import pathlib
 import tempfile
@@ -47,7 +49,8 @@ SHAPES = [(16, 1024), (64, 1024), (4, 4096), (1, 16384), (1, 32768)]
 XLA_SHAPES = {(16, 1024), (1, 16384)}
 
 
-def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profile_steps: int = 0, profile_top: int = 25) -> dict:
+def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profile_steps: int = 0, profile_top: int = 25,
+              hlo_dir: str = "") -> dict:
     path, overrides = MODELS[model]
     cfg = load_config(ROOT / path, ["model.dtype=bfloat16"]).model
     cfg = dataclasses.replace(cfg, **overrides)
@@ -89,6 +92,12 @@ def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profi
                     state, metrics = step(state, data)
                 jax.block_until_ready(metrics)
             profile = trace_summary.kernel_table(trace_dir, profile_steps, top=profile_top)
+        hlo = step.lower(state, data).compile().as_text()  # the executable just run (cached, no recompile)
+        trace_summary.attribute(profile, hlo)
+        if hlo_dir:
+            pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+            with gzip.open(pathlib.Path(hlo_dir) / f"{model}_{batch}x{length}.hlo.txt.gz", "wt") as f:
+                f.write(hlo)
     tokens_per_step = batch * length
     flops = train_flops_per_token(cfg, n_params, length) * tokens_per_step
     peak = peak_flops_per_device(jax.devices()[0].device_kind, "bfloat16", None)
@@ -136,7 +145,8 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(MODELS)} to time")
     parser.add_argument("--profile-shapes", default="", help="BxL,... whose cases are also traced, kernel by kernel")
     parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--profile-top", type=int, default=25, help="how many of the costliest kernels the profile lists")
+    parser.add_argument("--profile-top", type=int, default=25, help="how many of the costliest kernels the profile lists (0: all)")
+    parser.add_argument("--hlo-dir", default="", help="also write each profiled case's compiled HLO text here (gzip)")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot, args.png)
@@ -155,7 +165,7 @@ def main():
                 continue
             try:
                 steps = args.profile_steps if (batch, length) in profiled else 0
-                r = time_case(model, batch, length, args.warmup, args.reps, steps, args.profile_top)
+                r = time_case(model, batch, length, args.warmup, args.reps, steps, args.profile_top, args.hlo_dir)
             except Exception as e:  # a case that does not fit or compile is reported, not fatal
                 r = {"model": model, "batch": batch, "length": length, "error": f"{type(e).__name__}: {e}"[:300]}
                 print(f"{model:<12} {batch:>3} {length:>6} ERROR {r['error']}", flush=True)

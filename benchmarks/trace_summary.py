@@ -77,6 +77,29 @@ def kernel_table(trace_dir: str | pathlib.Path, steps: int, top: int = 25) -> di
     }
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) (?:fusion|custom-call)\(.*?op_name=\"([^\"]*)\"")
+
+
+def attribute(table: dict, hlo_text: str) -> dict:
+    """Adds to each kernel row the ``shape`` and ``op`` (JAX's ``op_name`` metadata: which
+    primitive of which transform, e.g. ``transpose(jvp(...))/reduce_sum``) of the HLO fusion or
+    custom call it ran, from the compiled module's text (``jitted.lower(...).compile().as_text()``).
+
+    A kernel is matched by its own name (XLA names a fusion's kernel after the instruction, with
+    ``.`` as ``_``); one shared by several identical fusions reports the first. cuBLAS and cuDNN
+    kernels, named by their libraries, stay unmatched.
+    """
+    found = {}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m:
+            found.setdefault(m.group(1).replace(".", "_"), (m.group(2)[:80], m.group(3)))
+    for row in table["kernels"]:
+        shape, op = found.get(row["name"].replace(".", "_"), ("", ""))
+        row["shape"], row["op"] = shape, re.sub(r"^jit\([^)]*\)/(while/body/)?(eval_jaxpr/)?", "", op)
+    return table
+
+
 def format_table(table: dict, title: str) -> str:
     lines = [f"{title}: {table['device_ms_per_step']:.3f} ms of kernels per step",
              f"  {'ms/step':>8} {'share':>6} {'calls':>6}  kernel family / kernel"]
@@ -84,5 +107,6 @@ def format_table(table: dict, title: str) -> str:
         if r is None:
             lines.append("  " + "-" * 40)
             continue
-        lines.append(f"  {r['ms_per_step']:>8.3f} {100 * r['share']:>5.1f}% {r['calls_per_step']:>6.1f}  {r['name'][:90]}")
+        op = f"  [{r['shape']} {r['op'][-70:]}]" if r.get("op") else ""
+        lines.append(f"  {r['ms_per_step']:>8.3f} {100 * r['share']:>5.1f}% {r['calls_per_step']:>6.1f}  {r['name'][:90]}{op}")
     return "\n".join(lines)

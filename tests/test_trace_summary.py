@@ -55,3 +55,17 @@ def test_a_real_cpu_trace_is_read(tmp_path):
 def test_no_trace_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="perfetto_trace.json.gz"):
         trace_summary.kernel_table(tmp_path, steps=1)
+
+
+def test_kernels_are_attributed_to_their_hlo_ops():
+    table = {"kernels": [{"name": "loop_add_fusion_17", "ms_per_step": 0.4, "calls_per_step": 8.0, "share": 0.1},
+                         {"name": "nvjet_sm90_tst_128x160", "ms_per_step": 1.0, "calls_per_step": 9.0, "share": 0.2}]}
+    hlo = (
+        '  %loop_add_fusion.17 = bf16[16,1024,1536]{2,1,0} fusion(%a, %b), kind=kLoop, calls=%fused_add.17, '
+        'metadata={op_name="jit(step_fn)/while/body/eval_jaxpr/transpose(jvp(jit(silu)))/add_any" stack_frame_id=3}\n'
+        '  %bitcast.1 = bf16[16384,1536]{1,0} bitcast(%loop_add_fusion.17)\n'
+    )
+    rows = trace_summary.attribute(table, hlo)["kernels"]
+    assert rows[0]["shape"] == "bf16[16,1024,1536]{2,1,0}"
+    assert rows[0]["op"] == "transpose(jvp(jit(silu)))/add_any"
+    assert rows[1]["op"] == ""  # a cuBLAS kernel has no instruction of its name
