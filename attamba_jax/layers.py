@@ -45,17 +45,12 @@ class RMSNorm(nnx.Module):
         self.groups = groups
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.weight[...], eps=self.eps, groups=self.groups)
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float, groups: int = 1) -> jax.Array:
-    """``RMSNorm`` as a function: x [..., C], weight [C] -> [..., C] in x.dtype (float32 inside)."""
-    dtype = x.dtype
-    x = x.astype(jnp.float32)
-    shape = x.shape
-    x = x.reshape(shape[:-1] + (groups, shape[-1] // groups))
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-    return (x.reshape(shape) * weight).astype(dtype)
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        shape = x.shape
+        x = x.reshape(shape[:-1] + (self.groups, shape[-1] // self.groups))
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x.reshape(shape) * self.weight[...]).astype(dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -41,28 +41,28 @@ from pallas_kernels.ssd import tuned_block_sizes
 from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks, next_pow2
 
 # jax < 0.6 called the Triton compiler params ``TritonCompilerParams``.
-CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-HIGHEST = jax.lax.Precision.HIGHEST
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_HI = jax.lax.Precision.HIGHEST
 
 
-def pad_last(a: jax.Array, size: int) -> jax.Array:
+def _pad_last(a: jax.Array, size: int) -> jax.Array:
     """Zero-pads the last axis to ``size`` (Triton tiles need power-of-two sizes >= 16)."""
     extra = size - a.shape[-1]
     return a if extra == 0 else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)])
 
 
-def idx(i: int) -> jax.Array:
+def _idx(i: int) -> jax.Array:
     """A static index as an int32 scalar (the interpreter's load rule wants arrays)."""
     return jnp.asarray(i, jnp.int32)
 
 
-def dot(a, b, precision, trans_a=False, trans_b=False):
+def _dot(a, b, precision, trans_a=False, trans_b=False):
     """2-D matmul with float32 accumulation; optional transposes folded into the dot."""
     dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
     return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
 
-class Geometry:
+class _Geometry:
     """Static sizes and per-program token positions of one kernel launch."""
 
     def __init__(self, t: int, grid: ChunkGrid, block_len: int):
@@ -110,11 +110,11 @@ def _each_tile(tiles: int, body) -> None:
     jax.lax.fori_loop(0, tiles, step, 0)
 
 
-def _fwd_kernel(*refs, geo: Geometry, heads, precision, tiles):
+def _fwd_kernel(*refs, geo: _Geometry, heads, precision, tiles):
     _each_tile(tiles, lambda m: _fwd_tile(m, *refs, geo=geo, heads=heads, precision=precision))
 
 
-def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: Geometry, heads, precision):
+def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, precision):
     """Tile m of one group's heads. Refs: x, y [T, Hg, P]; dt [T, Hg]; A, D [Hg]; B, C [T, N]
     (batch row and group squeezed)."""
     start, pos, loaded, written = geo.positions(m)
@@ -122,27 +122,27 @@ def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: Geome
     mask = geo.chunk_mask(pos)
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)  # [L, N]
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
-    cb = dot(cg, bg, precision, trans_b=True)  # [L, L] f32
+    cb = _dot(cg, bg, precision, trans_b=True)  # [L, L] f32
     for h in range(heads):
-        dt = plgpu.load(dt_ref.at[rows, idx(h)], mask=loaded, other=0.0).astype(jnp.float32)  # [L]
-        x = plgpu.load(x_ref.at[rows, idx(h), :], mask=loaded[:, None], other=0.0)  # [L, P]
-        y = head_forward(cb, mask, dt, a_ref[h], d_ref[h], x, precision)
-        plgpu.store(y_ref.at[rows, idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
+        dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)  # [L]
+        x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)  # [L, P]
+        y = _head_forward(cb, mask, dt, a_ref[h], d_ref[h], x, precision)
+        plgpu.store(y_ref.at[rows, _idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
 
 
-def head_forward(cb, mask, dt, a, d, x, precision):
+def _head_forward(cb, mask, dt, a, d, x, precision):
     """One head's output on one tile, float32 [L, P].
 
     cb: [L, L] f32 C·Bᵀ of the head's group; mask: ``chunk_mask``; dt: [L] f32 (after
     softplus); a, d: the head's A and D; x: [L, P] in the matmul dtype.
     """
     w = cb * _decay(mask, dt * a) * dt[None, :]  # [L, L]
-    return dot(w.astype(x.dtype), x, precision) + d * x.astype(jnp.float32)
+    return _dot(w.astype(x.dtype), x, precision) + d * x.astype(jnp.float32)
 
 
-def head_backward(cb, mask, dt, a, d, x, dy, precision):
+def _head_backward(cb, mask, dt, a, d, x, dy, precision):
     """Backpropagates ``dy`` [L, P] (matmul dtype; zero on rows this program does not own)
-    through ``head_forward``.
+    through ``_head_forward``.
 
     Returns (dx [L, P] f32, ddt [L] f32, dlog [L] f32: d/d(dt·A) per token, dskip [L] f32:
     dy·x summed over P, dcb [L, L] f32: this head's share of d(C·Bᵀ)).
@@ -150,9 +150,9 @@ def head_backward(cb, mask, dt, a, d, x, dy, precision):
     decay = _decay(mask, dt * a)
     cbe = cb * decay
     w = cbe * dt[None, :]
-    dx = dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d * dy.astype(jnp.float32)
+    dx = _dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d * dy.astype(jnp.float32)
     dskip = jnp.sum(dy.astype(jnp.float32) * x.astype(jnp.float32), axis=1)  # [L]
-    dw = dot(dy, x, precision, trans_b=True)  # [L, L] = dy_i · x_j
+    dw = _dot(dy, x, precision, trans_b=True)  # [L, L] = dy_i · x_j
     dcb = dw * decay * dt[None, :]
     q = dw * w  # d(loss)/d(log decay_ij)
     dcum = jnp.sum(q, axis=1) - jnp.sum(q, axis=0)  # [L]
@@ -161,14 +161,14 @@ def head_backward(cb, mask, dt, a, d, x, dy, precision):
     return dx, ddt, dlog, dskip, dcb
 
 
-def _bwd_kernel(*refs, geo: Geometry, heads, precision, tiles):
+def _bwd_kernel(*refs, geo: _Geometry, heads, precision, tiles):
     _each_tile(tiles, lambda m: _bwd_tile(m, *refs, geo=geo, heads=heads, precision=precision))
 
 
 def _bwd_tile(
     m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, dy_ref,
     dx_ref, ddt_ref, db_ref, dc_ref, dlog_ref, dskip_ref,
-    *, geo: Geometry, heads, precision,
+    *, geo: _Geometry, heads, precision,
 ):
     """Recomputes the forward weights of one group's heads and backpropagates through them.
 
@@ -182,21 +182,21 @@ def _bwd_tile(
     mask = geo.chunk_mask(pos)
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
-    cb = dot(cg, bg, precision, trans_b=True)  # [L, L]
+    cb = _dot(cg, bg, precision, trans_b=True)  # [L, L]
     dcb = jnp.zeros_like(cb)
     for h in range(heads):
-        dt = plgpu.load(dt_ref.at[rows, idx(h)], mask=loaded, other=0.0).astype(jnp.float32)
-        x = plgpu.load(x_ref.at[rows, idx(h), :], mask=loaded[:, None], other=0.0)
+        dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)
+        x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)
         # Rows another program writes must not send gradient: their chunk is cut here.
-        dy = plgpu.load(dy_ref.at[rows, idx(h), :], mask=written[:, None], other=0.0)
-        dx, ddt, dlog, dskip, dcb_h = head_backward(cb, mask, dt, a_ref[h], d_ref[h], x, dy, precision)
+        dy = plgpu.load(dy_ref.at[rows, _idx(h), :], mask=written[:, None], other=0.0)
+        dx, ddt, dlog, dskip, dcb_h = _head_backward(cb, mask, dt, a_ref[h], d_ref[h], x, dy, precision)
         dcb = dcb + dcb_h
-        plgpu.store(dx_ref.at[rows, idx(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
-        plgpu.store(dskip_ref.at[rows, idx(h)], dskip, mask=written)
-        plgpu.store(dlog_ref.at[rows, idx(h)], dlog, mask=written)
-        plgpu.store(ddt_ref.at[rows, idx(h)], ddt.astype(ddt_ref.dtype), mask=written)
-    dc = dot(dcb.astype(bg.dtype), bg, precision)  # [L, N]
-    db = dot(dcb.astype(cg.dtype), cg, precision, trans_a=True)
+        plgpu.store(dx_ref.at[rows, _idx(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
+        plgpu.store(dskip_ref.at[rows, _idx(h)], dskip, mask=written)
+        plgpu.store(dlog_ref.at[rows, _idx(h)], dlog, mask=written)
+        plgpu.store(ddt_ref.at[rows, _idx(h)], ddt.astype(ddt_ref.dtype), mask=written)
+    dc = _dot(dcb.astype(bg.dtype), bg, precision)  # [L, N]
+    db = _dot(dcb.astype(cg.dtype), cg, precision, trans_a=True)
     plgpu.store(dc_ref.at[rows, :], dc.astype(dc_ref.dtype), mask=written[:, None])
     plgpu.store(db_ref.at[rows, :], db.astype(db_ref.dtype), mask=written[:, None])
 
@@ -218,10 +218,10 @@ def _prepare(x, B, C):
     """Pads P and N to power-of-two tile sizes >= 16 (no-op for the paper's 32, 32)."""
     p, n = x.shape[-1], B.shape[-1]
     p2, n2 = max(16, next_pow2(p)), max(16, next_pow2(n))
-    return pad_last(x, p2), pad_last(B, n2), pad_last(C, n2)
+    return _pad_last(x, p2), _pad_last(B, n2), _pad_last(C, n2)
 
 
-def drop_last_input(kernel, n_outputs):
+def _drop_last_input(kernel, n_outputs):
     """Kernel wrapper that ignores the aliased poison input (the output ref is the same buffer)."""
 
     def wrapped(*refs):
@@ -235,10 +235,10 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
     """-> y [B, T, H, P]; ``poison`` aliases the output to a NaN-filled buffer (tests, device checks)."""
     b_, t, h, p = x.shape
     xp, Bp, Cp = _prepare(x, B, C)
-    geo = Geometry(t, grid, blocks.block_len)
+    geo = _Geometry(t, grid, blocks.block_len)
     g = B.shape[2]
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
-    precision = HIGHEST if xp.dtype == jnp.float32 else None
+    precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(_fwd_kernel, geo=geo, heads=h // g, precision=precision, tiles=blocks.tiles)
     args = [xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32)]
     in_specs = [x_spec, dt_spec, vec, bc_spec, bc_spec, vec]
@@ -247,7 +247,7 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
         args.append(jnp.full(xp.shape, jnp.nan, xp.dtype))
         in_specs.append(x_spec)
         aliases = {len(args) - 1: 0}
-        kernel = drop_last_input(kernel, n_outputs=1)
+        kernel = _drop_last_input(kernel, n_outputs=1)
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
@@ -255,7 +255,7 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
         in_specs=in_specs,
         out_specs=x_spec,
         input_output_aliases=aliases,
-        compiler_params=CompilerParams(num_warps=blocks.num_warps, num_stages=1),
+        compiler_params=_CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         interpret=interpret,
         name="ssd_fwd",
     )(*args)
@@ -266,10 +266,10 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
     b_, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     xp, Bp, Cp = _prepare(x, B, C)
-    dyp = pad_last(dy, xp.shape[-1])
-    geo = Geometry(t, grid, blocks.block_len)
+    dyp = _pad_last(dy, xp.shape[-1])
+    geo = _Geometry(t, grid, blocks.block_len)
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
-    precision = HIGHEST if xp.dtype == jnp.float32 else None
+    precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(_bwd_kernel, geo=geo, heads=h // g, precision=precision, tiles=blocks.tiles)
     f32 = jnp.float32
     out_shape = (
@@ -286,7 +286,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
         grid=(b_, pl.cdiv(geo.num_blocks, blocks.tiles), g),
         in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
         out_specs=(x_spec, dt_spec, bc_spec, bc_spec, dt_spec, dt_spec),
-        compiler_params=CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=1),
+        compiler_params=_CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=1),
         interpret=interpret,
         name="ssd_bwd",
     )(xp, dt, A.astype(f32), Bp, Cp, D.astype(f32), dyp)
