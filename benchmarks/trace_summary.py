@@ -51,16 +51,13 @@ def device_events(events: list[dict]) -> list[dict]:
 
 
 def kernel_table(trace_dir: str | pathlib.Path, steps: int, top: int = 25) -> dict:
-    """{'device_ms_per_step', 'kernels': [{name, ms_per_step, calls_per_step, share, hlo_ops}] (largest
-    first; ``top`` = 0: all), 'families': the same summed by kernel family}.
-
-    ``hlo_ops`` names the HLO instructions that launched a kernel (the trace's ``hlo_op``, where
-    the profiler records it), to find it in the compiled module's text."""
-    totals, counts, hlo_ops = collections.Counter(), collections.Counter(), {}
+    """{'device_ms_per_step', 'kernels': [{name, ms_per_step, calls_per_step, share}] (largest
+    first; ``top`` = 0: all), 'families': the same summed by kernel family}. ``attribute`` adds
+    what each XLA kernel computes."""
+    totals, counts = collections.Counter(), collections.Counter()
     for e in device_events(load_events(trace_dir)):
         totals[e["name"]] += float(e.get("dur", 0.0))
         counts[e["name"]] += 1
-        hlo_ops.setdefault(e["name"], set()).add(str(e.get("args", {}).get("hlo_op", "")))
     all_us = sum(totals.values())
     row = lambda name, us, calls: {"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": calls / steps,
                                    "share": us / all_us if all_us else 0.0}
@@ -72,8 +69,7 @@ def kernel_table(trace_dir: str | pathlib.Path, steps: int, top: int = 25) -> di
     return {
         "device_ms_per_step": all_us / 1e3 / steps,
         "families": [row(f, us, family_calls[f]) for f, us in families.most_common()],
-        "kernels": [dict(row(name, us, counts[name]), hlo_ops=sorted(hlo_ops[name] - {""})[:8])
-                    for name, us in totals.most_common(top or None)],
+        "kernels": [row(name, us, counts[name]) for name, us in totals.most_common(top or None)],
     }
 
 
