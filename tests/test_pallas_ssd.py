@@ -98,6 +98,18 @@ def test_gpu_kernel_runs_several_tiles_per_program(tiles):
     assert_close(grads, grads_ref, 1e-5)
 
 
+@pytest.mark.parametrize("ahead, ahead_bwd", [(3, 2), (4, 4)])
+def test_gpu_kernel_loads_several_heads_before_computing(ahead, ahead_bwd):
+    # Given 4 heads per group loaded in runs of 3 (a short last run) or all at once
+    grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 8, 2, 16, 16, "float32", 806)
+    blocks = SsdBlocks(block_len=16, num_warps=2, num_warps_bwd=1, heads_ahead=ahead, heads_ahead_bwd=ahead_bwd)
+    # When the kernel runs forward and backward
+    y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks), args, cot)
+    # Then it agrees with the reference and writes every element
+    assert_close(y, y_ref, 1e-5)
+    assert_close(grads, grads_ref, 1e-5)
+
+
 def test_gpu_forward_overwrites_a_nan_buffer():
     # Given an output buffer filled with NaN and aliased to the kernel's output
     grid = ChunkGrid(4, 1)

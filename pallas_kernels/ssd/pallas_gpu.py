@@ -110,11 +110,18 @@ def _each_tile(tiles: int, body) -> None:
     jax.lax.fori_loop(0, tiles, step, 0)
 
 
-def _fwd_kernel(*refs, geo: _Geometry, heads, precision, tiles):
-    _each_tile(tiles, lambda m: _fwd_tile(m, *refs, geo=geo, heads=heads, precision=precision))
+def _fwd_kernel(*refs, geo: _Geometry, heads, ahead, precision, tiles):
+    _each_tile(tiles, lambda m: _fwd_tile(m, *refs, geo=geo, heads=heads, ahead=ahead, precision=precision))
 
 
-def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, precision):
+def _head_groups(heads: int, ahead: int):
+    """The heads in runs of ``ahead``: a program loads one run's inputs before computing any of
+    them, so that several heads' loads are in flight at once (a store between two loads would
+    order them: the compiler cannot tell the refs apart)."""
+    return [range(h, min(heads, h + ahead)) for h in range(0, heads, ahead)]
+
+
+def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, ahead, precision):
     """Tile m of one group's heads. Refs: x, y [T, Hg, P]; dt [T, Hg]; A, D [Hg]; B, C [T, N]
     (batch row and group squeezed)."""
     start, pos, loaded, written = geo.positions(m)
@@ -123,11 +130,17 @@ def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geom
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)  # [L, N]
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cb = _dot(cg, bg, precision, trans_b=True)  # [L, L] f32
-    for h in range(heads):
-        dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)  # [L]
-        x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)  # [L, P]
-        y = _head_forward(cb, mask, dt, a_ref[h], d_ref[h], x, precision)
-        plgpu.store(y_ref.at[rows, _idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
+    for run in _head_groups(heads, ahead):
+        inputs = [
+            (
+                plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32),  # [L]
+                plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0),  # [L, P]
+            )
+            for h in run
+        ]
+        for h, (dt, x) in zip(run, inputs):
+            y = _head_forward(cb, mask, dt, a_ref[h], d_ref[h], x, precision)
+            plgpu.store(y_ref.at[rows, _idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
 
 
 def _head_forward(cb, mask, dt, a, d, x, precision):
@@ -161,14 +174,14 @@ def _head_backward(cb, mask, dt, a, d, x, dy, precision):
     return dx, ddt, dlog, dskip, dcb
 
 
-def _bwd_kernel(*refs, geo: _Geometry, heads, precision, tiles):
-    _each_tile(tiles, lambda m: _bwd_tile(m, *refs, geo=geo, heads=heads, precision=precision))
+def _bwd_kernel(*refs, geo: _Geometry, heads, ahead, precision, tiles):
+    _each_tile(tiles, lambda m: _bwd_tile(m, *refs, geo=geo, heads=heads, ahead=ahead, precision=precision))
 
 
 def _bwd_tile(
     m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, dy_ref,
     dx_ref, ddt_ref, db_ref, dc_ref, dlog_ref, dskip_ref,
-    *, geo: _Geometry, heads, precision,
+    *, geo: _Geometry, heads, ahead, precision,
 ):
     """Recomputes the forward weights of one group's heads and backpropagates through them.
 
@@ -184,17 +197,23 @@ def _bwd_tile(
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cb = _dot(cg, bg, precision, trans_b=True)  # [L, L]
     dcb = jnp.zeros_like(cb)
-    for h in range(heads):
-        dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)
-        x = plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)
-        # Rows another program writes must not send gradient: their chunk is cut here.
-        dy = plgpu.load(dy_ref.at[rows, _idx(h), :], mask=written[:, None], other=0.0)
-        dx, ddt, dlog, dskip, dcb_h = _head_backward(cb, mask, dt, a_ref[h], d_ref[h], x, dy, precision)
-        dcb = dcb + dcb_h
-        plgpu.store(dx_ref.at[rows, _idx(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
-        plgpu.store(dskip_ref.at[rows, _idx(h)], dskip, mask=written)
-        plgpu.store(dlog_ref.at[rows, _idx(h)], dlog, mask=written)
-        plgpu.store(ddt_ref.at[rows, _idx(h)], ddt.astype(ddt_ref.dtype), mask=written)
+    for run in _head_groups(heads, ahead):
+        inputs = [
+            (
+                plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32),
+                plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0),
+                # Rows another program writes must not send gradient: their chunk is cut here.
+                plgpu.load(dy_ref.at[rows, _idx(h), :], mask=written[:, None], other=0.0),
+            )
+            for h in run
+        ]
+        for h, (dt, x, dy) in zip(run, inputs):
+            dx, ddt, dlog, dskip, dcb_h = _head_backward(cb, mask, dt, a_ref[h], d_ref[h], x, dy, precision)
+            dcb = dcb + dcb_h
+            plgpu.store(dx_ref.at[rows, _idx(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
+            plgpu.store(dskip_ref.at[rows, _idx(h)], dskip, mask=written)
+            plgpu.store(dlog_ref.at[rows, _idx(h)], dlog, mask=written)
+            plgpu.store(ddt_ref.at[rows, _idx(h)], ddt.astype(ddt_ref.dtype), mask=written)
     dc = _dot(dcb.astype(bg.dtype), bg, precision)  # [L, N]
     db = _dot(dcb.astype(cg.dtype), cg, precision, trans_a=True)
     plgpu.store(dc_ref.at[rows, :], dc.astype(dc_ref.dtype), mask=written[:, None])
@@ -239,7 +258,9 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
     g = B.shape[2]
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
-    kernel = functools.partial(_fwd_kernel, geo=geo, heads=h // g, precision=precision, tiles=blocks.tiles)
+    kernel = functools.partial(
+        _fwd_kernel, geo=geo, heads=h // g, ahead=blocks.heads_ahead, precision=precision, tiles=blocks.tiles
+    )
     args = [xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32)]
     in_specs = [x_spec, dt_spec, vec, bc_spec, bc_spec, vec]
     aliases = {}
@@ -270,7 +291,9 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
     geo = _Geometry(t, grid, blocks.block_len)
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
-    kernel = functools.partial(_bwd_kernel, geo=geo, heads=h // g, precision=precision, tiles=blocks.tiles)
+    kernel = functools.partial(
+        _bwd_kernel, geo=geo, heads=h // g, ahead=blocks.heads_ahead_bwd, precision=precision, tiles=blocks.tiles
+    )
     f32 = jnp.float32
     out_shape = (
         jax.ShapeDtypeStruct(xp.shape, x.dtype),

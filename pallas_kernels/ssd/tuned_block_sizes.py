@@ -12,6 +12,8 @@ class SsdBlocks:
     num_warps: int = 4  # GPU only: the forward kernel
     num_warps_bwd: int = 4  # GPU only: the backward kernel
     tiles: int = 1  # GPU only: consecutive tiles each program runs (more than 1 did not pay on the H200)
+    heads_ahead: int = 1  # GPU only: heads whose inputs the forward loads before computing any of them
+    heads_ahead_bwd: int = 1  # GPU only: the same for the backward
 
 
 def next_pow2(n: int) -> int:
