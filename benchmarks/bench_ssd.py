@@ -159,16 +159,14 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
     moved = _nbytes(args[0], args[1], args[3], args[4], args[0])
     sets = [args] + [_inputs(jax.random.key(2 + i), b, t, dtype, **shape)[0] for i in range(min(31, max(0, math.ceil((256 << 20) / moved) - 1)))]
     first = {}  # mode -> the first tile's output
-    variants = (  # (block_len, warps fwd, warps bwd, tiles, heads ahead fwd, heads ahead bwd, fwd heads per program)
-        (16, 2, 1, 1, 1, 1, 0), (16, 2, 1, 1, 2, 2, 0), (16, 1, 1, 1, 2, 2, 0), (16, 1, 1, 1, 8, 2, 0),
-        (16, 1, 1, 1, 1, 2, 1), (16, 1, 1, 1, 2, 2, 2), (16, 2, 1, 1, 2, 2, 2), (16, 1, 1, 1, 4, 2, 4),
-        (16, 2, 1, 1, 4, 2, 4), (16, 2, 2, 1, 2, 1, 2), (16, 2, 2, 1, 2, 4, 2),
+    variants = (  # (block_len, warps fwd, warps bwd, tiles, heads ahead fwd, heads ahead bwd)
+        (16, 2, 1, 1, 1, 1), (16, 2, 1, 1, 2, 2), (16, 2, 1, 1, 4, 2), (16, 2, 1, 1, 8, 4),
+        (16, 2, 2, 1, 8, 4), (16, 2, 2, 1, 8, 8), (16, 4, 4, 1, 8, 8), (16, 1, 1, 1, 8, 2),
     )
-    for block_len, warps, warps_bwd, tiles, ahead, ahead_bwd, per_program in variants:
+    for block_len, warps, warps_bwd, tiles, ahead, ahead_bwd in variants:
         if block_len < grid.token_chunk:
             continue
-        blocks = SsdBlocks(block_len, warps, warps_bwd, tiles, ahead, ahead_bwd, per_program)
-        impl = _impl("pallas_gpu", grid, interpret, blocks)
+        impl = _impl("pallas_gpu", grid, interpret, SsdBlocks(block_len, warps, warps_bwd, tiles, ahead, ahead_bwd))
         for mode, fn in (("fwd", jax.jit(impl)), ("fwd+bwd", jax.jit(_fwd_bwd(impl)))):
             call_sets = sets if mode == "fwd" else [(*s, dy) for s in sets]
             err = float("nan")
@@ -181,11 +179,11 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
                 print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 sec = float("nan")
             record("sweep", {"block_len": block_len, "num_warps": warps, "num_warps_bwd": warps_bwd, "tiles": tiles,
-                             "heads_ahead": ahead, "heads_ahead_bwd": ahead_bwd, "heads_per_program": per_program,
+                             "heads_ahead": ahead, "heads_ahead_bwd": ahead_bwd,
                              "mode": mode, "ms": sec * 1e3, "gbps": moved / sec / 1e9 if mode == "fwd" else None,
                              "max_rel_err_vs_first": err})
             print(f"{stamp()} sweep ssd {b}x{t} L={block_len:3d} warps={warps}/{warps_bwd} tiles={tiles} "
-                  f"ahead={ahead}/{ahead_bwd} per_program={per_program} {mode:8s} {sec * 1e3:8.3f} ms  (vs first tile: max rel err {err:.1e})",
+                  f"ahead={ahead}/{ahead_bwd} {mode:8s} {sec * 1e3:8.3f} ms  (vs first tile: max rel err {err:.1e})",
                   flush=True)
 
 

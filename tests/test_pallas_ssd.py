@@ -110,18 +110,6 @@ def test_gpu_kernel_loads_several_heads_before_computing(ahead, ahead_bwd):
     assert_close(grads, grads_ref, 1e-5)
 
 
-@pytest.mark.parametrize("per_program", [1, 2, 3])
-def test_gpu_forward_splits_a_group_over_programs(per_program):
-    # Given 4 heads per group and forward programs of 1 or 2 heads (3 does not divide 4: whole groups)
-    grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 8, 2, 16, 16, "float32", 807)
-    blocks = SsdBlocks(block_len=16, num_warps=2, num_warps_bwd=1, heads_ahead=2, heads_per_program=per_program)
-    # When the kernel runs forward and backward
-    y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks), args, cot)
-    # Then each head reads its own group's B and C, and every element is written
-    assert_close(y, y_ref, 1e-5)
-    assert_close(grads, grads_ref, 1e-5)
-
-
 def test_gpu_forward_overwrites_a_nan_buffer():
     # Given an output buffer filled with NaN and aliased to the kernel's output
     grid = ChunkGrid(4, 1)

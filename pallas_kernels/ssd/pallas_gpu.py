@@ -220,18 +220,16 @@ def _bwd_tile(
     plgpu.store(db_ref.at[rows, :], db.astype(db_ref.dtype), mask=written[:, None])
 
 
-def _specs(x, B, heads_per_program: int):
-    """BlockSpecs (x, dt, [H] vectors, B/C) of the grid (batch row b, block m, head block k):
-    program (b, m, k) sees heads [k·hp, (k+1)·hp) (hp = ``heads_per_program``, which divides
-    the group's head count) and the B, C of their group, of batch row b whole, and indexes the
-    tokens itself."""
+def _specs(x, B):
+    """BlockSpecs (x, dt, [H] vectors, B/C) of the grid (batch row b, block m, group g): program
+    (b, m, g) sees group g's heads and B, C of batch row b whole, and indexes the tokens itself."""
     _, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    hp, per_group = heads_per_program, (h // g) // heads_per_program
-    x_spec = pl.BlockSpec((None, t, hp, p), lambda i, m, k: (i, 0, k, 0))
-    dt_spec = pl.BlockSpec((None, t, hp), lambda i, m, k: (i, 0, k))
-    vec = pl.BlockSpec((hp,), lambda i, m, k: (k,))
-    bc_spec = pl.BlockSpec((None, t, None, n), lambda i, m, k: (i, 0, k // per_group, 0))
+    hg = h // g
+    x_spec = pl.BlockSpec((None, t, hg, p), lambda i, m, k: (i, 0, k, 0))
+    dt_spec = pl.BlockSpec((None, t, hg), lambda i, m, k: (i, 0, k))
+    vec = pl.BlockSpec((hg,), lambda i, m, k: (k,))
+    bc_spec = pl.BlockSpec((None, t, None, n), lambda i, m, k: (i, 0, k, 0))
     return x_spec, dt_spec, vec, bc_spec
 
 
@@ -252,23 +250,16 @@ def _drop_last_input(kernel, n_outputs):
     return wrapped
 
 
-def _forward_heads_per_program(group_heads: int, blocks: SsdBlocks) -> int:
-    """The forward's heads per program: ``blocks.heads_per_program`` where it divides the
-    group's heads, else the whole group (the backward always takes the whole group)."""
-    hp = blocks.heads_per_program
-    return hp if hp and group_heads % hp == 0 else group_heads
-
-
 def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False):
     """-> y [B, T, H, P]; ``poison`` aliases the output to a NaN-filled buffer (tests, device checks)."""
     b_, t, h, p = x.shape
     xp, Bp, Cp = _prepare(x, B, C)
     geo = _Geometry(t, grid, blocks.block_len)
-    hp = _forward_heads_per_program(h // B.shape[2], blocks)
-    x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp, hp)
+    g = B.shape[2]
+    x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _fwd_kernel, geo=geo, heads=hp, ahead=blocks.heads_ahead, precision=precision, tiles=blocks.tiles
+        _fwd_kernel, geo=geo, heads=h // g, ahead=blocks.heads_ahead, precision=precision, tiles=blocks.tiles
     )
     args = [xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32)]
     in_specs = [x_spec, dt_spec, vec, bc_spec, bc_spec, vec]
@@ -281,7 +272,7 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
-        grid=(b_, pl.cdiv(geo.num_blocks, blocks.tiles), h // hp),
+        grid=(b_, pl.cdiv(geo.num_blocks, blocks.tiles), g),
         in_specs=in_specs,
         out_specs=x_spec,
         input_output_aliases=aliases,
@@ -298,7 +289,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
     xp, Bp, Cp = _prepare(x, B, C)
     dyp = _pad_last(dy, xp.shape[-1])
     geo = _Geometry(t, grid, blocks.block_len)
-    x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp, h // g)  # a group's heads: they share d(C·Bᵀ)
+    x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(
         _bwd_kernel, geo=geo, heads=h // g, ahead=blocks.heads_ahead_bwd, precision=precision, tiles=blocks.tiles

@@ -14,7 +14,6 @@ class SsdBlocks:
     tiles: int = 1  # GPU only: consecutive tiles each program runs (more than 1 did not pay on the H200)
     heads_ahead: int = 1  # GPU only: heads whose inputs the forward loads before computing any of them
     heads_ahead_bwd: int = 1  # GPU only: the same for the backward
-    heads_per_program: int = 0  # GPU forward only: heads per program where it divides a group's (0: the group's)
 
 
 def next_pow2(n: int) -> int:
