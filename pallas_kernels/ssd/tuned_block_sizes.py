@@ -26,9 +26,14 @@ def ssd_gpu_blocks(token_chunk: int, head_dim: int, dtype) -> SsdBlocks:
     occupancy (not profiled). On the H200 at 16×1024, H=16, G=2, K=8, bf16 (BENCHMARKS.md),
     16-token tiles took half the forward+backward time of 32-token ones (0.11-0.13 vs
     0.26-0.38 ms); between 1, 2 and 4 warps at 16 tokens, and 1, 2 or 4 tiles per program,
-    the differences stayed within run-to-run noise or favoured the defaults."""
+    the differences stayed within run-to-run noise or favoured the defaults. Loading two
+    heads' inputs before computing either took the forward at 4×32768 from 0.161 to
+    0.139 ms (forward+backward 0.627 to 0.605 ms; two runs each); four or eight heads at
+    once, or programs of fewer heads than a group, were slower."""
     del head_dim, dtype
-    return SsdBlocks(block_len=max(16, next_pow2(token_chunk)), num_warps=2, num_warps_bwd=1)
+    return SsdBlocks(
+        block_len=max(16, next_pow2(token_chunk)), num_warps=2, num_warps_bwd=1, heads_ahead=2, heads_ahead_bwd=2
+    )
 
 
 def ssd_tpu_blocks(token_chunk: int) -> SsdBlocks:
