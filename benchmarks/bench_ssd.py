@@ -19,6 +19,7 @@ served from the 60 MB L2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -31,7 +32,7 @@ from timing import add_kernel_bench_args, rel_err, save, stamp, time_calls  # be
 
 from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import pallas_gpu, reference, ssd
-from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks
+from pallas_kernels.ssd.tuned_block_sizes import GpuPass, SsdBlocks, ssd_gpu_blocks
 
 HEADS, HEAD_DIM, STATE, GROUPS = 8, 32, 32, 1
 
@@ -96,7 +97,7 @@ def _check_one(seed, k, o, b, t, h, g, dtype, tol) -> dict:
     with jax.default_matmul_precision("highest"):
         y_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.ssd_sequential(*a, reset)[0]))(*args, dy)
     y, grads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid)))(*args, dy)
-    poisoned = jax.jit(lambda *a: pallas_gpu._forward(*a, grid, SsdBlocks(max(16, k), 4), False, poison=True))(*args)
+    poisoned = jax.jit(lambda *a: pallas_gpu._forward(*a, grid, ssd_gpu_blocks(k, HEAD_DIM, dtype), False, poison=True))(*args)
     errs = {"y": rel_err(y, y_ref), "poisoned_y": rel_err(poisoned, y_ref)}
     errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip(("x", "dt", "A", "B", "C", "D"), grads, g_ref)})
     finite = all(bool(jnp.isfinite(a).all()) for a in (y, poisoned, *grads))
@@ -159,14 +160,18 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
     moved = _nbytes(args[0], args[1], args[3], args[4], args[0])
     sets = [args] + [_inputs(jax.random.key(2 + i), b, t, dtype, **shape)[0] for i in range(min(31, max(0, math.ceil((256 << 20) / moved) - 1)))]
     first = {}  # mode -> the first tile's output
-    variants = (  # (block_len, warps fwd, warps bwd, tiles, heads ahead fwd, heads ahead bwd)
-        (16, 2, 1, 1, 1, 1), (16, 2, 1, 1, 2, 2), (16, 2, 1, 1, 4, 2), (16, 2, 1, 1, 8, 4),
-        (16, 2, 2, 1, 8, 4), (16, 2, 2, 1, 8, 8), (16, 4, 4, 1, 8, 8), (16, 1, 1, 1, 8, 2),
+    variants = (  # SsdBlocks(tokens per tile, forward GpuPass, backward GpuPass); GpuPass(warps, tiles, heads ahead, stages)
+        ssd_gpu_blocks(grid.token_chunk, HEAD_DIM, dtype),  # the default
+        SsdBlocks(16, GpuPass(2, 1, 2, 1), GpuPass(1, 1, 2)),  # one tile per program
+        SsdBlocks(16, GpuPass(2, 8, 2, 3), GpuPass(1, 1, 2)),
+        SsdBlocks(16, GpuPass(2, 1, 1, 1), GpuPass(1, 1, 1)),  # one head at a time
+        SsdBlocks(16, GpuPass(2, 4, 2, 2), GpuPass(1, 2, 2, 2)),  # the backward in a pipelined loop too
+        SsdBlocks(32, GpuPass(2, 1, 2, 1), GpuPass(2, 1, 2)),
     )
-    for block_len, warps, warps_bwd, tiles, ahead, ahead_bwd in variants:
-        if block_len < grid.token_chunk:
+    for blocks in variants:
+        if blocks.block_len < grid.token_chunk:
             continue
-        impl = _impl("pallas_gpu", grid, interpret, SsdBlocks(block_len, warps, warps_bwd, tiles, ahead, ahead_bwd))
+        impl = _impl("pallas_gpu", grid, interpret, blocks)
         for mode, fn in (("fwd", jax.jit(impl)), ("fwd+bwd", jax.jit(_fwd_bwd(impl)))):
             call_sets = sets if mode == "fwd" else [(*s, dy) for s in sets]
             err = float("nan")
@@ -178,13 +183,12 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
             except Exception as e:  # a tile that does not compile is no result
                 print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 sec = float("nan")
-            record("sweep", {"block_len": block_len, "num_warps": warps, "num_warps_bwd": warps_bwd, "tiles": tiles,
-                             "heads_ahead": ahead, "heads_ahead_bwd": ahead_bwd,
-                             "mode": mode, "ms": sec * 1e3, "gbps": moved / sec / 1e9 if mode == "fwd" else None,
-                             "max_rel_err_vs_first": err})
-            print(f"{stamp()} sweep ssd {b}x{t} L={block_len:3d} warps={warps}/{warps_bwd} tiles={tiles} "
-                  f"ahead={ahead}/{ahead_bwd} {mode:8s} {sec * 1e3:8.3f} ms  (vs first tile: max rel err {err:.1e})",
-                  flush=True)
+            record("sweep", {**dataclasses.asdict(blocks), "mode": mode, "ms": sec * 1e3,
+                             "GB/s": moved / sec / 1e9 if mode == "fwd" else None, "max_rel_err_vs_first": err})
+            f, w = blocks.fwd, blocks.bwd
+            print(f"{stamp()} sweep ssd {b}x{t} L={blocks.block_len:3d} fwd warps/tiles/ahead/stages="
+                  f"{f.num_warps}/{f.tiles}/{f.heads_ahead}/{f.num_stages} bwd {w.num_warps}/{w.tiles}/{w.heads_ahead}/"
+                  f"{w.num_stages} {mode:8s} {sec * 1e3:8.3f} ms  (vs first: max rel err {err:.1e})", flush=True)
 
 
 def plot(result: dict, path: str) -> None:

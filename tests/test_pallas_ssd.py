@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import IMPLEMENTATIONS, pallas_gpu, pallas_tpu, reference, ssd
 from pallas_kernels.ssd.api import auto_implementations
-from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks
+from pallas_kernels.ssd.tuned_block_sizes import GpuPass, SsdBlocks
 from tests.helpers import FAST_COMPILE, assert_close, value_and_grads
 
 # The interpreters start every output buffer as NaN (see test_interpreter_poisons_unwritten_outputs),
@@ -85,12 +85,12 @@ def test_kernel_matches_reference_bf16(kernel):
     assert_close(grads, grads_ref, 1e-2)
 
 
-@pytest.mark.parametrize("tiles", [2, 3])
-def test_gpu_kernel_runs_several_tiles_per_program(tiles):
+@pytest.mark.parametrize("tiles, stages", [(2, 1), (3, 2)])
+def test_gpu_kernel_runs_several_tiles_per_program(tiles, stages):
     # Given programs that each run `tiles` consecutive tiles (4 tiles per row: the last program
     # runs past the row's end)
     grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 4, 2, 16, 16, "float32", 805)
-    blocks = SsdBlocks(block_len=16, num_warps=2, num_warps_bwd=1, tiles=tiles)
+    blocks = SsdBlocks(16, GpuPass(2, tiles, num_stages=stages), GpuPass(1, tiles, num_stages=stages))
     # When the kernel runs forward and backward
     y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks), args, cot)
     # Then it agrees with the reference and writes every element
@@ -102,7 +102,7 @@ def test_gpu_kernel_runs_several_tiles_per_program(tiles):
 def test_gpu_kernel_loads_several_heads_before_computing(ahead, ahead_bwd):
     # Given 4 heads per group loaded in runs of 3 (a short last run) or all at once
     grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 8, 2, 16, 16, "float32", 806)
-    blocks = SsdBlocks(block_len=16, num_warps=2, num_warps_bwd=1, heads_ahead=ahead, heads_ahead_bwd=ahead_bwd)
+    blocks = SsdBlocks(16, GpuPass(2, heads_ahead=ahead), GpuPass(1, heads_ahead=ahead_bwd))
     # When the kernel runs forward and backward
     y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks), args, cot)
     # Then it agrees with the reference and writes every element
@@ -115,7 +115,7 @@ def test_gpu_forward_overwrites_a_nan_buffer():
     grid = ChunkGrid(4, 1)
     (x, dt, A, B, C, D), _ = _inputs(3, 2, 29, 2, 1, 16, 16, jnp.float32)
     # When the forward kernel writes into it
-    y = _run(lambda *a: pallas_gpu._forward(*a, grid, SsdBlocks(16, 4), True, poison=True), x, dt, A, B, C, D)
+    y = _run(lambda *a: pallas_gpu._forward(*a, grid, SsdBlocks(16, GpuPass(4, tiles=2)), True, poison=True), x, dt, A, B, C, D)
     # Then no NaN is left and the values are right
     reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(29))), (2, 29))
     assert_close(y, reference.ssd_sequential(x, dt, A, B, C, D, reset)[0], 1e-5)

@@ -1,7 +1,7 @@
 """Chunk-reset SSD as a Pallas kernel for GPUs (Triton lowering), forward and backward.
 
 Each program owns one block of ``S`` consecutive tokens of one batch row (or a few
-consecutive blocks: ``SsdBlocks.tiles``) and the heads of one B/C group (C·Bᵀ is
+consecutive blocks: ``GpuPass.tiles``) and the heads of one B/C group (C·Bᵀ is
 computed once per group). Blocks are placed so that no chunk of the grid straddles two:
 block ``m`` covers positions ``[m*S - o, (m+1)*S - o)`` (o the grid offset, S = the
 largest multiple of K that fits the power-of-two tile L; S = L for the usual
@@ -259,7 +259,7 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _fwd_kernel, geo=geo, heads=h // g, ahead=blocks.heads_ahead, precision=precision, tiles=blocks.tiles
+        _fwd_kernel, geo=geo, heads=h // g, ahead=blocks.fwd.heads_ahead, precision=precision, tiles=blocks.fwd.tiles
     )
     args = [xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32)]
     in_specs = [x_spec, dt_spec, vec, bc_spec, bc_spec, vec]
@@ -272,11 +272,11 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
-        grid=(b_, pl.cdiv(geo.num_blocks, blocks.tiles), g),
+        grid=(b_, pl.cdiv(geo.num_blocks, blocks.fwd.tiles), g),
         in_specs=in_specs,
         out_specs=x_spec,
         input_output_aliases=aliases,
-        compiler_params=_CompilerParams(num_warps=blocks.num_warps, num_stages=1),
+        compiler_params=_CompilerParams(num_warps=blocks.fwd.num_warps, num_stages=blocks.fwd.num_stages),
         interpret=interpret,
         name="ssd_fwd",
     )(*args)
@@ -292,7 +292,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _bwd_kernel, geo=geo, heads=h // g, ahead=blocks.heads_ahead_bwd, precision=precision, tiles=blocks.tiles
+        _bwd_kernel, geo=geo, heads=h // g, ahead=blocks.bwd.heads_ahead, precision=precision, tiles=blocks.bwd.tiles
     )
     f32 = jnp.float32
     out_shape = (
@@ -306,10 +306,10 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
     dx, ddt, dB, dC, dlog, dskip = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(b_, pl.cdiv(geo.num_blocks, blocks.tiles), g),
+        grid=(b_, pl.cdiv(geo.num_blocks, blocks.bwd.tiles), g),
         in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
         out_specs=(x_spec, dt_spec, bc_spec, bc_spec, dt_spec, dt_spec),
-        compiler_params=_CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=1),
+        compiler_params=_CompilerParams(num_warps=blocks.bwd.num_warps, num_stages=blocks.bwd.num_stages),
         interpret=interpret,
         name="ssd_bwd",
     )(xp, dt, A.astype(f32), Bp, Cp, D.astype(f32), dyp)
