@@ -75,10 +75,11 @@ class ModelConfig:
     # (transformer) causal sliding window: each query sees its last W+1 tokens; null = full.
     sliding_window: int | None = None
 
-    # Which kernel runs each op: "auto" or a name from pallas_kernels.<op>.IMPLEMENTATIONS.
-    # (attamba) ssm: auto | chunked | associative | sequential.
+    # Which kernel runs each op: "auto" (the Pallas kernel on a GPU or TPU, XLA on a CPU) or a name
+    # from pallas_kernels.<op>.IMPLEMENTATIONS (*_interpret: the kernel in the Pallas interpreter).
+    # (attamba) ssm: auto | chunked | associative | sequential | pallas_gpu | pallas_tpu.
     ssm_implementation: str = "auto"
-    # attamba: auto | compressed | dense; transformer: auto | xla | cudnn.
+    # attamba: auto | compressed | dense | pallas_gpu | pallas_tpu; transformer: auto | xla | cudnn.
     attention_implementation: str = "auto"
 
     # --- derived sizes ---------------------------------------------------------------

@@ -64,9 +64,9 @@ def _impl(name, grid, window, interpret=False, blocks=None):
 # --- correctness on the device ---------------------------------------------------------
 
 
-def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0) -> None:
+def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0, interpret: bool = False) -> None:
     """The kernel against the dense reference on the device: fresh inputs, forward and the q, k, v
-    gradients, f32 and bf16, GQA, offsets, ragged lengths, outputs poisoned with NaN."""
+    gradients, f32 and bf16, GQA, offsets, ragged lengths, then again with every kernel output poisoned with NaN."""
     cases = [(4, 0, 8, 2, 1000, 8, 8), (8, 5, 8, 2, 777, 8, 2), (16, 3, 32, 1, 1500, 4, 1), (8, 7, 0, 1, 300, 6, 3)]
     tolerances = {"float32": 1e-5, "bfloat16": 1e-2}
     for dtype_name in dtypes:
@@ -76,25 +76,26 @@ def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0) 
             if case_ids is not None and case_id not in case_ids:
                 continue
             try:
-                record("check", _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol))
+                record("check", _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol, interpret))
             except Exception as e:  # a compile or runtime failure is a failed check, not a crash
                 record("check", {"K": k, "offset": o, "W": w, "T": t, "dtype": jnp.dtype(dtype).name, "ok": False,
                                 "error": f"{type(e).__name__}: {e}"[:2000]})
                 print(f"check attention K={k} o={o} T={t} {jnp.dtype(dtype).name}: FAIL {type(e).__name__}: {str(e)[:500]}", flush=True)
 
 
-def _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol) -> dict:
-    """One case: the kernel's forward, gradients and poisoned forward against the dense reference."""
+def _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol, interpret=False) -> dict:
+    """One case: the kernels' forward and gradients, as they run and with every output poisoned, against the dense reference."""
     grid = ChunkGrid(k, o)
     q, kk, v, do = _inputs(jax.random.key(seed), b, t, dtype, h=h, hkv=hkv)
     with jax.default_matmul_precision("highest"):
         o_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.chunked_attention_dense(*a, grid, w)))(q, kk, v, do)
-    out, grads = jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, w)))(q, kk, v, do)
-    st = pallas_gpu.make_static(q, kk, grid, w)
-    poisoned, lse = jax.jit(lambda *a: pallas_gpu._forward(st, *a, False, poison=True))(q, kk, v)
-    errs = {"o": rel_err(out, o_ref), "poisoned_o": rel_err(poisoned, o_ref)}
+    out, grads = jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, w, interpret)))(q, kk, v, do)
+    poisoned = lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(q, k, v, grid, w, interpret=interpret, poison=True)
+    pout, pgrads = jax.jit(_fwd_bwd(poisoned))(q, kk, v, do)
+    errs = {"o": rel_err(out, o_ref), "poisoned_o": rel_err(pout, o_ref)}
     errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip("qkv", grads, g_ref)})
-    finite = all(bool(jnp.isfinite(a).all()) for a in (out, poisoned, lse, *grads))
+    errs.update({f"poisoned_d{n}": rel_err(a, r) for n, a, r in zip("qkv", pgrads, g_ref)})
+    finite = all(bool(jnp.isfinite(a).all()) for a in (out, pout, *grads, *pgrads))
     ok = finite and max(errs.values()) <= tol
     print(f"{stamp()} check attention {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} W={w:2d} B={b} T={t:5d} H={h} Hkv={hkv}: "
           f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}", flush=True)
@@ -255,7 +256,7 @@ def main():
 
     if a.check:
         case_ids = {int(c) for c in a.check_cases.split(",")} if a.check_cases else None
-        check(record, a.check_dtypes.split(","), case_ids)
+        check(record, a.check_dtypes.split(","), case_ids, interpret=a.interpret)
     if a.sweep:
         t, kc = (int(v) for v in a.sweep.split(","))
         sweep(record, t, kc, a.window, a.tokens, a.reps, a.trials)

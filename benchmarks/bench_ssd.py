@@ -71,9 +71,9 @@ def _fwd_bwd(impl):
 # --- correctness on the device ---------------------------------------------------------
 
 
-def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0) -> None:
+def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0, interpret: bool = False) -> None:
     """The kernel against the sequential reference on the device: fresh inputs, forward and every
-    gradient, f32 and bf16, an output buffer poisoned with NaN."""
+    gradient, f32 and bf16, then again with every kernel output poisoned with NaN."""
     cases = [(4, 0, 2, 1000, 8, 1), (8, 3, 2, 777, 8, 1), (16, 10, 1, 1500, 8, 1), (8, 7, 2, 600, 4, 2)]
     tolerances = {"float32": 1e-5, "bfloat16": 1e-2}
     for dtype_name in dtypes:
@@ -83,24 +83,26 @@ def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0) 
             if case_ids is not None and case_id not in case_ids:
                 continue
             try:
-                record("check", _check_one(seed, k, o, b, t, h, g, dtype, tol))
+                record("check", _check_one(seed, k, o, b, t, h, g, dtype, tol, interpret))
             except Exception as e:  # a compile or runtime failure is a failed check, not a crash
                 record("check", {"K": k, "offset": o, "T": t, "dtype": jnp.dtype(dtype).name, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
                 print(f"check ssd K={k} o={o} T={t} {jnp.dtype(dtype).name}: FAIL {type(e).__name__}: {str(e)[:500]}", flush=True)
 
 
-def _check_one(seed, k, o, b, t, h, g, dtype, tol) -> dict:
-    """One case: the kernel's forward, gradients and poisoned forward against the reference."""
+def _check_one(seed, k, o, b, t, h, g, dtype, tol, interpret=False) -> dict:
+    """One case: the kernels' forward and gradients, as they run and with every output poisoned, against the reference."""
     grid = ChunkGrid(k, o)
     args, dy = _inputs(jax.random.key(seed), b, t, dtype, h=h, g=g)
     reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(t))), (b, t))
     with jax.default_matmul_precision("highest"):
         y_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.ssd_sequential(*a, reset)[0]))(*args, dy)
-    y, grads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid)))(*args, dy)
-    poisoned = jax.jit(lambda *a: pallas_gpu._forward(*a, grid, ssd_gpu_blocks(k, HEAD_DIM, dtype), False, poison=True))(*args)
-    errs = {"y": rel_err(y, y_ref), "poisoned_y": rel_err(poisoned, y_ref)}
-    errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip(("x", "dt", "A", "B", "C", "D"), grads, g_ref)})
-    finite = all(bool(jnp.isfinite(a).all()) for a in (y, poisoned, *grads))
+    y, grads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=interpret)))(*args, dy)
+    py, pgrads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=interpret, poison=True)))(*args, dy)
+    names = ("x", "dt", "A", "B", "C", "D")
+    errs = {"y": rel_err(y, y_ref), "poisoned_y": rel_err(py, y_ref)}
+    errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip(names, grads, g_ref)})
+    errs.update({f"poisoned_d{n}": rel_err(a, r) for n, a, r in zip(names, pgrads, g_ref)})
+    finite = all(bool(jnp.isfinite(a).all()) for a in (y, py, *grads, *pgrads))
     ok = finite and max(errs.values()) <= tol
     print(f"{stamp()} check ssd {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} B={b} T={t:5d} H={h} G={g}: "
           f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}", flush=True)
@@ -254,7 +256,7 @@ def main():
 
     if a.check:
         case_ids = {int(c) for c in a.check_cases.split(",")} if a.check_cases else None
-        check(record, a.check_dtypes.split(","), case_ids)
+        check(record, a.check_dtypes.split(","), case_ids, interpret=a.interpret)
     if a.sweep:
         b, t = (int(v) for v in a.sweep.split("x"))
         sweep(record, b, t, grid, dtype, a.reps, a.trials, bandwidth, a.heads, a.groups, a.interpret)

@@ -49,3 +49,14 @@ def random_ssd_inputs(key, b, t, h, p, g, n, dtype=jnp.float32):
 
 def mask_from_rows(rows: str) -> np.ndarray:
     return np.array([[c == "1" for c in row.split()[1]] for row in rows.strip().splitlines()])
+
+
+def lower_for_tpu(fn, *args) -> str:
+    """StableHLO of jitted ``fn`` lowered for a TPU from this (CPU) machine: Pallas TPU kernels go
+    through Mosaic's lowering (a kernel Mosaic cannot lower fails here), no TPU needed."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def grads_of(fn):
+    """The gradient of sum(fn(*args)) in every argument: runs fn's forward once and its backward."""
+    return lambda *a: jax.grad(lambda *z: jnp.sum(fn(*z).astype(jnp.float32)), argnums=range(len(a)))(*a)

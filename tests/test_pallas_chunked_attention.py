@@ -5,7 +5,6 @@ windows, lengths that are no multiple of the blocks, every output written, no ma
 import dataclasses
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,7 @@ from pallas_kernels.chunked_attention import IMPLEMENTATIONS, chunked_attention,
 from pallas_kernels.chunked_attention.api import auto_implementations
 from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
 from pallas_kernels.chunked_attention.tuned_block_sizes import AttentionBlocks
-from tests.helpers import FAST_COMPILE, assert_close, value_and_grads
+from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for_tpu, value_and_grads
 
 # Small tiles so that a few dozen tokens span several query and key blocks.
 GPU_BLOCKS = AttentionBlocks(block_q=16, block_kb=16, block_kw=16, block_q_bwd=16, block_kb_bwd=16, block_kw_bwd=16)
@@ -47,12 +46,14 @@ def _case(k, offset, window, t, h, hkv, dtype_name, seed):
     return grid, (q, kk, v), cot, ref
 
 
-# (K, offset, W, T, H, Hkv): several K and offsets, windows 0, < block and > block, GQA ratios
-# 1, 3 and 2, lengths no multiple of 16 (the bf16 case adds W = 8, offset 7, ratio 2).
+# (K, offset, W, T, H, Hkv): several K (one not a power of two) and offsets, windows 0, < block
+# and > block, GQA ratios 1, 3 and 2, lengths no multiple of 16 and one shorter than a block (the
+# bf16 case adds W = 8, offset 7, ratio 2).
 CASES = [
     (8, 3, 2, 61, 2, 2),
     (4, 0, 0, 33, 3, 1),
     (16, 5, 20, 70, 2, 1),
+    (6, 4, 3, 13, 2, 2),
 ]
 
 
@@ -90,16 +91,44 @@ def test_gpu_boundary_dkv_split_into_query_shares(splits):
     assert_close(grads, grads_ref, 1e-5)
 
 
-def test_gpu_forward_overwrites_nan_buffers():
-    # Given output and log-sum-exp buffers filled with NaN and aliased to the kernel's outputs
-    grid, (q, k, v), _, (o_ref, _) = _case(4, 0, 8, 50, 2, 1, "float32", 40)
-    st = pallas_gpu.make_static(q, k, grid, 8, GPU_BLOCKS)
-    fwd = jax.jit(lambda *a: pallas_gpu._forward(st, *a, True, poison=True))
-    # When the forward kernel writes into them
-    o, lse = fwd.lower(q, k, v).compile(FAST_COMPILE)(q, k, v)
-    # Then nothing is left unwritten
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gpu_kernels_overwrite_nan_buffers(splits):
+    # Given every kernel output, forward and backward, aliased to a NaN-filled buffer (3 shares of
+    # the boundary dk/dv pass: some of them empty)
+    blocks = dataclasses.replace(GPU_BLOCKS, dkv_query_splits=splits)
+    grid, args, cot, (o_ref, grads_ref) = _case(4, 0, 8, 50, 2, 1, "float32", 40)
+    kernel = lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(
+        q, k, v, grid, 8, interpret=True, blocks=blocks, poison=True
+    )
+    # When the kernels write into them
+    o, grads = value_and_grads(kernel, args, cot)
+    # Then nothing is left unwritten and the values are right
     assert_close(o, o_ref, 1e-5)
-    chex.assert_tree_all_finite(lse)
+    assert_close(grads, grads_ref, 1e-5)
+
+
+def test_tpu_kernel_at_its_default_tiles():
+    # Given the TPU kernel's own 128-row tiles: 150 tokens span two query and two key blocks
+    grid, args, cot, (o_ref, grads_ref) = _case(8, 5, 8, 150, 4, 2, "float32", 77)
+    kernel = lambda q, k, v: pallas_tpu.chunked_attention_pallas_tpu(q, k, v, grid, 8, interpret=pallas_tpu.interpret_params())
+    # When it runs forward and backward
+    o, grads = value_and_grads(kernel, args, cot)
+    # Then it agrees with the dense reference
+    assert_close(o, o_ref, 1e-5)
+    assert_close(grads, grads_ref, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_kernel_lowers_through_mosaic(dtype):
+    # Given the paper's attention shape (8 query heads of 64, GQA with 2 kv heads here), K = 8, W = 8
+    ks = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(ks[0], (2, 300, 8, 64)).astype(dtype)
+    k, v = (jax.random.normal(kk, (2, 300, 2, 64)).astype(dtype) for kk in ks[1:])
+    kernel = lambda q, k, v: pallas_tpu.chunked_attention_pallas_tpu(q, k, v, ChunkGrid(8, 5), 8)
+    # When the forward and backward are lowered for a TPU
+    text = lower_for_tpu(grads_of(kernel), q, k, v)
+    # Then Mosaic took the forward, dq and dk/dv kernels
+    assert text.count("tpu_custom_call") >= 3
 
 
 @pytest.mark.parametrize("k", [1, 3, 4, 8, 16])

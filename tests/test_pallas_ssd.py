@@ -13,7 +13,7 @@ from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import IMPLEMENTATIONS, pallas_gpu, pallas_tpu, reference, ssd
 from pallas_kernels.ssd.api import auto_implementations
 from pallas_kernels.ssd.tuned_block_sizes import GpuPass, SsdBlocks
-from tests.helpers import FAST_COMPILE, assert_close, value_and_grads
+from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for_tpu, value_and_grads
 
 # The interpreters start every output buffer as NaN (see test_interpreter_poisons_unwritten_outputs),
 # so a finite result proves that every element was written.
@@ -110,15 +110,40 @@ def test_gpu_kernel_loads_several_heads_before_computing(ahead, ahead_bwd):
     assert_close(grads, grads_ref, 1e-5)
 
 
-def test_gpu_forward_overwrites_a_nan_buffer():
-    # Given an output buffer filled with NaN and aliased to the kernel's output
-    grid = ChunkGrid(4, 1)
-    (x, dt, A, B, C, D), _ = _inputs(3, 2, 29, 2, 1, 16, 16, jnp.float32)
-    # When the forward kernel writes into it
-    y = _run(lambda *a: pallas_gpu._forward(*a, grid, SsdBlocks(16, GpuPass(4, tiles=2)), True, poison=True), x, dt, A, B, C, D)
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_gpu_kernels_overwrite_nan_buffers(tiles):
+    # Given every kernel output, forward and backward, aliased to a NaN-filled buffer (3 tiles per
+    # program: the last program runs past the row's end)
+    grid, args, cot, (y_ref, grads_ref) = _case(4, 1, 29, 2, 1, 16, 16, "float32", 3)
+    blocks = SsdBlocks(16, GpuPass(4, tiles=tiles), GpuPass(1, tiles=tiles))
+    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks, poison=True)
+    # When the kernels write into them
+    y, grads = value_and_grads(kernel, args, cot)
     # Then no NaN is left and the values are right
-    reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(29))), (2, 29))
-    assert_close(y, reference.ssd_sequential(x, dt, A, B, C, D, reset)[0], 1e-5)
+    assert_close(y, y_ref, 1e-5)
+    assert_close(grads, grads_ref, 1e-5)
+
+
+def test_tpu_kernel_at_its_default_tiles():
+    # Given the TPU kernel's own 128-token tiles: a row of 150 tokens spans two, the first cut
+    grid, args, cot, (y_ref, grads_ref) = _case(8, 3, 150, 4, 2, 16, 16, "float32", 808)
+    kernel = lambda *a: pallas_tpu.ssd_pallas_tpu(*a, grid, interpret=pallas_tpu.interpret_params())
+    # When it runs forward and backward
+    y, grads = value_and_grads(kernel, args, cot)
+    # Then it agrees with the reference
+    assert_close(y, y_ref, 1e-5)
+    assert_close(grads, grads_ref, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_kernel_lowers_through_mosaic(dtype):
+    # Given the model's stacked K/V shape (H = 16 heads of 32, G = 2 groups, state 32, K = 8)
+    (x, dt, A, B, C, D), _ = _inputs(9, 2, 300, 16, 2, 32, 32, dtype)
+    kernel = lambda *a: pallas_tpu.ssd_pallas_tpu(*a, ChunkGrid(8, 3))
+    # When the forward and backward are lowered for a TPU
+    text = lower_for_tpu(grads_of(kernel), x, dt, A, B, C, D)
+    # Then Mosaic took the forward kernel and the backward kernel
+    assert text.count("tpu_custom_call") >= 2
 
 
 def test_interpreter_poisons_unwritten_outputs():

@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attamba_jax.chunking import ChunkGrid
+from pallas_kernels import poison as poisoned
 from pallas_kernels.chunked_attention import tuned_block_sizes
 from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
 
@@ -54,6 +55,7 @@ class _Static:
     scale: float  # 1/sqrt(D) of the unpadded head dim
     blocks: tuned_block_sizes.AttentionBlocks
     f32: bool  # inputs are float32: exact float32 matmuls
+    poison: bool = False  # every kernel output starts as NaN (``pallas_kernels.poison``)
 
     @property
     def precision(self):
@@ -306,7 +308,7 @@ def _gather_boundaries(st: _Static, k, v):
     return k[:, bpos], v[:, bpos]  # [B, NB, Hkv, D]
 
 
-def _forward(st: _Static, q, k, v, interpret, poison=False):
+def _forward(st: _Static, q, k, v, interpret):
     """-> o [B, T, H, D], lse [B, H, Tp] (base 2)."""
     b, t, h, d = q.shape
     hkv = k.shape[2]
@@ -317,31 +319,17 @@ def _forward(st: _Static, q, k, v, interpret, poison=False):
     seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     kv_seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi // r, 0))
     lse_spec = pl.BlockSpec((None, None, tp), lambda i, bi, hi: (bi, hi, 0))
-    kernel = functools.partial(_fwd_kernel, st=st)
-    args = [q, k, v, kb, vb]
-    in_specs = [seq(t), kv_seq(t), kv_seq(t), kv_seq(st.num_boundaries), kv_seq(st.num_boundaries)]
-    aliases = {}
-    if poison:  # start the outputs from NaN: every element must be written
-        args += [jnp.full(q.shape, jnp.nan, q.dtype), jnp.full((b, h, tp), jnp.nan, jnp.float32)]
-        in_specs += [seq(t), lse_spec]
-        aliases = {5: 0, 6: 1}
-        kernel = functools.partial(_skip_poison_inputs, kernel, 2)
-    return pl.pallas_call(
-        kernel,
+    return poisoned.pallas_call(
+        functools.partial(_fwd_kernel, st=st),
+        poison=st.poison,
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
         grid=(nq, b, h),
-        in_specs=in_specs,
+        in_specs=[seq(t), kv_seq(t), kv_seq(t), kv_seq(st.num_boundaries), kv_seq(st.num_boundaries)],
         out_specs=(seq(t), lse_spec),
-        input_output_aliases=aliases,
         compiler_params=st.params(st.blocks.num_warps, st.blocks.num_stages),
         interpret=interpret,
         name="chunked_attention_fwd",
-    )(*args)
-
-
-def _skip_poison_inputs(kernel, n, *refs):
-    """The aliased poison inputs come last among the inputs; the kernel only writes the outputs."""
-    return kernel(*refs[: -2 * n], *refs[-n:])
+    )(q, k, v, kb, vb)
 
 
 def _backward(st: _Static, q, k, v, o, lse, do, interpret):
@@ -360,8 +348,9 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
     seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     kv_seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi // r, 0))
     row = pl.BlockSpec((None, None, tp), lambda i, bi, hi: (bi, hi, 0))
-    dq = pl.pallas_call(
+    dq = poisoned.pallas_call(
         functools.partial(_dq_kernel, st=st),
+        poison=st.poison,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(pl.cdiv(t, blk.block_q), b, h),
         in_specs=[seq(t), kv_seq(t), kv_seq(t), kv_seq(nb), kv_seq(nb), seq(t), row, row],
@@ -378,8 +367,9 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
     num_kb = pl.cdiv(nb, blk.block_kb_bwd)
     splits = _query_splits(st, num_kb * b * hkv)
     share = pl.BlockSpec((None, None, nb, None, d), lambda i, bi, j: (i % splits, bi, 0, j, 0))
-    dkb, dvb = pl.pallas_call(
+    dkb, dvb = poisoned.pallas_call(
         functools.partial(_dkv_boundary_kernel, st=st, group=r, splits=splits),
+        poison=st.poison,
         out_shape=(jax.ShapeDtypeStruct((splits,) + kb.shape, f32),) * 2,
         grid=(num_kb * splits, b, hkv),
         in_specs=[group_seq, group_seq, group_row, group_row, own(nb), own(nb)],
@@ -389,8 +379,9 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
         name="chunked_attention_dkv_boundary",
     )(q, do, lse, delta, kb, vb)
     dkb, dvb = jnp.sum(dkb, axis=0), jnp.sum(dvb, axis=0)
-    dk, dv = pl.pallas_call(
+    dk, dv = poisoned.pallas_call(
         functools.partial(_dkv_window_kernel, st=st, group=r),
+        poison=st.poison,
         out_shape=(jax.ShapeDtypeStruct(k.shape, f32),) * 2,
         grid=(pl.cdiv(t, blk.block_kw_bwd), b, hkv),
         in_specs=[group_seq, group_seq, group_row, group_row, own(t), own(t)],
@@ -426,7 +417,7 @@ def _pad_head_dim(a, d):
     return a if a.shape[-1] == d else jnp.pad(a, [(0, 0)] * 3 + [(0, d - a.shape[-1])])
 
 
-def make_static(q, k, grid: ChunkGrid, window: int, blocks=None) -> _Static:
+def make_static(q, k, grid: ChunkGrid, window: int, blocks=None, poison: bool = False) -> _Static:
     """The kernels' static configuration for these shapes (head dim padded to a power of two >= 16)."""
     t, d = q.shape[1], q.shape[3]
     blocks = blocks or tuned_block_sizes.attention_gpu_blocks(grid.token_chunk, window, d)
@@ -439,10 +430,12 @@ def make_static(q, k, grid: ChunkGrid, window: int, blocks=None) -> _Static:
         scale=d**-0.5,
         blocks=blocks,
         f32=q.dtype == jnp.float32,
+        poison=poison,
     )
 
 
-def chunked_attention_pallas_gpu(q, k, v, grid: ChunkGrid, window: int, *, interpret: bool = False, blocks=None):
+def chunked_attention_pallas_gpu(q, k, v, grid: ChunkGrid, window: int, *, interpret: bool = False, blocks=None,
+                                 poison: bool = False):
     """Same contract as ``reference.chunked_attention_dense``; differentiable in q, k, v.
 
     Args:
@@ -450,11 +443,13 @@ def chunked_attention_pallas_gpu(q, k, v, grid: ChunkGrid, window: int, *, inter
       grid, window: the layer's chunk grid and W.
       interpret: run the kernels in the Pallas interpreter (CPU).
       blocks: a ``tuned_block_sizes.AttentionBlocks`` override.
+      poison: every kernel output, forward and backward, starts as NaN (checks that each
+        element is written; ``pallas_kernels.poison``).
 
     Returns:
       [B, T, H, D] in q.dtype.
     """
-    st = make_static(q, k, grid, window, blocks)
+    st = make_static(q, k, grid, window, blocks, poison)
     d = q.shape[-1]
     q, k, v = (_pad_head_dim(a, st.head_dim) for a in (q, k, v))
     return _attention(st, q, k, v, interpret)[..., :d]

@@ -29,6 +29,8 @@ def attention_gpu_blocks(token_chunk: int, window: int, head_dim: int) -> Attent
 
 
 def attention_tpu_blocks(token_chunk: int, window: int, head_dim: int) -> AttentionBlocks:
-    """128-row tiles: one MXU pass per matmul."""
+    """128-row tiles: one MXU pass per matmul. The TPU kernels read only ``block_q`` (queries per
+    program, forward and backward) and ``block_kb`` (keys per step of both streams, forward and
+    backward); the other fields are the GPU kernels'."""
     del token_chunk, window, head_dim
-    return AttentionBlocks(block_q=128, block_kb=128, block_kw=128, block_q_bwd=128, block_kb_bwd=128, block_kw_bwd=128)
+    return AttentionBlocks(block_q=128, block_kb=128)

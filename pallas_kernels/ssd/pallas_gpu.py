@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attamba_jax.chunking import ChunkGrid
+from pallas_kernels import poison as poisoned
 from pallas_kernels.ssd import tuned_block_sizes
 from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks, next_pow2
 
@@ -240,18 +241,8 @@ def _prepare(x, B, C):
     return _pad_last(x, p2), _pad_last(B, n2), _pad_last(C, n2)
 
 
-def _drop_last_input(kernel, n_outputs):
-    """Kernel wrapper that ignores the aliased poison input (the output ref is the same buffer)."""
-
-    def wrapped(*refs):
-        ins, outs = refs[: -n_outputs - 1], refs[-n_outputs:]
-        return kernel(*ins, *outs)
-
-    return wrapped
-
-
 def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False):
-    """-> y [B, T, H, P]; ``poison`` aliases the output to a NaN-filled buffer (tests, device checks)."""
+    """-> y [B, T, H, P]; ``poison``: the output starts as NaN (``pallas_kernels.poison``)."""
     b_, t, h, p = x.shape
     xp, Bp, Cp = _prepare(x, B, C)
     geo = _Geometry(t, grid, blocks.block_len)
@@ -261,29 +252,21 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
     kernel = functools.partial(
         _fwd_kernel, geo=geo, heads=h // g, ahead=blocks.fwd.heads_ahead, precision=precision, tiles=blocks.fwd.tiles
     )
-    args = [xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32)]
-    in_specs = [x_spec, dt_spec, vec, bc_spec, bc_spec, vec]
-    aliases = {}
-    if poison:  # every element must be overwritten: start from NaN
-        args.append(jnp.full(xp.shape, jnp.nan, xp.dtype))
-        in_specs.append(x_spec)
-        aliases = {len(args) - 1: 0}
-        kernel = _drop_last_input(kernel, n_outputs=1)
-    y = pl.pallas_call(
+    y = poisoned.pallas_call(
         kernel,
+        poison=poison,
         out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
         grid=(b_, pl.cdiv(geo.num_blocks, blocks.fwd.tiles), g),
-        in_specs=in_specs,
+        in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec],
         out_specs=x_spec,
-        input_output_aliases=aliases,
         compiler_params=_CompilerParams(num_warps=blocks.fwd.num_warps, num_stages=blocks.fwd.num_stages),
         interpret=interpret,
         name="ssd_fwd",
-    )(*args)
+    )(xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32))
     return y[..., :p]
 
 
-def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
+def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret, poison=False):
     b_, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     xp, Bp, Cp = _prepare(x, B, C)
@@ -303,8 +286,9 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
         jax.ShapeDtypeStruct(dt.shape, f32),
         jax.ShapeDtypeStruct(dt.shape, f32),
     )
-    dx, ddt, dB, dC, dlog, dskip = pl.pallas_call(
+    dx, ddt, dB, dC, dlog, dskip = poisoned.pallas_call(
         kernel,
+        poison=poison,
         out_shape=out_shape,
         grid=(b_, pl.cdiv(geo.num_blocks, blocks.bwd.tiles), g),
         in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
@@ -318,25 +302,25 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret):
     return dx[..., :p], ddt, dA, dB[..., :n], dC[..., :n], dD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _ssd(x, dt, A, B, C, D, grid, blocks, interpret):
-    return _forward(x, dt, A, B, C, D, grid, blocks, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ssd(x, dt, A, B, C, D, grid, blocks, interpret, poison):
+    return _forward(x, dt, A, B, C, D, grid, blocks, interpret, poison)
 
 
-def _ssd_fwd(x, dt, A, B, C, D, grid, blocks, interpret):
-    y = _forward(x, dt, A, B, C, D, grid, blocks, interpret)
+def _ssd_fwd(x, dt, A, B, C, D, grid, blocks, interpret, poison):
+    y = _forward(x, dt, A, B, C, D, grid, blocks, interpret, poison)
     return y, (x, dt, A, B, C, D)
 
 
-def _ssd_bwd(grid, blocks, interpret, res, dy):
-    return _backward(*res, dy, grid, blocks, interpret)
+def _ssd_bwd(grid, blocks, interpret, poison, res, dy):
+    return _backward(*res, dy, grid, blocks, interpret, poison)
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
 def ssd_pallas_gpu(x, dt, A, B, C, D, grid: ChunkGrid, *, interpret: bool = False, block_len: int | None = None,
-                   blocks: SsdBlocks | None = None):
+                   blocks: SsdBlocks | None = None, poison: bool = False):
     """Fixed-grid SSD on the GPU; same contract as ``xla.ssd_chunked``.
 
     Args:
@@ -345,6 +329,8 @@ def ssd_pallas_gpu(x, dt, A, B, C, D, grid: ChunkGrid, *, interpret: bool = Fals
       interpret: run the kernel in the Pallas interpreter (CPU).
       block_len: tokens per tile, overriding the tuned one (tests).
       blocks: the whole tile configuration (default: ``tuned_block_sizes``).
+      poison: every kernel output, forward and backward, starts as NaN (checks that each
+        element is written; ``pallas_kernels.poison``).
 
     Returns:
       y: [B, T, H, P] in x.dtype. Differentiable in every array argument.
@@ -356,4 +342,4 @@ def ssd_pallas_gpu(x, dt, A, B, C, D, grid: ChunkGrid, *, interpret: bool = Fals
         raise ValueError(
             f"ssd pallas_gpu: block_len ({blocks.block_len}) must be a power of two >= max(16, K={grid.token_chunk})"
         )
-    return _ssd(x, dt, A, B, C, D, grid, blocks, interpret)
+    return _ssd(x, dt, A, B, C, D, grid, blocks, interpret, poison)
