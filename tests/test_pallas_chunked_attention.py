@@ -172,6 +172,37 @@ def test_tpu_tables_visit_every_visible_block_and_no_masked_one(k, offset, windo
     np.testing.assert_array_equal(listed_t, blocks.T)
 
 
+@pytest.mark.parametrize("k, offset, window, t, blocks", [
+    (4, 0, 8, 100, GPU_BLOCKS), (8, 5, 3, 77, GPU_BLOCKS), (16, 9, 40, 130, GPU_BLOCKS), (6, 3, 0, 64, GPU_BLOCKS),
+    (8, 3, 8, 1500, AttentionBlocks()),
+])
+def test_gpu_walk_visits_every_visible_block_and_no_masked_one(k, offset, window, t, blocks):
+    # Given the two parts of the mask: boundary keys before the window, and the window of raw keys
+    grid = ChunkGrid(k, offset)
+    st = pallas_gpu.make_static(jnp.zeros((1, t, 1, 16)), jnp.zeros((1, t, 1, 16)), grid, window, blocks)
+    tq = np.arange(t)[:, None]
+    bpos = grid.boundaries(t)
+    boundary_part = bpos[None, :] < tq - window  # [T, NB]
+    window_part = (np.arange(t)[None, :] <= tq) & (np.arange(t)[None, :] >= tq - window)  # [T, T]
+    bq, bkb, bkw = blocks.block_q, blocks.block_kb, blocks.block_kw
+    for q0 in range(0, t, bq):
+        # When the forward / dq walk of one query block is laid out
+        full, boundary_end, s0, window_blocks = (int(v) for v in pallas_gpu.key_blocks(st, q0))
+        sees_b, sees_w = boundary_part[q0 : q0 + bq], window_part[q0 : q0 + bq]
+        visited_b = np.zeros(len(bpos), bool)
+        visited_b[: boundary_end * bkb] = True
+        visited_w = np.zeros(t, bool)
+        visited_w[s0 : s0 + window_blocks * bkw] = True
+        # Then every visible key lies in a visited block, the unmasked blocks are visible to every
+        # query of the block, and every visited block holds a key some query sees
+        assert not (sees_b.any(axis=0) & ~visited_b).any() and not (sees_w.any(axis=0) & ~visited_w).any()
+        assert sees_b[:, : full * bkb].all()
+        for j in range(boundary_end):
+            assert sees_b[:, j * bkb : (j + 1) * bkb].any(), (q0, "boundary block", j)
+        for j in range(window_blocks):
+            assert sees_w[:, s0 + j * bkw : s0 + (j + 1) * bkw].any(), (q0, "window block", j)
+
+
 def test_public_api_routes_to_the_kernels():
     grid, (q, k, v), _, (o_ref, _) = _case(8, 3, 2, 61, 2, 2, "float32", 83)
     for name in ("pallas_gpu_interpret", "pallas_tpu_interpret"):

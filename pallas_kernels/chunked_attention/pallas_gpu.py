@@ -89,18 +89,32 @@ def _load_vec(ref, start, size, limit):
     return plgpu.load(ref.at[pl.ds(start, size)], mask=rows < limit, other=0.0)
 
 
+def key_blocks(st: _Static, q0):
+    """The key blocks query block ``[q0, q0 + BQ)`` visits, forward and dq: boundary-key blocks
+    ``[0, full)`` (every query sees every key: no mask), ``[full, boundary_end)`` (masked), then
+    ``window_blocks`` blocks of raw keys from position ``window_start``.
+
+    -> (full, boundary_end, window_start, window_blocks); ``q0`` an int or a traced scalar.
+    """
+    bq, bkb, bkw = st.blocks.block_q, st.blocks.block_kb, st.blocks.block_kw
+    idx = BoundaryIndex(st.grid)
+    last = jnp.minimum(q0 + bq, st.length) - 1
+    n_full = idx.count_before(q0 - st.window)  # boundaries every query of the block sees
+    n_end = idx.count_before(last - st.window)  # boundaries the last query sees
+    window_start = jnp.maximum(q0 - st.window, 0)
+    return n_full // bkb, pl.cdiv(n_end, bkb), window_start, pl.cdiv(last + 1 - window_start, bkw)
+
+
 def _walk_keys(st: _Static, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, carry):
     """Calls ``body(carry, k [BK, D], v [BK, D], visible [BQ, BK] | None)`` on every key block
     that query block ``[q0, q0 + BQ)`` (positions ``tq``) can see; returns the carry."""
-    bq, bkb, bkw = st.blocks.block_q, st.blocks.block_kb, st.blocks.block_kw
+    bkb, bkw = st.blocks.block_kb, st.blocks.block_kw
     t, w, nb = st.length, st.window, st.num_boundaries
     idx = BoundaryIndex(st.grid)
-    last = jnp.minimum(q0 + bq, t) - 1
-    n_full = idx.count_before(q0 - w)  # boundaries every query of the block sees
-    n_end = idx.count_before(last - w)  # boundaries the last query sees
+    full, boundary_end, s0, window_blocks = key_blocks(st, q0)
 
     def full_block(j, c):
-        n0 = j * bkb  # n0 + bkb <= n_full <= NB: no bounds mask needed
+        n0 = j * bkb  # n0 + bkb <= (boundaries every query sees) <= NB: no bounds mask needed
         kt = plgpu.load(kb_ref.at[pl.ds(n0, bkb), :])
         vt = plgpu.load(vb_ref.at[pl.ds(n0, bkb), :])
         return body(c, kt, vt, None)
@@ -112,10 +126,8 @@ def _walk_keys(st: _Static, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, carry):
         visible = idx.position(n)[None, :] < tq[:, None] - w
         return body(c, kt, vt, visible)
 
-    carry = jax.lax.fori_loop(0, n_full // bkb, full_block, carry)
-    carry = jax.lax.fori_loop(n_full // bkb, pl.cdiv(n_end, bkb), partial_block, carry)
-
-    s0 = jnp.maximum(q0 - w, 0)
+    carry = jax.lax.fori_loop(0, full, full_block, carry)
+    carry = jax.lax.fori_loop(full, boundary_end, partial_block, carry)
 
     def window_block(j, c):
         start = s0 + j * bkw
@@ -124,7 +136,7 @@ def _walk_keys(st: _Static, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, carry):
         visible = (s[None, :] <= tq[:, None]) & (s[None, :] >= tq[:, None] - w)
         return body(c, kt, vt, visible)
 
-    return jax.lax.fori_loop(0, pl.cdiv(last + 1 - s0, bkw), window_block, carry)
+    return jax.lax.fori_loop(0, window_blocks, window_block, carry)
 
 
 def _query_block(st: _Static, program):
