@@ -13,14 +13,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 
-def _fill(dtype) -> float | int:
-    return jnp.nan if jnp.issubdtype(dtype, jnp.inexact) else jnp.iinfo(dtype).min
+def _fill(dtype) -> float | int | bool:
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return jnp.nan
+    return True if dtype == jnp.bool_ else jnp.iinfo(dtype).min
 
 
 def pallas_call(kernel, *, poison: bool = False, **kwargs):
     """``pl.pallas_call(kernel, **kwargs)``; with ``poison``, every output first holds NaN
-    (integer outputs: their dtype's minimum). ``kwargs`` must name ``in_specs`` and
-    ``out_specs`` and no aliases of their own."""
+    (integer outputs: their dtype's minimum; bool: True). ``kwargs`` must name ``in_specs``
+    and one ``out_specs`` per output, and no aliases of their own."""
     if not poison:
         return pl.pallas_call(kernel, **kwargs)
     if kwargs.get("input_output_aliases"):
@@ -28,9 +30,11 @@ def pallas_call(kernel, *, poison: bool = False, **kwargs):
     outs = jax.tree.leaves(kwargs["out_shape"])
     out_specs = kwargs["out_specs"]
     out_specs = list(out_specs) if isinstance(out_specs, (tuple, list)) else [out_specs]
+    if len(out_specs) != len(outs):
+        raise ValueError(f"poisoned pallas_call: {len(outs)} outputs but {len(out_specs)} out_specs")
 
     def call(*args):
-        n_in, n_out = len(args), len(outs)
+        n_in, n_out = len(jax.tree.leaves(args)), len(outs)  # refs come flattened
 
         def body(*refs):  # the poison inputs are the outputs' own buffers: skip their input refs
             return kernel(*refs[:n_in], *refs[n_in + n_out:])

@@ -51,10 +51,12 @@ def mask_from_rows(rows: str) -> np.ndarray:
     return np.array([[c == "1" for c in row.split()[1]] for row in rows.strip().splitlines()])
 
 
-def lower_for_tpu(fn, *args) -> str:
-    """StableHLO of jitted ``fn`` lowered for a TPU from this (CPU) machine: Pallas TPU kernels go
-    through Mosaic's lowering (a kernel Mosaic cannot lower fails here), no TPU needed."""
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+def lower_for(platform: str, fn, *args) -> str:
+    """StableHLO of jitted ``fn`` lowered for ``platform`` ("cuda", "tpu") from this CPU machine.
+    Pallas kernels go through their lowering (Triton IR for "cuda", Mosaic's serialized format
+    for "tpu"), so a kernel Pallas cannot lower fails here; the device compilers themselves
+    (Triton's, Mosaic's passes in libtpu) run only on the device."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def grads_of(fn):

@@ -15,7 +15,7 @@ from pallas_kernels.chunked_attention import IMPLEMENTATIONS, chunked_attention,
 from pallas_kernels.chunked_attention.api import auto_implementations
 from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
 from pallas_kernels.chunked_attention.tuned_block_sizes import AttentionBlocks
-from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for_tpu, value_and_grads
+from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for, value_and_grads
 
 # Small tiles so that a few dozen tokens span several query and key blocks.
 GPU_BLOCKS = AttentionBlocks(block_q=16, block_kb=16, block_kw=16, block_q_bwd=16, block_kb_bwd=16, block_kw_bwd=16)
@@ -126,9 +126,24 @@ def test_tpu_kernel_lowers_through_mosaic(dtype):
     k, v = (jax.random.normal(kk, (2, 300, 2, 64)).astype(dtype) for kk in ks[1:])
     kernel = lambda q, k, v: pallas_tpu.chunked_attention_pallas_tpu(q, k, v, ChunkGrid(8, 5), 8)
     # When the forward and backward are lowered for a TPU
-    text = lower_for_tpu(grads_of(kernel), q, k, v)
-    # Then Mosaic took the forward, dq and dk/dv kernels
+    text = lower_for("tpu", grads_of(kernel), q, k, v)
+    # Then Pallas put the forward, dq and dk/dv kernels in Mosaic's format
     assert text.count("tpu_custom_call") >= 3
+
+
+@pytest.mark.parametrize("poison, aliases", [(False, 0), (True, 7)])
+def test_gpu_kernels_lower_through_triton(poison, aliases):
+    # Given the paper's attention shape in bf16 (GQA 8/2), K = 8, W = 8, the tuned tiles
+    ks = jax.random.split(jax.random.key(6), 3)
+    q = jax.random.normal(ks[0], (2, 300, 8, 64)).astype(jnp.bfloat16)
+    k, v = (jax.random.normal(kk, (2, 300, 2, 64)).astype(jnp.bfloat16) for kk in ks[1:])
+    kernel = lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(q, k, v, ChunkGrid(8, 5), 8, poison=poison)
+    # When the forward and backward are lowered for a GPU
+    text = lower_for("cuda", grads_of(kernel), q, k, v)
+    # Then the forward, dq and both dk/dv kernels are Triton calls, and poisoning aliases every
+    # output (o and lse; dq; boundary dk, dv; window dk, dv)
+    assert text.count("__gpu$xla.gpu.triton") == 4
+    assert text.count("output_operand_alias<") == aliases
 
 
 @pytest.mark.parametrize("k", [1, 3, 4, 8, 16])

@@ -13,7 +13,7 @@ from attamba_jax.chunking import ChunkGrid
 from pallas_kernels.ssd import IMPLEMENTATIONS, pallas_gpu, pallas_tpu, reference, ssd
 from pallas_kernels.ssd.api import auto_implementations
 from pallas_kernels.ssd.tuned_block_sizes import GpuPass, SsdBlocks
-from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for_tpu, value_and_grads
+from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for, value_and_grads
 
 # The interpreters start every output buffer as NaN (see test_interpreter_poisons_unwritten_outputs),
 # so a finite result proves that every element was written.
@@ -85,12 +85,12 @@ def test_kernel_matches_reference_bf16(kernel):
     assert_close(grads, grads_ref, 1e-2)
 
 
-@pytest.mark.parametrize("tiles, stages", [(2, 1), (3, 2)])
-def test_gpu_kernel_runs_several_tiles_per_program(tiles, stages):
-    # Given programs that each run `tiles` consecutive tiles (4 tiles per row: the last program
-    # runs past the row's end)
+@pytest.mark.parametrize("tiles", [2, 3])
+def test_gpu_kernel_runs_several_tiles_per_program(tiles):
+    # Given programs that each run `tiles` consecutive tiles of a row of 4 (with 3, the last
+    # program runs past the row's end; the interpreter ignores pipelining, see the lowering test)
     grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 4, 2, 16, 16, "float32", 805)
-    blocks = SsdBlocks(16, GpuPass(2, tiles, num_stages=stages), GpuPass(1, tiles, num_stages=stages))
+    blocks = SsdBlocks(16, GpuPass(2, tiles), GpuPass(1, tiles))
     # When the kernel runs forward and backward
     y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks), args, cot)
     # Then it agrees with the reference and writes every element
@@ -141,9 +141,30 @@ def test_tpu_kernel_lowers_through_mosaic(dtype):
     (x, dt, A, B, C, D), _ = _inputs(9, 2, 300, 16, 2, 32, 32, dtype)
     kernel = lambda *a: pallas_tpu.ssd_pallas_tpu(*a, ChunkGrid(8, 3))
     # When the forward and backward are lowered for a TPU
-    text = lower_for_tpu(grads_of(kernel), x, dt, A, B, C, D)
-    # Then Mosaic took the forward kernel and the backward kernel
+    text = lower_for("tpu", grads_of(kernel), x, dt, A, B, C, D)
+    # Then Pallas put the forward kernel and the backward kernel in Mosaic's format
     assert text.count("tpu_custom_call") >= 2
+
+
+@pytest.mark.parametrize("poison, aliases", [(False, 0), (True, 7)])
+def test_gpu_kernels_lower_through_triton(poison, aliases):
+    # Given the model's stacked K/V shape in bf16 and the tuned tiles (a pipelined forward loop)
+    (x, dt, A, B, C, D), _ = _inputs(9, 2, 300, 16, 2, 32, 32, jnp.bfloat16)
+    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, ChunkGrid(8, 3), poison=poison)
+    # When the forward and backward are lowered for a GPU
+    text = lower_for("cuda", grads_of(kernel), x, dt, A, B, C, D)
+    # Then both kernels are Triton calls, and poisoning aliases every output (1 forward, 6 backward)
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    assert text.count("output_operand_alias<") == aliases
+
+
+def test_gpu_launch_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="GpuPass.tiles must be >= 1"):
+        GpuPass(tiles=0)
+    with pytest.raises(ValueError, match="GpuPass.heads_ahead must be >= 1"):
+        GpuPass(heads_ahead=0)
+    with pytest.raises(ValueError, match="needs tiles > 1"):
+        GpuPass(tiles=1, num_stages=2)
 
 
 def test_interpreter_poisons_unwritten_outputs():

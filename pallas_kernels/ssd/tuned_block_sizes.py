@@ -15,6 +15,13 @@ class GpuPass:
     heads_ahead: int = 1  # heads whose inputs a program loads before computing any of them
     num_stages: int = 1  # Triton's software-pipelining depth of the loop over tiles (needs tiles > 1)
 
+    def __post_init__(self):
+        for name in ("num_warps", "tiles", "heads_ahead", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GpuPass.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_stages > 1 and self.tiles == 1:
+            raise ValueError(f"GpuPass.num_stages={self.num_stages} pipelines the loop over tiles: it needs tiles > 1")
+
 
 @dataclasses.dataclass(frozen=True)
 class SsdBlocks:
@@ -32,13 +39,13 @@ def ssd_gpu_blocks(token_chunk: int, head_dim: int, dtype) -> SsdBlocks:
     several [L, L] float32 tiles per head live, so larger tiles presumably cost registers and
     occupancy (not profiled). On the H200 at 16×1024, H=16, G=2, K=8, bf16 (BENCHMARKS.md),
     16-token tiles took half the forward+backward time of 32-token ones (0.11-0.13 vs
-    0.26-0.38 ms); between 1, 2 and 4 warps at 16 tokens, and 1, 2 or 4 tiles per program,
-    the differences stayed within run-to-run noise or favoured the defaults. Loading two
-    heads' inputs before computing either took the forward at 4×32768 from 0.161 to
-    0.139 ms (forward+backward 0.627 to 0.605 ms; two runs each); four or eight heads at
-    once, or programs of fewer heads than a group, were slower. Four tiles per forward
-    program in a loop that Triton pipelines two stages deep took it to 0.126 ms (one tile:
-    0.141 ms in that run); the same loop slowed the backward (0.08-0.22 ms more)."""
+    0.26-0.38 ms); there, between 1, 2 and 4 warps, and 1, 2 or 4 tiles per program in an
+    unpipelined loop, the differences stayed within run-to-run noise. Loading two heads'
+    inputs before computing either took the forward at 4×32768 from 0.161 to 0.139 ms
+    (forward+backward 0.627 to 0.604 ms; two runs each); four or eight heads at once, or
+    programs of fewer heads than a group, were slower. Four tiles per forward program in a
+    loop that Triton pipelines two stages deep took it to 0.126 ms (one tile: 0.141 ms in
+    that run; swept at 4×32768 only); the same loop slowed the backward (0.08-0.22 ms more)."""
     del head_dim, dtype
     return SsdBlocks(
         block_len=max(16, next_pow2(token_chunk)),
