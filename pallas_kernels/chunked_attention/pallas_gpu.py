@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 from attamba_jax.chunking import ChunkGrid
 from pallas_kernels import poison as poisoned
 from pallas_kernels.chunked_attention import tuned_block_sizes
+from pallas_kernels.chunked_attention.flash_vjp import flash_vjp
 from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
 
 # jax < 0.6 called the Triton compiler params ``TritonCompilerParams``.
@@ -408,21 +409,7 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def _attention(st, q, k, v, interpret):
-    return _forward(st, q, k, v, interpret)[0]
-
-
-def _attention_fwd(st, q, k, v, interpret):
-    o, lse = _forward(st, q, k, v, interpret)
-    return o, (q, k, v, o, lse)
-
-
-def _attention_bwd(st, interpret, res, do):
-    return _backward(st, *res, do, interpret)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = flash_vjp(_forward, _backward)
 
 
 def _pad_head_dim(a, d):

@@ -1,0 +1,32 @@
+"""The differentiation rule both attention kernels share, FlashAttention style: the forward
+saves its inputs, its output and the log-sum-exp; the backward recomputes the scores from them."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+
+def flash_vjp(forward, backward):
+    """A differentiable ``attention(st, q, k, v, interpret) -> o``.
+
+    Args:
+      forward: ``(st, q, k, v, interpret) -> (o, lse)``.
+      backward: ``(st, q, k, v, o, lse, do, interpret) -> (dq, dk, dv)``.
+      ``st`` (hashable) and ``interpret`` are static.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+    def attention(st, q, k, v, interpret):
+        return forward(st, q, k, v, interpret)[0]
+
+    def attention_fwd(st, q, k, v, interpret):
+        o, lse = forward(st, q, k, v, interpret)
+        return o, (q, k, v, o, lse)
+
+    def attention_bwd(st, interpret, res, do):
+        return backward(st, *res, do, interpret)
+
+    attention.defvjp(attention_fwd, attention_bwd)
+    return attention
