@@ -92,7 +92,7 @@ def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profi
                     state, metrics = step(state, data)
                 jax.block_until_ready(metrics)
             profile = trace_summary.kernel_table(trace_dir, profile_steps, top=profile_top)
-        hlo = step.lower(state, data).compile().as_text()  # the executable just run (cached, no recompile)
+        hlo = step.lower(state, data).compile().as_text()  # compiled again: the same program as the one just run
         trace_summary.attribute(profile, hlo)
         if hlo_dir:
             pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,12 @@ def _head_groups(heads: int, ahead: int):
     return [range(h, min(heads, h + ahead)) for h in range(0, heads, ahead)]
 
 
+def _load_head(dt_ref, x_ref, rows, loaded, h):
+    """Head h's dt [L] (float32) and x [L, P] on one tile, zero past the row's end."""
+    dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)
+    return dt, plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)
+
+
 def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, ahead, precision):
     """Tile m of one group's heads. Refs: x, y [T, Hg, P]; dt [T, Hg]; A, D [Hg]; B, C [T, N]
     (batch row and group squeezed)."""
@@ -132,13 +138,7 @@ def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geom
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cb = _dot(cg, bg, precision, trans_b=True)  # [L, L] f32
     for run in _head_groups(heads, ahead):
-        inputs = [
-            (
-                plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32),  # [L]
-                plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0),  # [L, P]
-            )
-            for h in run
-        ]
+        inputs = [_load_head(dt_ref, x_ref, rows, loaded, h) for h in run]
         for h, (dt, x) in zip(run, inputs):
             y = _head_forward(cb, mask, dt, a_ref[h], d_ref[h], x, precision)
             plgpu.store(y_ref.at[rows, _idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
@@ -201,8 +201,7 @@ def _bwd_tile(
     for run in _head_groups(heads, ahead):
         inputs = [
             (
-                plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32),
-                plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0),
+                *_load_head(dt_ref, x_ref, rows, loaded, h),
                 # Rows another program writes must not send gradient: their chunk is cut here.
                 plgpu.load(dy_ref.at[rows, _idx(h), :], mask=written[:, None], other=0.0),
             )
