@@ -172,11 +172,11 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
         SsdBlocks(16, GpuPass(2, 1, 2, 1), GpuPass(1, 1, 2)),  # one tile per program
         SsdBlocks(16, GpuPass(2, 8, 2, 3), GpuPass(1, 1, 2)),
         SsdBlocks(16, GpuPass(2, 8, 2, 2), GpuPass(1, 1, 2)),
-        SsdBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 1, 2)),
+        SsdBlocks(16, GpuPass(2, 4, 2, 2), GpuPass(1, 1, 2)),  # the default before 16x1024 was swept
         SsdBlocks(16, GpuPass(2, 4, 4, 2), GpuPass(1, 1, 2)),
         SsdBlocks(16, GpuPass(4, 4, 2, 2), GpuPass(1, 1, 2)),
         SsdBlocks(16, GpuPass(2, 1, 1, 1), GpuPass(1, 1, 1)),  # one head at a time
-        SsdBlocks(16, GpuPass(2, 4, 2, 2), GpuPass(1, 2, 2, 2)),  # the backward in a pipelined loop too
+        SsdBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 2, 2, 2)),  # the backward in a pipelined loop too
         SsdBlocks(32, GpuPass(2, 1, 2, 1), GpuPass(2, 1, 2)),
     )
     for blocks in variants:

@@ -43,13 +43,18 @@ def ssd_gpu_blocks(token_chunk: int, head_dim: int, dtype) -> SsdBlocks:
     unpipelined loop, the differences stayed within run-to-run noise. Loading two heads'
     inputs before computing either took the forward at 4×32768 from 0.161 to 0.139 ms
     (forward+backward 0.627 to 0.604 ms; two runs each); four or eight heads at once, or
-    programs of fewer heads than a group, were slower. Four tiles per forward program in a
-    loop that Triton pipelines two stages deep took it to 0.126 ms (one tile: 0.141 ms in
-    that run; swept at 4×32768 only); the same loop slowed the backward (0.08-0.22 ms more)."""
+    programs of fewer heads than a group, were slower. A loop over tiles per forward program
+    that Triton pipelines two stages deep helps long rows and costs short ones: in kernel
+    time (profiler), 2 tiles per program against 4 took 0.059 against 0.061 ms at 4×32768
+    with H=8, G=1 (two runs) and 0.112 against 0.113 ms with H=16, G=2, and 0.012 against
+    0.017 ms (H=8) and 0.019 against 0.022 ms (H=16) at 16×1024, where fewer, longer
+    programs leave SMs idle (8 tiles: 0.023-0.033 ms); one unpipelined tile was as fast at
+    16×1024 but 11% slower at 4×32768 with H=16. The same loop slowed the backward
+    (0.02-0.05 ms more at 4×32768)."""
     del head_dim, dtype
     return SsdBlocks(
         block_len=max(16, next_pow2(token_chunk)),
-        fwd=GpuPass(num_warps=2, tiles=4, heads_ahead=2, num_stages=2),
+        fwd=GpuPass(num_warps=2, tiles=2, heads_ahead=2, num_stages=2),
         bwd=GpuPass(num_warps=1, heads_ahead=2),
     )
 
