@@ -48,7 +48,7 @@ def ssd_gpu_blocks(token_chunk: int, head_dim: int, dtype) -> SsdBlocks:
     time (profiler), 2 tiles per program against 4 took 0.059 against 0.061 ms at 4×32768
     with H=8, G=1 (two runs) and 0.112 against 0.113 ms with H=16, G=2, and 0.012 against
     0.017 ms (H=8) and 0.019 against 0.022 ms (H=16) at 16×1024, where fewer, longer
-    programs leave SMs idle (8 tiles: 0.023-0.033 ms); one unpipelined tile was as fast at
+    programs leave SMs idle (8 tiles: 0.023-0.033 ms); one unpipelined tile was as fast or faster at
     16×1024 but 11% slower at 4×32768 with H=16. The same loop slowed the backward
     (0.02-0.05 ms more at 4×32768)."""
     del head_dim, dtype
