@@ -60,8 +60,22 @@ def copy_bandwidth(reps: int = 20) -> float:
     """Device-to-device bandwidth (bytes read + written per second of kernel time) of a 2 GiB elementwise copy."""
     x = jnp.ones((1 << 30 if jax.default_backend() != "cpu" else 1 << 22,), jnp.bfloat16)
     f = jax.jit(lambda a: a + 1)
-    time_calls(f, [(x,)], 2, 1)  # compile and warm up
+    jax.block_until_ready(f(x))  # compile and warm up
     return 2 * _nbytes(x) / device_seconds(f, [(x,)], reps)
+
+
+def _input_sets(seed: int, b, t, dtype, shape: dict):
+    """-> (input sets from keys ``seed``, ``seed + 1``, ... (>= 256 MB together, at most 32),
+    the first set's dy, {mode: bytes the op must move}).
+
+    fwd reads x, dt, B, C and writes y; bwd reads them and dy, and writes dx, ddt, dB, dC.
+    """
+    args, dy = _inputs(jax.random.key(seed), b, t, dtype, **shape)
+    x, dt, _, B, C, _ = args
+    fwd_bytes = _nbytes(x, dt, B, C, x)
+    moved = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + 2 * _nbytes(x, dt, B, C) + _nbytes(dy)}
+    num_sets = min(32, max(1, math.ceil((256 << 20) / fwd_bytes)))
+    return [args] + [_inputs(jax.random.key(seed + i), b, t, dtype, **shape)[0] for i in range(1, num_sets)], dy, moved
 
 
 def _fwd_bwd(impl):
@@ -126,13 +140,7 @@ def _impl(name: str, grid: ChunkGrid, interpret: bool, blocks: SsdBlocks | None 
 def bench(record, sizes, implementations, grid, dtype, reps, trials, interpret, bandwidth, heads=HEADS, groups=GROUPS) -> None:
     shape = {"h": heads, "g": groups}
     for b, t in sizes:
-        args, dy = _inputs(jax.random.key(b * t), b, t, dtype, **shape)
-        x, dt, A, B, C, D = args
-        # fwd reads x, dt, B, C and writes y; bwd reads them and dy, and writes dx, ddt, dB, dC.
-        fwd_bytes = _nbytes(x, dt, B, C, x)
-        moved = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + 2 * _nbytes(x, dt, B, C) + _nbytes(dy)}
-        num_sets = min(32, max(1, math.ceil((256 << 20) / moved["fwd"])))
-        sets = [args] + [_inputs(jax.random.key(b * t + i), b, t, dtype, **shape)[0] for i in range(1, num_sets)]
+        sets, dy, moved = _input_sets(b * t, b, t, dtype, shape)
         kernel_out = {}  # mode -> the Pallas kernel's output, to hold the other paths against
         for name in implementations:
             impl = _impl(name, grid, interpret)
@@ -163,9 +171,7 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
     """Tile sizes of the GPU kernel at one size; every tile's outputs (forward, and every
     gradient) are held to the first tile's, which ``check`` holds to the reference."""
     shape = {"h": heads, "g": groups}
-    args, dy = _inputs(jax.random.key(1), b, t, dtype, **shape)
-    moved = _nbytes(args[0], args[1], args[3], args[4], args[0])
-    sets = [args] + [_inputs(jax.random.key(2 + i), b, t, dtype, **shape)[0] for i in range(min(31, max(0, math.ceil((256 << 20) / moved) - 1)))]
+    sets, dy, moved = _input_sets(1, b, t, dtype, shape)
     first = {}  # mode -> the first tile's output
     variants = (  # SsdBlocks(tokens per tile, forward GpuPass, backward GpuPass); GpuPass(warps, tiles, heads ahead, stages)
         ssd_gpu_blocks(grid.token_chunk, HEAD_DIM, dtype),  # the default
@@ -196,7 +202,7 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
                 print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 sec = dev = float("nan")
             record("sweep", {**dataclasses.asdict(blocks), "mode": mode, "ms": sec * 1e3, "device_ms": dev * 1e3,
-                             "GB/s": moved / dev / 1e9 if mode == "fwd" else None, "max_rel_err_vs_first": err})
+                             "GB/s": moved[mode] / dev / 1e9 if mode == "fwd" else None, "max_rel_err_vs_first": err})
             f, w = blocks.fwd, blocks.bwd
             print(f"{stamp()} sweep ssd {b}x{t} L={blocks.block_len:3d} fwd warps/tiles/ahead/stages="
                   f"{f.num_warps}/{f.tiles}/{f.heads_ahead}/{f.num_stages} bwd {w.num_warps}/{w.tiles}/{w.heads_ahead}/"
