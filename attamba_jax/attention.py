@@ -88,7 +88,7 @@ class AttambaAttention(nnx.Module):
         self.wq = Dense(d, cfg.attn_dim, std=d**-0.5, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
         self.ssm = Mamba2(cfg, streams=2, rngs=rngs)  # stream 0 makes the keys, stream 1 the values
         self.wo = Dense(cfg.attn_dim, d, std=d**-0.5, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
-        self.window = cfg.leading_tokens
+        self.window = cfg.window
         self.pseudo_chunk = cfg.pseudo_chunk
         self.rope_theta = cfg.rope_theta
         self.implementation = cfg.attention_implementation

@@ -180,7 +180,7 @@ def _sizes(cfg: ModelConfig, max_len: int, token_chunk: int | None):
     if cfg.pseudo_chunk:
         return 0, max_len
     k = cfg.token_chunk if token_chunk is None else token_chunk
-    return math.ceil(max_len / k) + 1, cfg.leading_tokens + 1
+    return math.ceil(max_len / k) + 1, cfg.window + 1
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, token_chunk: int | None = None) -> Cache:

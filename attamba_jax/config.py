@@ -58,9 +58,10 @@ class ModelConfig:
     # exponentials and the loss stay float32.
     dtype: Literal["float32", "bfloat16"] = "float32"
 
-    # (attamba) chunk length K (the paper's P) and local window W (the paper's L).
+    # (attamba) chunk length K (the paper's P) and local window W: each query sees its last W+1
+    # tokens besides the boundaries before them (the paper calls W L; the authors' code, leading_tokens).
     token_chunk: int = 8
-    leading_tokens: int = 8
+    window: int = 8
     # (attamba) ablation: plain causal attention over all keys (no KV saving).
     pseudo_chunk: bool = False
     ssm_state_dim: int = 32
@@ -123,7 +124,7 @@ class ModelConfig:
                 f"(got {kv}*{hd}={kv * hd}, dim={self.dim})",
             )
             _check(self.token_chunk >= 1, f"model.token_chunk must be >= 1, got {self.token_chunk}")
-            _check(self.leading_tokens >= 0, f"model.leading_tokens must be >= 0, got {self.leading_tokens}")
+            _check(self.window >= 0, f"model.window must be >= 0, got {self.window}")
             for key in ("ssm_state_dim", "ssm_hidden_dim", "ssm_heads", "ssm_groups", "ssm_conv_width"):
                 _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
             inner = self.ssm_inner_dim
@@ -158,7 +159,7 @@ class ModelConfig:
 # Keys that mean something for one architecture only: setting them for the other is an error.
 ATTAMBA_ONLY = frozenset(
     {
-        "token_chunk", "leading_tokens", "pseudo_chunk", "ssm_state_dim", "ssm_hidden_dim", "ssm_heads",
+        "token_chunk", "window", "pseudo_chunk", "ssm_state_dim", "ssm_hidden_dim", "ssm_heads",
         "ssm_groups", "ssm_conv_width", "ssm_dt_bias", "ssm_a_init_min", "ssm_a_init_max", "ssm_implementation",
     }
 )
@@ -378,6 +379,21 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+# Keys that were renamed: configs saved by a workdir under the old name still load
+# (``upgrade_saved``); a config written by hand with the old name is an error naming the new one.
+RENAMED_KEYS = {"model.leading_tokens": "model.window"}
+
+
+def upgrade_saved(raw: dict) -> dict:
+    """A saved config dict (a workdir's config.yaml, a checkpoint's meta) with renamed keys under their new names."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new in RENAMED_KEYS.items():
+        (section, old_key), (_, new_key) = old.split("."), new.split(".")
+        if isinstance(out.get(section), dict) and old_key in out[section]:
+            out[section][new_key] = out[section].pop(old_key)
+    return out
+
+
 def _build(cls, raw: Any, where: str):
     _check(raw is None or isinstance(raw, dict), f"{where or 'config'} must be a mapping, got {raw!r}")
     raw = dict(raw or {})
@@ -386,6 +402,9 @@ def _build(cls, raw: Any, where: str):
     unknown = sorted(set(raw) - names)
     if unknown:
         prefix = f"{where}." if where else ""
+        renamed = RENAMED_KEYS.get(f"{prefix}{unknown[0]}")
+        if renamed:
+            raise ConfigError(f"config key {prefix}{unknown[0]} is now called {renamed}")
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid keys: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in raw.items():
@@ -431,18 +450,25 @@ def config_from_dict(raw: dict) -> Config:
     return _build(Config, raw, "").validate()
 
 
+def _read_yaml(path: pathlib.Path) -> dict:
+    _check(path.is_file(), f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    _check(isinstance(raw, dict), f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | None = None) -> Config:
-    raw: dict = {}
-    if path is not None:
-        path = pathlib.Path(path)
-        _check(path.is_file(), f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        _check(isinstance(raw, dict), f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = {} if path is None else _read_yaml(pathlib.Path(path))
     raw = _merge(raw, parse_overrides(list(overrides or [])))
     return config_from_dict(raw)
+
+
+def load_saved_config(path: str | pathlib.Path) -> Config:
+    """The config a workdir saved (``<workdir>/config.yaml``), written by this or an earlier version."""
+    return config_from_dict(upgrade_saved(_read_yaml(pathlib.Path(path))))
 
 
 def dump_config(cfg: Config) -> str:

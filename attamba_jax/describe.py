@@ -40,7 +40,7 @@ def parameter_count(cfg: ModelConfig) -> int:
 def describe(cfg: ModelConfig, contexts: list[int]) -> str:
     base = matching_transformer(cfg)
     lines = []
-    name = cfg.arch if cfg.arch == "transformer" else f"attamba K={cfg.token_chunk} W={cfg.leading_tokens}" + (
+    name = cfg.arch if cfg.arch == "transformer" else f"attamba K={cfg.token_chunk} W={cfg.window}" + (
         " (pseudo_chunk)" if cfg.pseudo_chunk else ""
     )
     lines.append(f"model: {name}, d={cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}x{cfg.resolved_head_dim} heads "

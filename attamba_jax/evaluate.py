@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attamba_jax.checkpointing import Checkpointer, CheckpointError
-from attamba_jax.config import Config, ConfigError, load_config
+from attamba_jax.config import Config, ConfigError, load_saved_config
 from attamba_jax.model import apply_model, cross_entropy, init_model
 from attamba_jax.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
 from attamba_jax.trainer import make_optimizer
@@ -130,7 +130,7 @@ def load_scorer(workdir: str | pathlib.Path, *, step: int | None = None, batch_s
     cfg_path = workdir / "config.yaml"
     if not cfg_path.is_file():
         raise CheckpointError(f"{workdir} holds no config.yaml; is it a training workdir?")
-    cfg = load_config(cfg_path)
+    cfg = load_saved_config(cfg_path)
     if token_chunk is not None and cfg.model.arch != "attamba":
         raise ConfigError("--token-chunk applies to arch=attamba only")
     if token_chunk is not None and token_chunk < 1:

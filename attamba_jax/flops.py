@@ -27,7 +27,7 @@ def mean_keys_per_query(cfg: ModelConfig, seq_len: int, layer: int) -> float:
     """Keys a query of a length-``seq_len`` sequence attends to in ``layer``, averaged over positions."""
     if cfg.arch == "attamba" and not cfg.pseudo_chunk:
         grid = ChunkGrid.for_layer(layer, cfg.token_chunk, cfg.n_layers)
-        return float(np.mean(keys_per_query(seq_len, grid, cfg.leading_tokens)))
+        return float(np.mean(keys_per_query(seq_len, grid, cfg.window)))
     window = cfg.sliding_window if cfg.arch == "transformer" else None
     return float(np.mean(keys_per_query(seq_len, None, window)))
 

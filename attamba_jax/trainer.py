@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from attamba_jax import data as data_lib
 from attamba_jax.checkpointing import Checkpointer, CheckpointError, config_differences
-from attamba_jax.config import Config, ConfigError, MeshConfig, OptimConfig, dump_config
+from attamba_jax.config import Config, ConfigError, MeshConfig, OptimConfig, dump_config, upgrade_saved
 from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
 from attamba_jax.metrics import MetricsLog
 from attamba_jax.model import apply_model, count_params, cross_entropy, init_model
@@ -284,7 +284,7 @@ class Trainer:
         if latest is not None:
             meta = self.checkpointer.read_meta(latest)
             current = json.loads(json.dumps(cfg.to_dict()))
-            diffs = config_differences(meta["config"], current)
+            diffs = config_differences(upgrade_saved(meta["config"]), current)
             if diffs:
                 raise CheckpointError(
                     f"{self.workdir} holds a run (checkpoint step {latest}) with a different config:\n  "

@@ -42,17 +42,17 @@ def _transformer(**kw) -> ModelConfig:
 # (config, test-time token_chunk, prompt lengths): several K, W, non-zero layer offsets, GQA.
 CASES = {
     # offsets 0,1,2; GQA 4 query heads on 2 kv heads
-    "k4_w3_gqa": (_attamba(token_chunk=4, leading_tokens=3, n_layers=3, n_kv_heads=2, head_dim=16), None, [1, 4, 6, 11]),
+    "k4_w3_gqa": (_attamba(token_chunk=4, window=3, n_layers=3, n_kv_heads=2, head_dim=16), None, [1, 4, 6, 11]),
     # offsets 0,1 = K-1: layer 1's chunk [1, K-1-o] is empty; W = 0 (window = the query alone)
-    "k2_w0": (_attamba(token_chunk=2, leading_tokens=0, n_layers=2), None, [1, 2, 3, 8]),
+    "k2_w0": (_attamba(token_chunk=2, window=0, n_layers=2), None, [1, 2, 3, 8]),
     # offsets 0,4; two B/C groups, dt bias
-    "k8_w5_groups": (_attamba(token_chunk=8, leading_tokens=5, n_layers=2, ssm_groups=2, ssm_dt_bias=True), None, [2, 8, 9, 12]),
+    "k8_w5_groups": (_attamba(token_chunk=8, window=5, n_layers=2, ssm_groups=2, ssm_dt_bias=True), None, [2, 8, 9, 12]),
     # every token is a boundary; window larger than some prompts
-    "k1_w2": (_attamba(token_chunk=1, leading_tokens=2, n_layers=1), None, [1, 3, 5, 10]),
+    "k1_w2": (_attamba(token_chunk=1, window=2, n_layers=1), None, [1, 3, 5, 10]),
     # trained with K=4, run at K'=6 (offsets 0,3 at K')
-    "k4_run_at_k6": (_attamba(token_chunk=4, leading_tokens=3, n_layers=2), 6, [1, 5, 6, 12]),
+    "k4_run_at_k6": (_attamba(token_chunk=4, window=3, n_layers=2), 6, [1, 5, 6, 12]),
     # the pseudo_chunk ablation: causal attention over all keys, chunked SSM
-    "pseudo_chunk": (_attamba(token_chunk=4, leading_tokens=2, n_layers=2, pseudo_chunk=True), None, [1, 4, 7, 10]),
+    "pseudo_chunk": (_attamba(token_chunk=4, window=2, n_layers=2, pseudo_chunk=True), None, [1, 4, 7, 10]),
     "transformer_gqa": (_transformer(n_layers=2, n_kv_heads=2), None, [1, 4, 7, 11]),
     "transformer_window3": (_transformer(n_layers=2, sliding_window=3), None, [1, 3, 6, 12]),
 }

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from attamba_jax.config import ConfigError, Config, dump_config, load_config, parse_overrides
+from attamba_jax.config import ConfigError, Config, dump_config, load_config, load_saved_config, parse_overrides
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))
@@ -31,8 +31,8 @@ def test_overrides_parse_yaml_scalars():
     assert parse_overrides(["model.dim=64", "model.pseudo_chunk=true", "model.head_dim=null"]) == {
         "model": {"dim": 64, "pseudo_chunk": True, "head_dim": None}
     }
-    cfg = load_config(CONFIGS / "tiny.yaml", ["model.token_chunk=8", "model.leading_tokens=4"])
-    assert cfg.model.token_chunk == 8 and cfg.model.leading_tokens == 4
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.token_chunk=8", "model.window=4"])
+    assert cfg.model.token_chunk == 8 and cfg.model.window == 4
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,16 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_saved_config_with_a_renamed_key_still_loads(tmp_path):
+    # Given a workdir config written before model.leading_tokens became model.window
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(load_config(CONFIGS / "tiny.yaml")).replace("  window: 8", "  leading_tokens: 8"))
+    # When it is read as a saved config, then it is the same config under the new name
+    assert load_saved_config(saved) == load_config(CONFIGS / "tiny.yaml")
+
+
+def test_a_hand_written_config_with_a_renamed_key_names_the_new_one():
+    with pytest.raises(ConfigError, match="model.leading_tokens is now called model.window"):
+        load_config(CONFIGS / "tiny.yaml", ["model.leading_tokens=4"])

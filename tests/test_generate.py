@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=64, dim=32, n_heads=4, multiple_of=16)
 SSM = dict(ssm_state_dim=8, ssm_hidden_dim=48, ssm_heads=4)
 # offsets 0, 2; GQA
-ATTAMBA = ModelConfig(arch="attamba", token_chunk=4, leading_tokens=3, n_layers=2, n_kv_heads=2, head_dim=16, **SMALL, **SSM)
+ATTAMBA = ModelConfig(arch="attamba", token_chunk=4, window=3, n_layers=2, n_kv_heads=2, head_dim=16, **SMALL, **SSM)
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12, 13]]  # different lengths: rows decode at different positions
 NEW = 8
 

@@ -21,7 +21,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 SMALL = ModelConfig(
     vocab_size=50, dim=32, n_layers=3, n_heads=4, multiple_of=16, ssm_hidden_dim=48, ssm_heads=2,
-    ssm_state_dim=4, token_chunk=4, leading_tokens=2,
+    ssm_state_dim=4, token_chunk=4, window=2,
 )
 
 

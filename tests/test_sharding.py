@@ -24,7 +24,7 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 # heads, mlp, vocab and ssm_inner all divide by 2 (tensor); embed (32) divides by 8 (fsdp).
 MODEL = [
     "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.multiple_of=32", "model.ssm_hidden_dim=48",
-    "model.ssm_heads=2", "model.ssm_state_dim=8", "model.token_chunk=4", "model.leading_tokens=4",
+    "model.ssm_heads=2", "model.ssm_state_dim=8", "model.token_chunk=4", "model.window=4",
 ]
 BATCH, LENGTH = 8, 32
 

@@ -33,7 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 MODEL = [
     "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.multiple_of=32", "model.ssm_hidden_dim=48",
-    "model.ssm_heads=2", "model.ssm_state_dim=8", "model.token_chunk=4", "model.leading_tokens=4",
+    "model.ssm_heads=2", "model.ssm_state_dim=8", "model.token_chunk=4", "model.window=4",
 ]
 
 
