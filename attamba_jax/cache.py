@@ -8,7 +8,7 @@ Per Attamba layer l (SPEC §5, chunk resets of §3.2 on the fixed grid B_l):
                 [B, conv_width-1, 2·(I+2GN)] of the current chunk, the K and V SSMs stacked
 
 Decoding token t attends to the boundaries b < t-W and to the window t-W..t, which is
-exactly row t of ``chunking.attention_mask``. Because the grid never depends on the
+exactly row t of ``Visibility(grid, W).dense``. Because the grid never depends on the
 sequence length, a boundary's key is final the moment its token arrives.
 
 A transformer layer keeps one ring: every token (capacity ``max_len``) or, with a sliding
@@ -23,15 +23,14 @@ heads-major, [B, Hkv, S, D], so that a decode step reads each head's keys contig
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig
 from attamba_jax.ssm import SSMState
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.visibility import Visibility
 
 # A set of cached keys, their values and which of them a query may see:
 # (k [B, Hkv, S, D], v [B, Hkv, S, D], visible [B, S] bool).
@@ -103,22 +102,20 @@ class BoundaryKV(struct.PyTreeNode):
 
     def fill(self, grid: ChunkGrid, k: jax.Array, v: jax.Array, lengths: jax.Array) -> "BoundaryKV":
         """From whole sequences k, v [B, T, Hkv, D] of which row i holds ``lengths[i]`` tokens."""
-        n = self.capacity
-        pos = grid.boundaries(n * grid.token_chunk + 1)[:n]  # slot j -> position of boundary j
-        pos = jnp.broadcast_to(jnp.asarray(pos), (k.shape[0], n))
+        pos = jnp.broadcast_to(grid.position(jnp.arange(self.capacity)), (k.shape[0], self.capacity))  # slot j: boundary j
         valid = pos < lengths[:, None]
         return self.replace(k=_gather_kv(k, pos, valid), v=_gather_kv(v, pos, valid))
 
     def write(self, grid: ChunkGrid, positions: jax.Array, k: jax.Array, v: jax.Array) -> "BoundaryKV":
         """Store k, v [B, Hkv, D] of the rows whose token at ``positions`` ends a chunk."""
-        slot = jnp.where(grid.is_boundary(positions), grid.num_boundaries_before(positions), self.capacity)
+        slot = jnp.where(grid.is_boundary(positions), grid.count_before(positions), self.capacity)
         rows = jnp.arange(k.shape[0])
         # Rows whose token is no boundary write out of bounds, which is dropped.
         return self.replace(k=self.k.at[rows, :, slot].set(k, mode="drop"), v=self.v.at[rows, :, slot].set(v, mode="drop"))
 
-    def key_set(self, grid: ChunkGrid, positions: jax.Array, window: int) -> KeySet:
-        """Boundaries b < t - W for the query t at ``positions``: the first #{b < t-W} slots."""
-        seen = grid.num_boundaries_before(positions - window)  # [B]
+    def key_set(self, visibility: Visibility, positions: jax.Array) -> KeySet:
+        """The boundary part of the query at ``positions``: the first ``boundaries_seen`` slots."""
+        seen = visibility.boundaries_seen(positions)  # [B]
         return self.k, self.v, jnp.arange(self.capacity)[None, :] < seen[:, None]
 
 
@@ -139,9 +136,9 @@ class AttambaLayerCache(struct.PyTreeNode):
             boundaries=self.boundaries.write(grid, positions, k, v), window=self.window.write(positions, k, v), ssm=ssm
         )
 
-    def key_sets(self, grid: ChunkGrid, positions, window: int) -> list[KeySet]:
+    def key_sets(self, visibility: Visibility, positions) -> list[KeySet]:
         """The disjoint key sets of query t: boundaries before its window, then the window."""
-        return [self.boundaries.key_set(grid, positions, window), self.window.key_set(positions)]
+        return [self.boundaries.key_set(visibility, positions), self.window.key_set(positions)]
 
 
 class TransformerLayerCache(struct.PyTreeNode):
@@ -180,7 +177,7 @@ def _sizes(cfg: ModelConfig, max_len: int, token_chunk: int | None):
     if cfg.pseudo_chunk:
         return 0, max_len
     k = cfg.token_chunk if token_chunk is None else token_chunk
-    return math.ceil(max_len / k) + 1, cfg.window + 1
+    return ChunkGrid(k).capacity(max_len), cfg.window + 1
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, token_chunk: int | None = None) -> Cache:

@@ -18,6 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from pallas_kernels.boundary_window_attention import AttentionImplementation
+from pallas_kernels.causal_attention import CausalImplementation
+from pallas_kernels.ssd import SsdImplementation
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the problem."""
@@ -26,6 +30,12 @@ class ConfigError(ValueError):
 def _check(cond: bool, msg: str):
     if not cond:
         raise ConfigError(msg)
+
+
+def _check_name(what: str, name: str, names):
+    """``name`` is "auto" or one of the ``Literal`` ``names``."""
+    allowed = ("auto", *typing.get_args(names))
+    _check(name in allowed, f"{what} must be one of {allowed}, got {name!r}")
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -76,12 +86,13 @@ class ModelConfig:
     # (transformer) causal sliding window: each query sees its last W+1 tokens; null = full.
     sliding_window: int | None = None
 
-    # Which kernel runs each op: "auto" (the Pallas kernel on a GPU or TPU, XLA on a CPU) or a name
-    # from pallas_kernels.<op>.IMPLEMENTATIONS (*_interpret: the kernel in the Pallas interpreter).
+    # Which implementation runs each op: "auto" (the Pallas kernel on a GPU or TPU, XLA on a CPU; under a
+    # mesh of several devices the XLA paths) or a name of pallas_kernels.<op>.IMPLEMENTATIONS
+    # (*_interpret: the kernel in the Pallas interpreter; a named kernel runs per device under a mesh).
     # (attamba) ssm: auto | chunked | associative | sequential | pallas_gpu | pallas_tpu.
-    ssm_implementation: str = "auto"
+    ssm_implementation: Literal["auto", SsdImplementation] = "auto"
     # attamba: auto | compressed | dense | pallas_gpu | pallas_tpu; transformer: auto | xla | cudnn.
-    attention_implementation: str = "auto"
+    attention_implementation: Literal["auto", AttentionImplementation, CausalImplementation] = "auto"
 
     # --- derived sizes ---------------------------------------------------------------
     @property
@@ -135,24 +146,10 @@ class ModelConfig:
                 0 < self.ssm_a_init_min <= self.ssm_a_init_max,
                 f"model.ssm_a_init_min/max must satisfy 0 < min <= max, got {self.ssm_a_init_min}, {self.ssm_a_init_max}",
             )
-            from pallas_kernels.chunked_attention import IMPLEMENTATIONS as attn_impls
-            from pallas_kernels.ssd import IMPLEMENTATIONS as ssm_impls
-
-            _check(
-                self.ssm_implementation in ("auto",) + ssm_impls,
-                f"model.ssm_implementation must be one of {('auto',) + ssm_impls}, got {self.ssm_implementation!r}",
-            )
-            _check(
-                self.attention_implementation in ("auto",) + attn_impls,
-                f"model.attention_implementation for arch=attamba must be one of {('auto',) + attn_impls}, "
-                f"got {self.attention_implementation!r}",
-            )
+            _check_name("model.ssm_implementation", self.ssm_implementation, SsdImplementation)
+            _check_name("model.attention_implementation for arch=attamba", self.attention_implementation, AttentionImplementation)
         else:
-            _check(
-                self.attention_implementation in ("auto", "xla", "cudnn"),
-                f"model.attention_implementation for arch=transformer must be one of ('auto', 'xla', 'cudnn'), "
-                f"got {self.attention_implementation!r}",
-            )
+            _check_name("model.attention_implementation for arch=transformer", self.attention_implementation, CausalImplementation)
             _check(self.sliding_window is None or self.sliding_window >= 0, f"model.sliding_window must be null or >= 0, got {self.sliding_window}")
 
 

@@ -7,7 +7,7 @@ Training FLOPs per token = 6 · (matmul parameters) + 3 · (attention-core forwa
   * the attention core (q·kᵀ and p·v) costs 4 · H · hd FLOPs per visible key forward, three
     times that with the backward. The keys a query sees are counted from the model's real
     mask: for Attamba, its layer's boundaries before the window plus the W+1 window keys
-    (``chunking.keys_per_query``), not a full causal T/2; for the transformer, causal or its
+    (``Visibility.keys_per_query``), not a full causal T/2; for the transformer, causal or its
     sliding window. So Attamba is credited only with the attention it needs.
 
 Left out, as in the usual 6N + attention count: the SSD scan's within-chunk products (for the
@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from attamba_jax.chunking import ChunkGrid, keys_per_query
 from attamba_jax.config import ModelConfig
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.visibility import Visibility
 
 
 def mean_keys_per_query(cfg: ModelConfig, seq_len: int, layer: int) -> float:
     """Keys a query of a length-``seq_len`` sequence attends to in ``layer``, averaged over positions."""
     if cfg.arch == "attamba" and not cfg.pseudo_chunk:
-        grid = ChunkGrid.for_layer(layer, cfg.token_chunk, cfg.n_layers)
-        return float(np.mean(keys_per_query(seq_len, grid, cfg.window)))
-    window = cfg.sliding_window if cfg.arch == "transformer" else None
-    return float(np.mean(keys_per_query(seq_len, None, window)))
+        visibility = Visibility(ChunkGrid.for_layer(layer, cfg.token_chunk, cfg.n_layers), cfg.window)
+    else:
+        visibility = Visibility(None, cfg.sliding_window if cfg.arch == "transformer" else None)
+    return float(np.mean(visibility.keys_per_query(seq_len)))
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

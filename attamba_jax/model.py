@@ -20,10 +20,10 @@ from flax import nnx
 
 from attamba_jax.attention import AttambaAttention, CausalSelfAttention
 from attamba_jax.cache import Cache
-from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, Embedding, RMSNorm
 from attamba_jax.sharding import constrain
+from pallas_kernels.chunk_grid import ChunkGrid
 
 
 class FeedForward(nnx.Module):
@@ -41,6 +41,8 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
+    """h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h)), for Attamba and the transformer alike."""
+
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
@@ -48,31 +50,11 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, h, grid: ChunkGrid | None, positions=None):
-        xn = self.attn_norm(h)
-        if grid is None:
-            h = h + self.attention(xn, positions)
-        else:
-            h = h + self.attention(xn, grid, positions)
-        return h + self.ffn(self.ffn_norm(h))
-
-    # --- inference (attamba_jax.cache) -------------------------------------------------------
-
-    def _residual(self, h, attend):
-        """``__call__``'s residual structure around ``attend: xn -> (out, layer_cache)``."""
-        out, cache = attend(self.attn_norm(h))
+    def __call__(self, h, positions, grid: ChunkGrid | None, cache=None, *, lengths=None):
+        """h [B, T, dim] -> (h, layer cache or None); the three uses of ``attention.AttambaAttention``."""
+        out, cache = self.attention(self.attn_norm(h), positions, grid, cache, lengths=lengths)
         h = h + out
         return h + self.ffn(self.ffn_norm(h)), cache
-
-    def prefill(self, h, grid: ChunkGrid | None, lengths, cache):
-        if grid is None:
-            return self._residual(h, lambda xn: self.attention.prefill(xn, lengths, cache))
-        return self._residual(h, lambda xn: self.attention.prefill(xn, grid, lengths, cache))
-
-    def decode(self, h, grid: ChunkGrid | None, positions, cache):
-        if grid is None:
-            return self._residual(h, lambda xn: self.attention.decode(xn, positions, cache))
-        return self._residual(h, lambda xn: self.attention.decode(xn, grid, positions, cache))
 
 
 class LanguageModel(nnx.Module):
@@ -86,20 +68,27 @@ class LanguageModel(nnx.Module):
         self.head = Dense(cfg.dim, cfg.vocab_size, std=cfg.dim**-0.5, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
 
     def grids(self, token_chunk: int | None = None) -> list[ChunkGrid | None]:
-        """Each layer's chunk grid; ``token_chunk`` overrides K at test time."""
+        """Each layer's chunk grid (None for the transformer); ``token_chunk`` overrides K at test time."""
         cfg = self.cfg
         if cfg.arch != "attamba":
             return [None] * cfg.n_layers
         k = cfg.token_chunk if token_chunk is None else token_chunk
         return [ChunkGrid.for_layer(layer, k, cfg.n_layers) for layer in range(cfg.n_layers)]
 
-    def __call__(self, tokens: jax.Array, *, token_chunk: int | None = None) -> jax.Array:
-        """tokens: [B, T] int -> logits [B, T, vocab] in the compute dtype."""
+    def _run(self, tokens, positions, token_chunk, caches, lengths=None):
+        """Embedding, every block, the head: (logits [B, T, vocab], the layers' caches)."""
         # Logical names of the main activations (no-ops unless a mesh is active; see sharding.py).
         h = constrain(self.embed(tokens), ("batch", "length", "embed"))
-        for block, grid in zip(self.blocks, self.grids(token_chunk)):
-            h = constrain(block(h, grid), ("batch", "length", "embed"))
-        return constrain(self.head(self.norm(h)), ("batch", "length", "vocab"))
+        out_caches = []
+        for block, grid, cache in zip(self.blocks, self.grids(token_chunk), caches):
+            h, cache = block(h, positions, grid, cache, lengths=lengths)
+            h = constrain(h, ("batch", "length", "embed"))
+            out_caches.append(cache)
+        return constrain(self.head(self.norm(h)), ("batch", "length", "vocab")), tuple(out_caches)
+
+    def __call__(self, tokens: jax.Array, *, token_chunk: int | None = None) -> jax.Array:
+        """tokens: [B, T] int -> logits [B, T, vocab] in the compute dtype."""
+        return self._run(tokens, jnp.arange(tokens.shape[1]), token_chunk, [None] * len(self.blocks))[0]
 
     # --- inference (attamba_jax.cache) -------------------------------------------------------
 
@@ -115,23 +104,14 @@ class LanguageModel(nnx.Module):
           at position lengths[i] for row i.
         """
         lengths = lengths.astype(jnp.int32)
-        h = self.embed(tokens)
-        layers = []
-        for block, grid, layer_cache in zip(self.blocks, self.grids(cache.token_chunk), cache.layers):
-            h, layer_cache = block.prefill(h, grid, lengths, layer_cache)
-            layers.append(layer_cache)
-        return self.head(self.norm(h)), cache.replace(layers=tuple(layers), positions=lengths)
+        positions = jnp.arange(tokens.shape[1])
+        logits, layers = self._run(tokens, positions, cache.token_chunk, cache.layers, lengths)
+        return logits, cache.replace(layers=layers, positions=lengths)
 
     def decode_step(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Feed one token per row (tokens [B] int) at ``cache.positions``; returns logits [B, vocab]."""
-        positions = cache.positions
-        h = self.embed(tokens[:, None])  # [B, 1, dim]
-        layers = []
-        for block, grid, layer_cache in zip(self.blocks, self.grids(cache.token_chunk), cache.layers):
-            h, layer_cache = block.decode(h, grid, positions, layer_cache)
-            layers.append(layer_cache)
-        logits = self.head(self.norm(h))[:, 0]
-        return logits, cache.replace(layers=tuple(layers), positions=positions + 1)
+        logits, layers = self._run(tokens[:, None], cache.positions[:, None], cache.token_chunk, cache.layers)
+        return logits[:, 0], cache.replace(layers=layers, positions=cache.positions + 1)
 
 
 # --- functional surface ------------------------------------------------------------------

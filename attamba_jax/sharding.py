@@ -7,7 +7,7 @@ length, embed, ...). A table of rules maps logical names to the mesh axes
 
     mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     with use_mesh(mesh, DEFAULT_RULES):
-        shardings = state_shardings(params)       # NamedSharding per parameter
+        shardings = tree_shardings(params)        # NamedSharding per parameter
         params = jax.device_put(params, shardings)
 
 A dimension whose size the mapped mesh axes do not divide is replicated instead, so a
@@ -81,7 +81,7 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """Make ``mesh`` and ``rules`` the target of ``constrain`` and ``state_shardings``."""
+    """Make ``mesh`` and ``rules`` the target of ``constrain``, ``tree_shardings`` and ``call_op``."""
     token = _ACTIVE.set((mesh, tuple(rules)))
     try:
         yield mesh
@@ -94,14 +94,34 @@ def active_mesh() -> tuple[Mesh, Rules] | None:
 
 
 def spans_devices() -> bool:
-    """True inside ``use_mesh`` with a mesh of more than one device.
-
-    The Pallas kernels then run once per device on its shard (``per_shard``). Until that is
-    measured on GPUs, ``implementation="auto"`` takes the XLA paths, which XLA partitions,
-    when this holds; naming a kernel runs it sharded.
-    """
+    """True inside ``use_mesh`` with a mesh of more than one device."""
     active = _ACTIVE.get()
     return active is not None and active[0].devices.size > 1
+
+
+def call_op(op, implementations, implementation: str, args: Sequence[jax.Array], axes, out_axes, **static):
+    """``op(*args, implementation=implementation, **static)`` for a ``pallas_kernels`` op, under the active mesh.
+
+    The Pallas kernels are single-device programs that XLA cannot partition. Under a mesh of
+    several devices, a kernel named explicitly runs once per device on its shard of the arrays
+    (``per_shard`` with the logical ``axes`` of each argument and ``out_axes``); ``auto`` takes
+    the implementations XLA partitions itself (the op's ``partitioned=True``), until the kernels
+    are measured on a GPU mesh. Outside such a mesh the op runs as called.
+
+    Args:
+      implementations: the op's table (``pallas_kernels.<op>.IMPLEMENTATIONS``).
+    """
+    if not spans_devices():
+        return op(*args, implementation=implementation, **static)
+    if implementation != "auto" and implementations[implementation].single_device:
+        return per_shard(lambda *a: op(*a, implementation=implementation, **static), args, axes, out_axes)
+    return op(*args, implementation=implementation, partitioned=True, **static)
+
+
+def splits(name: str, size: int) -> bool:
+    """Whether a dimension of logical axis ``name`` and ``size`` is split under the active mesh."""
+    active = _ACTIVE.get()
+    return active is not None and logical_to_spec((name,), (size,), *active)[0] is not None
 
 
 def per_shard(fn, args: Sequence[jax.Array], axes: Sequence[Sequence[str | None] | None], out_axes: Sequence[str | None]):
@@ -161,14 +181,6 @@ def _resolve(mesh: Mesh | None, rules: Rules | None, what: str) -> tuple[Mesh, R
     return mesh, DEFAULT_RULES if rules is None else rules
 
 
-def state_shardings(state: nnx.State, mesh: Mesh | None = None, rules: Rules | None = None) -> nnx.State:
-    """A NamedSharding for every variable of ``state``, from its ``logical_axes`` metadata.
-
-    Returns the same State, each Variable's value replaced by its sharding.
-    """
-    return tree_shardings(state, mesh, rules)
-
-
 def tree_shardings(tree: Any, mesh: Mesh | None = None, rules: Rules | None = None) -> Any:
     """Shardings for any pytree holding nnx Variables (params, optimizer moments) and plain arrays.
 
@@ -196,15 +208,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
 
-def batch_sharding(shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """Sharding of a global [batch, length, ...] input batch; the batch must divide evenly."""
-    spec = logical_to_spec(("batch", "length") + (None,) * (len(shape) - 2), shape, mesh, rules)
-    n = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    if shape[0] % n:
-        raise ValueError(f"global batch {shape[0]} must be divisible by the mesh's data*fsdp = {n}")
-    return NamedSharding(mesh, spec)
-
-
 def check_process_rows(sharding: NamedSharding, global_rows: int) -> None:
     """Check that every process holds its own, equal share of the batch rows.
 
@@ -226,8 +229,3 @@ def check_process_rows(sharding: NamedSharding, global_rows: int) -> None:
             f"the mesh {dict(sharding.mesh.shape)} gives the {n} processes overlapping or unequal batch rows "
             f"(rows per process: {sizes}); put the axes that span hosts first (data, fsdp) and keep tensor within a host"
         )
-
-
-def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """Assemble this process's rows of the global batch into one global jax.Array."""
-    return jax.make_array_from_process_local_data(sharding, local)

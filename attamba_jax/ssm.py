@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, RMSNorm, truncated_normal
-from pallas_kernels.ssd import ssd
+from attamba_jax.sharding import call_op
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.ssd import IMPLEMENTATIONS, ssd
 from pallas_kernels.ssd.reference import ssd_sequential
 
 
@@ -63,8 +64,11 @@ def _inverse_softplus(y: jax.Array) -> jax.Array:
     return y + jnp.log(-jnp.expm1(-y))
 
 
-class Mamba2(nnx.Module):
-    """``streams`` independent chunk-reset Mamba-2 SSMs of one input: ``dim -> [streams, dim]``."""
+class StackedMamba2(nnx.Module):
+    """``streams`` independent chunk-reset Mamba-2 SSMs of one input, side by side: ``dim -> [streams, dim]``.
+
+    Attamba's attention holds one of two streams: the K SSM and the V SSM.
+    """
 
     def __init__(self, cfg: ModelConfig, *, streams: int = 1, rngs: nnx.Rngs):
         d, inner = cfg.dim, cfg.ssm_inner_dim
@@ -104,7 +108,10 @@ class Mamba2(nnx.Module):
         z, xbc, dt = self._in_projection(u)
         position = jnp.asarray(grid.position_in_chunk(np.arange(t)))
         x, B, C = self._conv(xbc, position)
-        y = ssd(x, dt, self._A(), B, C, self.D[...], grid=grid, implementation=self.implementation)
+        # Under a mesh a named kernel runs per device on its batch rows.
+        rows = ("batch", None, None, None)
+        axes = (rows, rows[:3], None, rows, rows, None)
+        y = call_op(ssd, IMPLEMENTATIONS, self.implementation, (x, dt, self._A(), B, C, self.D[...]), axes, rows, grid=grid)
         return self._gated_output(y, z), (xbc, x, dt, B, C)
 
     # --- the pieces shared by the parallel forward, prefill and decode ------------------
@@ -159,7 +166,7 @@ class Mamba2(nnx.Module):
         # The state after token `last` depends only on its own chunk, which starts at
         # `start` and is at most K tokens long: rerun the recurrence over those tokens.
         last = lengths.astype(jnp.int32) - 1  # [B]
-        start = last - grid.position_in_chunk(last)  # [B]
+        start = grid.chunk_start(last)  # [B]
         rows = jnp.arange(b)[:, None]
         span = grid.token_chunk
         idx = last[:, None] - (span - 1) + jnp.arange(span)  # [B, K]

@@ -1,4 +1,10 @@
-"""Test setup: CPU only, 8 virtual devices (mesh tests), float32 matmuls at full precision."""
+"""Test setup: 8 virtual CPU devices (mesh tests), float32 matmuls at full precision.
+
+On a CPU-only machine everything runs on the CPU. On a machine with an accelerator
+(``JAX_PLATFORMS=cuda,cpu``) the tests compute on the CPU as CI does, except those marked
+``gpu``: they run the real kernels on the GPU (``pytest -m gpu`` is the device check) and
+skip, with the reason, where no GPU is present.
+"""
 
 import os
 
@@ -8,5 +14,32 @@ if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _devices(platform: str) -> list:
+    try:
+        return jax.devices(platform)
+    except RuntimeError:  # no such backend in JAX_PLATFORMS
+        return []
+
+
+if jax.default_backend() != "cpu" and _devices("cpu"):
+    jax.config.update("jax_default_device", _devices("cpu")[0])
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _devices("gpu"):
+        skip = pytest.mark.skip(reason="needs a GPU (JAX_PLATFORMS=cuda,cpu on a machine with one)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def on_gpu():
+    """Computations of the test run on the first GPU."""
+    with jax.default_device(_devices("gpu")[0]):
+        yield

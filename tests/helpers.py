@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 
 # Tiny shapes: XLA's cheap optimisation level keeps compile time (most of each test) down.
@@ -35,18 +36,6 @@ def value_and_grads(fn, args, cotangent):
     return y, grads
 
 
-def random_ssd_inputs(key, b, t, h, p, g, n, dtype=jnp.float32):
-    """Random SSD inputs with realistic magnitudes: dt in (0, ~3), A in [-16, -1]·0.1..1."""
-    ks = jax.random.split(key, 6)
-    x = jax.random.normal(ks[0], (b, t, h, p), dtype)
-    dt = jax.nn.softplus(jax.random.normal(ks[1], (b, t, h)) - 1.0)
-    A = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-2.0, maxval=1.0))
-    B = jax.random.normal(ks[3], (b, t, g, n), dtype)
-    C = jax.random.normal(ks[4], (b, t, g, n), dtype)
-    D = jax.random.normal(ks[5], (h,))
-    return x, dt, A, B, C, D
-
-
 def mask_from_rows(rows: str) -> np.ndarray:
     return np.array([[c == "1" for c in row.split()[1]] for row in rows.strip().splitlines()])
 
@@ -62,3 +51,11 @@ def lower_for(platform: str, fn, *args) -> str:
 def grads_of(fn):
     """The gradient of sum(fn(*args)) in every argument: runs fn's forward once and its backward."""
     return lambda *a: jax.grad(lambda *z: jnp.sum(fn(*z).astype(jnp.float32)), argnums=range(len(a)))(*a)
+
+
+def cpu_devices(n: int) -> list:
+    """``n`` CPU devices (conftest makes 8), or skip the test naming how many there are."""
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        pytest.skip(f"needs {n} CPU devices, found {len(devices)}")
+    return devices[:n]

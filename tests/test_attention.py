@@ -1,4 +1,5 @@
-"""Attamba attention: the compressed path equals the dense masked reference."""
+"""Attention: the compressed path equals the dense masked reference; causal attention equals its mask;
+the Attamba module's implementations agree."""
 
 import jax
 import jax.numpy as jnp
@@ -6,11 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attamba_jax.attention import AttambaAttention, causal_attention
-from attamba_jax.chunking import ChunkGrid, attention_mask
+from attamba_jax.attention import AttambaAttention
 from attamba_jax.config import ModelConfig
-from pallas_kernels.chunked_attention import chunked_attention
-from pallas_kernels.chunked_attention.reference import dense_attention
+from pallas_kernels.boundary_window_attention import boundary_window_attention
+from pallas_kernels.causal_attention import causal_attention
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.masked_attention import masked_attention
+from pallas_kernels.visibility import Visibility
 from tests.helpers import assert_close
 
 CASES = [  # b, t, h, hkv, d, K, offset, W
@@ -34,7 +37,7 @@ def _qkv(case, dtype=jnp.float32):
 
 
 def _attn(impl, grid, window):
-    return lambda q, k, v: chunked_attention(q, k, v, grid=grid, window=window, implementation=impl)
+    return lambda q, k, v: boundary_window_attention(q, k, v, grid=grid, window=window, implementation=impl)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -64,7 +67,7 @@ def test_invisible_keys_do_not_matter():
     case = (1, 24, 2, 2, 8, 4, 2, 3)
     grid, window = ChunkGrid(4, 2), 3
     q, k, v = _qkv(case)
-    mask = attention_mask(24, grid, window)
+    mask = Visibility(grid, window).dense(24)
     t = 20
     hidden = np.flatnonzero(~mask[t][: t + 1])
     assert hidden.size > 0
@@ -76,12 +79,11 @@ def test_invisible_keys_do_not_matter():
     assert not np.allclose(f(q, k, v)[:, t], f(q, k, v.at[:, visible[0]].add(5.0))[:, t])
 
 
-def test_dense_mask_with_causal_rows_is_causal_attention():
+@pytest.mark.parametrize("window", [None, 4])
+def test_causal_attention_is_the_masked_reference(window):
     q, k, v = _qkv((2, 19, 4, 2, 8))
-    causal = jnp.asarray(attention_mask(19, None, None))
-    assert_close(causal_attention(q, k, v, implementation="xla"), dense_attention(q, k, v, causal), 1e-5)
-    window = jnp.asarray(attention_mask(19, None, 4))
-    assert_close(causal_attention(q, k, v, window=4, implementation="xla"), dense_attention(q, k, v, window), 1e-5)
+    mask = jnp.asarray(Visibility(None, window).dense(19))
+    assert_close(causal_attention(q, k, v, window=window, implementation="xla"), masked_attention(q, k, v, mask), 1e-5)
 
 
 def _module(pseudo_chunk, impl, n_kv_heads):
@@ -98,22 +100,22 @@ def _module(pseudo_chunk, impl, n_kv_heads):
 def test_module_compressed_equals_dense(pseudo_chunk, n_kv_heads):
     xn = jax.random.normal(jax.random.key(5), (2, 23, 32))
     grid = ChunkGrid(4, 1)
+    pos = jnp.arange(23)
     dense, comp = _module(pseudo_chunk, "dense", n_kv_heads), _module(pseudo_chunk, "compressed", n_kv_heads)
-    assert_close(nnx.jit(lambda m: m(xn, grid))(comp), nnx.jit(lambda m: m(xn, grid))(dense), 1e-5)
-    grads = [nnx.jit(nnx.grad(lambda m: jnp.sum(jnp.sin(m(xn, grid)))))(m) for m in (comp, dense)]
+    run = nnx.jit(lambda m, x: m(x, pos, grid)[0])
+    assert_close(run(comp, xn), run(dense, xn), 1e-5)
+    grads = [nnx.jit(nnx.grad(lambda m: jnp.sum(jnp.sin(m(xn, pos, grid)[0]))))(m) for m in (comp, dense)]
     # Parameter gradients are sums over B*T*channels with cancellation: float32
     # summation order alone moves small leaves (A_log, D) by ~2e-5 relative.
     assert_close(grads[0], grads[1], 1e-4)
     if pseudo_chunk:
         # pseudo_chunk: every earlier key is visible (plain causal)
-        q_only = nnx.jit(lambda m, x: m(x, grid))(comp, xn.at[:, 5].add(1.0)) - nnx.jit(lambda m, x: m(x, grid))(comp, xn)
+        q_only = run(comp, xn.at[:, 5].add(1.0)) - run(comp, xn)
         assert float(jnp.abs(q_only[:, 22]).max()) > 0
 
 
-def test_window_and_heads_errors():
-    q, k, v = _qkv((1, 8, 3, 2, 4))
-    with pytest.raises(ValueError, match="multiple of kv heads"):
-        chunked_attention(q, k, v, grid=ChunkGrid(4), window=2)
-    q, k, v = _qkv((1, 8, 2, 2, 4))
-    with pytest.raises(ValueError, match="window must be >= 0"):
-        chunked_attention(q, k, v, grid=ChunkGrid(4), window=-1)
+@pytest.mark.parametrize("heads, window, message", [(3, 2, "multiple of kv heads"), (2, -1, "window must be >= 0")])
+def test_window_and_heads_errors(heads, window, message):
+    q, k, v = _qkv((1, 8, heads, 2, 4))
+    with pytest.raises(ValueError, match=message):
+        boundary_window_attention(q, k, v, grid=ChunkGrid(4), window=window)

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from attamba_jax.cache import cache_bytes, formula_bytes, init_cache
-from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig, load_config
 from attamba_jax.generate import decode_step, prefill
 from attamba_jax.model import apply_model, init_model
@@ -167,18 +166,3 @@ def test_paper_config_matches_spec_numbers(max_len):
     assert cache_bytes(jax.eval_shape(lambda: init_cache(attamba, 1, max_len))) == formula_bytes(attamba, 1, max_len)
     if max_len == 32768:
         assert formula_bytes(attamba, 1, max_len) / formula_bytes(transformer, 1, max_len) <= 0.13
-
-
-# --- the grid helpers the cache relies on -----------------------------------------------------------
-
-
-@pytest.mark.parametrize("k, offset", [(1, 0), (2, 1), (4, 0), (4, 3), (8, 2), (8, 7)])
-def test_num_boundaries_before_counts_the_grid(k, offset):
-    grid = ChunkGrid(k, offset)
-    pos = np.arange(-3, 50)
-    expected = np.array([np.sum(grid.boundaries(60) < p) for p in pos])
-    np.testing.assert_array_equal(grid.num_boundaries_before(pos), expected)
-    np.testing.assert_array_equal(jax.jit(grid.num_boundaries_before)(jnp.asarray(pos)), expected)
-    # Slot j of the boundary store is the j-th boundary; the capacity bound holds.
-    for length in (1, 5, 33):
-        assert grid.num_boundaries(length) <= grid.max_boundaries(length)

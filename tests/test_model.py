@@ -11,10 +11,10 @@ import chex
 import pytest
 from flax import nnx
 
-from attamba_jax.chunking import ChunkGrid
 from attamba_jax.config import ModelConfig, load_config
 from attamba_jax.model import LanguageModel, apply_model, count_params, cross_entropy, init_model, make_forward
-from attamba_jax.ssm import Mamba2
+from attamba_jax.ssm import StackedMamba2
+from pallas_kernels.chunk_grid import ChunkGrid
 from tests.helpers import assert_close
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -42,7 +42,7 @@ def test_ssm_outputs_change_only_inside_the_touched_chunk():
     # Given a chunk-reset SSM, when one input token changes, then outputs change
     # at that token and later tokens of its chunk only.
     cfg = dataclasses.replace(SMALL, token_chunk=5)
-    ssm = Mamba2(cfg, rngs=nnx.Rngs(1))
+    ssm = StackedMamba2(cfg, rngs=nnx.Rngs(1))
     grid = ChunkGrid(5, 2)
     T = 23
     u = jax.random.normal(jax.random.key(2), (1, T, 32))
@@ -60,11 +60,11 @@ def test_ssm_outputs_change_only_inside_the_touched_chunk():
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_stacked_ssm_streams_equal_separate_ssms(groups):
-    # Given one Mamba2 module of two streams (how Attamba computes its K and V SSMs), when
+    # Given one StackedMamba2 module of two streams (how Attamba computes its K and V SSMs), when
     # each stream's weights are copied into a single-stream module, then that module's
     # output equals the stream's output, forward and gradient: stacking is only a layout.
     cfg = dataclasses.replace(SMALL, token_chunk=5, ssm_groups=groups, ssm_dt_bias=True)
-    fused = Mamba2(cfg, streams=2, rngs=nnx.Rngs(1))
+    fused = StackedMamba2(cfg, streams=2, rngs=nnx.Rngs(1))
     grid = ChunkGrid(5, 3)
     u = jax.random.normal(jax.random.key(2), (2, 21, cfg.dim))
     conv_ch = cfg.ssm_inner_dim + 2 * groups * cfg.ssm_state_dim
@@ -72,7 +72,7 @@ def test_stacked_ssm_streams_equal_separate_ssms(groups):
     hs, inner = cfg.ssm_heads, cfg.ssm_inner_dim
 
     def stream(s):
-        single = Mamba2(cfg, rngs=nnx.Rngs(7))
+        single = StackedMamba2(cfg, rngs=nnx.Rngs(7))
         single.in_proj.kernel[...] = fused.in_proj.kernel[:, s * width : (s + 1) * width]
         single.conv_weight[...] = fused.conv_weight[s * conv_ch : (s + 1) * conv_ch]
         for name in ("A_log", "D", "dt_bias"):

@@ -9,33 +9,25 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from attamba_jax.chunking import ChunkGrid
-from pallas_kernels.ssd import IMPLEMENTATIONS, pallas_gpu, pallas_tpu, reference, ssd
-from pallas_kernels.ssd.api import auto_implementations
-from pallas_kernels.ssd.tuned_block_sizes import GpuPass, SsdBlocks
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.common import tpu_interpret_params
+from pallas_kernels.ssd import pallas_gpu, pallas_tpu, reference, ssd
+from pallas_kernels.ssd.block_sizes import GpuBlocks, GpuPass, TpuBlocks
 from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for, value_and_grads
 
 # The interpreters start every output buffer as NaN (see test_interpreter_poisons_unwritten_outputs),
 # so a finite result proves that every element was written.
 KERNELS = {
-    "gpu": lambda *a, grid, block_len: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, block_len=block_len),
+    "gpu": lambda *a, grid, block_len: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=True, blocks=GpuBlocks(block_len)),
     "tpu": lambda *a, grid, block_len: pallas_tpu.ssd_pallas_tpu(
-        *a, grid, interpret=pallas_tpu.interpret_params(), block_len=block_len
+        *a, grid=grid, interpret=tpu_interpret_params(), blocks=TpuBlocks(block_len)
     ),
 }
 
 
 def _inputs(seed, b, t, h, g, p, n, dtype):
     """x [b, t, h, p], dt, A, B/C [b, t, g, n], D and a cotangent for y."""
-    ks = jax.random.split(jax.random.key(seed), 7)
-    x = jax.random.normal(ks[0], (b, t, h, p)).astype(dtype)
-    dt = jax.nn.softplus(jax.random.normal(ks[1], (b, t, h)) - 0.5)
-    A = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-1.0, maxval=1.5))
-    B = jax.random.normal(ks[3], (b, t, g, n)).astype(dtype)
-    C = jax.random.normal(ks[4], (b, t, g, n)).astype(dtype)
-    D = jax.random.normal(ks[5], (h,))
-    cotangent = jax.random.normal(ks[6], (b, t, h, p))
-    return (x, dt, A, B, C, D), cotangent
+    return reference.random_inputs(jax.random.key(seed), b, t, h, p, g, n, dtype)
 
 
 # (K, offset, T, H, G, P, N, block_len): several K (incl. one not a power of two), offsets,
@@ -90,9 +82,9 @@ def test_gpu_kernel_runs_several_tiles_per_program(tiles):
     # Given programs that each run `tiles` consecutive tiles of a row of 4 (with 3, the last
     # program runs past the row's end; the interpreter ignores pipelining, see the lowering test)
     grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 4, 2, 16, 16, "float32", 805)
-    blocks = SsdBlocks(16, GpuPass(2, tiles), GpuPass(1, tiles))
+    blocks = GpuBlocks(16, GpuPass(2, tiles), GpuPass(1, tiles))
     # When the kernel runs forward and backward
-    y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks), args, cot)
+    y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=True, blocks=blocks), args, cot)
     # Then it agrees with the reference and writes every element
     assert_close(y, y_ref, 1e-5)
     assert_close(grads, grads_ref, 1e-5)
@@ -102,9 +94,9 @@ def test_gpu_kernel_runs_several_tiles_per_program(tiles):
 def test_gpu_kernel_loads_several_heads_before_computing(ahead, ahead_bwd):
     # Given 4 heads per group loaded in runs of 3 (a short last run) or all at once
     grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 8, 2, 16, 16, "float32", 806)
-    blocks = SsdBlocks(16, GpuPass(2, heads_ahead=ahead), GpuPass(1, heads_ahead=ahead_bwd))
+    blocks = GpuBlocks(16, GpuPass(2, heads_ahead=ahead), GpuPass(1, heads_ahead=ahead_bwd))
     # When the kernel runs forward and backward
-    y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks), args, cot)
+    y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=True, blocks=blocks), args, cot)
     # Then it agrees with the reference and writes every element
     assert_close(y, y_ref, 1e-5)
     assert_close(grads, grads_ref, 1e-5)
@@ -115,8 +107,8 @@ def test_gpu_kernels_overwrite_nan_buffers(tiles):
     # Given every kernel output, forward and backward, aliased to a NaN-filled buffer (3 tiles per
     # program: the last program runs past the row's end)
     grid, args, cot, (y_ref, grads_ref) = _case(4, 1, 29, 2, 1, 16, 16, "float32", 3)
-    blocks = SsdBlocks(16, GpuPass(4, tiles=tiles), GpuPass(1, tiles=tiles))
-    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=True, blocks=blocks, poison=True)
+    blocks = GpuBlocks(16, GpuPass(4, tiles=tiles), GpuPass(1, tiles=tiles))
+    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=True, blocks=blocks, poison=True)
     # When the kernels write into them
     y, grads = value_and_grads(kernel, args, cot)
     # Then no NaN is left and the values are right
@@ -127,7 +119,7 @@ def test_gpu_kernels_overwrite_nan_buffers(tiles):
 def test_tpu_kernel_at_its_default_tiles():
     # Given the TPU kernel's own 128-token tiles: a row of 150 tokens spans two, the first cut
     grid, args, cot, (y_ref, grads_ref) = _case(8, 3, 150, 4, 2, 16, 16, "float32", 808)
-    kernel = lambda *a: pallas_tpu.ssd_pallas_tpu(*a, grid, interpret=pallas_tpu.interpret_params())
+    kernel = lambda *a: pallas_tpu.ssd_pallas_tpu(*a, grid=grid, interpret=tpu_interpret_params())
     # When it runs forward and backward
     y, grads = value_and_grads(kernel, args, cot)
     # Then it agrees with the reference
@@ -139,7 +131,7 @@ def test_tpu_kernel_at_its_default_tiles():
 def test_tpu_kernel_lowers_through_mosaic(dtype):
     # Given the model's stacked K/V shape (H = 16 heads of 32, G = 2 groups, state 32, K = 8)
     (x, dt, A, B, C, D), _ = _inputs(9, 2, 300, 16, 2, 32, 32, dtype)
-    kernel = lambda *a: pallas_tpu.ssd_pallas_tpu(*a, ChunkGrid(8, 3))
+    kernel = lambda *a: pallas_tpu.ssd_pallas_tpu(*a, grid=ChunkGrid(8, 3))
     # When the forward and backward are lowered for a TPU
     text = lower_for("tpu", grads_of(kernel), x, dt, A, B, C, D)
     # Then Pallas put the forward kernel and the backward kernel in Mosaic's format
@@ -150,7 +142,7 @@ def test_tpu_kernel_lowers_through_mosaic(dtype):
 def test_gpu_kernels_lower_through_triton(poison, aliases):
     # Given the model's stacked K/V shape in bf16 and the tuned tiles (a pipelined forward loop)
     (x, dt, A, B, C, D), _ = _inputs(9, 2, 300, 16, 2, 32, 32, jnp.bfloat16)
-    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, ChunkGrid(8, 3), poison=poison)
+    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=ChunkGrid(8, 3), poison=poison)
     # When the forward and backward are lowered for a GPU
     text = lower_for("cuda", grads_of(kernel), x, dt, A, B, C, D)
     # Then both kernels are Triton calls, and poisoning aliases every output (1 forward, 6 backward)
@@ -158,13 +150,24 @@ def test_gpu_kernels_lower_through_triton(poison, aliases):
     assert text.count("output_operand_alias<") == aliases
 
 
-def test_gpu_launch_settings_reject_bad_values():
-    with pytest.raises(ValueError, match="GpuPass.tiles must be >= 1"):
-        GpuPass(tiles=0)
-    with pytest.raises(ValueError, match="GpuPass.heads_ahead must be >= 1"):
-        GpuPass(heads_ahead=0)
-    with pytest.raises(ValueError, match="needs tiles > 1"):
-        GpuPass(tiles=1, num_stages=2)
+@pytest.mark.parametrize("settings, message", [
+    (dict(tiles=0), "GpuPass.tiles must be >= 1"),
+    (dict(heads_ahead=0), "GpuPass.heads_ahead must be >= 1"),
+    (dict(tiles=1, num_stages=2), "needs tiles > 1"),
+])
+def test_gpu_launch_settings_reject_bad_values(settings, message):
+    with pytest.raises(ValueError, match=message):
+        GpuPass(**settings)
+
+
+@pytest.mark.parametrize("kernel, blocks, message", [
+    (pallas_gpu.ssd_pallas_gpu, GpuBlocks(24), r"block_len \(24\) must be a power of two >= max\(16, K=8\)"),
+    (pallas_tpu.ssd_pallas_tpu, TpuBlocks(20), r"block_len \(20\) must be a multiple of 8 and of K \(8\)"),
+])
+def test_kernel_tiles_that_cut_chunks_are_refused(kernel, blocks, message):
+    args, _ = _inputs(1, 1, 16, 2, 1, 16, 16, jnp.float32)
+    with pytest.raises(ValueError, match=message):
+        kernel(*args, grid=ChunkGrid(8), blocks=blocks)
 
 
 def test_interpreter_poisons_unwritten_outputs():
@@ -174,25 +177,35 @@ def test_interpreter_poisons_unwritten_outputs():
         o_ref[:4] = x_ref[:4]
 
     x = jnp.ones((8, 16), jnp.float32)
-    for interpret in (True, pallas_tpu.interpret_params()):
+    for interpret in (True, tpu_interpret_params()):
         out = pl.pallas_call(writes_half, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=interpret)(x)
         assert np.isnan(np.asarray(out[4:])).all() and not np.isnan(np.asarray(out[:4])).any()
 
 
-def test_public_api_routes_to_the_kernels():
+@pytest.mark.parametrize("name", ["pallas_gpu_interpret", "pallas_tpu_interpret"])
+def test_public_api_routes_to_the_kernels(name):
     grid = ChunkGrid(4, 2)
     args, _ = _inputs(5, 1, 23, 2, 1, 16, 16, jnp.float32)
     expected = _run(functools.partial(ssd, grid=grid, implementation="chunked"), *args)
-    for name in ("pallas_gpu_interpret", "pallas_tpu_interpret"):
-        assert_close(_run(functools.partial(ssd, grid=grid, implementation=name), *args), expected, 1e-5)
-    # A reset pattern is not a fixed grid: the kernels step aside for the next name.
-    reset = grid.is_chunk_start(np.arange(23))
-    fallback = functools.partial(ssd, reset=reset, implementation=["pallas_gpu_interpret", "associative"])
-    assert_close(_run(fallback, *args), expected, 1e-5)
+    assert_close(_run(functools.partial(ssd, grid=grid, implementation=name), *args), expected, 1e-5)
 
 
-def test_auto_picks_the_backend_kernel():
-    assert auto_implementations("gpu")[0] == "pallas_gpu"
-    assert auto_implementations("tpu")[0] == "pallas_tpu"
-    assert auto_implementations("cpu")[0] == "chunked"
-    assert {"pallas_gpu", "pallas_tpu", "pallas_gpu_interpret", "pallas_tpu_interpret"} <= set(IMPLEMENTATIONS)
+# --- on a GPU: the real kernels (``pytest -m gpu``) ------------------------------------------------
+
+# The model's stacked K/V shape (H = 16 heads of 32, G = 2, state 32) at K = 8 with an offset;
+# T no multiple of the tile; the default tiles and launch settings.
+GPU_CASES = [(8, 3, 1000, 16, 2, 32, 32), (4, 0, 333, 8, 1, 32, 32), (16, 10, 513, 4, 2, 16, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("k, offset, t, h, g, p, n", GPU_CASES)
+def test_gpu_kernel_on_the_device_matches_reference(on_gpu, dtype_name, tol, k, offset, t, h, g, p, n):
+    # Given fresh random inputs on the GPU and the sequential reference computed there
+    grid, args, cot, (y_ref, grads_ref) = _case(k, offset, t, h, g, p, n, dtype_name, 100 * k + offset)
+    # When the compiled kernel runs forward and backward, every output starting as NaN
+    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, poison=True)
+    y, grads = value_and_grads(kernel, args, cot)
+    # Then it agrees with the reference and writes every element
+    assert_close(y, y_ref, tol)
+    assert_close(grads, grads_ref, tol)

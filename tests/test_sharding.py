@@ -17,7 +17,7 @@ from attamba_jax.sharding import make_mesh, use_mesh
 from attamba_jax.trainer import (
     Trainer, init_train_state, jit_train_step, make_optimizer, mesh_from_config, train_batch_sharding,
 )
-from tests.helpers import assert_close, random_ssd_inputs, value_and_grads
+from tests.helpers import assert_close, cpu_devices, value_and_grads
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -58,7 +58,7 @@ def _train(cfg, mesh, batches):
 def one_device_run():
     cfg = _cfg()
     batches = _batches(cfg, 2)
-    losses, params, *_ = _train(cfg, make_mesh({"data": 1}, jax.devices()[:1]), batches)
+    losses, params, *_ = _train(cfg, make_mesh({"data": 1}, cpu_devices(1)), batches)
     return cfg, batches, losses, params
 
 
@@ -67,7 +67,7 @@ def test_train_step_on_a_mesh_equals_one_device(one_device_run, shape):
     # Given the losses and parameters after two steps on one device
     cfg, batches, ref_losses, ref_params = one_device_run
     # When the same two steps run on a (data, fsdp, tensor) mesh of 8 devices
-    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), cpu_devices(8))
     losses, params, *_ = _train(cfg, mesh, batches)
     # Then losses and updated parameters agree to float32 rounding
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -79,14 +79,14 @@ def test_train_step_with_the_kernels_on_a_mesh_equals_one_device(one_device_run)
     # sharded train step; two steps equal the one-device run on the XLA paths.
     cfg, batches, ref_losses, ref_params = one_device_run
     cfg = _cfg("model.ssm_implementation=pallas_gpu_interpret", "model.attention_implementation=pallas_gpu_interpret")
-    losses, params, *_ = _train(cfg, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), batches)
+    losses, params, *_ = _train(cfg, make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, cpu_devices(8)), batches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert_close(params, ref_params, rel=1e-4)
 
 
 def test_compiled_step_keeps_fsdp_state_sharded(one_device_run):
     cfg, batches, *_ = one_device_run
-    mesh = make_mesh({"data": 2, "fsdp": 4})
+    mesh = make_mesh({"data": 2, "fsdp": 4}, cpu_devices(8))
     _, _, state, step, arrays = _train(cfg, mesh, batches[:1])
     with use_mesh(mesh):
         compiled = step.lower(state, arrays).compile()
@@ -108,7 +108,7 @@ def test_compiled_step_keeps_fsdp_state_sharded(one_device_run):
 
 def test_model_activations_carry_logical_shardings():
     cfg = _cfg()
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, cpu_devices(8))
     tx, _ = make_optimizer(cfg.optim, 10)
     graphdef, state, _ = init_train_state(cfg, mesh, tx)
     tokens = jax.device_put(np.zeros((BATCH, LENGTH), np.int32), NamedSharding(mesh, P(("data", "fsdp"))))
@@ -151,16 +151,17 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     # Given a run on 4 devices, fsdp, to step 3 (checkpoints at steps 2 and 3)
     saved = tmp_path / "fsdp4"
-    Trainer(_trainer_cfg(corpus, 3, (1, 4, 1)), saved, progress=False, devices=jax.devices()[:4]).run()
+    devices = cpu_devices(8)
+    Trainer(_trainer_cfg(corpus, 3, (1, 4, 1)), saved, progress=False, devices=devices[:4]).run()
     expected = _losses(saved)[3]
     # When its step-2 checkpoint continues to step 3 on 1 device, and on 8 as data x fsdp
     for name in ("one", "dp_fsdp"):
         shutil.copytree(saved, tmp_path / name)
         shutil.rmtree(tmp_path / name / "checkpoints" / "3")
-    one = Trainer(_trainer_cfg(corpus, 3, (1, 1, 1)), tmp_path / "one", progress=False, devices=jax.devices()[:1])
+    one = Trainer(_trainer_cfg(corpus, 3, (1, 1, 1)), tmp_path / "one", progress=False, devices=devices[:1])
     assert one.start_step == 2 and one.state["params"]["head"]["kernel"][...].sharding.num_devices == 1
     one.run()
-    wide = Trainer(_trainer_cfg(corpus, 3, (2, 4, 1)), tmp_path / "dp_fsdp", progress=False)
+    wide = Trainer(_trainer_cfg(corpus, 3, (2, 4, 1)), tmp_path / "dp_fsdp", progress=False, devices=devices)
     kernel = wide.state["params"]["head"]["kernel"][...]
     assert wide.start_step == 2 and kernel.sharding.is_equivalent_to(NamedSharding(wide.mesh, P("fsdp", None)), 2)
     wide.run()
@@ -172,21 +173,33 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
 # --- errors -----------------------------------------------------------------------------------
 
 
-def test_mesh_config_errors_are_clear():
-    with pytest.raises(ConfigError, match=r"needs 3 devices, but 8 are present"):
-        mesh_from_config(_cfg("mesh.data=3").mesh)
-    with pytest.raises(ConfigError, match=r"8 devices do not divide by 3"):
-        mesh_from_config(_cfg("mesh.fsdp=3").mesh)
-    with pytest.raises(ConfigError, match=r"unknown config key mesh\.pipeline"):
-        _cfg("mesh.pipeline=2")
+@pytest.mark.parametrize("override, message", [
+    ("mesh.data=3", r"needs 3 devices, but 8 are present"),
+    ("mesh.fsdp=3", r"8 devices do not divide by 3"),
+])
+def test_a_mesh_that_does_not_fit_the_devices_is_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        mesh_from_config(_cfg(override).mesh, cpu_devices(8))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("mesh.pipeline=2", r"unknown config key mesh\.pipeline"),
+    ("mesh.tensor=0", r"mesh\.tensor must be >= 1 or -1"),
+    ("mesh.fsdp=-1", r"at most one of mesh\.data/fsdp/tensor may be -1"),
+])
+def test_bad_mesh_keys_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(override)
+
+
+def test_an_unknown_mesh_axis_is_named():
     with pytest.raises(ValueError, match=r"unknown mesh axis 'expert'"):
         make_mesh({"expert": 2})
-    with pytest.raises(ConfigError, match=r"mesh\.tensor must be >= 1 or -1"):
-        _cfg("mesh.tensor=0")
-    with pytest.raises(ConfigError, match=r"at most one of mesh\.data/fsdp/tensor may be -1"):
-        _cfg("mesh.fsdp=-1")
+
+
+def test_a_microbatch_the_data_axes_do_not_divide_is_refused():
     with pytest.raises(ConfigError, match=r"microbatch must be a multiple of mesh.data x mesh.fsdp = 2 x 4 = 8"):
-        train_batch_sharding(make_mesh({"data": 2, "fsdp": 4}), 4)
+        train_batch_sharding(make_mesh({"data": 2, "fsdp": 4}, cpu_devices(8)), 4)
 
 
 def test_distributed_start_reads_the_environment():
@@ -202,18 +215,18 @@ def test_distributed_start_reads_the_environment():
         distributed_args(False, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two"})
 
 
-def test_auto_takes_the_xla_paths_under_a_multi_device_mesh():
+@pytest.mark.parametrize("devices, kernel_runs", [(2, False), (1, True)])
+def test_auto_takes_the_xla_paths_under_a_multi_device_mesh(devices, kernel_runs):
     # Until the sharded kernels are measured on GPUs, `auto` under a mesh of several devices
-    # picks the paths XLA partitions, on any backend.
-    from pallas_kernels.chunked_attention.api import auto_implementations as attention_auto
-    from pallas_kernels.ssd.api import auto_implementations as ssd_auto
-    from attamba_jax.sharding import make_mesh, use_mesh
+    # picks the paths XLA partitions: the op sees a partitioned call, which the kernels refuse.
+    from attamba_jax.sharding import call_op
+    from pallas_kernels.ssd import IMPLEMENTATIONS
 
-    assert ssd_auto("gpu")[0] == "pallas_gpu" and attention_auto("tpu") == ("pallas_tpu",)
-    with use_mesh(make_mesh({"data": 2}, devices=jax.devices()[:2])):
-        assert ssd_auto("gpu")[0] == "chunked" and attention_auto("gpu") == ("compressed",)
-    with use_mesh(make_mesh({"data": 1}, devices=jax.devices()[:1])):
-        assert ssd_auto("gpu")[0] == "pallas_gpu"
+    seen = []
+    fake_op = lambda *args, implementation, partitioned=False: seen.append((implementation, partitioned))
+    with use_mesh(make_mesh({"data": devices}, devices=cpu_devices(devices))):
+        call_op(fake_op, IMPLEMENTATIONS, "auto", (), (), None)
+    assert seen == [("auto", not kernel_runs)]
 
 
 def _out_and_grads(fn, args):
@@ -226,16 +239,20 @@ def _out_and_grads(fn, args):
 def test_ssd_kernels_run_per_device_under_a_mesh(kernel, shape):
     # Given a named kernel under a multi-device mesh, each device runs it on its batch rows
     # (shard_map) and the result and every gradient equal the one-device reference.
-    from attamba_jax.chunking import ChunkGrid
-    from pallas_kernels.ssd import ssd
+    from attamba_jax.sharding import call_op
+    from pallas_kernels.chunk_grid import ChunkGrid
+    from pallas_kernels.ssd import IMPLEMENTATIONS, ssd
+    from pallas_kernels.ssd.reference import random_inputs
 
-    args = random_ssd_inputs(jax.random.key(0), b=8, t=48, h=4, p=16, g=2, n=16)
+    args, _ = random_inputs(jax.random.key(0), b=8, t=48, h=4, p=16, g=2, n=16)
     grid = ChunkGrid(8, 3)
     expected = _out_and_grads(lambda *a: ssd(*a, grid=grid, implementation="sequential"), args)
-    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), cpu_devices(8))
+    rows = ("batch", None, None, None)
+    sharded = lambda *a: call_op(ssd, IMPLEMENTATIONS, kernel, a, (rows, rows[:3], None, rows, rows, None), rows, grid=grid)
     with use_mesh(mesh):
-        actual = _out_and_grads(lambda *a: ssd(*a, grid=grid, implementation=kernel), args)
-        jaxpr = str(jax.make_jaxpr(lambda *a: ssd(*a, grid=grid, implementation=kernel))(*args))
+        actual = _out_and_grads(sharded, args)
+        jaxpr = str(jax.make_jaxpr(sharded)(*args))
     assert "shard_map" in jaxpr and "('data', 'fsdp')" in jaxpr  # split over the batch axes
     assert_close(actual, expected, 1e-4)
 
@@ -248,18 +265,20 @@ def test_ssd_kernels_run_per_device_under_a_mesh(kernel, shape):
 def test_attention_kernels_run_per_device_under_a_mesh(kernel, shape, kv_heads):
     # Batch rows split over (data, fsdp); heads over tensor only where the kv heads divide,
     # so that every query head stays with its kv head. Equal to the dense reference.
-    from attamba_jax.chunking import ChunkGrid
-    from pallas_kernels.chunked_attention import chunked_attention
+    from attamba_jax.attention import _boundary_window
+    from pallas_kernels.boundary_window_attention import boundary_window_attention
+    from pallas_kernels.chunk_grid import ChunkGrid
 
     b, t, h, d = 4, 40, 4, 16
     ks = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(ks[0], (b, t, h, d))
     k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in ks[1:])
     grid = ChunkGrid(4, 1)
-    expected = _out_and_grads(lambda *a: chunked_attention(*a, grid=grid, window=4, implementation="dense"), (q, k, v))
-    with use_mesh(make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)))):
-        actual = _out_and_grads(lambda *a: chunked_attention(*a, grid=grid, window=4, implementation=kernel), (q, k, v))
-        jaxpr = str(jax.make_jaxpr(lambda *a: chunked_attention(*a, grid=grid, window=4, implementation=kernel))(q, k, v))
+    expected = _out_and_grads(lambda *a: boundary_window_attention(*a, grid=grid, window=4, implementation="dense"), (q, k, v))
+    sharded = lambda *a: _boundary_window(*a, grid, 4, kernel)
+    with use_mesh(make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), cpu_devices(8))):
+        actual = _out_and_grads(sharded, (q, k, v))
+        jaxpr = str(jax.make_jaxpr(sharded)(q, k, v))
     heads_split = "None, 'tensor', None)" in jaxpr  # a [B, T, heads, D] spec with heads over tensor
     assert "shard_map" in jaxpr and heads_split == (kv_heads % shape[2] == 0 and shape[2] > 1)
     assert_close(actual, expected, 1e-4)

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attamba_jax.chunking import ChunkGrid
-from pallas_kernels.ssd import ssd
-from pallas_kernels.ssd.reference import ssd_sequential
-from tests.helpers import assert_close, random_ssd_inputs
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.ssd import ssd, xla
+from pallas_kernels.ssd.reference import random_inputs, ssd_sequential
+from tests.helpers import assert_close
 
 
 def _loss(impl, **kw):
@@ -34,7 +34,7 @@ CASES = [  # b, t, h, p, g, n, K, offset
 def test_fixed_grid_matches_sequential(impl, case):
     b, t, h, p, g, n, K, o = case
     key = jax.random.key(hash(case) % 2**31)
-    args = random_ssd_inputs(key, b, t, h, p, g, n)
+    args, _ = random_inputs(key, b, t, h, p, g, n)
     grid = ChunkGrid(K, o)
     run = jax.jit(lambda impl, *a: ssd(*a, grid=grid, implementation=impl), static_argnums=0)
     ref = run("sequential", *args)
@@ -46,30 +46,33 @@ def test_fixed_grid_matches_sequential(impl, case):
     assert_close(g_out, g_ref, 1e-5)
 
 
-def test_associative_matches_sequential_on_variable_chunks():
-    # Random variable-length chunk sets, different per batch row.
+def test_associative_scan_matches_sequential_on_variable_chunks():
+    # Given random variable-length chunk sets, different per batch row (the scans take any resets)
     b, t, h, p, g, n = 3, 24, 4, 2, 2, 3
-    args = random_ssd_inputs(jax.random.key(7), b, t, h, p, g, n)
+    args, _ = random_inputs(jax.random.key(7), b, t, h, p, g, n)
     reset = jax.random.bernoulli(jax.random.key(8), 0.25, (b, t)).at[:, 0].set(True)
-    ref = ssd(*args, reset=reset, implementation="sequential")
-    assert_close(ssd(*args, reset=reset, implementation="associative"), ref, 1e-5)
-    g_ref = jax.jit(jax.grad(_loss("sequential", reset=reset), argnums=range(6)))(*args)
-    g_out = jax.jit(jax.grad(_loss("associative", reset=reset), argnums=range(6)))(*args)
+    sequential = lambda *a: ssd_sequential(*a, reset)[0]
+    associative = lambda *a: xla.ssd_associative(*a, reset)
+    # Then the associative scan equals the sequential one, forward and gradient
+    assert_close(associative(*args), sequential(*args), 1e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    g_ref = jax.jit(jax.grad(loss(sequential), argnums=range(6)))(*args)
+    g_out = jax.jit(jax.grad(loss(associative), argnums=range(6)))(*args)
     assert_close(g_out, g_ref, 1e-5)
 
 
 def test_reset_really_restarts_the_state():
     # Given resets at every token, the output is the single-token recurrence.
     b, t, h, p, g, n = 1, 6, 2, 2, 1, 3
-    x, dt, A, B, C, D = random_ssd_inputs(jax.random.key(1), b, t, h, p, g, n)
-    y = ssd(x, dt, A, B, C, D, reset=jnp.ones((t,), bool), implementation="sequential")
+    (x, dt, A, B, C, D), _ = random_inputs(jax.random.key(1), b, t, h, p, g, n)
+    y = ssd_sequential(x, dt, A, B, C, D, jnp.ones((b, t), bool))[0]
     bc = jnp.einsum("btn,btn->bt", B[:, :, 0], C[:, :, 0])[:, :, None, None]  # one group
     expect = dt[..., None] * x * bc + D[:, None] * x
     assert_close(y, expect, 1e-5)
 
 
 def test_chunked_in_bfloat16_is_close():
-    args = random_ssd_inputs(jax.random.key(3), 2, 33, 4, 4, 1, 8)
+    args, _ = random_inputs(jax.random.key(3), 2, 33, 4, 4, 1, 8)
     grid = ChunkGrid(8, 3)
     ref = ssd(*args, grid=grid, implementation="sequential")
     bf = [a.astype(jnp.bfloat16) if i in (0, 3, 4) else a for i, a in enumerate(args)]
@@ -78,7 +81,7 @@ def test_chunked_in_bfloat16_is_close():
 
 def test_sequential_returns_final_state_of_last_chunk():
     b, t, h, p, g, n = 1, 12, 2, 2, 1, 3
-    x, dt, A, B, C, D = random_ssd_inputs(jax.random.key(2), b, t, h, p, g, n)
+    (x, dt, A, B, C, D), _ = random_inputs(jax.random.key(2), b, t, h, p, g, n)
     grid = ChunkGrid(4, 1)  # boundaries 0, 2, 6, 10: token 11 starts a new chunk
     reset = jnp.asarray(grid.is_chunk_start(np.arange(t)))[None]
     _, final = ssd_sequential(x, dt, A, B, C, D, reset)
@@ -86,13 +89,18 @@ def test_sequential_returns_final_state_of_last_chunk():
     assert_close(final[0], expect, 1e-6)
 
 
-def test_errors_name_the_problem():
-    args = random_ssd_inputs(jax.random.key(0), 1, 8, 2, 2, 1, 3)
-    with pytest.raises(ValueError, match="exactly one of grid"):
-        ssd(*args)
-    with pytest.raises(ValueError, match="needs grid"):
-        ssd(*args, reset=jnp.ones(8, bool), implementation="chunked")
-    with pytest.raises(ValueError, match="unknown implementation"):
+@pytest.mark.parametrize("change, message", [
+    (lambda a: (*a[:1], a[1][:, :4], *a[2:]), "dt must have shape"),
+    (lambda a: (*a[:3], a[3][:, :4], *a[4:]), "B and C must both be"),
+    (lambda a: (a[0][0], *a[1:]), "x must be \\[batch, length, heads, head_dim\\]"),
+])
+def test_bad_shapes_name_the_problem(change, message):
+    args, _ = random_inputs(jax.random.key(0), 1, 8, 2, 2, 1, 3)
+    with pytest.raises(ValueError, match=message):
+        ssd(*change(args), grid=ChunkGrid(4))
+
+
+def test_an_unknown_implementation_is_named():
+    args, _ = random_inputs(jax.random.key(0), 1, 8, 2, 2, 1, 3)
+    with pytest.raises(ValueError, match="unknown implementation 'magic'"):
         ssd(*args, grid=ChunkGrid(4), implementation="magic")
-    with pytest.raises(ValueError, match="dt must have shape"):
-        ssd(args[0], args[1][:, :4], *args[2:], grid=ChunkGrid(4))

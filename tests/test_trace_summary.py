@@ -3,14 +3,12 @@
 import gzip
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
-import trace_summary  # noqa: E402
+from benchmarks import trace_summary
 
 
 def _write_trace(root: pathlib.Path, events: list[dict]):

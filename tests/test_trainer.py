@@ -28,6 +28,7 @@ from attamba_jax.flops import attention_flops_per_token, mean_keys_per_query, tr
 from attamba_jax.model import LanguageModel, apply_model, init_model
 from attamba_jax.tokenizer import TokenizerError, train_sentencepiece
 from attamba_jax.trainer import NonFiniteLossError, Trainer, decay_mask, make_schedule, make_train_step
+from tests.helpers import assert_close
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -120,7 +121,8 @@ def test_grad_accumulation_gives_the_same_step():
     (s1, m1), (s2, m2) = results
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-    chex.assert_trees_all_close(s1["params"], s2["params"], rtol=1e-5, atol=1e-7)
+    # float32 rounding of the two summation orders, relative to the parameters' scale (some sit near 0)
+    assert_close(s1["params"], s2["params"], 1e-5)
 
 
 def test_flops_count_what_attamba_attends_to():

@@ -1,47 +1,66 @@
-"""The one public entry point of the SSD core."""
+"""The one public entry point of the SSD core: ``ssd(..., grid=, implementation=)``."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attamba_jax.chunking import ChunkGrid
-from attamba_jax.sharding import per_shard, spans_devices
+from pallas_kernels import dispatch
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.common import tpu_interpret_params
 from pallas_kernels.ssd import pallas_gpu, pallas_tpu, reference, xla
 
-# ``pallas_*_interpret`` run the same kernels in the Pallas interpreter (CPU; tests, debugging).
-IMPLEMENTATIONS = (
-    "pallas_gpu", "pallas_tpu", "chunked", "associative", "sequential", "pallas_gpu_interpret", "pallas_tpu_interpret",
-)
-_PALLAS = {
-    "pallas_gpu": pallas_gpu.ssd_pallas_gpu,
-    "pallas_tpu": pallas_tpu.ssd_pallas_tpu,
-    "pallas_gpu_interpret": functools.partial(pallas_gpu.ssd_pallas_gpu, interpret=True),
-    "pallas_tpu_interpret": functools.partial(pallas_tpu.ssd_pallas_tpu, interpret=pallas_tpu.interpret_params()),
+# ``*_interpret``: the kernel in the Pallas interpreter (any backend; tests and debugging).
+SsdImplementation = Literal[
+    "pallas_gpu", "pallas_tpu", "chunked", "associative", "sequential", "pallas_gpu_interpret", "pallas_tpu_interpret"
+]
+
+
+def _resets(grid: ChunkGrid, batch: int, length: int) -> jax.Array:
+    """[B, T] bool: True where the state restarts before the token."""
+    return jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(length))), (batch, length))
+
+
+def _scan(scan):
+    """An implementation over any reset pattern, fed the grid's."""
+    return lambda x, dt, A, B, C, D, *, grid: scan(x, dt, A, B, C, D, _resets(grid, *x.shape[:2]))
+
+
+def _kernel(backend: str | None):
+    """``unsupported`` of a Pallas kernel for ``backend`` (None: the interpreter, any backend)."""
+    where = dispatch.kernel_target(backend)
+
+    def unsupported(target, x, *args, grid):
+        if x.dtype not in (jnp.float32, jnp.bfloat16):
+            return f"it takes float32 or bfloat16 inputs, not {x.dtype}"
+        return where(target)
+
+    return unsupported
+
+
+# In auto's order: the backend's kernel, then the XLA paths.
+IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
+    "pallas_gpu": dispatch.Implementation(pallas_gpu.ssd_pallas_gpu, _kernel("gpu"), single_device=True),
+    "pallas_tpu": dispatch.Implementation(pallas_tpu.ssd_pallas_tpu, _kernel("tpu"), single_device=True),
+    "chunked": dispatch.Implementation(xla.ssd_chunked),
+    "associative": dispatch.Implementation(_scan(xla.ssd_associative)),
+    "sequential": dispatch.Implementation(_scan(lambda *a: reference.ssd_sequential(*a)[0])),
+    "pallas_gpu_interpret": dispatch.Implementation(
+        functools.partial(pallas_gpu.ssd_pallas_gpu, interpret=True), _kernel(None), single_device=True, in_auto=False
+    ),
+    "pallas_tpu_interpret": dispatch.Implementation(
+        lambda *a, grid: pallas_tpu.ssd_pallas_tpu(*a, grid=grid, interpret=tpu_interpret_params()),
+        _kernel(None),
+        single_device=True,
+        in_auto=False,
+    ),
 }
-
-
-def auto_implementations(backend: str | None = None) -> tuple[str, ...]:
-    """What ``auto`` tries, in order: the backend's Pallas kernel, then the XLA paths.
-
-    Under a multi-device mesh (``sharding.spans_devices``) the XLA paths only, until the
-    sharded kernels are measured there; a kernel named explicitly runs per device
-    (``sharding.per_shard``, batch rows split like the activations).
-    """
-    backend = backend or jax.default_backend()
-    kernel = {"gpu": ("pallas_gpu",), "cuda": ("pallas_gpu",), "tpu": ("pallas_tpu",)}.get(backend, ())
-    if spans_devices():
-        kernel = ()
-    return kernel + ("chunked", "associative", "sequential")
-
-
-def _reset_from_grid(grid: ChunkGrid, batch: int, length: int) -> jax.Array:
-    reset = grid.is_chunk_start(np.arange(length))
-    return jnp.broadcast_to(jnp.asarray(reset), (batch, length))
+assert tuple(IMPLEMENTATIONS) == typing.get_args(SsdImplementation)
 
 
 def _check_shapes(x, dt, A, B, C, D):
@@ -66,48 +85,25 @@ def ssd(
     C: jax.Array,
     D: jax.Array,
     *,
-    grid: ChunkGrid | None = None,
-    reset: jax.Array | None = None,
-    implementation: str | Sequence[str] = "auto",
+    grid: ChunkGrid,
+    implementation: SsdImplementation | Literal["auto"] = "auto",
+    partitioned: bool = False,
 ) -> jax.Array:
-    """Mamba-2 SSD scan that restarts its state at every chunk start.
+    """Mamba-2 SSD scan that restarts its state at every chunk start of ``grid``.
 
     Args:
-      x: [B, T, H, P]; dt: [B, T, H] (after softplus); A: [H] (negative); B, C:
-        [B, T, G, N]; D: [H].
-      grid: the layer's fixed chunk grid. Exactly one of ``grid`` and ``reset``.
-      reset: [T] or [B, T] bool, True where the state restarts before the token
-        (any pattern, e.g. variable-length chunks). ``chunked`` and the Pallas
-        kernels need ``grid``.
-      implementation: ``auto`` (``auto_implementations()``: the Pallas kernel on
-        GPU/TPU, XLA on CPU) or one name of ``IMPLEMENTATIONS``, or an ordered list
-        of names to try (the first that applies runs).
+      x: [B, T, H, P]; dt: [B, T, H] (after softplus); A: [H] (negative); B, C: [B, T, G, N]
+        (head h reads group h // (H/G)); D: [H].
+      grid: the layer's fixed chunk grid.
+      implementation: ``auto`` (the backend's Pallas kernel on a GPU or TPU, else ``chunked``)
+        or one name of ``SsdImplementation``.
+      partitioned: the arrays span several devices and XLA partitions this call; ``auto`` then
+        takes an XLA path (a kernel runs per device only under its caller's ``shard_map``).
 
     Returns:
       y: [B, T, H, P] in x.dtype.
     """
     _check_shapes(x, dt, A, B, C, D)
-    if (grid is None) == (reset is None):
-        raise ValueError("ssd: pass exactly one of grid= (fixed chunk grid) and reset= (any chunk starts)")
-    b, t = x.shape[:2]
-    if reset is not None:
-        reset = jnp.broadcast_to(jnp.asarray(reset, bool), (b, t))
-    candidates = auto_implementations() if implementation == "auto" else (
-        (implementation,) if isinstance(implementation, str) else tuple(implementation)
-    )
-    for name in candidates:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(f"ssd: unknown implementation {name!r}; choose from {IMPLEMENTATIONS} or 'auto'")
-        if name == "chunked" or name in _PALLAS:
-            if grid is None:
-                continue
-            if name == "chunked":
-                return xla.ssd_chunked(x, dt, A, B, C, D, grid)
-            kernel = functools.partial(_PALLAS[name], grid=grid)
-            rows = ("batch", None, None, None)
-            return per_shard(kernel, (x, dt, A, B, C, D), (rows, rows[:3], None, rows, rows, None), rows)
-        r = reset if reset is not None else _reset_from_grid(grid, b, t)
-        if name == "associative":
-            return xla.ssd_associative(x, dt, A, B, C, D, r)
-        return reference.ssd_sequential(x, dt, A, B, C, D, r)[0]
-    raise ValueError(f"ssd: none of {candidates} applies here ('chunked' needs grid=, not reset=, and so do the Pallas kernels)")
+    target = dispatch.Target.here(partitioned)
+    name = dispatch.choose("ssd", IMPLEMENTATIONS, implementation, target, x, dt, A, B, C, D, grid=grid)
+    return IMPLEMENTATIONS[name].run(x, dt, A, B, C, D, grid=grid)

@@ -28,7 +28,6 @@ program reduces over its whole block.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -36,55 +35,33 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from attamba_jax.chunking import ChunkGrid
 from pallas_kernels import poison as poisoned
-from pallas_kernels.ssd import tuned_block_sizes
-from pallas_kernels.ssd.tuned_block_sizes import SsdBlocks, next_pow2
-
-# jax < 0.6 called the Triton compiler params ``TritonCompilerParams``.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-_HI = jax.lax.Precision.HIGHEST
-
-
-def _pad_last(a: jax.Array, size: int) -> jax.Array:
-    """Zero-pads the last axis to ``size`` (Triton tiles need power-of-two sizes >= 16)."""
-    extra = size - a.shape[-1]
-    return a if extra == 0 else jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)])
-
-
-def _idx(i: int) -> jax.Array:
-    """A static index as an int32 scalar (the interpreter's load rule wants arrays)."""
-    return jnp.asarray(i, jnp.int32)
-
-
-def _dot(a, b, precision, trans_a=False, trans_b=False):
-    """2-D matmul with float32 accumulation; optional transposes folded into the dot."""
-    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
-    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.common import dot, index, iota, matmul_precision, next_pow2, pad_last, triton_params
+from pallas_kernels.ssd.block_sizes import GpuBlocks, default_gpu_blocks
 
 
 class _Geometry:
     """Static sizes and per-program token positions of one kernel launch."""
 
     def __init__(self, t: int, grid: ChunkGrid, block_len: int):
-        k = grid.token_chunk
-        self.t, self.k, self.o = t, k, grid.offset
+        self.t, self.grid = t, grid
         self.block = block_len  # L: the tile, a power of two >= K
-        self.stride = (block_len // k) * k  # S: tokens each program owns
-        self.num_blocks = pl.cdiv(t + self.o, self.stride)
+        self.stride = (block_len // grid.token_chunk) * grid.token_chunk  # S: tokens each program owns
+        self.num_blocks = grid.num_blocks(t, self.stride)
 
     def positions(self, m):
         """-> (start of the loaded window, [L] token positions, [L] bool loaded, [L] bool written)."""
-        lo = m * self.stride - self.o
+        lo = self.grid.block_start(m, self.stride)
         start = jnp.maximum(lo, 0)
-        pos = start + jax.lax.broadcasted_iota(jnp.int32, (self.block,), 0)
+        pos = start + iota(self.block)
         loaded = pos < self.t
         written = loaded & (pos < lo + self.stride)
         return start, pos, loaded, written
 
     def chunk_mask(self, pos):
         """[L, L] bool: key j is in query i's chunk and not after it."""
-        cid = jnp.where(pos == 0, 0, jax.lax.div(pos + self.o, jnp.int32(self.k)) + 1)
+        cid = self.grid.chunk_id(pos)
         same = cid[:, None] == cid[None, :]
         return same & (pos[None, :] <= pos[:, None])
 
@@ -124,8 +101,8 @@ def _head_groups(heads: int, ahead: int):
 
 def _load_head(dt_ref, x_ref, rows, loaded, h):
     """Head h's dt [L] (float32) and x [L, P] on one tile, zero past the row's end."""
-    dt = plgpu.load(dt_ref.at[rows, _idx(h)], mask=loaded, other=0.0).astype(jnp.float32)
-    return dt, plgpu.load(x_ref.at[rows, _idx(h), :], mask=loaded[:, None], other=0.0)
+    dt = plgpu.load(dt_ref.at[rows, index(h)], mask=loaded, other=0.0).astype(jnp.float32)
+    return dt, plgpu.load(x_ref.at[rows, index(h), :], mask=loaded[:, None], other=0.0)
 
 
 def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, ahead, precision):
@@ -136,12 +113,12 @@ def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geom
     mask = geo.chunk_mask(pos)
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)  # [L, N]
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
-    cb = _dot(cg, bg, precision, trans_b=True)  # [L, L] f32
+    cb = dot(cg, bg, precision, trans_b=True)  # [L, L] f32
     for run in _head_groups(heads, ahead):
         inputs = [_load_head(dt_ref, x_ref, rows, loaded, h) for h in run]
         for h, (dt, x) in zip(run, inputs):
             y = _head_forward(cb, mask, dt, a_ref[h], d_ref[h], x, precision)
-            plgpu.store(y_ref.at[rows, _idx(h), :], y.astype(y_ref.dtype), mask=written[:, None])
+            plgpu.store(y_ref.at[rows, index(h), :], y.astype(y_ref.dtype), mask=written[:, None])
 
 
 def _head_forward(cb, mask, dt, a, d, x, precision):
@@ -151,7 +128,7 @@ def _head_forward(cb, mask, dt, a, d, x, precision):
     softplus); a, d: the head's A and D; x: [L, P] in the matmul dtype.
     """
     w = cb * _decay(mask, dt * a) * dt[None, :]  # [L, L]
-    return _dot(w.astype(x.dtype), x, precision) + d * x.astype(jnp.float32)
+    return dot(w.astype(x.dtype), x, precision) + d * x.astype(jnp.float32)
 
 
 def _head_backward(cb, mask, dt, a, d, x, dy, precision):
@@ -164,9 +141,9 @@ def _head_backward(cb, mask, dt, a, d, x, dy, precision):
     decay = _decay(mask, dt * a)
     cbe = cb * decay
     w = cbe * dt[None, :]
-    dx = _dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d * dy.astype(jnp.float32)
+    dx = dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d * dy.astype(jnp.float32)
     dskip = jnp.sum(dy.astype(jnp.float32) * x.astype(jnp.float32), axis=1)  # [L]
-    dw = _dot(dy, x, precision, trans_b=True)  # [L, L] = dy_i · x_j
+    dw = dot(dy, x, precision, trans_b=True)  # [L, L] = dy_i · x_j
     dcb = dw * decay * dt[None, :]
     q = dw * w  # d(loss)/d(log decay_ij)
     dcum = jnp.sum(q, axis=1) - jnp.sum(q, axis=0)  # [L]
@@ -196,26 +173,26 @@ def _bwd_tile(
     mask = geo.chunk_mask(pos)
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
-    cb = _dot(cg, bg, precision, trans_b=True)  # [L, L]
+    cb = dot(cg, bg, precision, trans_b=True)  # [L, L]
     dcb = jnp.zeros_like(cb)
     for run in _head_groups(heads, ahead):
         inputs = [
             (
                 *_load_head(dt_ref, x_ref, rows, loaded, h),
                 # Rows another program writes must not send gradient: their chunk is cut here.
-                plgpu.load(dy_ref.at[rows, _idx(h), :], mask=written[:, None], other=0.0),
+                plgpu.load(dy_ref.at[rows, index(h), :], mask=written[:, None], other=0.0),
             )
             for h in run
         ]
         for h, (dt, x, dy) in zip(run, inputs):
             dx, ddt, dlog, dskip, dcb_h = _head_backward(cb, mask, dt, a_ref[h], d_ref[h], x, dy, precision)
             dcb = dcb + dcb_h
-            plgpu.store(dx_ref.at[rows, _idx(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
-            plgpu.store(dskip_ref.at[rows, _idx(h)], dskip, mask=written)
-            plgpu.store(dlog_ref.at[rows, _idx(h)], dlog, mask=written)
-            plgpu.store(ddt_ref.at[rows, _idx(h)], ddt.astype(ddt_ref.dtype), mask=written)
-    dc = _dot(dcb.astype(bg.dtype), bg, precision)  # [L, N]
-    db = _dot(dcb.astype(cg.dtype), cg, precision, trans_a=True)
+            plgpu.store(dx_ref.at[rows, index(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
+            plgpu.store(dskip_ref.at[rows, index(h)], dskip, mask=written)
+            plgpu.store(dlog_ref.at[rows, index(h)], dlog, mask=written)
+            plgpu.store(ddt_ref.at[rows, index(h)], ddt.astype(ddt_ref.dtype), mask=written)
+    dc = dot(dcb.astype(bg.dtype), bg, precision)  # [L, N]
+    db = dot(dcb.astype(cg.dtype), cg, precision, trans_a=True)
     plgpu.store(dc_ref.at[rows, :], dc.astype(dc_ref.dtype), mask=written[:, None])
     plgpu.store(db_ref.at[rows, :], db.astype(db_ref.dtype), mask=written[:, None])
 
@@ -237,19 +214,18 @@ def _prepare(x, B, C):
     """Pads P and N to power-of-two tile sizes >= 16 (no-op for the paper's 32, 32)."""
     p, n = x.shape[-1], B.shape[-1]
     p2, n2 = max(16, next_pow2(p)), max(16, next_pow2(n))
-    return _pad_last(x, p2), _pad_last(B, n2), _pad_last(C, n2)
+    return pad_last(x, p2), pad_last(B, n2), pad_last(C, n2)
 
 
-def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False):
+def _forward(x, dt, A, B, C, D, grid, blocks: GpuBlocks, interpret, poison=False):
     """-> y [B, T, H, P]; ``poison``: the output starts as NaN (``pallas_kernels.poison``)."""
     b_, t, h, p = x.shape
     xp, Bp, Cp = _prepare(x, B, C)
     geo = _Geometry(t, grid, blocks.block_len)
     g = B.shape[2]
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
-    precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _fwd_kernel, geo=geo, heads=h // g, ahead=blocks.fwd.heads_ahead, precision=precision, tiles=blocks.fwd.tiles
+        _fwd_kernel, geo=geo, heads=h // g, ahead=blocks.fwd.heads_ahead, precision=matmul_precision(xp.dtype), tiles=blocks.fwd.tiles
     )
     y = poisoned.pallas_call(
         kernel,
@@ -258,23 +234,22 @@ def _forward(x, dt, A, B, C, D, grid, blocks: SsdBlocks, interpret, poison=False
         grid=(b_, pl.cdiv(geo.num_blocks, blocks.fwd.tiles), g),
         in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec],
         out_specs=x_spec,
-        compiler_params=_CompilerParams(num_warps=blocks.fwd.num_warps, num_stages=blocks.fwd.num_stages),
+        compiler_params=triton_params(blocks.fwd.num_warps, blocks.fwd.num_stages),
         interpret=interpret,
         name="ssd_fwd",
     )(xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32))
     return y[..., :p]
 
 
-def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret, poison=False):
+def _backward(x, dt, A, B, C, D, dy, grid, blocks: GpuBlocks, interpret, poison=False):
     b_, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     xp, Bp, Cp = _prepare(x, B, C)
-    dyp = _pad_last(dy, xp.shape[-1])
+    dyp = pad_last(dy, xp.shape[-1])
     geo = _Geometry(t, grid, blocks.block_len)
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
-    precision = _HI if xp.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _bwd_kernel, geo=geo, heads=h // g, ahead=blocks.bwd.heads_ahead, precision=precision, tiles=blocks.bwd.tiles
+        _bwd_kernel, geo=geo, heads=h // g, ahead=blocks.bwd.heads_ahead, precision=matmul_precision(xp.dtype), tiles=blocks.bwd.tiles
     )
     f32 = jnp.float32
     out_shape = (
@@ -292,7 +267,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: SsdBlocks, interpret, poison=
         grid=(b_, pl.cdiv(geo.num_blocks, blocks.bwd.tiles), g),
         in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
         out_specs=(x_spec, dt_spec, bc_spec, bc_spec, dt_spec, dt_spec),
-        compiler_params=_CompilerParams(num_warps=blocks.bwd.num_warps, num_stages=blocks.bwd.num_stages),
+        compiler_params=triton_params(blocks.bwd.num_warps, blocks.bwd.num_stages),
         interpret=interpret,
         name="ssd_bwd",
     )(xp, dt, A.astype(f32), Bp, Cp, D.astype(f32), dyp)
@@ -318,27 +293,21 @@ def _ssd_bwd(grid, blocks, interpret, poison, res, dy):
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
-def ssd_pallas_gpu(x, dt, A, B, C, D, grid: ChunkGrid, *, interpret: bool = False, block_len: int | None = None,
-                   blocks: SsdBlocks | None = None, poison: bool = False):
+def ssd_pallas_gpu(x, dt, A, B, C, D, *, grid: ChunkGrid, interpret: bool = False, blocks: GpuBlocks | None = None,
+                   poison: bool = False):
     """Fixed-grid SSD on the GPU; same contract as ``xla.ssd_chunked``.
 
     Args:
       x: [B, T, H, P]; dt: [B, T, H]; A, D: [H]; B, C: [B, T, G, N].
       grid: the layer's chunk grid.
       interpret: run the kernel in the Pallas interpreter (CPU).
-      block_len: tokens per tile, overriding the tuned one (tests).
-      blocks: the whole tile configuration (default: ``tuned_block_sizes``).
+      blocks: tile and launch settings (default: ``block_sizes.default_gpu_blocks``).
       poison: every kernel output, forward and backward, starts as NaN (checks that each
         element is written; ``pallas_kernels.poison``).
 
     Returns:
       y: [B, T, H, P] in x.dtype. Differentiable in every array argument.
     """
-    blocks = blocks or tuned_block_sizes.ssd_gpu_blocks(grid.token_chunk, x.shape[-1], x.dtype)
-    if block_len:
-        blocks = dataclasses.replace(blocks, block_len=block_len)
-    if blocks.block_len < max(16, grid.token_chunk) or blocks.block_len & (blocks.block_len - 1):
-        raise ValueError(
-            f"ssd pallas_gpu: block_len ({blocks.block_len}) must be a power of two >= max(16, K={grid.token_chunk})"
-        )
+    blocks = blocks or default_gpu_blocks(grid.token_chunk)
+    blocks.check(grid.token_chunk)
     return _ssd(x, dt, A, B, C, D, grid, blocks, interpret, poison)

@@ -18,30 +18,21 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attamba_jax.chunking import ChunkGrid
-from pallas_kernels.ssd import tuned_block_sizes
-
-# jax < 0.6 called the Mosaic compiler params ``TPUCompilerParams``.
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-_HI = jax.lax.Precision.HIGHEST
-
-
-def _dot(a, b, precision, trans_a=False, trans_b=False):
-    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
-    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.common import dot, matmul_precision, mosaic_params
+from pallas_kernels.ssd.block_sizes import TpuBlocks, default_tpu_blocks
 
 
 class _Block:
     """Masks of one L-token block whose first padded position is ``m * L`` (token ``m*L - o``)."""
 
     def __init__(self, m, length: int, grid: ChunkGrid):
-        k, o = grid.token_chunk, grid.offset
         i = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0)
         j = jax.lax.broadcasted_iota(jnp.int32, (length, length), 1)
-        pos_i, pos_j = m * length - o + i, m * length - o + j  # token positions (< 0: front padding)
-        cid = lambda p: jnp.where(p <= 0, p, jax.lax.div(p + o, jnp.int32(k)) + 1)
-        self.mask = (cid(pos_i) == cid(pos_j)) & (j <= i)  # [L, L] same chunk, key not after query
-        self.mask_t = (cid(pos_j) == cid(pos_i)) & (i <= j)  # the transpose, built directly
+        start = grid.block_start(m, length)
+        cid_i, cid_j = grid.chunk_id(start + i), grid.chunk_id(start + j)  # positions < 0: front padding
+        self.mask = (cid_i == cid_j) & (j <= i)  # [L, L] same chunk, key not after query
+        self.mask_t = (cid_j == cid_i) & (i <= j)  # the transpose, built directly
         self.eye = i == j
 
     def column(self, row):
@@ -63,12 +54,12 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, grid, heads
     per_group = heads // groups
     for g in range(groups):
         bg, cg = b_ref[g], c_ref[g]  # [L, N]
-        cb = _dot(cg, bg, precision, trans_b=True)  # [L, L]
+        cb = dot(cg, bg, precision, trans_b=True)  # [L, L]
         for h in range(g * per_group, (g + 1) * per_group):
             dt = dt_ref[pl.ds(h, 1), :].astype(jnp.float32)  # [1, L]
             x = x_ref[h]  # [L, P]
             w = cb * blk.decay(dt * a_ref[h]) * dt
-            y = _dot(w.astype(x.dtype), x, precision) + d_ref[h] * x.astype(jnp.float32)
+            y = dot(w.astype(x.dtype), x, precision) + d_ref[h] * x.astype(jnp.float32)
             y_ref[h] = y.astype(y_ref.dtype)
 
 
@@ -86,7 +77,7 @@ def _bwd_kernel(
     dd_all = jnp.zeros(dd_ref.shape, jnp.float32)
     for g in range(groups):
         bg, cg = b_ref[g], c_ref[g]
-        cb = _dot(cg, bg, precision, trans_b=True)
+        cb = dot(cg, bg, precision, trans_b=True)
         dcb = jnp.zeros_like(cb)
         for h in range(g * per_group, (g + 1) * per_group):
             a_h = a_ref[h]
@@ -95,9 +86,9 @@ def _bwd_kernel(
             decay = blk.decay(dt * a_h)
             cbe = cb * decay
             w = cbe * dt
-            dx = _dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d_ref[h] * dy.astype(jnp.float32)
+            dx = dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d_ref[h] * dy.astype(jnp.float32)
             dx_ref[h] = dx.astype(dx_ref.dtype)
-            dw = _dot(dy, x, precision, trans_b=True)  # [L, L]
+            dw = dot(dy, x, precision, trans_b=True)  # [L, L]
             dd_all = jnp.where(head_ids == h, jnp.sum(dy.astype(jnp.float32) * x.astype(jnp.float32)), dd_all)
             dcb = dcb + dw * decay * dt
             q = dw * w  # d(loss)/d(log decay_ij)
@@ -106,18 +97,19 @@ def _bwd_kernel(
             ddt = jnp.sum(dw * cbe, axis=0, keepdims=True) + da_row * a_h
             ddt_ref[pl.ds(h, 1), :] = ddt.astype(ddt_ref.dtype)
             da_all = jnp.where(head_ids == h, jnp.sum(da_row * dt), da_all)
-        dc_ref[g] = _dot(dcb.astype(bg.dtype), bg, precision).astype(dc_ref.dtype)
-        db_ref[g] = _dot(dcb.astype(cg.dtype), cg, precision, trans_a=True).astype(db_ref.dtype)
+        dc_ref[g] = dot(dcb.astype(bg.dtype), bg, precision).astype(dc_ref.dtype)
+        db_ref[g] = dot(dcb.astype(cg.dtype), cg, precision, trans_a=True).astype(db_ref.dtype)
     da_ref[...] = da_all
     dd_ref[...] = dd_all
 
 
 class _Layout:
-    """[B, T, ...] <-> head-major, padded [B, H, Tp, ...] with ``o`` leading pads."""
+    """[B, T, ...] <-> head-major, padded [B, H, Tp, ...]: the blocks of ``grid.block_start``, the
+    first starting ``o`` pads before token 0."""
 
     def __init__(self, t: int, grid: ChunkGrid, block_len: int):
-        self.t, self.o, self.block = t, grid.offset, block_len
-        self.num_blocks = pl.cdiv(t + self.o, block_len)
+        self.t, self.o, self.block = t, -grid.block_start(0, block_len), block_len
+        self.num_blocks = grid.num_blocks(t, block_len)
         self.padded = self.num_blocks * block_len
 
     def to_kernel(self, a):
@@ -136,8 +128,7 @@ def _specs(h, g, p, n, block_len):
     return per(h, p), per(h), smem, per(g, n), part
 
 
-def _params():
-    return _CompilerParams(dimension_semantics=("parallel", "parallel"))
+_PARAMS = mosaic_params(("parallel", "parallel"))
 
 
 def _forward(x, dt, A, B, C, D, grid, block_len, interpret):
@@ -145,14 +136,14 @@ def _forward(x, dt, A, B, C, D, grid, block_len, interpret):
     g, n = B.shape[2], B.shape[3]
     lay = _Layout(t, grid, block_len)
     x_spec, dt_spec, smem, bc_spec, _ = _specs(h, g, p, n, block_len)
-    precision = _HI if x.dtype == jnp.float32 else None
+    precision = matmul_precision(x.dtype)
     y = pl.pallas_call(
         functools.partial(_fwd_kernel, grid=grid, heads=h, groups=g, precision=precision),
         out_shape=jax.ShapeDtypeStruct((b_, h, lay.padded, p), x.dtype),
         grid=(b_, lay.num_blocks),
         in_specs=[x_spec, dt_spec, smem, bc_spec, bc_spec, smem],
         out_specs=x_spec,
-        compiler_params=_params(),
+        compiler_params=_PARAMS,
         interpret=interpret,
         name="ssd_fwd",
     )(lay.to_kernel(x), lay.to_kernel(dt), A.astype(jnp.float32), lay.to_kernel(B), lay.to_kernel(C), D.astype(jnp.float32))
@@ -164,7 +155,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, block_len, interpret):
     g, n = B.shape[2], B.shape[3]
     lay = _Layout(t, grid, block_len)
     x_spec, dt_spec, smem, bc_spec, part = _specs(h, g, p, n, block_len)
-    precision = _HI if x.dtype == jnp.float32 else None
+    precision = matmul_precision(x.dtype)
     f32 = jnp.float32
     nb, tp = lay.num_blocks, lay.padded
     out_shape = (
@@ -181,7 +172,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, block_len, interpret):
         grid=(b_, nb),
         in_specs=[x_spec, dt_spec, smem, bc_spec, bc_spec, smem, x_spec],
         out_specs=(x_spec, dt_spec, bc_spec, bc_spec, part, part),
-        compiler_params=_params(),
+        compiler_params=_PARAMS,
         interpret=interpret,
         name="ssd_bwd",
     )(
@@ -209,26 +200,18 @@ def _ssd_bwd(grid, block_len, interpret, res, dy):
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
-def ssd_pallas_tpu(x, dt, A, B, C, D, grid: ChunkGrid, *, interpret=False, block_len: int | None = None):
+def ssd_pallas_tpu(x, dt, A, B, C, D, *, grid: ChunkGrid, interpret=False, blocks: TpuBlocks | None = None):
     """Fixed-grid SSD on the TPU; same contract as ``xla.ssd_chunked``.
 
     Args:
       x: [B, T, H, P]; dt: [B, T, H]; A, D: [H]; B, C: [B, T, G, N].
       grid: the layer's chunk grid.
-      interpret: False, True, or a ``pltpu.InterpretParams`` (run on the CPU).
-      block_len: tokens per block, a multiple of K and of 8 (default: ``tuned_block_sizes``).
+      interpret: False, or a ``pltpu.InterpretParams`` (``common.tpu_interpret_params``: on the CPU).
+      blocks: the block length (default: ``block_sizes.default_tpu_blocks``).
 
     Returns:
       y: [B, T, H, P] in x.dtype. Differentiable in every array argument.
     """
-    block_len = block_len or tuned_block_sizes.ssd_tpu_blocks(grid.token_chunk).block_len
-    if block_len % grid.token_chunk or block_len % 8:
-        raise ValueError(f"ssd pallas_tpu: block_len ({block_len}) must be a multiple of 8 and of K ({grid.token_chunk})")
-    return _ssd(x, dt, A, B, C, D, grid, block_len, interpret)
-
-
-def interpret_params():
-    """The TPU interpreter's settings for CPU runs: buffers start as NaN, so an unwritten
-    output element shows up; falls back to the generic interpreter on jax without it."""
-    params = getattr(pltpu, "InterpretParams", None)
-    return params(uninitialized_memory="nan") if params is not None else True
+    blocks = blocks or default_tpu_blocks(grid.token_chunk)
+    blocks.check(grid.token_chunk)
+    return _ssd(x, dt, A, B, C, D, grid, blocks.block_len, interpret)

@@ -8,6 +8,8 @@ Everything is computed in float32.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -58,3 +60,22 @@ def ssd_sequential(x, dt, A, B, C, D, reset, initial_state=None):
     final, ys = jax.lax.scan(step, state0, inputs)
     y = jnp.swapaxes(ys, 0, 1) + D.astype(f32)[:, None] * x.astype(f32)
     return y.astype(x.dtype), final
+
+
+def random_inputs(key, b, t, h, p, g, n, dtype=jnp.float32):
+    """Random SSD inputs of realistic magnitudes, and a cotangent for y (tests, benchmarks).
+
+    x, B, C ~ N(0, 1) in ``dtype``; dt = softplus(N(-1, 1)) in (0, ~3); A = -exp(U(-2, ln 16))
+    in [-16, -0.14] (the paper's initialisation is [-16, -1]); D ~ N(0, 1).
+
+    Returns:
+      ((x [b,t,h,p], dt [b,t,h], A [h], B [b,t,g,n], C [b,t,g,n], D [h]), cotangent [b,t,h,p] float32).
+    """
+    ks = jax.random.split(key, 7)
+    x = jax.random.normal(ks[0], (b, t, h, p)).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(ks[1], (b, t, h)) - 1.0)
+    A = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=-2.0, maxval=math.log(16.0)))
+    B = jax.random.normal(ks[3], (b, t, g, n)).astype(dtype)
+    C = jax.random.normal(ks[4], (b, t, g, n)).astype(dtype)
+    D = jax.random.normal(ks[5], (h,))
+    return (x, dt, A, B, C, D), jax.random.normal(ks[6], (b, t, h, p))

@@ -5,7 +5,7 @@ decay zeroed at chunk starts; any reset pattern, O(T log T) work, materialises t
 [B, T, H, P, N] state.
 
 ``chunked``: fixed grid only. Lays the sequence out as independent K-token chunks
-(see ``ChunkLayout``) and computes each chunk in SSD "quadratic" form, one masked
+(see ``chunk_grid.ChunkLayout``) and computes each chunk in SSD "quadratic" form, one masked
 matmul per chunk and no scan at all:
 
     y_i = sum_{j<=i} (C_i · B_j) * exp(cum_i - cum_j) * dt_j * x_j + D * x_i,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.ssd.reference import expand_groups
 
 
@@ -40,7 +40,7 @@ def ssd_associative(x, dt, A, B, C, D, reset):
     return y.astype(x.dtype)
 
 
-def ssd_chunked(x, dt, A, B, C, D, grid: ChunkGrid):
+def ssd_chunked(x, dt, A, B, C, D, *, grid: ChunkGrid):
     """Fixed-grid SSD: one masked [K, K] matmul per chunk and head."""
     b, t, h, p = x.shape
     g = B.shape[2]

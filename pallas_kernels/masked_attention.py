@@ -1,17 +1,15 @@
-"""The ground truth: full [T, T] masked softmax attention with the Attamba mask."""
+"""Softmax attention under an explicit [T, S] mask: the ground truth both attention ops are held to."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from attamba_jax.chunking import ChunkGrid, attention_mask
-
 _HI = jax.lax.Precision.HIGHEST
 
 
-def dense_attention(q, k, v, mask):
-    """Masked attention, softmax in float32.
+def masked_attention(q, k, v, mask):
+    """Masked attention, scale 1/sqrt(D), softmax in float32.
 
     Args:
       q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H % Hkv == 0 (query head h reads
@@ -25,13 +23,7 @@ def dense_attention(q, k, v, mask):
     hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, h // hkv, d)
     scores = jnp.einsum("btkrd,bskd->bkrts", qg, k, preferred_element_type=jnp.float32, precision=_HI)
-    scores = scores * (d**-0.5)
-    scores = jnp.where(mask, scores, -jnp.inf)
+    scores = jnp.where(mask, scores * (d**-0.5), -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkrts,bskd->btkrd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_HI)
     return out.reshape(b, t, h, d).astype(q.dtype)
-
-
-def chunked_attention_dense(q, k, v, grid: ChunkGrid, window: int):
-    """Attamba attention through the dense [T, T] mask (``chunking.attention_mask``)."""
-    return dense_attention(q, k, v, jnp.asarray(attention_mask(q.shape[1], grid, window)))

@@ -24,13 +24,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attamba_jax.chunking import ChunkGrid
-from pallas_kernels.chunked_attention import tuned_block_sizes
-from pallas_kernels.chunked_attention.flash_vjp import flash_vjp
-from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
+from pallas_kernels.boundary_window_attention.block_sizes import TpuBlocks
+from pallas_kernels.boundary_window_attention.flash_vjp import flash_vjp
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.common import add_at_boundaries, dot, gather_boundaries, matmul_precision, mosaic_params
+from pallas_kernels.visibility import Visibility
 
-# jax < 0.6 called the Mosaic compiler params ``TPUCompilerParams``.
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
 _NEG = -1e30
 
 
@@ -38,16 +37,11 @@ _NEG = -1e30
 class _Static:
     length: int  # T
     num_boundaries: int  # NB
-    grid: ChunkGrid
-    window: int
+    vis: Visibility  # the grid and W
     scale: float
     block_q: int
     block_k: int
-    f32: bool
-
-    @property
-    def precision(self):
-        return jax.lax.Precision.HIGHEST if self.f32 else None
+    precision: jax.lax.Precision | None  # exact float32 matmuls for float32 inputs
 
     @property
     def q_padded(self) -> int:
@@ -78,30 +72,27 @@ def _pack(lists):
 
 def query_tables(st: _Static):
     """For each query block: the stacked-key blocks it sees (boundary blocks, then window blocks)."""
-    bq, bk, t, w = st.block_q, st.block_k, st.length, st.window
-    bpos = st.grid.boundaries(t)
+    bq, bk, t, vis = st.block_q, st.block_k, st.length, st.vis
     first_window = st.kb_padded // bk
     lists = []
     for q0 in range(0, st.q_padded, bq):
         last = min(q0 + bq, t) - 1
-        n_end = int(np.searchsorted(bpos, last - w, side="left"))  # boundaries the last query sees
-        blocks = list(range(pl.cdiv(n_end, bk)))
-        blocks += [first_window + c for c in range(max(q0 - w, 0) // bk, last // bk + 1)]
+        blocks = list(range(pl.cdiv(int(vis.boundaries_seen(last)), bk)))  # boundaries the last query sees
+        blocks += [first_window + c for c in range(int(vis.window_start(q0)) // bk, last // bk + 1)]
         lists.append(blocks)
     return _pack(lists)
 
 
 def key_tables(st: _Static):
     """For each stacked-key block: the query blocks that see it."""
-    bq, bk, t, w = st.block_q, st.block_k, st.length, st.window
-    bpos = st.grid.boundaries(t)
+    bq, bk, t, vis = st.block_q, st.block_k, st.length, st.vis
     nq = st.q_padded // bq
     lists = []
     for n0 in range(0, st.kb_padded, bk):
-        first = int(bpos[n0]) + w + 1 if n0 < len(bpos) else t  # first query that sees boundary n0
+        first = int(vis.first_query_seeing(n0)) if n0 < st.num_boundaries else t
         lists.append(list(range(first // bq, nq)) if first < t else [])
     for s0 in range(0, st.k_padded, bk):
-        last = min(s0 + bk - 1 + w, t - 1)
+        last = min(s0 + bk - 1 + vis.window, t - 1)  # the last query whose window holds key s0 + bk - 1
         lists.append(list(range(s0 // bq, last // bq + 1)) if s0 < t else [])
     return _pack(lists)
 
@@ -113,19 +104,18 @@ def _visible(st: _Static, q0, u0):
     """[BQ, BK] mask of query rows q0.. against stacked-key rows u0.. (boundary or window rows)."""
     tq = q0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 0)
     u = u0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 1)
-    w = st.window
-    boundary = (u < st.num_boundaries) & (BoundaryIndex(st.grid).position(u) < tq - w)
+    boundary = (u < st.num_boundaries) & st.vis.boundary_visible(tq, u)
     s = u - st.kb_padded
-    window = (s <= tq) & (s >= tq - w) & (s < st.length)
+    window = st.vis.window_visible(tq, s) & (s < st.length)
     return jnp.where(u0 < st.kb_padded, boundary, window)
 
 
 def _scores(st, q, k):
-    return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=st.precision, preferred_element_type=jnp.float32) * st.scale
+    return dot(q, k, st.precision, trans_b=True) * st.scale
 
 
 def _mm(st, a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=st.precision, preferred_element_type=jnp.float32)
+    return dot(a, b, st.precision)
 
 
 def _fwd_kernel(table, count, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, st: _Static):
@@ -170,8 +160,7 @@ def _dq_kernel(table, count, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq
         visible = _visible(st, i * st.block_q, table[i, j] * st.block_k)
         k = k_ref[...]
         p = jnp.where(visible, jnp.exp(_scores(st, q_ref[...], k) - lse_ref[...]), 0.0)
-        dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())), precision=st.precision,
-                                 preferred_element_type=jnp.float32)
+        dp = dot(do_ref[...], v_ref[...], st.precision, trans_b=True)
         ds = p * (dp - delta_ref[...])
         dq_sc[...] += _mm(st, ds.astype(k.dtype), k)
 
@@ -197,8 +186,7 @@ def _dkv_kernel(table, count, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, d
         q, do = q_ref[...], do_ref[...]
         p = jnp.where(visible, jnp.exp(_scores(st, q, k_ref[...]) - lse_ref[...]), 0.0)
         dv_sc[...] += _mm(st, p.T.astype(do.dtype), do)
-        dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())), precision=st.precision,
-                                 preferred_element_type=jnp.float32)
+        dp = dot(do, v_ref[...], st.precision, trans_b=True)
         ds = p * (dp - delta_ref[...])
         dk_sc[...] += _mm(st, ds.T.astype(q.dtype), q)
 
@@ -211,8 +199,7 @@ def _dkv_kernel(table, count, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, d
 # --- launches ------------------------------------------------------------------------
 
 
-def _params():
-    return _CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+_PARAMS = mosaic_params(("parallel", "parallel", "parallel", "arbitrary"))
 
 
 def _head_major(a, length):
@@ -222,7 +209,7 @@ def _head_major(a, length):
 
 def _stacked_keys(st: _Static, k):
     """[B, T, Hkv, D] -> [B, Hkv, NBp + Tkp, D]: boundary rows, then the sequence."""
-    kb = k[:, jnp.asarray(st.grid.boundaries(st.length))]
+    (kb,) = gather_boundaries(st.vis.grid, k)
     return jnp.concatenate([_head_major(kb, st.kb_padded), _head_major(k, st.k_padded)], axis=2)
 
 
@@ -246,9 +233,9 @@ def _forward(st: _Static, q, k, v, interpret):
         functools.partial(_fwd_kernel, st=st),
         grid_spec=spec,
         out_shape=(jax.ShapeDtypeStruct((b, h, st.q_padded, d), q.dtype), jax.ShapeDtypeStruct((b, h, st.q_padded, 1), f32)),
-        compiler_params=_params(),
+        compiler_params=_PARAMS,
         interpret=interpret,
-        name="chunked_attention_fwd",
+        name="boundary_window_attention_fwd",
     )(jnp.asarray(table), jnp.asarray(count), _head_major(q, st.q_padded), _stacked_keys(st, k), _stacked_keys(st, v))
     return jnp.swapaxes(o[:, :, :t], 1, 2), lse
 
@@ -277,9 +264,9 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
             scratch_shapes=[pltpu.VMEM((st.block_q, d), f32)],
         ),
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
-        compiler_params=_params(),
+        compiler_params=_PARAMS,
         interpret=interpret,
-        name="chunked_attention_dq",
+        name="boundary_window_attention_dq",
     )(jnp.asarray(table), jnp.asarray(count), qh, kst, vst, doh, lse, delta)
 
     ktab, kcount = key_tables(st)
@@ -302,17 +289,16 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
             scratch_shapes=[pltpu.VMEM((st.block_k, d), f32), pltpu.VMEM((st.block_k, d), f32)],
         ),
         out_shape=(jax.ShapeDtypeStruct(kst.shape, f32),) * 2,
-        compiler_params=_params(),
+        compiler_params=_PARAMS,
         interpret=interpret,
-        name="chunked_attention_dkv",
+        name="boundary_window_attention_dkv",
     )(jnp.asarray(ktab), jnp.asarray(kcount), qh, doh, lse, delta, kst, vst)
 
-    bpos = jnp.asarray(st.grid.boundaries(t))
     nb, nbp = st.num_boundaries, st.kb_padded
 
     def unstack(g, like):
-        seq = g[:, :, nbp : nbp + t].at[:, :, bpos].add(g[:, :, :nb])  # [B, Hkv, T, D]
-        return jnp.swapaxes(seq, 1, 2).astype(like.dtype)
+        seq = add_at_boundaries(st.vis.grid, jnp.swapaxes(g[:, :, nbp : nbp + t], 1, 2), jnp.swapaxes(g[:, :, :nb], 1, 2))
+        return seq.astype(like.dtype)  # [B, T, Hkv, D]
 
     return jnp.swapaxes(dq[:, :, :t], 1, 2), unstack(dk, k), unstack(dv, v)
 
@@ -320,39 +306,30 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
 _attention = flash_vjp(_forward, _backward)
 
 
-def make_static(q, grid: ChunkGrid, window: int, blocks=None) -> _Static:
+def make_static(q, grid: ChunkGrid, window: int, blocks: TpuBlocks | None = None) -> _Static:
     t, d = q.shape[1], q.shape[3]
-    blocks = blocks or tuned_block_sizes.attention_tpu_blocks(grid.token_chunk, window, d)
+    blocks = blocks or TpuBlocks()
     return _Static(
         length=t,
         num_boundaries=grid.num_boundaries(t),
-        grid=grid,
-        window=window,
+        vis=Visibility(grid, window),
         scale=d**-0.5,
         block_q=blocks.block_q,
-        block_k=blocks.block_kb,
-        f32=q.dtype == jnp.float32,
+        block_k=blocks.block_k,
+        precision=matmul_precision(q.dtype),
     )
 
 
-def chunked_attention_pallas_tpu(q, k, v, grid: ChunkGrid, window: int, *, interpret=False, blocks=None):
-    """Same contract as ``reference.chunked_attention_dense``; differentiable in q, k, v.
+def attention_pallas_tpu(q, k, v, *, grid: ChunkGrid, window: int, interpret=False, blocks: TpuBlocks | None = None):
+    """Same contract as ``reference.attention_dense``; differentiable in q, k, v.
 
     Args:
       q: [B, T, H, D]; k, v: [B, T, Hkv, D] with H % Hkv == 0.
       grid, window: the layer's chunk grid and W.
-      interpret: False, True, or a ``pltpu.InterpretParams`` (run on the CPU).
-      blocks: a ``tuned_block_sizes.AttentionBlocks`` override (``block_q``; ``block_kb``
-        is the key block of both streams).
+      interpret: False, or a ``pltpu.InterpretParams`` (``common.tpu_interpret_params``: on the CPU).
+      blocks: tile sizes (default: ``block_sizes.TpuBlocks()``).
 
     Returns:
       [B, T, H, D] in q.dtype.
     """
     return _attention(make_static(q, grid, window, blocks), q, k, v, interpret)
-
-
-def interpret_params():
-    """The TPU interpreter's settings for CPU runs: buffers start as NaN, so an unwritten
-    output element shows up; falls back to the generic interpreter on jax without it."""
-    params = getattr(pltpu, "InterpretParams", None)
-    return params(uninitialized_memory="nan") if params is not None else True

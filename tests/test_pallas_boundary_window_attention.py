@@ -1,4 +1,4 @@
-"""The chunked-attention Pallas kernels (GPU/Triton and TPU/Mosaic, run in the Pallas interpreter)
+"""The boundary + window attention Pallas kernels (GPU/Triton and TPU/Mosaic, run in the Pallas interpreter)
 against the dense masked reference: forward and gradients, float32 and bfloat16, GQA, offsets,
 windows, lengths that are no multiple of the blocks, every output written, no masked block visited."""
 
@@ -10,39 +10,39 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attamba_jax.chunking import ChunkGrid, attention_mask
-from pallas_kernels.chunked_attention import IMPLEMENTATIONS, chunked_attention, pallas_gpu, pallas_tpu, reference
-from pallas_kernels.chunked_attention.api import auto_implementations
-from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
-from pallas_kernels.chunked_attention.tuned_block_sizes import AttentionBlocks
+from pallas_kernels.boundary_window_attention import boundary_window_attention, pallas_gpu, pallas_tpu, reference
+from pallas_kernels.boundary_window_attention.block_sizes import GpuBlocks, TpuBlocks
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.common import tpu_interpret_params
+from pallas_kernels.visibility import Visibility
 from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for, value_and_grads
 
 # Small tiles so that a few dozen tokens span several query and key blocks.
-GPU_BLOCKS = AttentionBlocks(block_q=16, block_kb=16, block_kw=16, block_q_bwd=16, block_kb_bwd=16, block_kw_bwd=16)
-TPU_BLOCKS = AttentionBlocks(block_q=16, block_kb=8)
+GPU_BLOCKS = GpuBlocks(block_q=16, block_kb=16, block_kw=16, block_q_bwd=16, block_kb_bwd=16, block_kw_bwd=16)
+TPU_BLOCKS = TpuBlocks(block_q=16, block_k=8)
 # The interpreters start every output buffer as NaN (tests/test_pallas_ssd.py checks this),
 # so a finite result proves that every element was written.
 KERNELS = {
-    "gpu": lambda q, k, v, grid, window: pallas_gpu.chunked_attention_pallas_gpu(
-        q, k, v, grid, window, interpret=True, blocks=GPU_BLOCKS
+    "gpu": lambda q, k, v, grid, window: pallas_gpu.attention_pallas_gpu(
+        q, k, v, grid=grid, window=window, interpret=True, blocks=GPU_BLOCKS
     ),
-    "tpu": lambda q, k, v, grid, window: pallas_tpu.chunked_attention_pallas_tpu(
-        q, k, v, grid, window, interpret=pallas_tpu.interpret_params(), blocks=TPU_BLOCKS
+    "tpu": lambda q, k, v, grid, window: pallas_tpu.attention_pallas_tpu(
+        q, k, v, grid=grid, window=window, interpret=tpu_interpret_params(), blocks=TPU_BLOCKS
     ),
 }
 
 
 @functools.lru_cache(maxsize=None)
-def _case(k, offset, window, t, h, hkv, dtype_name, seed):
+def _case(k, offset, window, t, h, hkv, dtype_name, seed, d=16):
     """Inputs and the dense reference's output and gradients, shared by both kernels."""
     grid = ChunkGrid(k, offset)
     ks = jax.random.split(jax.random.key(seed), 4)
-    dtype, d = jnp.dtype(dtype_name), 16
+    dtype = jnp.dtype(dtype_name)
     q = jax.random.normal(ks[0], (2, t, h, d)).astype(dtype)
     kk = jax.random.normal(ks[1], (2, t, hkv, d)).astype(dtype)
     v = jax.random.normal(ks[2], (2, t, hkv, d)).astype(dtype)
     cot = jax.random.normal(ks[3], (2, t, h, d))
-    ref = value_and_grads(lambda *a: reference.chunked_attention_dense(*a, grid, window), (q, kk, v), cot)
+    ref = value_and_grads(lambda *a: reference.attention_dense(*a, grid=grid, window=window), (q, kk, v), cot)
     return grid, (q, kk, v), cot, ref
 
 
@@ -83,7 +83,7 @@ def test_gpu_boundary_dkv_split_into_query_shares(splits):
     # Given the boundary dk/dv pass cut into shares of the query walk (some shares empty)
     blocks = dataclasses.replace(GPU_BLOCKS, dkv_query_splits=splits)
     grid, args, cot, (o_ref, grads_ref) = _case(8, 3, 2, 61, 2, 2, "float32", 83)
-    kernel = lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(q, k, v, grid, 2, interpret=True, blocks=blocks)
+    kernel = lambda q, k, v: pallas_gpu.attention_pallas_gpu(q, k, v, grid=grid, window=2, interpret=True, blocks=blocks)
     # When the kernel runs forward and backward
     o, grads = value_and_grads(kernel, args, cot)
     # Then the shares add up to the reference's gradients
@@ -97,8 +97,8 @@ def test_gpu_kernels_overwrite_nan_buffers(splits):
     # the boundary dk/dv pass: some of them empty)
     blocks = dataclasses.replace(GPU_BLOCKS, dkv_query_splits=splits)
     grid, args, cot, (o_ref, grads_ref) = _case(4, 0, 8, 50, 2, 1, "float32", 40)
-    kernel = lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(
-        q, k, v, grid, 8, interpret=True, blocks=blocks, poison=True
+    kernel = lambda q, k, v: pallas_gpu.attention_pallas_gpu(
+        q, k, v, grid=grid, window=8, interpret=True, blocks=blocks, poison=True
     )
     # When the kernels write into them
     o, grads = value_and_grads(kernel, args, cot)
@@ -110,7 +110,7 @@ def test_gpu_kernels_overwrite_nan_buffers(splits):
 def test_tpu_kernel_at_its_default_tiles():
     # Given the TPU kernel's own 128-row tiles: 150 tokens span two query and two key blocks
     grid, args, cot, (o_ref, grads_ref) = _case(8, 5, 8, 150, 4, 2, "float32", 77)
-    kernel = lambda q, k, v: pallas_tpu.chunked_attention_pallas_tpu(q, k, v, grid, 8, interpret=pallas_tpu.interpret_params())
+    kernel = lambda q, k, v: pallas_tpu.attention_pallas_tpu(q, k, v, grid=grid, window=8, interpret=tpu_interpret_params())
     # When it runs forward and backward
     o, grads = value_and_grads(kernel, args, cot)
     # Then it agrees with the dense reference
@@ -124,7 +124,7 @@ def test_tpu_kernel_lowers_through_mosaic(dtype):
     ks = jax.random.split(jax.random.key(5), 3)
     q = jax.random.normal(ks[0], (2, 300, 8, 64)).astype(dtype)
     k, v = (jax.random.normal(kk, (2, 300, 2, 64)).astype(dtype) for kk in ks[1:])
-    kernel = lambda q, k, v: pallas_tpu.chunked_attention_pallas_tpu(q, k, v, ChunkGrid(8, 5), 8)
+    kernel = lambda q, k, v: pallas_tpu.attention_pallas_tpu(q, k, v, grid=ChunkGrid(8, 5), window=8)
     # When the forward and backward are lowered for a TPU
     text = lower_for("tpu", grads_of(kernel), q, k, v)
     # Then Pallas put the forward, dq and dk/dv kernels in Mosaic's format
@@ -137,7 +137,7 @@ def test_gpu_kernels_lower_through_triton(poison, aliases):
     ks = jax.random.split(jax.random.key(6), 3)
     q = jax.random.normal(ks[0], (2, 300, 8, 64)).astype(jnp.bfloat16)
     k, v = (jax.random.normal(kk, (2, 300, 2, 64)).astype(jnp.bfloat16) for kk in ks[1:])
-    kernel = lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(q, k, v, ChunkGrid(8, 5), 8, poison=poison)
+    kernel = lambda q, k, v: pallas_gpu.attention_pallas_gpu(q, k, v, grid=ChunkGrid(8, 5), window=8, poison=poison)
     # When the forward and backward are lowered for a GPU
     text = lower_for("cuda", grads_of(kernel), q, k, v)
     # Then the forward, dq and both dk/dv kernels are Triton calls, and poisoning aliases every
@@ -146,29 +146,18 @@ def test_gpu_kernels_lower_through_triton(poison, aliases):
     assert text.count("output_operand_alias<") == aliases
 
 
-@pytest.mark.parametrize("k", [1, 3, 4, 8, 16])
-def test_boundary_index_closed_forms(k):
-    for offset in range(k):
-        grid = ChunkGrid(k, offset)
-        bpos = grid.boundaries(200)
-        idx = BoundaryIndex(grid)
-        x = np.arange(-20, 200)
-        np.testing.assert_array_equal(np.asarray(idx.count_before(x)), np.searchsorted(bpos, x, side="left"))
-        np.testing.assert_array_equal(np.asarray(idx.position(np.arange(len(bpos)))), bpos)
-
-
 @pytest.mark.parametrize("k, offset, window, t", [(4, 0, 8, 100), (8, 5, 3, 77), (16, 9, 40, 130), (4, 3, 0, 64)])
 def test_tpu_tables_visit_every_visible_block_and_no_masked_one(k, offset, window, t):
     # Given the TPU kernel's block tables and the dense mask laid out like its stacked keys
     grid = ChunkGrid(k, offset)
-    st = pallas_tpu.make_static(jnp.zeros((1, t, 1, 16)), grid, window, AttentionBlocks(block_q=16, block_kb=8))
+    st = pallas_tpu.make_static(jnp.zeros((1, t, 1, 16)), grid, window, TPU_BLOCKS)
     tq, s = np.arange(t)[:, None], np.arange(t)[None, :]
     bpos = grid.boundaries(t)
     boundary_part = bpos[None, :] < tq - window  # [T, NB]: boundaries before the window
     window_part = (s <= tq) & (s >= tq - window)  # [T, T]
     both = window_part.copy()
     both[:, bpos] |= boundary_part
-    np.testing.assert_array_equal(both, attention_mask(t, grid, window))  # the two parts are the mask
+    np.testing.assert_array_equal(both, Visibility(grid, window).dense(t))  # the two parts are the mask
     stacked = np.zeros((st.q_padded, st.kb_padded + st.k_padded), bool)
     stacked[:t, : len(bpos)] = boundary_part
     stacked[:t, st.kb_padded : st.kb_padded + t] = window_part
@@ -189,12 +178,12 @@ def test_tpu_tables_visit_every_visible_block_and_no_masked_one(k, offset, windo
 
 @pytest.mark.parametrize("k, offset, window, t, blocks", [
     (4, 0, 8, 100, GPU_BLOCKS), (8, 5, 3, 77, GPU_BLOCKS), (16, 9, 40, 130, GPU_BLOCKS), (6, 3, 0, 64, GPU_BLOCKS),
-    (8, 3, 8, 1500, AttentionBlocks()),
+    (8, 3, 8, 1500, GpuBlocks()),
 ])
 def test_gpu_walk_visits_every_visible_block_and_no_masked_one(k, offset, window, t, blocks):
     # Given the two parts of the mask: boundary keys before the window, and the window of raw keys
     grid = ChunkGrid(k, offset)
-    st = pallas_gpu.make_static(jnp.zeros((1, t, 1, 16)), jnp.zeros((1, t, 1, 16)), grid, window, blocks)
+    st = pallas_gpu.make_static(jnp.zeros((1, t, 1, 16)), grid, window, blocks)
     tq = np.arange(t)[:, None]
     bpos = grid.boundaries(t)
     boundary_part = bpos[None, :] < tq - window  # [T, NB]
@@ -218,15 +207,29 @@ def test_gpu_walk_visits_every_visible_block_and_no_masked_one(k, offset, window
             assert sees_w[:, s0 + j * bkw : s0 + (j + 1) * bkw].any(), (q0, "window block", j)
 
 
-def test_public_api_routes_to_the_kernels():
+@pytest.mark.parametrize("name", ["pallas_gpu_interpret", "pallas_tpu_interpret"])
+def test_public_api_routes_to_the_kernels(name):
     grid, (q, k, v), _, (o_ref, _) = _case(8, 3, 2, 61, 2, 2, "float32", 83)
-    for name in ("pallas_gpu_interpret", "pallas_tpu_interpret"):
-        fn = jax.jit(functools.partial(chunked_attention, grid=grid, window=2, implementation=name))
-        assert_close(fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v), o_ref, 1e-5)
+    fn = jax.jit(functools.partial(boundary_window_attention, grid=grid, window=2, implementation=name))
+    assert_close(fn.lower(q, k, v).compile(FAST_COMPILE)(q, k, v), o_ref, 1e-5)
 
 
-def test_auto_picks_the_backend_kernel():
-    assert auto_implementations("gpu") == ("pallas_gpu",)
-    assert auto_implementations("tpu") == ("pallas_tpu",)
-    assert auto_implementations("cpu") == ("compressed",)
-    assert {"pallas_gpu", "pallas_tpu", "pallas_gpu_interpret", "pallas_tpu_interpret"} <= set(IMPLEMENTATIONS)
+# --- on a GPU: the real kernels (``pytest -m gpu``) ------------------------------------------------
+
+# The paper's heads (8 of 64, GQA 8/2 in one case), K = 8 and 4 with offsets, W <, = and > K,
+# T no multiple of the tiles, long enough for the boundary dk/dv walk to split into shares.
+GPU_CASES = [(8, 5, 8, 1500, 8, 8), (4, 0, 32, 700, 8, 2), (16, 9, 3, 2100, 4, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("k, offset, window, t, h, hkv", GPU_CASES)
+def test_gpu_kernel_on_the_device_matches_reference(on_gpu, dtype_name, tol, k, offset, window, t, h, hkv):
+    # Given fresh random inputs on the GPU and the dense masked reference computed there
+    grid, args, cot, (o_ref, grads_ref) = _case(k, offset, window, t, h, hkv, dtype_name, 10 * k + offset, d=64)
+    # When the compiled kernels run forward and backward at their default tiles, outputs poisoned
+    kernel = lambda q, kk, v: pallas_gpu.attention_pallas_gpu(q, kk, v, grid=grid, window=window, poison=True)
+    o, grads = value_and_grads(kernel, args, cot)
+    # Then they agree with the reference and write every element
+    assert_close(o, o_ref, tol)
+    assert_close(grads, grads_ref, tol)

@@ -32,14 +32,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from attamba_jax.chunking import ChunkGrid
 from pallas_kernels import poison as poisoned
-from pallas_kernels.chunked_attention import tuned_block_sizes
-from pallas_kernels.chunked_attention.flash_vjp import flash_vjp
-from pallas_kernels.chunked_attention.block_ranges import BoundaryIndex
+from pallas_kernels.boundary_window_attention.block_sizes import GpuBlocks
+from pallas_kernels.boundary_window_attention.flash_vjp import flash_vjp
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.common import (
+    add_at_boundaries, dot, gather_boundaries, index, iota, matmul_precision, next_pow2, triton_params,
+)
+from pallas_kernels.visibility import Visibility
 
-# jax < 0.6 called the Triton compiler params ``TritonCompilerParams``.
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 _NEG = -1e30  # finite "minus infinity": keeps (masked - max) free of inf - inf
 _LOG2E = math.log2(math.e)
 
@@ -50,43 +51,26 @@ class _Static:
 
     length: int  # T
     num_boundaries: int  # NB
-    grid: ChunkGrid
-    window: int  # W
+    vis: Visibility  # the grid and W
     head_dim: int  # D (padded)
     scale: float  # 1/sqrt(D) of the unpadded head dim
-    blocks: tuned_block_sizes.AttentionBlocks
-    f32: bool  # inputs are float32: exact float32 matmuls
+    blocks: GpuBlocks
+    precision: jax.lax.Precision | None  # exact float32 matmuls for float32 inputs
     poison: bool = False  # every kernel output starts as NaN (``pallas_kernels.poison``)
-
-    @property
-    def precision(self):
-        return jax.lax.Precision.HIGHEST if self.f32 else None
 
     @property
     def qk_scale(self) -> float:
         return self.scale * _LOG2E
 
-    def params(self, num_warps: int, num_stages: int):
-        return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _dot(a, b, precision, trans_a=False, trans_b=False):
-    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
-    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
-
-
-def _iota(n: int):
-    return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
-
 
 def _load_rows(ref, start, size, limit):
     """Rows [start, start + size) of a [rows, D] ref, zero past ``limit``."""
-    rows = start + _iota(size)
+    rows = start + iota(size)
     return plgpu.load(ref.at[pl.ds(start, size), :], mask=(rows < limit)[:, None], other=0.0)
 
 
 def _load_vec(ref, start, size, limit):
-    rows = start + _iota(size)
+    rows = start + iota(size)
     return plgpu.load(ref.at[pl.ds(start, size)], mask=rows < limit, other=0.0)
 
 
@@ -98,11 +82,10 @@ def key_blocks(st: _Static, q0):
     -> (full, boundary_end, window_start, window_blocks); ``q0`` an int or a traced scalar.
     """
     bq, bkb, bkw = st.blocks.block_q, st.blocks.block_kb, st.blocks.block_kw
-    idx = BoundaryIndex(st.grid)
     last = jnp.minimum(q0 + bq, st.length) - 1
-    n_full = idx.count_before(q0 - st.window)  # boundaries every query of the block sees
-    n_end = idx.count_before(last - st.window)  # boundaries the last query sees
-    window_start = jnp.maximum(q0 - st.window, 0)
+    n_full = st.vis.boundaries_seen(q0)  # boundaries every query of the block sees
+    n_end = st.vis.boundaries_seen(last)  # boundaries the last query sees
+    window_start = st.vis.window_start(q0)
     return n_full // bkb, pl.cdiv(n_end, bkb), window_start, pl.cdiv(last + 1 - window_start, bkw)
 
 
@@ -110,8 +93,7 @@ def _walk_keys(st: _Static, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, carry):
     """Calls ``body(carry, k [BK, D], v [BK, D], visible [BQ, BK] | None)`` on every key block
     that query block ``[q0, q0 + BQ)`` (positions ``tq``) can see; returns the carry."""
     bkb, bkw = st.blocks.block_kb, st.blocks.block_kw
-    t, w, nb = st.length, st.window, st.num_boundaries
-    idx = BoundaryIndex(st.grid)
+    t, nb = st.length, st.num_boundaries
     full, boundary_end, s0, window_blocks = key_blocks(st, q0)
 
     def full_block(j, c):
@@ -122,9 +104,9 @@ def _walk_keys(st: _Static, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, carry):
 
     def partial_block(j, c):
         n0 = j * bkb
-        n = n0 + _iota(bkb)
+        n = n0 + iota(bkb)
         kt, vt = _load_rows(kb_ref, n0, bkb, nb), _load_rows(vb_ref, n0, bkb, nb)
-        visible = idx.position(n)[None, :] < tq[:, None] - w
+        visible = st.vis.boundary_visible(tq[:, None], n[None, :])
         return body(c, kt, vt, visible)
 
     carry = jax.lax.fori_loop(0, full, full_block, carry)
@@ -132,9 +114,9 @@ def _walk_keys(st: _Static, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, carry):
 
     def window_block(j, c):
         start = s0 + j * bkw
-        s = start + _iota(bkw)
+        s = start + iota(bkw)
         kt, vt = _load_rows(k_ref, start, bkw, t), _load_rows(v_ref, start, bkw, t)
-        visible = (s[None, :] <= tq[:, None]) & (s[None, :] >= tq[:, None] - w)
+        visible = st.vis.window_visible(tq[:, None], s[None, :])
         return body(c, kt, vt, visible)
 
     return jax.lax.fori_loop(0, window_blocks, window_block, carry)
@@ -144,7 +126,7 @@ def _query_block(st: _Static, program):
     """Heaviest (latest) query blocks first: they see the most boundary keys."""
     num_q = pl.cdiv(st.length, st.blocks.block_q)
     q0 = (num_q - 1 - program) * st.blocks.block_q
-    return q0, q0 + _iota(st.blocks.block_q)
+    return q0, q0 + iota(st.blocks.block_q)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, o_ref, lse_ref, *, st: _Static):
@@ -155,7 +137,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, o_ref, lse_ref, *, st: _Sta
 
     def body(carry, kt, vt, visible):
         acc, m, l = carry
-        s = _dot(q, kt, st.precision, trans_b=True) * st.qk_scale  # [BQ, BK]
+        s = dot(q, kt, st.precision, trans_b=True) * st.qk_scale  # [BQ, BK]
         if visible is not None:
             s = jnp.where(visible, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -164,7 +146,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, o_ref, lse_ref, *, st: _Sta
         if visible is not None:
             p = jnp.where(visible, p, 0.0)
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(vt.dtype), vt, st.precision)
+        acc = acc * alpha[:, None] + dot(p.astype(vt.dtype), vt, st.precision)
         return acc, m_new, l
 
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
@@ -185,13 +167,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, do_ref, lse_ref, delta_ref, 
     delta = _load_vec(delta_ref, q0, bq, st.length)
 
     def body(dq, kt, vt, visible):
-        s = _dot(q, kt, st.precision, trans_b=True) * st.qk_scale
+        s = dot(q, kt, st.precision, trans_b=True) * st.qk_scale
         p = jnp.exp2(s - lse[:, None])
         if visible is not None:
             p = jnp.where(visible, p, 0.0)
-        dp = _dot(do, vt, st.precision, trans_b=True)  # [BQ, BK]
+        dp = dot(do, vt, st.precision, trans_b=True)  # [BQ, BK]
         ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(kt.dtype), kt, st.precision)
+        return dq + dot(ds.astype(kt.dtype), kt, st.precision)
 
     dq = _walk_keys(st, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, jnp.zeros((bq, d), jnp.float32))
     plgpu.store(dq_ref.at[pl.ds(q0, bq), :], (dq * st.scale).astype(dq_ref.dtype), mask=(tq < st.length)[:, None])
@@ -199,22 +181,22 @@ def _dq_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, do_ref, lse_ref, delta_ref, 
 
 def _dkv_step(st, kt, vt, q, do, lse, delta, visible, dk, dv):
     """One [BK keys x BQ queries] tile of dk/dv, keys on rows (no transposes of p)."""
-    s_t = _dot(kt, q, st.precision, trans_b=True) * st.qk_scale  # [BK, BQ]
+    s_t = dot(kt, q, st.precision, trans_b=True) * st.qk_scale  # [BK, BQ]
     p_t = jnp.exp2(s_t - lse[None, :])
     if visible is not None:
         p_t = jnp.where(visible, p_t, 0.0)
-    dv = dv + _dot(p_t.astype(do.dtype), do, st.precision)
-    dp_t = _dot(vt, do, st.precision, trans_b=True)
+    dv = dv + dot(p_t.astype(do.dtype), do, st.precision)
+    dp_t = dot(vt, do, st.precision, trans_b=True)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = dk + _dot(ds_t.astype(q.dtype), q, st.precision)
+    dk = dk + dot(ds_t.astype(q.dtype), q, st.precision)
     return dk, dv
 
 
 def _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, t0, size):
     """Query-side tiles of head ``head`` (of this kv group) for rows [t0, t0 + size); zeros past T
     make padded rows contribute nothing (do = 0 and delta = 0)."""
-    valid = t0 + _iota(size) < st.length
-    rows, head = pl.ds(t0, size), jnp.asarray(head, jnp.int32)  # one indexer per load (Triton)
+    valid = t0 + iota(size) < st.length
+    rows, head = pl.ds(t0, size), index(head)
     q = plgpu.load(q_ref.at[rows, head, :], mask=valid[:, None], other=0.0)
     do = plgpu.load(do_ref.at[rows, head, :], mask=valid[:, None], other=0.0)
     lse = plgpu.load(lse_ref.at[head, rows], mask=valid, other=0.0)
@@ -232,22 +214,20 @@ def _dkv_boundary_kernel(
     kb, vb [NB, D]; dkb, dvb [NB, D]: this share's partial sums.
     """
     bk, bq, d = st.blocks.block_kb_bwd, st.blocks.block_q_bwd, st.head_dim
-    t, w, nb = st.length, st.window, st.num_boundaries
-    idx = BoundaryIndex(st.grid)
+    t, nb = st.length, st.num_boundaries
     n0 = (pl.program_id(0) // splits) * bk
     share = pl.program_id(0) % splits
-    n = n0 + _iota(bk)
+    n = n0 + iota(bk)
     kt, vt = _load_rows(kb_ref, n0, bk, nb), _load_rows(vb_ref, n0, bk, nb)
     # Query blocks t0 = first_query + j*bq, j < num_total; the first num_masked straddle a key.
-    first_query = idx.position(n0) + w + 1  # the first query that sees boundary n0
-    all_see = idx.position(jnp.minimum(n0 + bk, nb) - 1) + w + 1  # from here every key is visible
+    first_query = st.vis.first_query_seeing(n0)
+    all_see = st.vis.first_query_seeing(jnp.minimum(n0 + bk, nb) - 1)  # from here every key is visible
     num_masked = pl.cdiv(jnp.maximum(jnp.minimum(all_see, t) - first_query, 0), bq)
     num_total = jnp.maximum(num_masked, pl.cdiv(jnp.maximum(t - first_query, 0), bq))
     per_share = pl.cdiv(num_total, splits)
     j0 = jnp.minimum(share * per_share, num_total)
     j1 = jnp.minimum(j0 + per_share, num_total)
     split_at = jnp.clip(num_masked, j0, j1)
-    pos = idx.position(n)
 
     dk = dv = jnp.zeros((bk, d), jnp.float32)
     for head in range(group):
@@ -255,7 +235,7 @@ def _dkv_boundary_kernel(
         def masked(j, c, head=head):
             t0 = first_query + j * bq
             q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, t0, bq)
-            visible = pos[:, None] < (t0 + _iota(bq))[None, :] - w
+            visible = st.vis.boundary_visible((t0 + iota(bq))[None, :], n[:, None])
             return _dkv_step(st, kt, vt, q, do, lse, delta, visible, *c)
 
         def unmasked(j, c, head=head):
@@ -288,9 +268,9 @@ def _dkv_window_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, 
     Refs: q, do [T, R, D]; lse, delta [R, Tp]; k, v, dk, dv [T, D].
     """
     bk, bq, d = st.blocks.block_kw_bwd, st.blocks.block_q_bwd, st.head_dim
-    t, w = st.length, st.window
+    t, w = st.length, st.vis.window
     s0 = pl.program_id(0) * bk
-    s = s0 + _iota(bk)
+    s = s0 + iota(bk)
     kt, vt = _load_rows(k_ref, s0, bk, t), _load_rows(v_ref, s0, bk, t)
     num_q = pl.cdiv(jnp.maximum(jnp.minimum(s0 + bk + w, t) - s0, 0), bq)
     dk = dv = jnp.zeros((bk, d), jnp.float32)
@@ -299,8 +279,7 @@ def _dkv_window_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, 
         def step(j, c, head=head):
             t0 = s0 + j * bq
             q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, t0, bq)
-            tq = (t0 + _iota(bq))[None, :]
-            visible = (tq >= s[:, None]) & (tq <= s[:, None] + w)
+            visible = st.vis.window_visible((t0 + iota(bq))[None, :], s[:, None])
             return _dkv_step(st, kt, vt, q, do, lse, delta, visible, *c)
 
         dk, dv = jax.lax.fori_loop(0, num_q, step, (dk, dv))
@@ -316,17 +295,12 @@ def _padded_length(st: _Static) -> int:
     return pl.cdiv(st.length, st.blocks.block_q) * st.blocks.block_q
 
 
-def _gather_boundaries(st: _Static, k, v):
-    bpos = jnp.asarray(st.grid.boundaries(st.length))
-    return k[:, bpos], v[:, bpos]  # [B, NB, Hkv, D]
-
-
 def _forward(st: _Static, q, k, v, interpret):
     """-> o [B, T, H, D], lse [B, H, Tp] (base 2)."""
     b, t, h, d = q.shape
     hkv = k.shape[2]
     r = h // hkv
-    kb, vb = _gather_boundaries(st, k, v)
+    kb, vb = gather_boundaries(st.vis.grid, k, v)  # [B, NB, Hkv, D]
     nq = pl.cdiv(t, st.blocks.block_q)
     tp = _padded_length(st)
     seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
@@ -339,9 +313,9 @@ def _forward(st: _Static, q, k, v, interpret):
         grid=(nq, b, h),
         in_specs=[seq(t), kv_seq(t), kv_seq(t), kv_seq(st.num_boundaries), kv_seq(st.num_boundaries)],
         out_specs=(seq(t), lse_spec),
-        compiler_params=st.params(st.blocks.num_warps, st.blocks.num_stages),
+        compiler_params=triton_params(st.blocks.num_warps, st.blocks.num_stages),
         interpret=interpret,
-        name="chunked_attention_fwd",
+        name="boundary_window_attention_fwd",
     )(q, k, v, kb, vb)
 
 
@@ -351,7 +325,7 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
     r = h // hkv
     nb = st.num_boundaries
     tp = _padded_length(st)
-    kb, vb = _gather_boundaries(st, k, v)
+    kb, vb = gather_boundaries(st.vis.grid, k, v)  # [B, NB, Hkv, D]
     f32 = jnp.float32
     delta = jnp.einsum("bthd,bthd->bht", o.astype(f32), do.astype(f32))
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, tp - t)))  # [B, H, Tp]
@@ -368,9 +342,9 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
         grid=(pl.cdiv(t, blk.block_q), b, h),
         in_specs=[seq(t), kv_seq(t), kv_seq(t), kv_seq(nb), kv_seq(nb), seq(t), row, row],
         out_specs=seq(t),
-        compiler_params=st.params(blk.num_warps_bwd, blk.num_stages),
+        compiler_params=triton_params(blk.num_warps_bwd, blk.num_stages),
         interpret=interpret,
-        name="chunked_attention_dq",
+        name="boundary_window_attention_dq",
     )(q, k, v, kb, vb, do, lse, delta)
 
     # dk, dv: per kv head, summing its R query heads.
@@ -387,9 +361,9 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
         grid=(num_kb * splits, b, hkv),
         in_specs=[group_seq, group_seq, group_row, group_row, own(nb), own(nb)],
         out_specs=(share, share),
-        compiler_params=st.params(blk.num_warps_bwd, blk.num_stages),
+        compiler_params=triton_params(blk.num_warps_bwd, blk.num_stages),
         interpret=interpret,
-        name="chunked_attention_dkv_boundary",
+        name="boundary_window_attention_dkv_boundary",
     )(q, do, lse, delta, kb, vb)
     dkb, dvb = jnp.sum(dkb, axis=0), jnp.sum(dvb, axis=0)
     dk, dv = poisoned.pallas_call(
@@ -399,13 +373,11 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
         grid=(pl.cdiv(t, blk.block_kw_bwd), b, hkv),
         in_specs=[group_seq, group_seq, group_row, group_row, own(t), own(t)],
         out_specs=(own(t), own(t)),
-        compiler_params=st.params(blk.num_warps_bwd, blk.num_stages),
+        compiler_params=triton_params(blk.num_warps_bwd, blk.num_stages),
         interpret=interpret,
-        name="chunked_attention_dkv_window",
+        name="boundary_window_attention_dkv_window",
     )(q, do, lse, delta, k, v)
-    bpos = jnp.asarray(st.grid.boundaries(t))
-    dk = dk.at[:, bpos].add(dkb)
-    dv = dv.at[:, bpos].add(dvb)
+    dk, dv = add_at_boundaries(st.vis.grid, dk, dkb), add_at_boundaries(st.vis.grid, dv, dvb)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -416,39 +388,37 @@ def _pad_head_dim(a, d):
     return a if a.shape[-1] == d else jnp.pad(a, [(0, 0)] * 3 + [(0, d - a.shape[-1])])
 
 
-def make_static(q, k, grid: ChunkGrid, window: int, blocks=None, poison: bool = False) -> _Static:
+def make_static(q, grid: ChunkGrid, window: int, blocks: GpuBlocks | None = None, poison: bool = False) -> _Static:
     """The kernels' static configuration for these shapes (head dim padded to a power of two >= 16)."""
     t, d = q.shape[1], q.shape[3]
-    blocks = blocks or tuned_block_sizes.attention_gpu_blocks(grid.token_chunk, window, d)
     return _Static(
         length=t,
         num_boundaries=grid.num_boundaries(t),
-        grid=grid,
-        window=window,
-        head_dim=max(16, 1 << (d - 1).bit_length()),
+        vis=Visibility(grid, window),
+        head_dim=max(16, next_pow2(d)),
         scale=d**-0.5,
-        blocks=blocks,
-        f32=q.dtype == jnp.float32,
+        blocks=blocks or GpuBlocks(),
+        precision=matmul_precision(q.dtype),
         poison=poison,
     )
 
 
-def chunked_attention_pallas_gpu(q, k, v, grid: ChunkGrid, window: int, *, interpret: bool = False, blocks=None,
-                                 poison: bool = False):
-    """Same contract as ``reference.chunked_attention_dense``; differentiable in q, k, v.
+def attention_pallas_gpu(q, k, v, *, grid: ChunkGrid, window: int, interpret: bool = False,
+                         blocks: GpuBlocks | None = None, poison: bool = False):
+    """Same contract as ``reference.attention_dense``; differentiable in q, k, v.
 
     Args:
       q: [B, T, H, D]; k, v: [B, T, Hkv, D] with H % Hkv == 0.
       grid, window: the layer's chunk grid and W.
       interpret: run the kernels in the Pallas interpreter (CPU).
-      blocks: a ``tuned_block_sizes.AttentionBlocks`` override.
+      blocks: tile and launch settings (default: ``block_sizes.GpuBlocks()``).
       poison: every kernel output, forward and backward, starts as NaN (checks that each
         element is written; ``pallas_kernels.poison``).
 
     Returns:
       [B, T, H, D] in q.dtype.
     """
-    st = make_static(q, k, grid, window, blocks, poison)
+    st = make_static(q, grid, window, blocks, poison)
     d = q.shape[-1]
     q, k, v = (_pad_head_dim(a, st.head_dim) for a in (q, k, v))
     return _attention(st, q, k, v, interpret)[..., :d]

@@ -1,7 +1,7 @@
-"""Compressed Attamba attention in XLA: O(T·(T/K + W)) instead of O(T²).
+"""Compressed boundary + window attention in XLA: O(T·(T/K + W)) instead of O(T²).
 
-Query t attends to two disjoint key sets, computed separately and merged by
-log-sum-exp:
+Query t attends to the two disjoint key sets of ``Visibility``, computed separately and
+merged by log-sum-exp:
   * boundary part: the ~T/K boundary keys with b < t - W (gathered once per layer);
   * window part:   keys max(0, t-W) .. t, computed on query blocks of Q >= W tokens
                    that each see their own block and the one before (2Q keys).
@@ -12,7 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.common import gather_boundaries
+from pallas_kernels.visibility import Visibility
 
 
 def _partial_attention(scores, mask, v, value_spec):
@@ -34,21 +36,20 @@ def window_block_size(window: int) -> int:
     return max(8, -(-window // 8) * 8)
 
 
-def chunked_attention_compressed(q, k, v, grid: ChunkGrid, window: int):
-    """Same contract as ``reference.chunked_attention_dense``."""
+def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int):
+    """Same contract as ``reference.attention_dense``."""
     b, t, h, d = q.shape
     hkv = k.shape[2]
     r = h // hkv
     f32 = jnp.float32
     scale = d**-0.5
     qg = q.reshape(b, t, hkv, r, d)
-    pos = jnp.arange(t)
+    vis = Visibility(grid, window)
 
     # Boundary keys strictly before each query's window.
-    bpos = jnp.asarray(grid.boundaries(t))  # [NB]
-    kb, vb = k[:, bpos], v[:, bpos]  # [B, NB, Hkv, D]
+    kb, vb = gather_boundaries(grid, k, v)  # [B, NB, Hkv, D]
     s_b = jnp.einsum("btkrd,bnkd->bkrtn", qg, kb, preferred_element_type=f32) * scale
-    mask_b = bpos[None, :] < (pos[:, None] - window)  # [T, NB]
+    mask_b = vis.boundary_visible(jnp.arange(t)[:, None], jnp.arange(kb.shape[1])[None, :])  # [T, NB]
     acc_b, max_b, sum_b = _partial_attention(s_b, mask_b, vb, "bkrtn,bnkd->bkrtd")
 
     # Sliding window on blocks: block i's queries see blocks i-1 and i.
@@ -64,7 +65,7 @@ def chunked_attention_compressed(q, k, v, grid: ChunkGrid, window: int):
     s_w = jnp.einsum("bnqkrd,bnskd->bkrnqs", qw, kw2, preferred_element_type=f32) * scale
     qpos = jnp.arange(nblk * qb).reshape(nblk, qb)[:, :, None]  # [NBLK, Q, 1]
     kpos = qpos[:, :1, :] - qb + jnp.arange(2 * qb)[None, None, :]  # [NBLK, 1, 2Q]
-    mask_w = (kpos <= qpos) & (kpos >= qpos - window) & (kpos >= 0)
+    mask_w = vis.window_visible(qpos, kpos) & (kpos >= 0)
     acc_w, max_w, sum_w = _partial_attention(s_w, mask_w, vw2, "bkrnqs,bnskd->bkrnqd")
     unblock = lambda a: a.reshape(a.shape[:3] + (nblk * qb,) + a.shape[5:])[:, :, :, :t]
     acc_w, max_w, sum_w = unblock(acc_w), unblock(max_w), unblock(sum_w)
