@@ -12,9 +12,9 @@ and one block_until_ready; the per-call mean, median of ``trials`` rounds. Ratio
 between numbers of this one run. TFLOP/s counts the useful work only: 4·D FLOPs per
 (query, visible key) pair and head forward, 3.5× that forward+backward.
 
-    PYTHONPATH=. python benchmarks/bench_attention.py --check --out attention.json     # on the GPU
-    python benchmarks/bench_attention.py --plot attention.json                          # redraw the PNG
-    PYTHONPATH=. python benchmarks/bench_attention.py --lengths 256 --chunks 4 --tokens 256 \\
+    python -m benchmarks.bench_attention --check --out attention.json     # on the GPU
+    python -m benchmarks.bench_attention --plot attention.json                          # redraw the PNG
+    python -m benchmarks.bench_attention --lengths 256 --chunks 4 --tokens 256 \\
         --implementations pallas_gpu,compressed --interpret --reps 1 --out /tmp/a.json  # CPU smoke run
 """
 
@@ -27,11 +27,13 @@ import platform
 
 import jax
 import jax.numpy as jnp
-from timing import add_kernel_bench_args, rel_err, save, stamp, time_calls  # benchmarks/timing.py
+from benchmarks.timing import add_kernel_bench_args, rel_err, save, stamp, time_calls
 
-from attamba_jax.chunking import ChunkGrid, keys_per_query
-from pallas_kernels.chunked_attention import chunked_attention, pallas_gpu, reference
-from pallas_kernels.chunked_attention.tuned_block_sizes import AttentionBlocks
+from pallas_kernels.boundary_window_attention import boundary_window_attention, pallas_gpu, reference
+from pallas_kernels.boundary_window_attention.block_sizes import GpuBlocks
+from pallas_kernels.causal_attention import causal_attention
+from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.visibility import Visibility
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
 
@@ -55,10 +57,12 @@ def _fwd_bwd(impl):
 
 def _impl(name, grid, window, interpret=False, blocks=None):
     if name == "cudnn":
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return lambda q, k, v: causal_attention(q, k, v, implementation="cudnn")
     if name == "pallas_gpu":
-        return lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(q, k, v, grid, window, interpret=interpret, blocks=blocks)
-    return lambda q, k, v: chunked_attention(q, k, v, grid=grid, window=window, implementation=name)
+        return lambda q, k, v: pallas_gpu.attention_pallas_gpu(
+            q, k, v, grid=grid, window=window, interpret=interpret, blocks=blocks
+        )
+    return lambda q, k, v: boundary_window_attention(q, k, v, grid=grid, window=window, implementation=name)
 
 
 # --- correctness on the device ---------------------------------------------------------
@@ -88,9 +92,9 @@ def _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol, interpret=False) -> dict
     grid = ChunkGrid(k, o)
     q, kk, v, do = _inputs(jax.random.key(seed), b, t, dtype, h=h, hkv=hkv)
     with jax.default_matmul_precision("highest"):
-        o_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.chunked_attention_dense(*a, grid, w)))(q, kk, v, do)
+        o_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.attention_dense(*a, grid=grid, window=w)))(q, kk, v, do)
     out, grads = jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, w, interpret)))(q, kk, v, do)
-    poisoned = lambda q, k, v: pallas_gpu.chunked_attention_pallas_gpu(q, k, v, grid, w, interpret=interpret, poison=True)
+    poisoned = lambda q, k, v: pallas_gpu.attention_pallas_gpu(q, k, v, grid=grid, window=w, interpret=interpret, poison=True)
     pout, pgrads = jax.jit(_fwd_bwd(poisoned))(q, kk, v, do)
     errs = {"o": rel_err(out, o_ref), "poisoned_o": rel_err(pout, o_ref)}
     errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip("qkv", grads, g_ref)})
@@ -108,7 +112,7 @@ def _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol, interpret=False) -> dict
 
 def _pairs(t: int, grid: ChunkGrid | None, window: int | None) -> int:
     """(query, visible key) pairs per row and head."""
-    return int(keys_per_query(t, grid, window).sum())
+    return int(Visibility(grid, window).keys_per_query(t).sum())
 
 
 def bench(record, lengths, chunks, window, tokens, implementations, reps, trials, dense_max_gb, compressed_max_gb, interpret):
@@ -162,13 +166,13 @@ def sweep(record, t, kc, window, tokens, reps, trials) -> None:
     grid = ChunkGrid(kc)
     fwd_configs = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 4)]
     for bq, bk, warps, stages in fwd_configs:
-        blocks = AttentionBlocks(block_q=bq, block_kb=bk, block_kw=bk, num_warps=warps, num_stages=stages)
+        blocks = GpuBlocks(block_q=bq, block_kb=bk, block_kw=bk, num_warps=warps, num_stages=stages)
         sec = _try_time(jax.jit(_impl("pallas_gpu", grid, window, blocks=blocks)), (q, k, v), reps, trials)
         record("sweep", {"mode": "fwd", "block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages, "ms": sec * 1e3})
         print(f"{stamp()} sweep attention fwd L={t} K={kc} bq={bq} bk={bk} warps={warps} stages={stages}: {sec * 1e3:.3f} ms", flush=True)
     bwd_configs = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
     for bqb, bkb, warps, stages in bwd_configs:
-        blocks = AttentionBlocks(block_q_bwd=bqb, block_kb_bwd=bkb, block_kw_bwd=bkb, num_warps_bwd=warps, num_stages=stages)
+        blocks = GpuBlocks(block_q_bwd=bqb, block_kb_bwd=bkb, block_kw_bwd=bkb, num_warps_bwd=warps, num_stages=stages)
         sec = _try_time(jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, window, blocks=blocks))), (q, k, v, do), reps, trials)
         record("sweep", {"mode": "fwd+bwd", "block_q_bwd": bqb, "block_k_bwd": bkb, "num_warps_bwd": warps, "num_stages": stages, "ms": sec * 1e3})
         print(f"{stamp()} sweep attention fwd+bwd L={t} K={kc} bq_bwd={bqb} bk_bwd={bkb} warps={warps} stages={stages}: "

@@ -8,8 +8,8 @@ depend on those values, and a synthetic fill avoids running 128k-token parallel
 forwards. Then ``steps`` greedy decode steps run inside one jitted ``fori_loop`` (the
 loop ``generate`` runs) and are timed after a warm-up run; tokens/s = B * steps / time.
 
-    PYTHONPATH=. python benchmarks/bench_decode.py --out decode.json
-    PYTHONPATH=. python benchmarks/bench_decode.py --contexts 512 2048 --batches 1 4 --steps 4   # CPU smoke run
+    python -m benchmarks.bench_decode --out decode.json
+    python -m benchmarks.bench_decode --contexts 512 2048 --batches 1 4 --steps 4   # CPU smoke run
 
 Weights are random (speed does not depend on them); matrices are cast once to the
 compute dtype, as an inference server would store them.

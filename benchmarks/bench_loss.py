@@ -6,8 +6,8 @@ Per B×L: hidden [B, L, dim] @ W_head [dim, V] -> bf16 logits -> weighted mean N
 timed call returns the loss and the gradients of hidden and W_head. Median of ``trials``
 rounds of ``reps`` back-to-back calls (benchmarks/timing.py).
 
-    PYTHONPATH=. python benchmarks/bench_loss.py --out loss.json                    # on the GPU
-    PYTHONPATH=. python benchmarks/bench_loss.py --sizes 2x64 --vocab 512 --out /tmp/l.json   # CPU smoke run
+    python -m benchmarks.bench_loss --out loss.json                    # on the GPU
+    python -m benchmarks.bench_loss --sizes 2x64 --vocab 512 --out /tmp/l.json   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import platform
 import jax
 import jax.numpy as jnp
 import optax
-from timing import rel_err, save, stamp, time_calls  # benchmarks/timing.py
+from benchmarks.timing import rel_err, save, stamp, time_calls
 
 from attamba_jax.model import cross_entropy
 

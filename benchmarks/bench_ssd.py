@@ -14,9 +14,9 @@ dispatch of one call (~0.05 ms) reads as that dispatch on the wall clock, so ban
 is computed from ``device_ms``. Calls rotate over several input sets (>= 256 MB
 together) so that small sizes are not served from the 60 MB L2.
 
-    PYTHONPATH=. python benchmarks/bench_ssd.py --check --out ssd.json          # on the GPU
-    python benchmarks/bench_ssd.py --plot ssd.json                               # redraw the PNG
-    PYTHONPATH=. python benchmarks/bench_ssd.py --sizes 2x256 --reps 2 --interpret --out /tmp/s.json   # CPU smoke run
+    python -m benchmarks.bench_ssd --check --out ssd.json          # on the GPU
+    python -m benchmarks.bench_ssd --plot ssd.json                               # redraw the PNG
+    python -m benchmarks.bench_ssd --sizes 2x256 --reps 2 --interpret --out /tmp/s.json   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -31,25 +31,18 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import add_kernel_bench_args, device_seconds, rel_err, save, stamp, time_calls  # benchmarks/timing.py
+from benchmarks.timing import add_kernel_bench_args, device_seconds, rel_err, save, stamp, time_calls
 
-from attamba_jax.chunking import ChunkGrid
+from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.ssd import pallas_gpu, reference, ssd
-from pallas_kernels.ssd.tuned_block_sizes import GpuPass, SsdBlocks, ssd_gpu_blocks
+from pallas_kernels.ssd.block_sizes import GpuBlocks, GpuPass, default_gpu_blocks
 
 HEADS, HEAD_DIM, STATE, GROUPS = 8, 32, 32, 1
 
 
 def _inputs(key, b, t, dtype, h=HEADS, p=HEAD_DIM, g=GROUPS, n=STATE):
-    ks = jax.random.split(key, 7)
-    x = jax.random.normal(ks[0], (b, t, h, p), jnp.float32).astype(dtype)
-    dt = jax.nn.softplus(jax.random.normal(ks[1], (b, t, h)) - 1.0)
-    A = -jnp.exp(jax.random.uniform(ks[2], (h,), minval=0.0, maxval=math.log(16.0)))
-    B = jax.random.normal(ks[3], (b, t, g, n), jnp.float32).astype(dtype)
-    C = jax.random.normal(ks[4], (b, t, g, n), jnp.float32).astype(dtype)
-    D = jax.random.normal(ks[5], (h,))
-    dy = jax.random.normal(ks[6], (b, t, h, p), jnp.float32).astype(dtype)
-    return (x, dt, A, B, C, D), dy
+    args, dy = reference.random_inputs(key, b, t, h, p, g, n, dtype)
+    return args, dy.astype(dtype)
 
 
 def _nbytes(*arrays) -> int:
@@ -114,8 +107,8 @@ def _check_one(seed, k, o, b, t, h, g, dtype, tol, interpret=False) -> dict:
     reset = jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(t))), (b, t))
     with jax.default_matmul_precision("highest"):
         y_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.ssd_sequential(*a, reset)[0]))(*args, dy)
-    y, grads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=interpret)))(*args, dy)
-    py, pgrads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=interpret, poison=True)))(*args, dy)
+    y, grads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=interpret)))(*args, dy)
+    py, pgrads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=interpret, poison=True)))(*args, dy)
     names = ("x", "dt", "A", "B", "C", "D")
     errs = {"y": rel_err(y, y_ref), "poisoned_y": rel_err(py, y_ref)}
     errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip(names, grads, g_ref)})
@@ -131,9 +124,9 @@ def _check_one(seed, k, o, b, t, h, g, dtype, tol, interpret=False) -> dict:
 # --- timing -----------------------------------------------------------------------------
 
 
-def _impl(name: str, grid: ChunkGrid, interpret: bool, blocks: SsdBlocks | None = None):
+def _impl(name: str, grid: ChunkGrid, interpret: bool, blocks: GpuBlocks | None = None):
     if name == "pallas_gpu":
-        return lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid, interpret=interpret, blocks=blocks)
+        return lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=interpret, blocks=blocks)
     return lambda *a: ssd(*a, grid=grid, implementation=name)
 
 
@@ -173,17 +166,17 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
     shape = {"h": heads, "g": groups}
     sets, dy, moved = _input_sets(1, b, t, dtype, shape)
     first = {}  # mode -> the first tile's output
-    variants = (  # SsdBlocks(tokens per tile, forward GpuPass, backward GpuPass); GpuPass(warps, tiles, heads ahead, stages)
-        ssd_gpu_blocks(grid.token_chunk, HEAD_DIM, dtype),  # the default
-        SsdBlocks(16, GpuPass(2, 1, 2, 1), GpuPass(1, 1, 2)),  # one tile per program
-        SsdBlocks(16, GpuPass(2, 8, 2, 3), GpuPass(1, 1, 2)),
-        SsdBlocks(16, GpuPass(2, 8, 2, 2), GpuPass(1, 1, 2)),
-        SsdBlocks(16, GpuPass(2, 4, 2, 2), GpuPass(1, 1, 2)),  # the default before 16x1024 was swept
-        SsdBlocks(16, GpuPass(2, 4, 4, 2), GpuPass(1, 1, 2)),
-        SsdBlocks(16, GpuPass(4, 4, 2, 2), GpuPass(1, 1, 2)),
-        SsdBlocks(16, GpuPass(2, 1, 1, 1), GpuPass(1, 1, 1)),  # one head at a time
-        SsdBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 2, 2, 2)),  # the backward in a pipelined loop too
-        SsdBlocks(32, GpuPass(2, 1, 2, 1), GpuPass(2, 1, 2)),
+    variants = (  # GpuBlocks(tokens per tile, forward GpuPass, backward GpuPass); GpuPass(warps, tiles, heads ahead, stages)
+        default_gpu_blocks(grid.token_chunk),  # the default
+        GpuBlocks(16, GpuPass(2, 1, 2, 1), GpuPass(1, 1, 2)),  # one tile per program
+        GpuBlocks(16, GpuPass(2, 8, 2, 3), GpuPass(1, 1, 2)),
+        GpuBlocks(16, GpuPass(2, 8, 2, 2), GpuPass(1, 1, 2)),
+        GpuBlocks(16, GpuPass(2, 4, 2, 2), GpuPass(1, 1, 2)),  # the default before 16x1024 was swept
+        GpuBlocks(16, GpuPass(2, 4, 4, 2), GpuPass(1, 1, 2)),
+        GpuBlocks(16, GpuPass(4, 4, 2, 2), GpuPass(1, 1, 2)),
+        GpuBlocks(16, GpuPass(2, 1, 1, 1), GpuPass(1, 1, 1)),  # one head at a time
+        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 2, 2, 2)),  # the backward in a pipelined loop too
+        GpuBlocks(32, GpuPass(2, 1, 2, 1), GpuPass(2, 1, 2)),
     )
     for blocks in variants:
         if blocks.block_len < grid.token_chunk:

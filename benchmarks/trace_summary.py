@@ -21,7 +21,7 @@ import re
 # Kernel families, first match wins (names: Pallas ``name=``, cuBLAS/cuDNN, XLA fusions).
 CATEGORIES = (
     ("SSD (Pallas)", r"ssd_"),
-    ("Attamba attention (Pallas)", r"chunked_attention"),
+    ("Attamba attention (Pallas)", r"boundary_window_attention|chunked_attention"),  # (the name before 2026-12)
     ("cuDNN attention", r"cudnn|flash|fmha"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|matmul|dot|sm90_"),
     ("reduction fusions", r"reduce|reduction"),
