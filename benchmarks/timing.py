@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from trace_summary import kernel_table  # benchmarks/trace_summary.py
+from benchmarks.trace_summary import kernel_table
 
 _T0 = time.perf_counter()
 
