@@ -68,16 +68,16 @@ def _assert_close(actual, expected, rtol=1e-4):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_decode_equals_forward(name):
-    # Given a random model and a [B, T] batch of tokens,
+@functools.lru_cache(maxsize=None)
+def _decoded(name):
+    """A random model's forward over [B, T] tokens; the same tokens prefilled at several prompt
+    lengths and then decoded one token per step (teacher forced); and a prefill of n more tokens."""
     cfg, token_chunk, lengths = CASES[name]
     graphdef, params = init_model(cfg, seed=1)
     tokens = jax.random.randint(jax.random.key(2), (len(lengths), T), 0, cfg.vocab_size)
     lengths = jnp.asarray(lengths, jnp.int32)
     full = _jit(functools.partial(apply_model, graphdef, token_chunk=token_chunk))(params, tokens)
-    max_len = 2 * T
-    do_prefill = _jit(functools.partial(prefill, graphdef, max_len=max_len, token_chunk=token_chunk))
+    do_prefill = _jit(functools.partial(prefill, graphdef, max_len=2 * T, token_chunk=token_chunk))
     steps = T - int(lengths.min())
 
     @_jit
@@ -90,10 +90,17 @@ def test_decode_equals_forward(name):
 
         return jax.lax.scan(body, cache, None, length=steps)[1]
 
-    # When the prompts are prefilled and the rest is decoded one token at a time,
     prompt_logits, cache = do_prefill(params, tokens, lengths)
     logits, positions, caches = teacher_forced_decode(params, cache)
+    n = T - int(lengths.max())
+    _, longer = do_prefill(params, tokens, lengths + n)
+    return lengths, full, prompt_logits, logits, positions, caches, n, longer
 
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_equals_forward(name):
+    # Given a model's parallel forward, and the same tokens prefilled then decoded one at a time
+    lengths, full, prompt_logits, logits, positions, _, _, _ = _decoded(name)
     # Then every position's logits equal the parallel forward's.
     for row, n in enumerate(np.asarray(lengths)):
         _assert_close(prompt_logits[row, :n], full[row, :n])
@@ -102,11 +109,14 @@ def test_decode_equals_forward(name):
         assert decoded.sum() == T - n
         _assert_close(logits[decoded, row], full[row, pos[decoded]])
 
-    # And after n steps the cache is the one a prefill of n more tokens builds.
-    n = T - int(lengths.max())
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_builds_the_cache_a_longer_prefill_builds(name):
+    # Given n decode steps after a prefill, and a prefill of n more tokens
+    lengths, _, _, _, _, caches, n, longer = _decoded(name)
     assert n >= 1
-    _, longer = do_prefill(params, tokens, lengths + n)
     after_n = jax.tree.map(lambda x: x[n - 1], caches)
+    # Then the two caches are the same
     np.testing.assert_array_equal(after_n.positions, lengths + n)
     chex.assert_trees_all_equal_shapes_and_dtypes(after_n.layers, longer.layers)
     for got, want in zip(jax.tree.leaves(after_n.layers), jax.tree.leaves(longer.layers)):
