@@ -412,6 +412,41 @@ def _build(cls, raw: Any, where: str):
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys silently, so ``dim: 512`` pasted below an
+    earlier ``dim: 256`` would win without a word.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor`` overrides the anchor's keys by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # an unhashable key: the base class names it
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                where = f"{self.name}, line {line}"
+                raise ConfigError(f"{where}: key {key!r} is set twice in one mapping (first on line {first_line[key]})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, name: str) -> Any:
+    """``text`` parsed by the safe loader that refuses duplicate keys; ``name`` (a file, an override) for errors."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name  # shown in the marks of YAML errors and in duplicate-key errors
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any):
     parts = dotted.split(".")
     node = tree
@@ -421,14 +456,34 @@ def _set_dotted(tree: dict, dotted: str, value: Any):
     node[parts[-1]] = value
 
 
+def _check_not_given(given: dict[str, str], key: str, item: str):
+    """Refuse an override of a key that an earlier override sets too (the same key, or a section and a key in it)."""
+    for other, other_item in given.items():
+        _check(other != key, f"override {key} is given twice: {other_item!r} and {item!r}")
+        inner = key if key.startswith(other + ".") else other if other.startswith(key + ".") else None
+        _check(inner is None, f"overrides {other_item!r} and {item!r} both set {inner}")
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["model.dim=256", "seed=3"]`` -> nested dict; values parsed as YAML scalars."""
+    """``["model.dim=256", "seed=3"]`` -> nested dict; values parsed as YAML scalars.
+
+    A key given twice is an error, not "the last one wins": on a long command line the
+    earlier one is easily missed, and which of the two was meant is anyone's guess.
+    """
     tree: dict = {}
+    given: dict[str, str] = {}
     for item in overrides:
         _check("=" in item, f"override {item!r} must look like section.key=value")
         key, text = item.split("=", 1)
-        _check(bool(key.strip()), f"override {item!r} has an empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        key = key.strip()
+        _check(bool(key), f"override {item!r} has an empty key")
+        _check_not_given(given, key, item)
+        given[key] = item
+        try:
+            value = _parse_yaml(text, f"override {item!r}") if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -453,7 +508,7 @@ def config_from_dict(raw: dict) -> Config:
 def _read_yaml(path: pathlib.Path) -> dict:
     _check(path.is_file(), f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _parse_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     _check(isinstance(raw, dict), f"{path} must hold a mapping of sections, got {type(raw).__name__}")

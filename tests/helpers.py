@@ -62,3 +62,9 @@ def lower_for(platform: str, fn, *args) -> str:
 def grads_of(fn):
     """The gradient of sum(fn(*args)) in every argument: runs fn's forward once and its backward."""
     return lambda *a: jax.grad(lambda *z: jnp.sum(fn(*z).astype(jnp.float32)), argnums=range(len(a)))(*a)
+
+
+def with_overrides(overrides: list[str], *changes: str) -> list[str]:
+    """``overrides`` with the keys of ``changes`` set to their new values (a key may be given only once)."""
+    keys = {change.split("=", 1)[0] for change in changes}
+    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(changes)

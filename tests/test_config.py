@@ -35,6 +35,29 @@ def test_overrides_parse_yaml_scalars():
     assert cfg.model.token_chunk == 8 and cfg.model.window == 4
 
 
+
+def test_a_key_set_twice_in_one_yaml_mapping_is_an_error(tmp_path):
+    # Given a file in which a pasted line repeats a key of its section (PyYAML alone keeps the last),
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dim: 256\n  n_layers: 2\n  dim: 512\nseed: 1\n")
+    # when it is loaded, then the error names the file, the line and the key.
+    with pytest.raises(ConfigError, match=r"c.yaml, line 4: key 'dim' is set twice in one mapping \(first on line 2\)"):
+        load_config(path)
+    path.write_text("model:\n  dim: 256\nseed: 1\nmodel:\n  n_layers: 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml, line 4: key 'model' is set twice"):
+        load_config(path)
+
+
+def test_an_override_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match="override model.dim is given twice: 'model.dim=64' and 'model.dim=128'"):
+        parse_overrides(["model.dim=64", "seed=1", "model.dim=128"])
+    with pytest.raises(ConfigError, match="overrides 'model={dim: 64}' and 'model.dim=128' both set model.dim"):
+        parse_overrides(["model={dim: 64}", "model.dim=128"])
+    with pytest.raises(ConfigError, match="key 'dim' is set twice"):
+        parse_overrides(["model={dim: 64, dim: 128}"])
+    with pytest.raises(ConfigError, match="override 'model.dim=\\[1,': the value is not valid YAML"):
+        parse_overrides(["model.dim=[1,"])
+
 @pytest.mark.parametrize(
     "override, message",
     [
