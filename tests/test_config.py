@@ -3,8 +3,11 @@
 import pathlib
 
 import pytest
+import yaml
 
-from attamba_jax.config import ConfigError, Config, dump_config, load_config, load_saved_config, parse_overrides
+from attamba_jax.config import (
+    ConfigError, Config, dump_config, load_config, load_saved_config, parse_overrides, read_config_file,
+)
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))
@@ -107,3 +110,112 @@ def test_a_saved_config_with_a_renamed_key_still_loads(tmp_path):
 def test_a_hand_written_config_with_a_renamed_key_names_the_new_one():
     with pytest.raises(ConfigError, match="model.leading_tokens is now called model.window"):
         load_config(CONFIGS / "tiny.yaml", ["model.leading_tokens=4"])
+
+
+# --- bases ----------------------------------------------------------------------------------
+
+
+def _write(folder: pathlib.Path, name: str, text: str) -> pathlib.Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_file_builds_on_its_bases_and_overrides_them(tmp_path):
+    # Given a recipe, a model file on it in another folder, and a file on that one and a second base,
+    _write(tmp_path, "shared/recipe.yaml", "model:\n  dtype: bfloat16\n  dim: 256\noptim:\n  lr: 1.0e-3\nseed: 7\n")
+    _write(tmp_path, "runs/small.yaml", "base: ../shared/recipe.yaml\nmodel:\n  n_layers: 2\n  dim: 128\n")
+    _write(tmp_path, "runs/long.yaml", "data:\n  seq_len: 2048\n")
+    top = _write(tmp_path, "runs/top.yaml", "base: [small.yaml, long.yaml]\nmodel:\n  n_heads: 4\n")
+    # when the top file is loaded with an override,
+    cfg = load_config(top, ["optim.lr=2e-3"])
+    # then every layer is there, each over the one before: defaults, bases (recursively), the file, the overrides.
+    assert (cfg.model.dtype, cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads) == ("bfloat16", 128, 2, 4)
+    assert (cfg.data.seq_len, cfg.optim.lr, cfg.seed, cfg.data.batch_size) == (2048, 2e-3, 7, 16)
+    assert read_config_file(top) == {
+        "model": {"dtype": "bfloat16", "dim": 128, "n_layers": 2, "n_heads": 4},
+        "optim": {"lr": 1e-3}, "seed": 7, "data": {"seq_len": 2048},
+    }
+
+
+def test_an_empty_section_does_not_clear_the_bases(tmp_path):
+    _write(tmp_path, "recipe.yaml", "model:\n  dim: 256\n")
+    child = _write(tmp_path, "child.yaml", "base: recipe.yaml\nmodel:\n  # dim: 128\n")
+    assert load_config(child).model.dim == 256
+
+
+def test_the_merged_config_is_validated_as_one(tmp_path):
+    # An Attamba key inherited by a file that switches to the transformer is named.
+    _write(tmp_path, "attamba.yaml", "model:\n  arch: attamba\n  token_chunk: 4\n")
+    switched = _write(tmp_path, "switched.yaml", "base: attamba.yaml\nmodel:\n  arch: transformer\n")
+    with pytest.raises(ConfigError, match="model.token_chunk does not apply to arch=transformer"):
+        load_config(switched)
+    # A misspelled key in a base is named as in any file.
+    _write(tmp_path, "typo.yaml", "model:\n  dimm: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key model.dimm"):
+        load_config(_write(tmp_path, "on_typo.yaml", "base: typo.yaml\n"))
+    # ``base`` is a key of files, not of sections.
+    with pytest.raises(ConfigError, match="unknown config key model.base"):
+        load_config(_write(tmp_path, "nested.yaml", "model:\n  base: attamba.yaml\n"))
+
+
+def test_two_bases_of_one_list_may_not_set_one_key(tmp_path):
+    _write(tmp_path, "wide.yaml", "model:\n  dim: 1024\n")
+    _write(tmp_path, "narrow.yaml", "model:\n  dim: 256\n  n_layers: 2\n")
+    both = _write(tmp_path, "both.yaml", "base: [wide.yaml, narrow.yaml]\n")
+    with pytest.raises(ConfigError, match=r"both.yaml: model.dim is set by two of its bases, .*wide.yaml and .*narrow.yaml"):
+        load_config(both)
+    # Setting it in the file itself settles it.
+    assert load_config(_write(tmp_path, "settled.yaml", "base: [wide.yaml, narrow.yaml]\nmodel:\n  dim: 512\n")).model.dim == 512
+
+
+def test_two_bases_may_share_a_base(tmp_path):
+    # Given two siblings of one recipe, neither changing what the recipe sets,
+    _write(tmp_path, "recipe.yaml", "model:\n  dtype: bfloat16\nseed: 777\n")
+    _write(tmp_path, "deep.yaml", "base: recipe.yaml\nmodel:\n  n_layers: 16\n")
+    _write(tmp_path, "long.yaml", "base: recipe.yaml\ndata:\n  seq_len: 4096\n")
+    # then a file on both has the recipe's keys once, from the recipe, and no conflict.
+    cfg = load_config(_write(tmp_path, "deep_long.yaml", "base: [deep.yaml, long.yaml]\n"))
+    assert (cfg.model.dtype, cfg.model.n_layers, cfg.data.seq_len, cfg.seed) == ("bfloat16", 16, 4096, 777)
+    # But a sibling that changes a recipe key makes the order matter: an error.
+    _write(tmp_path, "reseeded.yaml", "base: recipe.yaml\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"seed is set by two of its bases, .*recipe.yaml and .*reseeded.yaml"):
+        load_config(_write(tmp_path, "ambiguous.yaml", "base: [deep.yaml, reseeded.yaml]\n"))
+
+
+def test_a_cycle_of_bases_names_the_files(tmp_path):
+    _write(tmp_path, "a.yaml", "base: b.yaml\n")
+    _write(tmp_path, "b.yaml", "base: [c.yaml, a.yaml]\n")
+    _write(tmp_path, "c.yaml", "seed: 1\n")
+    with pytest.raises(ConfigError, match=r"config bases form a cycle: \S*a.yaml -> \S*b.yaml -> \S*a.yaml$"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match=r"cycle: \S*self.yaml -> \S*self.yaml$"):
+        load_config(_write(tmp_path, "self.yaml", "base: ./self.yaml\n"))
+
+
+def test_a_missing_or_malformed_base_names_the_file_that_names_it(tmp_path):
+    asker = _write(tmp_path, "asker.yaml", "base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"base file not found: \S*gone.yaml \(named by \S*asker.yaml\)"):
+        load_config(asker)
+    for value, message in [
+        ("3", "base must be a file name or a list of file names"),
+        ("[]", "base must be a file name or a list of file names"),
+        ("", "base must be a file name or a list of file names"),
+        ("[c.yaml, ./c.yaml]", r"base names \S*c.yaml twice"),
+    ]:
+        _write(tmp_path, "c.yaml", "seed: 1\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(_write(tmp_path, "malformed.yaml", f"base: {value}\n"))
+
+
+def test_a_dump_is_flat_and_a_saved_config_names_no_base(tmp_path):
+    _write(tmp_path, "recipe.yaml", "model:\n  dtype: bfloat16\nseed: 777\n")
+    cfg = load_config(_write(tmp_path, "run.yaml", "base: recipe.yaml\nmodel:\n  dim: 256\n"))
+    dumped = _write(tmp_path, "workdir/config.yaml", dump_config(cfg))
+    assert "base" not in yaml.safe_load(dumped.read_text())
+    (tmp_path / "recipe.yaml").write_text("seed: 1\n")  # a shipped file changing later changes no workdir
+    assert load_saved_config(dumped) == load_config(dumped) == cfg
+    dumped.write_text("base: ../recipe.yaml\n" + dumped.read_text())
+    with pytest.raises(ConfigError, match="a saved config is complete in itself; base: has no place in it"):
+        load_saved_config(dumped)
