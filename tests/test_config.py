@@ -1,4 +1,4 @@
-"""Config loading, overrides and validation errors."""
+"""Config loading: the shipped configs, bases, overrides and validation errors."""
 
 import pathlib
 
@@ -10,24 +10,109 @@ from attamba_jax.config import (
 )
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-ALL = sorted(CONFIGS.rglob("*.yaml"))
+# A file in a folder named base/ is a base that other configs build on, not a run of its own:
+# configs/paper/*.yaml lists the paper's runs and nothing else.
+BASES = sorted(p for p in CONFIGS.rglob("*.yaml") if "base" in p.relative_to(CONFIGS).parts[:-1])
+RUNNABLE = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in BASES)
+PAPER = [
+    "attamba_k4_w8", "attamba_k8_w8", "attamba_k16_w16", "attamba_k4_w32", "transformer_isoparam",
+    "transformer_isokv4", "transformer_isokv8", "transformer_isokv16", "transformer_isoflop104",
+]
 
 
-@pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
+def _named_bases(path: pathlib.Path) -> list[pathlib.Path]:
+    names = yaml.safe_load(path.read_text()).get("base", [])
+    return [(path.parent / name).resolve() for name in ([names] if isinstance(names, str) else names)]
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=[str(p.relative_to(CONFIGS)) for p in RUNNABLE])
 def test_every_shipped_config_loads(path, tmp_path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    # dumping and reloading gives the same config
+    # dumping and reloading gives the same config, from the dump alone: it is flat
     (tmp_path / "c.yaml").write_text(dump_config(cfg))
-    assert load_config(tmp_path / "c.yaml") == cfg
+    assert "base" not in yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert load_config(tmp_path / "c.yaml") == load_saved_config(tmp_path / "c.yaml") == cfg
+
+
+def test_every_shipped_base_is_a_base_of_a_shipped_config():
+    named = {base for path in BASES + RUNNABLE for base in _named_bases(path)}
+    assert BASES and set(BASES) <= named, "a base nothing builds on"
+    assert named <= set(BASES), "a shipped config builds on a file outside a base/ folder"
+
+
+@pytest.mark.parametrize("path", BASES + RUNNABLE, ids=[str(p.relative_to(CONFIGS)) for p in BASES + RUNNABLE])
+def test_no_shipped_config_repeats_what_its_bases_set(path, tmp_path):
+    # A line that sets what the bases already set says nothing, and hides which lines matter.
+    own = yaml.safe_load(path.read_text())
+    bases = _named_bases(path)
+    if not bases:
+        return
+    only_bases = tmp_path / "only_bases.yaml"
+    only_bases.write_text(yaml.safe_dump({"base": [str(b) for b in bases]}))
+    inherited = read_config_file(only_bases)
+    redundant = []
+    for name, value in own.items():
+        if isinstance(value, dict):
+            redundant += [f"{name}.{key}" for key, v in value.items() if inherited.get(name, {}).get(key, ...) == v]
+        elif name != "base" and inherited.get(name, ...) == value:
+            redundant.append(name)
+    assert not redundant, f"{path.relative_to(CONFIGS)} sets what its bases set: {redundant}"
 
 
 def test_paper_configs_exist():
+    # exactly the paper's runs: a loop over configs/paper/*.yaml trains those nine, not their recipe
     names = {p.stem for p in (CONFIGS / "paper").glob("*.yaml")}
-    assert {
-        "attamba_k4_w8", "attamba_k8_w8", "attamba_k16_w16", "attamba_k4_w32", "transformer_isoparam",
-        "transformer_isokv4", "transformer_isokv8", "transformer_isokv16", "transformer_isoflop104",
-    } <= names
+    assert names == set(PAPER)
+
+
+# The recipe of every paper config (configs/paper/base/recipe.yaml), as loaded before it moved there.
+PAPER_RECIPE = {
+    "data": {
+        "train": ("stdlib",), "eval": (), "heldout_fraction": 0.02, "tokenizer": "byte", "seq_len": 1024,
+        "batch_size": 16, "prefetch": 8, "threads": 4,
+    },
+    "optim": {
+        "lr": 0.003, "beta1": 0.9, "beta2": 0.95, "eps": 1e-08, "weight_decay": 0.033, "warmup_steps": 5000,
+        "min_lr_ratio": 1e-06, "grad_clip": 1.0, "grad_accum": 1,
+    },
+    "train": {
+        "steps": 60000, "log_every": 50, "eval_every": 1000, "eval_batches": 20, "checkpoint_every": 1000,
+        "keep_last": 3, "keep_every": 10000, "peak_tflops": None,
+    },
+    "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+    "seed": 777,
+}
+ATTAMBA_K8_W8_MODEL = {
+    "arch": "attamba", "vocab_size": 32000, "dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": None,
+    "head_dim": None, "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 10000.0, "dtype": "bfloat16",
+    "token_chunk": 8, "window": 8, "pseudo_chunk": False, "ssm_state_dim": 32, "ssm_hidden_dim": 32, "ssm_heads": 8,
+    "ssm_groups": 1, "ssm_conv_width": 4, "ssm_dt_bias": False, "ssm_a_init_min": 1.0, "ssm_a_init_max": 16.0,
+    "sliding_window": None, "ssm_implementation": "auto", "attention_implementation": "auto",
+}
+# What each paper config sets in its model (the rest is ATTAMBA_K8_W8_MODEL, the defaults in bf16).
+PAPER_MODELS = {
+    "attamba_k4_w8": {"arch": "attamba", "token_chunk": 4, "window": 8},
+    "attamba_k8_w8": {"arch": "attamba", "token_chunk": 8, "window": 8},
+    "attamba_k16_w16": {"arch": "attamba", "token_chunk": 16, "window": 16},
+    "attamba_k4_w32": {"arch": "attamba", "token_chunk": 4, "window": 32},
+    "transformer_isoparam": {"arch": "transformer", "n_heads": 8, "head_dim": 64},
+    "transformer_isokv4": {"arch": "transformer", "n_heads": 8, "head_dim": 16},
+    "transformer_isokv8": {"arch": "transformer", "n_heads": 4, "head_dim": 16},
+    "transformer_isokv16": {"arch": "transformer", "n_heads": 2, "head_dim": 16},
+    "transformer_isoflop104": {"arch": "transformer", "n_heads": 4, "head_dim": 26},
+}
+
+
+def test_paper_configs_are_pinned():
+    # Every value of all nine, so that a change to the recipe, a model file or a default shows here.
+    paper = lambda name: load_config(CONFIGS / "paper" / f"{name}.yaml").to_dict()
+    assert paper("attamba_k8_w8") == {"model": ATTAMBA_K8_W8_MODEL, **PAPER_RECIPE}
+    isokv8 = {**ATTAMBA_K8_W8_MODEL, "arch": "transformer", "n_heads": 4, "head_dim": 16}
+    assert paper("transformer_isokv8") == {"model": isokv8, **PAPER_RECIPE}
+    assert set(PAPER_MODELS) == set(PAPER)
+    for name, model in PAPER_MODELS.items():
+        assert paper(name) == {"model": {**ATTAMBA_K8_W8_MODEL, **model}, **PAPER_RECIPE}, name
 
 
 def test_overrides_parse_yaml_scalars():
@@ -164,10 +249,12 @@ def test_two_bases_of_one_list_may_not_set_one_key(tmp_path):
     _write(tmp_path, "wide.yaml", "model:\n  dim: 1024\n")
     _write(tmp_path, "narrow.yaml", "model:\n  dim: 256\n  n_layers: 2\n")
     both = _write(tmp_path, "both.yaml", "base: [wide.yaml, narrow.yaml]\n")
-    with pytest.raises(ConfigError, match=r"both.yaml: model.dim is set by two of its bases, .*wide.yaml and .*narrow.yaml"):
+    message = r"both.yaml: model.dim is set by two of its bases, \S*wide.yaml and \S*narrow.yaml"
+    with pytest.raises(ConfigError, match=message):
         load_config(both)
-    # Setting it in the file itself settles it.
-    assert load_config(_write(tmp_path, "settled.yaml", "base: [wide.yaml, narrow.yaml]\nmodel:\n  dim: 512\n")).model.dim == 512
+    # Setting it in the file itself settles it: neither base's value is used.
+    settled = _write(tmp_path, "settled.yaml", "base: [wide.yaml, narrow.yaml]\nmodel:\n  dim: 512\n")
+    assert (load_config(settled).model.dim, load_config(settled).model.n_layers) == (512, 2)
 
 
 def test_two_bases_may_share_a_base(tmp_path):
