@@ -1,8 +1,21 @@
-"""Configuration: frozen dataclasses, YAML files, ``section.key=value`` overrides, validation.
+"""Configuration: frozen dataclasses, YAML files that may build on others, ``section.key=value`` overrides, validation.
 
-The dataclass defaults are the base config; a YAML file overrides some of them and
-command-line ``key=value`` pairs override the file. Every key is validated before
-anything runs, and an unknown or misspelled key is an error, never ignored.
+A config is layers, each overriding the one before:
+
+1. the dataclass defaults below (every key is documented where it is defined);
+2. the files a YAML file names as its bases, ``base: recipe.yaml`` or ``base: [a.yaml, b.yaml]``
+   (paths relative to the file), each built the same way first and merged in the order listed;
+3. the YAML file's own keys;
+4. ``section.key=value`` overrides (from the command line).
+
+The merged dict is validated once, as a whole, before anything runs: an unknown or misspelled key is
+an error, never ignored, and so is a key set twice where it is unclear which one was meant: twice in
+one YAML mapping, in two bases of one list (unless both have it from one file, as two siblings of one
+recipe do, or the file sets it itself), or in two overrides. A file overriding its bases is what
+bases are for. A missing base or a cycle of bases is an error naming the files.
+
+``dump_config`` writes a config flat and complete, with no ``base:``: a workdir's ``config.yaml``
+does not depend on config files that may change later (``load_saved_config`` reads it).
 
     cfg = load_config("configs/paper/attamba_k8_w8.yaml", ["model.token_chunk=4"])
 """
@@ -11,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import types
 import typing
@@ -409,6 +423,41 @@ def _build(cls, raw: Any, where: str):
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys silently, so ``dim: 512`` pasted below an
+    earlier ``dim: 256`` would win without a word.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor`` overrides the anchor's keys by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # an unhashable key: the base class names it
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                where = f"{self.name}, line {line}"
+                raise ConfigError(f"{where}: key {key!r} is set twice in one mapping (first on line {first_line[key]})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, name: str) -> Any:
+    """``text`` parsed by the safe loader that refuses duplicate keys; ``name`` (a file, an override) for errors."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = name  # shown in the marks of YAML errors and in duplicate-key errors
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any):
     parts = dotted.split(".")
     node = tree
@@ -418,14 +467,34 @@ def _set_dotted(tree: dict, dotted: str, value: Any):
     node[parts[-1]] = value
 
 
+def _check_not_given(given: dict[str, str], key: str, item: str):
+    """Refuse an override of a key that an earlier override sets too (the same key, or a section and a key in it)."""
+    for other, other_item in given.items():
+        _check(other != key, f"override {key} is given twice: {other_item!r} and {item!r}")
+        inner = key if key.startswith(other + ".") else other if other.startswith(key + ".") else None
+        _check(inner is None, f"overrides {other_item!r} and {item!r} both set {inner}")
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["model.dim=256", "seed=3"]`` -> nested dict; values parsed as YAML scalars."""
+    """``["model.dim=256", "seed=3"]`` -> nested dict; values parsed as YAML scalars.
+
+    A key given twice is an error, not "the last one wins": on a long command line the
+    earlier one is easily missed, and which of the two was meant is anyone's guess.
+    """
     tree: dict = {}
+    given: dict[str, str] = {}
     for item in overrides:
         _check("=" in item, f"override {item!r} must look like section.key=value")
         key, text = item.split("=", 1)
-        _check(bool(key.strip()), f"override {item!r} has an empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        key = key.strip()
+        _check(bool(key), f"override {item!r} has an empty key")
+        _check_not_given(given, key, item)
+        given[key] = item
+        try:
+            value = _parse_yaml(text, f"override {item!r}") if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+        _set_dotted(tree, key, value)
     return tree
 
 
@@ -450,25 +519,141 @@ def config_from_dict(raw: dict) -> Config:
 def _read_yaml(path: pathlib.Path) -> dict:
     _check(path.is_file(), f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _parse_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     _check(isinstance(raw, dict), f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
+# --- bases: a file may build on other files ----------------------------------------------
+
+# The top-level key of a config file that names the files it builds on (not a key of Config).
+BASE_KEY = "base"
+# The sections of a config, each a mapping of keys (``seed`` is a key of its own).
+_SECTIONS = frozenset(name for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint))
+# A config file resolved: the merged nested dict, and for each dotted key the file whose value it holds.
+_Resolved = tuple[dict, dict[str, pathlib.Path]]
+
+
+def _base_paths(path: pathlib.Path, names: Any) -> list[pathlib.Path]:
+    """The files that ``base:`` in ``path`` names: one or a list, each relative to ``path``'s folder."""
+    listed = [names] if isinstance(names, str) else names
+    _check(
+        isinstance(listed, list) and len(listed) >= 1 and all(isinstance(n, str) and n.strip() for n in listed),
+        f"{path}: {BASE_KEY} must be a file name or a list of file names, relative to the file, got {names!r}",
+    )
+    # Normalised (``paper/../recipe.yaml`` is ``recipe.yaml``) so that one file reached two ways is one file.
+    paths = [pathlib.Path(os.path.normpath(path.parent / name)) for name in listed]
+    twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+    _check(twice is None, f"{path}: {BASE_KEY} names {twice} twice")
+    return paths
+
+
+def _read_layer(path: pathlib.Path) -> tuple[dict, list[pathlib.Path]]:
+    """A config file's own keys, and the bases it names (``base:`` taken out of the keys)."""
+    raw = _read_yaml(path)
+    bases = _base_paths(path, raw.pop(BASE_KEY)) if BASE_KEY in raw else []
+    for section in _SECTIONS & raw.keys():
+        value = raw[section]
+        _check(value is None or isinstance(value, dict), f"{path}: {section} must be a mapping of keys, got {value!r}")
+        # A section whose lines are all commented out sets nothing: it must not clear the base's section.
+        raw[section] = value or {}
+    return raw, bases
+
+
+def _keys(tree: dict) -> list[str]:
+    """The dotted keys a config dict sets: ``seed``, ``model.dim``, ... (a section is not a key by itself)."""
+    keys = []
+    for name, value in tree.items():
+        if name in _SECTIONS and isinstance(value, dict):
+            keys.extend(f"{name}.{key}" for key in value)
+        else:
+            keys.append(name)
+    return keys
+
+
+def _resolve(path: pathlib.Path, chain: tuple[pathlib.Path, ...] = ()) -> _Resolved:
+    """``path``'s keys over its bases' keys: the merged dict, and for each dotted key the file it comes from.
+
+    ``chain`` holds the files, outermost first, whose bases are being resolved: meeting one of
+    them again is a cycle.
+    """
+    own, bases = _read_layer(path)
+    own_keys = _keys(own)
+    tree, origin = _merge_bases(path, bases, chain + (path,), frozenset(own_keys))
+    return _merge(tree, own), {**origin, **dict.fromkeys(own_keys, path)}
+
+
+def _merge_bases(
+    path: pathlib.Path, bases: list[pathlib.Path], chain: tuple[pathlib.Path, ...], settled: frozenset[str]
+) -> _Resolved:
+    """The bases of ``path`` resolved and merged in order, as ``_resolve`` returns them.
+
+    Two bases of one list may not both set a key: which one wins would hang on their order. Not
+    ambiguous, so allowed: a key both have from one file (two siblings of one recipe: the same
+    setting, not two), and a key ``path`` sets itself (``settled``: neither base's value is used).
+    """
+    tree: dict = {}
+    origin: dict[str, pathlib.Path] = {}
+    for base in bases:
+        seen = [p.resolve() for p in chain]  # resolved: a file reached through a link is the same file
+        if base.resolve() in seen:
+            cycle = chain[seen.index(base.resolve()):] + (base,)
+            raise ConfigError(f"config bases form a cycle: {' -> '.join(map(str, cycle))}")
+        _check(base.is_file(), f"base file not found: {base} (named by {path})")
+        base_tree, base_origin = _resolve(base, chain)
+        for key in sorted(base_origin.keys() & origin.keys() - settled):
+            _check(
+                base_origin[key] == origin[key],
+                f"{path}: {key} is set by two of its bases, {origin[key]} and {base_origin[key]}; "
+                f"set it in {path} or in one base only",
+            )
+        tree, origin = _merge(tree, base_tree), {**origin, **base_origin}
+    return tree, origin
+
+
+def read_config_file(path: str | pathlib.Path) -> dict:
+    """The nested dict a config file stands for: its own keys over its bases' (``base:``), resolved recursively.
+
+    The bases' keys are merged in the order listed, then the file's own keys override them;
+    the result has no ``base:`` key. It is not yet validated: ``config_from_dict`` does that.
+    Errors: a file that is missing or not valid YAML, a key twice in one mapping, a base that is
+    missing (naming the file that names it), a cycle of bases (naming them), and one key set by
+    two bases of one list (from two files) that the file does not set itself.
+    """
+    return _resolve(pathlib.Path(path))[0]
+
+
 def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | None = None) -> Config:
-    raw = {} if path is None else _read_yaml(pathlib.Path(path))
+    """The config of a YAML file (and its bases) with ``section.key=value`` overrides on top, validated.
+
+    Each layer overrides the one before: the dataclass defaults, the file's bases, the file, the
+    overrides (an override may be given once only). ``path=None`` starts from the defaults alone.
+    """
+    raw = {} if path is None else read_config_file(path)
     raw = _merge(raw, parse_overrides(list(overrides or [])))
     return config_from_dict(raw)
 
 
 def load_saved_config(path: str | pathlib.Path) -> Config:
-    """The config a workdir saved (``<workdir>/config.yaml``), written by this or an earlier version."""
-    return config_from_dict(upgrade_saved(_read_yaml(pathlib.Path(path))))
+    """The config a workdir saved (``<workdir>/config.yaml``), written by this or an earlier version.
+
+    A saved config is flat and complete (``dump_config``): it names no bases, so that what a run
+    was trained with never changes when a shipped config file does.
+    """
+    raw = _read_yaml(pathlib.Path(path))
+    _check(BASE_KEY not in raw, f"{path}: a saved config is complete in itself; {BASE_KEY}: has no place in it")
+    return config_from_dict(upgrade_saved(raw))
 
 
 def dump_config(cfg: Config) -> str:
+    """``cfg`` as YAML that ``load_config`` / ``load_saved_config`` read back as the same Config.
+
+    Flat and complete: every key at its value, no ``base:`` (a workdir must not depend on
+    config files that may change after the run).
+    """
+
     def plain(v):
         if isinstance(v, tuple):
             return [plain(x) for x in v]

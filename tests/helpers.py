@@ -59,3 +59,9 @@ def cpu_devices(n: int) -> list:
     if len(devices) < n:
         pytest.skip(f"needs {n} CPU devices, found {len(devices)}")
     return devices[:n]
+
+
+def with_overrides(overrides: list[str], *changes: str) -> list[str]:
+    """``overrides`` with the keys of ``changes`` set to their new values (a key may be given only once)."""
+    keys = {change.split("=", 1)[0] for change in changes}
+    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(changes)

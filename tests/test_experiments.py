@@ -2,9 +2,10 @@
 
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
+
+from attamba_jax.config import dump_config, load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -13,7 +14,8 @@ def _fake_results(root: pathlib.Path, ppl: dict[str, float]):
     """One workdir per model as replication.sh packs it: metrics, config, wall time, evaluations."""
     for name, p in ppl.items():
         (root / name).mkdir(parents=True)
-        shutil.copy(REPO / "configs" / "paper" / f"{name}.yaml", root / name / "config.yaml")
+        # as the trainer writes it: flat (a shipped config names its base, relative to configs/paper/)
+        (root / name / "config.yaml").write_text(dump_config(load_config(REPO / "configs" / "paper" / f"{name}.yaml")))
         rows = [{"kind": "train", "step": s, "loss": 5.0 - s / 100} for s in (10, 20)] + [{"kind": "eval", "step": 20, "loss": 4.9}]
         (root / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         (root / f"{name}.wall.json").write_text(json.dumps({"model": name, "exit": 0, "wall_s": 12}))

@@ -17,7 +17,7 @@ from attamba_jax.sharding import make_mesh, use_mesh
 from attamba_jax.trainer import (
     Trainer, init_train_state, jit_train_step, make_optimizer, mesh_from_config, train_batch_sharding,
 )
-from tests.helpers import assert_close, cpu_devices, value_and_grads
+from tests.helpers import assert_close, cpu_devices, value_and_grads, with_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -30,7 +30,7 @@ BATCH, LENGTH = 8, 32
 
 
 def _cfg(*extra):
-    return load_config(TINY, MODEL + [f"data.seq_len={LENGTH}", f"data.batch_size={BATCH}", "optim.warmup_steps=1", "train.steps=10", *extra])
+    return load_config(TINY, with_overrides(MODEL + [f"data.seq_len={LENGTH}", f"data.batch_size={BATCH}", "optim.warmup_steps=1", "train.steps=10"], *extra))
 
 
 def _batches(cfg, n):

@@ -28,7 +28,7 @@ from attamba_jax.flops import attention_flops_per_token, mean_keys_per_query, tr
 from attamba_jax.model import LanguageModel, apply_model, init_model
 from attamba_jax.tokenizer import TokenizerError, train_sentencepiece
 from attamba_jax.trainer import NonFiniteLossError, Trainer, decay_mask, make_schedule, make_train_step
-from tests.helpers import assert_close
+from tests.helpers import assert_close, with_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -80,7 +80,7 @@ def _final_state(workdir: pathlib.Path, step: int):
 
 
 def test_weight_decay_skips_norms_and_ssm_scalars():
-    cfg = load_config(TINY, MODEL + ["model.n_layers=2", "model.ssm_dt_bias=true"])
+    cfg = load_config(TINY, with_overrides(MODEL, "model.n_layers=2", "model.ssm_dt_bias=true"))
     _, params = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0))))  # shapes only
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
     skipped = sorted(k for k, decays in flat.items() if not decays)
@@ -251,7 +251,7 @@ def test_a_trained_workdir_outputs_rerun_bad_checkpoints_non_finite_and_evaluati
     # Another model config: a clear error naming the key; nothing saved is touched.
     before = (run / "config.yaml").read_text()
     with pytest.raises(CheckpointError, match=r"different config:\n  model.dim: 32 in the checkpoint, 48 now"):
-        Trainer(load_config(TINY, overrides + ["model.dim=48"]), run, progress=False)
+        Trainer(load_config(TINY, with_overrides(overrides, "model.dim=48")), run, progress=False)
     assert (run / "config.yaml").read_text() == before
 
     # A truncated checkpoint: a clear error naming the folder and the previous step.
@@ -266,7 +266,7 @@ def test_a_trained_workdir_outputs_rerun_bad_checkpoints_non_finite_and_evaluati
     gc.collect()  # the dropped reader coroutines go now, under this test's warning filter
 
     # A non-finite loss stops the run, names the step and keeps the last good checkpoint.
-    longer = overrides + ["train.steps=8"]
+    longer = with_overrides(overrides, "train.steps=8")
     trainer = Trainer(load_config(TINY, longer), run, progress=False)
     assert trainer.start_step == 4
 
