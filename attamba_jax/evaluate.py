@@ -33,8 +33,8 @@ import numpy as np
 from attamba_jax.checkpointing import Checkpointer, CheckpointError
 from attamba_jax.config import Config, ConfigError, load_saved_config
 from attamba_jax.model import apply_model, cross_entropy, init_model
+from attamba_jax.optimizer import make_optimizer
 from attamba_jax.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
-from attamba_jax.trainer import make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)

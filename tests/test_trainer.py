@@ -27,7 +27,9 @@ from attamba_jax.evaluate import load_scorer, sliding_windows
 from attamba_jax.flops import attention_flops_per_token, mean_keys_per_query, train_flops_per_token
 from attamba_jax.model import LanguageModel, apply_model, init_model
 from attamba_jax.tokenizer import TokenizerError, train_sentencepiece
-from attamba_jax.trainer import NonFiniteLossError, Trainer, decay_mask, make_schedule, make_train_step
+from attamba_jax.optimizer import decay_mask, make_schedule
+from attamba_jax.train_step import make_train_step
+from attamba_jax.trainer import NonFiniteLossError, Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
