@@ -1,20 +1,22 @@
-"""Training: the loop, metrics, signals, resume.
+"""Training: the Trainer builds what one run needs; its loop steps and calls the hooks.
 
     trainer = Trainer(cfg, "runs/tiny")     # restores runs/tiny's latest checkpoint if there is one
     result = trainer.run()                  # trains to cfg.train.steps
 
-The optimizer is ``optimizer``'s, the jitted, sharded step and the mesh are ``train_step``'s.
+Pieces: ``optimizer`` (AdamW and its schedule), ``train_step`` (the jitted, sharded step
+and the mesh), ``hooks`` (logging, evaluation, checkpoints, signals, the non-finite check),
+``checkpointing`` (Orbax). The Trainer reads and checks the data first, so that bad data
+fails before anything is compiled or written; then it lays out the mesh, places the state,
+jits the steps and, when the workdir holds a checkpoint of a compatible config, restores
+the state and the data iterator from the latest one, so that a resumed run continues
+exactly as if it had not stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
-import signal
-import threading
-import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -22,25 +24,20 @@ import grain
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
 from attamba_jax import data as data_lib
 from attamba_jax.checkpointing import Checkpointer, CheckpointError, config_differences
 from attamba_jax.config import Config, ConfigError, dump_config, upgrade_saved
 from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
-from attamba_jax.metrics import MetricsLog
+from attamba_jax.hooks import NonFiniteLossError as NonFiniteLossError  # raised by the hooks; callers import it from here
+from attamba_jax.hooks import RunHooks
 from attamba_jax.model import count_params
 from attamba_jax.optimizer import make_optimizer
 from attamba_jax.sharding import DEFAULT_RULES, check_process_rows, logical_to_spec, use_mesh
 from attamba_jax.tokenizer import check_fits, load_tokenizer
-from attamba_jax.train_step import init_train_state, jit_train_step, make_eval_step, mesh_from_config, train_batch_sharding
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient became NaN/inf; the message names the step and the last good checkpoint."""
-
-
-# --- the loop -------------------------------------------------------------------------------
+from attamba_jax.train_step import (
+    init_train_state, jit_train_step, make_eval_step, mesh_from_config, train_batch_sharding,
+)
 
 
 @dataclasses.dataclass
@@ -122,7 +119,6 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.yaml").write_text(dump_config(cfg))
         self.last_saved_step = latest
-        self._stop_signal: int | None = None
 
     def _restore_latest(self) -> int | None:
         """Load the newest checkpoint into ``state`` and the data iterator; its step, or None."""
@@ -179,127 +175,32 @@ class Trainer:
             nll, weight = nll + float(s), weight + float(w)
         return nll / max(weight, 1.0)
 
-    def _save(self, step: int):
+    def save(self, step: int):
+        """Save the state, the data iterator's position and the config as checkpoint ``step`` (asynchronously)."""
         meta = {"step": step, "config": json.loads(json.dumps(self.cfg.to_dict()))}
         self.checkpointer.save(step, self.state, self.train_iter, meta)
         self.last_saved_step = step
-
-    def _on_signal(self, signum, frame):
-        self._stop_signal = signum
-
-    def _check_finite(self, pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
-        """Fetch the pending step metrics; stop at the first non-finite loss or gradient."""
-        fetched = [(step, {k: float(v) for k, v in m.items()}) for step, m in jax.device_get(pending)]
-        for step, m in fetched:
-            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                self.checkpointer.wait()
-                good = self.checkpointer.latest_step()
-                where = (
-                    f"the last good checkpoint is step {good} in {self.checkpointer.directory}; re-running resumes from it"
-                    if good is not None
-                    else "no checkpoint was saved before it"
-                )
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}); stopped without saving it: "
-                    f"{where}. Lower optim.lr or check the data."
-                )
-        return fetched
 
     # --- the loop --------------------------------------------------------------------------
 
     def run(self, callback: Callable[[int], None] | None = None) -> RunResult:
         """Train from ``start_step`` to ``train.steps``; ``callback(step)`` runs after each step."""
-        cfg, tcfg = self.cfg, self.cfg.train
-        result = RunResult(self.workdir, self.start_step, "finished")
-        if self.start_step >= tcfg.steps:
-            result.status = "already_done"
+        steps = self.cfg.train.steps
+        if self.start_step >= steps:
             self.close()
-            return result
-        log = MetricsLog(self.workdir, resume_step=self.start_step if self.last_saved_step is not None else None)
-        say = tqdm.write if self.progress else print
-        say(
-            f"workdir {self.workdir.absolute()}\n"
-            f"model {cfg.model.arch}: {self.num_params:,} parameters, {self.flops_per_step / self.tokens_per_step / 1e6:.1f} MFLOP "
-            f"per trained token; data: {len(self.corpus.train):,} training tokens"
-            + (f", {len(self.corpus.heldout):,} held-out" if self.corpus.heldout is not None else ", no held-out set")
-            + f"; {len(self.devices)} x {self.devices[0].device_kind}"
-        )
-        if self.start_step:
-            say(f"resumed from checkpoint step {self.start_step}")
-
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                handlers[signum] = signal.signal(signum, self._on_signal)
-        bar = tqdm(total=tcfg.steps, initial=self.start_step, unit="step", dynamic_ncols=True, disable=not self.progress, mininterval=1.0)
+            return RunResult(self.workdir, self.start_step, "already_done")
         try:
-            if self.start_step == 0 and self.eval_data is not None:
-                result.first_eval_loss = self.evaluate()
-                log.write("eval", 0, {"loss": result.first_eval_loss})
-                say(f"step 0: held-out loss {result.first_eval_loss:.4f}")
-            pending: list[tuple[int, dict]] = []
-            timer_start, timed_steps, paused = None, 0, 0.0
-            step = self.start_step
-            while step < tcfg.steps:
-                batch = next(self.train_iter)
-                metrics = self.step(self.device_batch(batch))
-                step += 1
-                pending.append((step, metrics))
-                bar.update(1)
-                if callback is not None:
-                    callback(step)
-                if timer_start is None:  # the first step compiles: time from its end
-                    jax.block_until_ready(metrics)
-                    timer_start, timed_steps, paused = time.perf_counter(), 0, 0.0
-                else:
-                    timed_steps += 1
-                stopping = self._stop_signal is not None
-                last = step == tcfg.steps
-                if step % tcfg.log_every == 0 or last or stopping:
-                    fetched = self._check_finite(pending)
-                    pending = []
-                    elapsed = time.perf_counter() - timer_start - paused
-                    tps = timed_steps * self.tokens_per_step / elapsed if timed_steps and elapsed > 0 else None
-                    mfu = None if tps is None or self.peak_flops is None else tps / self.tokens_per_step * self.flops_per_step / self.peak_flops
-                    values = {
-                        "loss": float(np.mean([m["loss"] for _, m in fetched])),
-                        "grad_norm": float(np.mean([m["grad_norm"] for _, m in fetched])),
-                        "lr": fetched[-1][1]["lr"],
-                        "tokens_per_s": tps,
-                        "mfu": mfu,
-                        "epoch": step * (cfg.data.batch_size // self.process_count) / self.epoch_windows,
-                    }
-                    log.write("train", step, values)
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s="-" if tps is None else f"{tps:,.0f}", refresh=False)
-                    timer_start, timed_steps, paused = time.perf_counter(), 0, 0.0
-                t_pause = time.perf_counter()
-                if self.eval_data is not None and (step % tcfg.eval_every == 0 or last):
-                    result.last_eval_loss = self.evaluate()
-                    log.write("eval", step, {"loss": result.last_eval_loss})
-                    log.plot()
-                    say(f"step {step}: held-out loss {result.last_eval_loss:.4f}")
-                if step % tcfg.checkpoint_every == 0 or last or stopping:
-                    if pending:
-                        self._check_finite(pending)  # never save a state that followed a NaN
-                    self._save(step)
-                paused += time.perf_counter() - t_pause
-                if stopping:
-                    result.status, result.signal = "signal", self._stop_signal
-                    break
-            result.step = step
-            self.checkpointer.wait()
-            log.plot()
-            if result.status == "signal":
-                say(f"stopped by signal {result.signal} at step {step}; checkpoint saved, re-run to resume")
-            else:
-                say(f"done: step {step}, checkpoints in {self.checkpointer.directory}, metrics in {log.jsonl_path}, plot {log.plot_path}")
-            return result
+            with RunHooks(self, callback) as hooks:
+                step = self.start_step
+                while step < steps and hooks.stop_signal is None:
+                    metrics = self.step(self.device_batch(next(self.train_iter)))
+                    step += 1
+                    hooks.after_step(step, metrics)
+                hooks.finish(step)
         finally:
-            bar.close()
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
             self.close()  # an in-flight save of a good state still completes
-            log.close()
+        status = "finished" if hooks.stop_signal is None else "signal"
+        return RunResult(self.workdir, step, status, hooks.stop_signal, hooks.evaluate.first_loss, hooks.evaluate.last_loss)
 
 
 def grain_read_options(cfg: Config) -> grain.ReadOptions:

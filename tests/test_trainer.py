@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import chex
 import jax
@@ -25,9 +26,10 @@ from attamba_jax.config import ConfigError, load_config
 from attamba_jax.data import DataError
 from attamba_jax.evaluate import load_scorer, sliding_windows
 from attamba_jax.flops import attention_flops_per_token, mean_keys_per_query, train_flops_per_token
+from attamba_jax.hooks import Hooks
 from attamba_jax.model import LanguageModel, apply_model, init_model
-from attamba_jax.tokenizer import TokenizerError, train_sentencepiece
 from attamba_jax.optimizer import decay_mask, make_schedule
+from attamba_jax.tokenizer import TokenizerError, train_sentencepiece
 from attamba_jax.train_step import make_train_step
 from attamba_jax.trainer import NonFiniteLossError, Trainer
 
@@ -159,6 +161,32 @@ def test_sliding_windows_score_every_token_once_with_context():
             assert all(j - w.start >= min(j, t - stride) for j in targets)
             scored.extend(targets)
         assert scored == list(range(1, n + 1))
+
+
+def _scheduled_calls(stop_at=None) -> dict[str, list[tuple[int, list[int]]]]:
+    """(step, steps whose metrics it was given) of each call of two hooks, in a run resumed at
+    step 2 that ends at step 11, or at the stop signal read after ``stop_at``."""
+    trainer = SimpleNamespace(start_step=2, cfg=SimpleNamespace(train=SimpleNamespace(steps=11)), checkpointer=None)
+    hooks, calls = Hooks(trainer), {"every3": [], "every4_not_on_stop": []}
+    hooks.add(lambda info: calls["every3"].append((info.step, [s for s, _ in info.metrics()])), every=3)
+    hooks.add(lambda info: calls["every4_not_on_stop"].append((info.step, [s for s, _ in info.metrics()])), every=4, on_stop=False)
+    for step in range(3, 12):
+        metrics = {"loss": jnp.float32(step), "grad_norm": jnp.float32(1.0), "lr": jnp.float32(0.1)}
+        hooks.run(step, metrics, stopping=step == stop_at)
+        if step == stop_at:
+            break
+    return calls
+
+
+def test_hooks_run_every_n_steps_and_after_the_last_with_the_metrics_since_their_last_call():
+    assert _scheduled_calls() == {
+        "every3": [(3, [3]), (6, [4, 5, 6]), (9, [7, 8, 9]), (11, [10, 11])],
+        "every4_not_on_stop": [(4, [3, 4]), (8, [5, 6, 7, 8]), (11, [9, 10, 11])],
+    }
+
+
+def test_hooks_run_at_a_stop_signal_unless_added_with_on_stop_false():
+    assert _scheduled_calls(stop_at=7) == {"every3": [(3, [3]), (6, [4, 5, 6]), (7, [7])], "every4_not_on_stop": [(4, [3, 4])]}
 
 
 def test_checkpoint_retention_keeps_the_newest_and_every_nth(tmp_path):
