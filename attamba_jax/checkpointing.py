@@ -14,15 +14,24 @@ multiple of ``keep_every``.
 A checkpoint written with a different model or data config cannot continue this run;
 ``config_differences`` names what differs. A checkpoint that cannot be read (truncated,
 corrupt) raises ``CheckpointError`` naming its folder; nothing is deleted.
+
+``restore_workdir`` reads what evaluation and generation need of a workdir: its config and
+one checkpoint's parameters (the "params" subtree of "state" only; the optimizer state is
+neither read nor built).
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from attamba_jax.config import Config, load_saved_config
+from attamba_jax.model import LanguageModel
 
 
 class CheckpointError(RuntimeError):
@@ -123,9 +132,61 @@ class Checkpointer:
             raise self._unreadable(step, "state" if data_iterator is None else "state or data iterator", e) from e
         return restored.state
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of checkpoint ``step``, shaped and sharded like ``abstract_params``."""
+        item = {"params": abstract_params}
+        # partial_restore: the saved state also holds "opt_state" and "step", which are skipped.
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+        except Exception as e:
+            raise self._unreadable(step, "state", e) from e
+        return restored.state["params"]
+
     def wait(self):
         """Block until every started save is on disk."""
         self.manager.wait_until_finished()
 
     def close(self):
         self.manager.close()
+
+
+class Restored(NamedTuple):
+    """A workdir's config and the parameters of one of its checkpoints."""
+
+    cfg: Config
+    graphdef: nnx.GraphDef
+    params: nnx.State  # float32, on the default device
+    step: int
+
+
+def restore_workdir(workdir: str | pathlib.Path, step: int | None = None) -> Restored:
+    """The config and the parameters of ``workdir``'s checkpoint ``step`` (default: the latest).
+
+    The config is the workdir's config.yaml (old key names upgraded); the model's abstract
+    parameters, built from it without allocating, shape the restore of the saved ones.
+    """
+    workdir = pathlib.Path(workdir)
+    cfg_path = workdir / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{workdir} holds no config.yaml; is it a training workdir?")
+    cfg = load_saved_config(cfg_path)
+    if not (workdir / "checkpoints").is_dir():
+        raise CheckpointError(f"{workdir} holds no checkpoints")
+    tcfg = cfg.train
+    ckpt = Checkpointer(workdir / "checkpoints", keep_last=tcfg.keep_last, keep_every=tcfg.keep_every, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointError(f"{workdir / 'checkpoints'} holds no finished checkpoint")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint step {step} in {workdir / 'checkpoints'} (it has {steps})")
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(params=cfg.seed))))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+        params = ckpt.restore_params(step, abstract)
+    finally:
+        ckpt.close()
+    return Restored(cfg, graphdef, params, step)

@@ -30,11 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attamba_jax.checkpointing import Checkpointer, CheckpointError
-from attamba_jax.config import Config, ConfigError, load_saved_config
-from attamba_jax.model import apply_model, cross_entropy, init_model
+from attamba_jax.checkpointing import CheckpointError, restore_workdir
+from attamba_jax.config import Config, ConfigError
+from attamba_jax.model import apply_model, cross_entropy
 from attamba_jax.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
-from attamba_jax.trainer import make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,35 +125,13 @@ class Scorer:
 
 def load_scorer(workdir: str | pathlib.Path, *, step: int | None = None, batch_size: int = 8, token_chunk: int | None = None) -> tuple[Scorer, int]:
     """A Scorer with the parameters of ``workdir``'s checkpoint ``step`` (default: the latest)."""
-    workdir = pathlib.Path(workdir)
-    cfg_path = workdir / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{workdir} holds no config.yaml; is it a training workdir?")
-    cfg = load_saved_config(cfg_path)
+    cfg, graphdef, params, step = restore_workdir(workdir, step)
     if token_chunk is not None and cfg.model.arch != "attamba":
         raise ConfigError("--token-chunk applies to arch=attamba only")
     if token_chunk is not None and token_chunk < 1:
         raise ConfigError(f"--token-chunk must be >= 1, got {token_chunk}")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_fits(tokenizer, cfg.model.vocab_size)
-    if not (workdir / "checkpoints").is_dir():
-        raise CheckpointError(f"{workdir} holds no checkpoints")
-    ckpt = Checkpointer(workdir / "checkpoints", keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every, read_only=True)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise CheckpointError(f"{workdir / 'checkpoints'} holds no finished checkpoint")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint step {step} in {workdir / 'checkpoints'} (it has {steps})")
-        graphdef, params = init_model(cfg.model, seed=cfg.seed)
-        tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.int32(0)}, params)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-        params = ckpt.restore(step, abstract, None)["params"]
-    finally:
-        ckpt.close()
     return Scorer(cfg, params, graphdef, tokenizer, batch_size=batch_size, token_chunk=token_chunk), step
 
 

@@ -212,13 +212,11 @@ def generate(
 
 def load_workdir(workdir: str, step: int | None = None):
     """(graphdef, params, config, tokenizer, step) of a training workdir's checkpoint (default: the latest)."""
-    from attamba_jax.evaluate import load_scorer
-    from attamba_jax.model import LanguageModel
+    from attamba_jax.checkpointing import restore_workdir
+    from attamba_jax.tokenizer import load_tokenizer
 
-    scorer, step = load_scorer(workdir, step=step, batch_size=1)
-    cfg = scorer.cfg
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(params=cfg.seed))))
-    return graphdef, scorer.params, cfg, scorer.tokenizer, step
+    cfg, graphdef, params, step = restore_workdir(workdir, step)
+    return graphdef, params, cfg, load_tokenizer(cfg.data.tokenizer), step
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_train_step.py --out train_step.json [--deadline 420]
 
 Each case builds the model from its paper config in bfloat16 compute (float32 parameters and
-AdamW state), jits the trainer's own step (``trainer.make_train_step``, donated state) and
+AdamW state), jits the trainer's own step (``train_step.make_train_step``, donated state) and
 times it on synthetic token batches as the trainer runs it: ``reps`` steps dispatched back to
 back and waited on once (median of 3 such rounds; ``step_ms``). ``synced_step_ms`` is the median
 step closed by its own ``block_until_ready``, which adds the host's dispatch of every step.
@@ -35,7 +35,8 @@ import numpy as np
 from attamba_jax.config import load_config
 from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
 from attamba_jax.model import count_params, init_model
-from attamba_jax.trainer import make_optimizer, make_train_step
+from attamba_jax.optimizer import make_optimizer
+from attamba_jax.train_step import make_train_step
 import trace_summary  # benchmarks/trace_summary.py
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ from attamba_jax.checkpointing import Checkpointer
 from attamba_jax.config import ModelConfig, dump_config, load_config
 from attamba_jax.generate import Sampling, generate, main, sample
 from attamba_jax.model import apply_model, init_model
+from attamba_jax.optimizer import make_optimizer
 from attamba_jax.tokenizer import ByteTokenizer
-from attamba_jax.trainer import make_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=64, dim=32, n_heads=4, multiple_of=16)

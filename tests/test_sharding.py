@@ -13,10 +13,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from attamba_jax.config import ConfigError, load_config
 from attamba_jax.model import make_forward
+from attamba_jax.optimizer import make_optimizer
 from attamba_jax.sharding import make_mesh, use_mesh
-from attamba_jax.trainer import (
-    Trainer, init_train_state, jit_train_step, make_optimizer, mesh_from_config, train_batch_sharding,
-)
+from attamba_jax.train_step import init_train_state, jit_train_step, mesh_from_config, train_batch_sharding
+from attamba_jax.trainer import Trainer
 from tests.helpers import assert_close, cpu_devices, value_and_grads, with_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

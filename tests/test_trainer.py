@@ -1,6 +1,6 @@
-"""The trainer: optimizer pieces, FLOP count, exact resume after SIGKILL, non-finite loss,
-incompatible and truncated checkpoints, bad configs, out-of-vocab tokenizers, empty corpora,
-and evaluation of a trained workdir."""
+"""The trainer: optimizer pieces, FLOP count, the hook schedule, exact resume after SIGKILL,
+non-finite loss, incompatible and truncated checkpoints, bad configs, out-of-vocab tokenizers,
+empty corpora, and restoring and evaluating a trained workdir."""
 
 import gc
 import json
@@ -10,6 +10,8 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import chex
 import jax
@@ -20,15 +22,18 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from attamba_jax.checkpointing import Checkpointer, CheckpointError, config_differences
+from attamba_jax.checkpointing import Checkpointer, CheckpointError, config_differences, restore_workdir
 from attamba_jax.config import ConfigError, load_config
 from attamba_jax.data import DataError
 from attamba_jax.evaluate import load_scorer, sliding_windows
 from attamba_jax.flops import attention_flops_per_token, mean_keys_per_query, train_flops_per_token
+from attamba_jax.hooks import Hooks
 from attamba_jax.model import LanguageModel, apply_model, init_model
+from attamba_jax.optimizer import decay_mask, make_schedule
 from attamba_jax.tokenizer import TokenizerError, train_sentencepiece
-from attamba_jax.trainer import NonFiniteLossError, Trainer, decay_mask, make_schedule, make_train_step
-from tests.helpers import assert_close, with_overrides
+from attamba_jax.train_step import make_train_step
+from attamba_jax.trainer import NonFiniteLossError, RunResult, Trainer
+from tests.helpers import assert_close, cpu_devices, with_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -161,6 +166,39 @@ def test_sliding_windows_score_every_token_once_with_context():
         assert scored == list(range(1, n + 1))
 
 
+def _scheduled_calls(stop_at=None) -> dict[str, list[tuple[int, list[int]]]]:
+    """(step, steps whose metrics it was given) of each call of two hooks, in a run resumed at
+    step 2 that ends at step 11, or at the stop signal read after ``stop_at``."""
+    trainer = SimpleNamespace(start_step=2, cfg=SimpleNamespace(train=SimpleNamespace(steps=11)), checkpointer=None)
+    hooks, calls = Hooks(trainer), {"every3": [], "every4_not_on_stop": []}
+
+    def recorder(name):
+        return lambda info: calls[name].append((info.step, [s for s, _ in info.metrics()]))
+
+    hooks.add(recorder("every3"), every=3)
+    hooks.add(recorder("every4_not_on_stop"), every=4, on_stop=False)
+    for step in range(3, 12):
+        metrics = {"loss": jnp.float32(step), "grad_norm": jnp.float32(1.0), "lr": jnp.float32(0.1)}
+        hooks.run(step, metrics, stopping=step == stop_at)
+        if step == stop_at:
+            break
+    return calls
+
+
+def test_hooks_run_every_n_steps_and_after_the_last_with_the_metrics_since_their_last_call():
+    assert _scheduled_calls() == {
+        "every3": [(3, [3]), (6, [4, 5, 6]), (9, [7, 8, 9]), (11, [10, 11])],
+        "every4_not_on_stop": [(4, [3, 4]), (8, [5, 6, 7, 8]), (11, [9, 10, 11])],
+    }
+
+
+def test_hooks_run_at_a_stop_signal_unless_added_with_on_stop_false():
+    assert _scheduled_calls(stop_at=7) == {
+        "every3": [(3, [3]), (6, [4, 5, 6]), (7, [7])],
+        "every4_not_on_stop": [(4, [3, 4])],
+    }
+
+
 def test_checkpoint_retention_keeps_the_newest_and_every_nth(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt", keep_last=2, keep_every=4)
     state = {"w": jnp.arange(3.0)}
@@ -218,25 +256,46 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     chex.assert_trees_all_equal(_final_state(tmp_path / "a", 8), _final_state(tmp_path / "b", 8))
 
 
-# --- one trained workdir, many checks (one compile of the step for all of them) -----------
+# --- one trained workdir, many checks (trained once per test process) ----------------------
 
 
-# Orbax's reader coroutines for the other arrays of the truncated checkpoint fail and are dropped
-# after the first error; Python reports them when they are collected.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_trained_workdir_outputs_rerun_bad_checkpoints_non_finite_and_evaluation(tmp_path):
-    corpus = _corpus(tmp_path / "corpus")
-    overrides = _overrides(corpus, steps=4)
-    run = tmp_path / "run"
-    result = Trainer(load_config(TINY, overrides), run, progress=False).run()
+class Trained(NamedTuple):
+    run: pathlib.Path  # the workdir: checkpoints 2 and 4; do not change it, copy it (_copy)
+    overrides: list[str]
+    result: RunResult
+    params: nnx.State  # the parameters at step 4, on the host
 
-    # Outputs: checkpoints, config, metrics, TensorBoard, plot.
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Trained:
+    root = tmp_path_factory.mktemp("trained")
+    overrides = _overrides(_corpus(root / "corpus"), steps=4)
+    trainer = Trainer(load_config(TINY, overrides), root / "run", progress=False)
+    result = trainer.run()
+    return Trained(root / "run", overrides, result, jax.device_get(trainer.state["params"]))
+
+
+def _copy(trained: Trained, tmp_path: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(trained.run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def scorer(trained):
+    return load_scorer(trained.run, batch_size=2)
+
+
+TEXT = "alpha beta gamma delta " * 40  # 920 bytes: many windows of T = 32
+
+
+def test_a_run_writes_checkpoints_config_metrics_tensorboard_and_a_plot(trained):
+    result, run = trained.result, trained.run
     assert result.status == "finished" and result.step == 4
     assert result.last_eval_loss < result.first_eval_loss
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     assert (run / "loss.png").stat().st_size > 1000
     assert any((run / "tensorboard").iterdir())
-    assert load_config(run / "config.yaml") == load_config(TINY, overrides)
+    assert load_config(run / "config.yaml") == load_config(TINY, trained.overrides)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
@@ -244,29 +303,37 @@ def test_a_trained_workdir_outputs_rerun_bad_checkpoints_non_finite_and_evaluati
     assert train[0]["tokens_per_s"] is None and train[-1]["tokens_per_s"] > 0  # step 1 compiles, so it is not timed
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 4]
 
-    # Re-running a finished workdir does nothing.
-    again = Trainer(load_config(TINY, overrides), run, progress=False).run()
+
+def test_rerunning_a_finished_workdir_does_nothing(trained, tmp_path):
+    again = Trainer(load_config(TINY, trained.overrides), _copy(trained, tmp_path), progress=False).run()
     assert again.status == "already_done" and again.step == 4
 
-    # Another model config: a clear error naming the key; nothing saved is touched.
+
+def test_another_model_config_is_refused_naming_the_key_and_touching_nothing(trained, tmp_path):
+    run = _copy(trained, tmp_path)
     before = (run / "config.yaml").read_text()
     with pytest.raises(CheckpointError, match=r"different config:\n  model.dim: 32 in the checkpoint, 48 now"):
-        Trainer(load_config(TINY, with_overrides(overrides, "model.dim=48")), run, progress=False)
+        Trainer(load_config(TINY, with_overrides(trained.overrides, "model.dim=48")), run, progress=False)
     assert (run / "config.yaml").read_text() == before
 
-    # A truncated checkpoint: a clear error naming the folder and the previous step.
-    damaged = tmp_path / "damaged"
-    shutil.copytree(run, damaged)
+
+# Orbax's reader coroutines for the other arrays of the truncated checkpoint fail and are dropped
+# after the first error; Python reports them when they are collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_truncated_checkpoint_is_an_error_naming_the_folder_and_the_previous_step(trained, tmp_path):
+    damaged = _copy(trained, tmp_path)
     state_dir = damaged / "checkpoints" / "4" / "state"
     biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"checkpoints/4 cannot be read .*resume from step 2"):
-        Trainer(load_config(TINY, overrides), damaged, progress=False)
+        Trainer(load_config(TINY, trained.overrides), damaged, progress=False)
     assert (damaged / "checkpoints" / "2").is_dir() and (damaged / "checkpoints" / "4").is_dir()
     gc.collect()  # the dropped reader coroutines go now, under this test's warning filter
 
-    # A non-finite loss stops the run, names the step and keeps the last good checkpoint.
-    longer = with_overrides(overrides, "train.steps=8")
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(trained, tmp_path):
+    run = _copy(trained, tmp_path)
+    longer = with_overrides(trained.overrides, "train.steps=8")
     trainer = Trainer(load_config(TINY, longer), run, progress=False)
     assert trainer.start_step == 4
 
@@ -282,52 +349,106 @@ def test_a_trained_workdir_outputs_rerun_bad_checkpoints_non_finite_and_evaluati
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(resumed.state["params"]))
     resumed.close()
 
-    # Evaluation of the workdir's latest checkpoint.
-    scorer, step = load_scorer(run, batch_size=2)
+
+def test_restoring_a_workdir_gives_the_parameters_the_trainer_saved_on_one_device(trained):
+    cfg, graphdef, params, step = restore_workdir(trained.run)
+    assert step == 4 and cfg == load_config(TINY, trained.overrides)
+    chex.assert_trees_all_equal(jax.device_get(params), trained.params)
+    assert {x.sharding for x in jax.tree.leaves(params)} == {jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+    assert graphdef == nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(0))))[0]
+
+
+def test_restoring_a_missing_step_is_an_error_naming_the_steps_there_are(trained):
+    with pytest.raises(CheckpointError, match=r"no checkpoint step 3 in .*checkpoints \(it has \[2, 4\]\)"):
+        restore_workdir(trained.run, step=3)
+
+
+def test_evaluation_scores_the_latest_checkpoint_in_tokens_words_and_bytes(scorer):
+    scorer, step = scorer
     assert step == 4
-    text = "alpha beta gamma delta " * 40  # 920 bytes: many windows of T = 32
-    score = scorer.score_text(text, stride=16)
+    score = scorer.score_text(TEXT, stride=16)
     report = score.report()
-    assert report["tokens"] == report["bytes"] == len(text) and report["words"] == 160
-    assert report["bits_per_byte"] == pytest.approx(score.nll / (math.log(2) * len(text)))
+    assert report["tokens"] == report["bytes"] == len(TEXT) and report["words"] == 160
+    assert report["bits_per_byte"] == pytest.approx(score.nll / (math.log(2) * len(TEXT)))
     assert report["word_perplexity"] == pytest.approx(math.exp(score.nll / 160))
-    assert report["token_perplexity"] == pytest.approx(math.exp(score.nll / len(text)))
-    # A document shorter than the context is one window: the plain forward pass's NLL.
+    assert report["token_perplexity"] == pytest.approx(math.exp(score.nll / len(TEXT)))
+
+
+def test_a_document_shorter_than_the_context_scores_as_one_forward_pass(scorer):
+    scorer, _ = scorer
     short = "beta gamma alpha"
     tokens = jnp.asarray([[256] + list(short.encode())], jnp.int32)
     graphdef, _ = init_model(scorer.cfg.model)
     logits = jax.jit(lambda p, x: apply_model(graphdef, p, x))(scorer.params, tokens[:, :-1])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).sum()
     assert scorer.score_text(short, stride=16).nll == pytest.approx(float(nll), rel=1e-5)
-    # Another chunk length at test time (trained with K = 4) scores the same tokens differently.
-    other, _ = load_scorer(run, batch_size=2, token_chunk=2)
-    other_score = other.score_text(text, stride=16)
+
+
+def test_another_chunk_length_at_test_time_scores_the_same_tokens_differently(trained, scorer):
+    scorer, _ = scorer
+    score = scorer.score_text(TEXT, stride=16)
+    other, _ = load_scorer(trained.run, batch_size=2, token_chunk=2)  # trained with K = 4
+    other_score = other.score_text(TEXT, stride=16)
     assert other_score.tokens == score.tokens and other_score.nll != pytest.approx(score.nll, rel=1e-6)
 
 
 # --- errors before anything runs ------------------------------------------------------------
 
 
-def test_bad_configs_are_rejected_with_the_key_named(tmp_path):
-    corpus = _corpus(tmp_path / "corpus")
-    with pytest.raises(ConfigError, match="data.batch_size .8. must be a multiple of optim.grad_accum .3."):
-        load_config(TINY, _overrides(corpus, **{"optim.grad_accum": 3}))
-    with pytest.raises(ConfigError, match="unknown config key optim.learning_rate"):
-        load_config(TINY, ["optim.learning_rate=1"])
-    with pytest.raises(ConfigError, match="optim.warmup_steps .50. must not exceed train.steps .4."):
-        load_config(TINY, _overrides(corpus, **{"optim.warmup_steps": 50}))
-    with pytest.raises(ConfigError, match="multiple of mesh.data x mesh.fsdp = 8 x 1 = 8"):  # conftest: 8 CPU devices
-        Trainer(load_config(TINY, _overrides(corpus, **{"data.batch_size": 4})), tmp_path / "run", progress=False)
+def _batch_not_a_multiple_of_grad_accum(tmp_path):
+    load_config(TINY, _overrides(_corpus(tmp_path / "corpus"), **{"optim.grad_accum": 3}))
 
 
-def test_tokenizer_beyond_the_model_vocab_and_empty_corpus_are_errors(tmp_path):
-    corpus = _corpus(tmp_path / "corpus")
+def _unknown_key(tmp_path):
+    load_config(TINY, ["optim.learning_rate=1"])
+
+
+def _warmup_beyond_the_run(tmp_path):
+    load_config(TINY, _overrides(_corpus(tmp_path / "corpus"), **{"optim.warmup_steps": 50}))
+
+
+def _batch_not_a_multiple_of_8_devices(tmp_path):
+    devices = cpu_devices(8)
+    cfg = load_config(TINY, _overrides(_corpus(tmp_path / "corpus"), **{"data.batch_size": 4}))
+    Trainer(cfg, tmp_path / "run", progress=False, devices=devices[:8])
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (_batch_not_a_multiple_of_grad_accum, "data.batch_size .8. must be a multiple of optim.grad_accum .3."),
+        (_unknown_key, "unknown config key optim.learning_rate"),
+        (_warmup_beyond_the_run, "optim.warmup_steps .50. must not exceed train.steps .4."),
+        (_batch_not_a_multiple_of_8_devices, "multiple of mesh.data x mesh.fsdp = 8 x 1 = 8"),
+    ],
+    ids=["batch_vs_grad_accum", "unknown_key", "warmup_vs_steps", "batch_vs_mesh"],
+)
+def test_bad_configs_are_rejected_with_the_key_named(tmp_path, build, match):
+    with pytest.raises(ConfigError, match=match):
+        build(tmp_path)
+
+
+def _tokenizer_beyond_the_vocab(tmp_path) -> list[str]:
     (tmp_path / "lines.txt").write_text("\n".join(f"alpha beta {i} gamma delta" for i in range(300)))
     sp = train_sentencepiece([tmp_path / "lines.txt"], tmp_path / "sp", vocab_size=300, threads=1)
-    with pytest.raises(TokenizerError, match="300 ids but model.vocab_size is 258"):
-        Trainer(load_config(TINY, _overrides(corpus, **{"data.tokenizer": sp})), tmp_path / "run", progress=False)
+    return _overrides(_corpus(tmp_path / "corpus"), **{"data.tokenizer": sp})
+
+
+def _empty_corpus(tmp_path) -> list[str]:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
-    with pytest.raises(DataError, match="hold no training documents"):
-        Trainer(load_config(TINY, _overrides(str(tmp_path / "empty" / "*.txt"))), tmp_path / "run2", progress=False)
-    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+    return _overrides(str(tmp_path / "empty" / "*.txt"))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (_tokenizer_beyond_the_vocab, TokenizerError, "300 ids but model.vocab_size is 258"),
+        (_empty_corpus, DataError, "hold no training documents"),
+    ],
+    ids=["tokenizer_beyond_vocab", "empty_corpus"],
+)
+def test_tokenizer_beyond_the_model_vocab_and_empty_corpus_are_errors(tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        Trainer(load_config(TINY, overrides(tmp_path)), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

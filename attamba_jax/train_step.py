@@ -1,0 +1,130 @@
+"""The train step: one jitted, sharded function of the train state and a batch.
+
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    mesh = mesh_from_config(cfg.mesh)
+    graphdef, state, shardings = init_train_state(cfg, mesh, tx)
+    step = jit_train_step(graphdef, tx, schedule, shardings, train_batch_sharding(mesh, microbatch))
+    with use_mesh(mesh):
+        state, metrics = step(state, batch)     # batch arrays [microbatches, b, T]
+
+The model is split once into its graph and its parameters; the step is a pure function of
+``state = {"params", "opt_state", "step"}`` (donated, so the update happens in place) and of
+a batch. Parameters and optimizer moments stay float32; ``model.dtype`` sets the compute
+dtype. Devices form the (data, fsdp, tensor) mesh of the ``mesh`` config section: the batch
+is split over data x fsdp, parameters and optimizer moments are placed by the logical-axis
+rules of ``sharding`` (split over fsdp and tensor where the sizes divide), and the step is
+one ``jax.jit`` with those in/out shardings, so gradient all-reduces, reduce-scatters and
+parameter all-gathers are XLA's.
+
+A step's loss is (sum of token NLL) / (number of counted tokens) over the whole global
+batch, however it is cut into microbatches (``optim.grad_accum``), so accumulation changes
+memory, not the result.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from attamba_jax.config import Config, ConfigError, MeshConfig
+from attamba_jax.model import apply_model, cross_entropy, init_model
+from attamba_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, tree_shardings, use_mesh
+
+
+def _nll_sum(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token NLL, sum of weights) of one [b, T] batch, in float32."""
+    logits = apply_model(graphdef, params, batch["inputs"])
+    mean, total = cross_entropy(logits, batch["targets"], batch["weights"])
+    return mean * jnp.maximum(total, 1.0), total
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, param_shardings=None):
+    """``(state, batch) -> (state, metrics)``; batch arrays are [microbatches, b, T].
+
+    ``param_shardings``: keep the accumulated gradients sharded like the parameters (under
+    fsdp XLA then reduce-scatters them instead of all-reducing full copies).
+    """
+
+    def shard_like_params(tree):
+        return tree if param_shardings is None else jax.lax.with_sharding_constraint(tree, param_shardings)
+
+    def step_fn(state, batch):
+        params = state["params"]
+        grad_fn = jax.value_and_grad(lambda p, mb: _nll_sum(graphdef, p, mb), has_aux=True)
+
+        def micro(carry, mb):
+            grads, nll, weight = carry
+            (mb_nll, mb_weight), mb_grads = grad_fn(params, mb)
+            return (shard_like_params(jax.tree.map(jnp.add, grads, mb_grads)), nll + mb_nll, weight + mb_weight), None
+
+        zeros = shard_like_params(jax.tree.map(jnp.zeros_like, params))
+        (grads, nll, weight), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        return new_state, metrics
+
+    return step_fn
+
+
+def mesh_from_config(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of ``cfg`` over ``devices`` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    try:
+        return make_mesh(cfg.shape(), devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh config {cfg.shape()} does not fit the {len(devices)} devices: {e}") from None
+
+
+def init_train_state(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation):
+    """(graphdef, state, shardings): the initial train state placed on ``mesh`` by the logical rules.
+
+    ``state = {"params", "opt_state", "step"}``; ``shardings`` has the same structure. Optimizer
+    moments are placed like their parameters (they carry the same ``logical_axes``); step
+    counts are replicated.
+    """
+    graphdef, params = init_model(cfg.model, seed=cfg.seed)
+    replicated = NamedSharding(mesh, P())
+    with use_mesh(mesh):
+        param_shardings = tree_shardings(params, mesh)
+        params = jax.device_put(params, param_shardings)
+        opt_shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), replicated)}
+    return graphdef, state, {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+
+
+def jit_train_step(graphdef, tx, schedule, shardings, batch_sharding: NamedSharding):
+    """The train step jitted with the state's and the batch's shardings in and out, state donated.
+
+    Call it inside ``use_mesh(mesh)`` so that the model's activation constraints apply.
+    """
+    replicated = NamedSharding(batch_sharding.mesh, P())
+    return jax.jit(
+        make_train_step(graphdef, tx, schedule, param_shardings=shardings["params"]),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def train_batch_sharding(mesh: jax.sharding.Mesh, microbatch: int) -> NamedSharding:
+    """[microbatches, b, T] batches: rows split over data x fsdp, which must divide ``microbatch``."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if microbatch % n:
+        raise ConfigError(
+            f"data.batch_size / optim.grad_accum = {microbatch} sequences per microbatch must be a multiple of "
+            f"mesh.data x mesh.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {n}"
+        )
+    return NamedSharding(mesh, logical_to_spec((None, "batch", "length"), (1, microbatch, 1), mesh, DEFAULT_RULES))
+
+
+def make_eval_step(graphdef):
+    def eval_fn(params, batch):
+        return _nll_sum(graphdef, params, batch)
+
+    return eval_fn
