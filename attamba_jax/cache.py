@@ -56,7 +56,7 @@ class KVRing(struct.PyTreeNode):
     v: jax.Array  # [B, Hkv, S, D]
 
     @classmethod
-    def zeros(cls, batch: int, size: int, heads: int, head_dim: int, dtype) -> "KVRing":
+    def zeros(cls, batch: int, size: int, heads: int, head_dim: int, dtype) -> KVRing:
         shape = (batch, heads, size, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -69,13 +69,13 @@ class KVRing(struct.PyTreeNode):
         slots = jnp.arange(self.size)[None, :]
         return last[:, None] - (last[:, None] - slots) % self.size
 
-    def fill(self, k: jax.Array, v: jax.Array, lengths: jax.Array) -> "KVRing":
+    def fill(self, k: jax.Array, v: jax.Array, lengths: jax.Array) -> KVRing:
         """From whole sequences k, v [B, T, Hkv, D] of which row i holds ``lengths[i]`` tokens."""
         pos = self._slot_positions(lengths - 1)
         valid = pos >= 0
         return self.replace(k=_gather_kv(k, pos, valid), v=_gather_kv(v, pos, valid))
 
-    def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> "KVRing":
+    def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> KVRing:
         """Store one token per row: k, v [B, Hkv, D] at ``positions`` [B]."""
         rows, slot = jnp.arange(k.shape[0]), positions % self.size
         return self.replace(k=self.k.at[rows, :, slot].set(k), v=self.v.at[rows, :, slot].set(v))
@@ -92,7 +92,7 @@ class BoundaryKV(struct.PyTreeNode):
     v: jax.Array  # [B, Hkv, NB, D]
 
     @classmethod
-    def zeros(cls, batch: int, capacity: int, heads: int, head_dim: int, dtype) -> "BoundaryKV":
+    def zeros(cls, batch: int, capacity: int, heads: int, head_dim: int, dtype) -> BoundaryKV:
         shape = (batch, heads, capacity, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -100,13 +100,13 @@ class BoundaryKV(struct.PyTreeNode):
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def fill(self, grid: ChunkGrid, k: jax.Array, v: jax.Array, lengths: jax.Array) -> "BoundaryKV":
+    def fill(self, grid: ChunkGrid, k: jax.Array, v: jax.Array, lengths: jax.Array) -> BoundaryKV:
         """From whole sequences k, v [B, T, Hkv, D] of which row i holds ``lengths[i]`` tokens."""
         pos = jnp.broadcast_to(grid.position(jnp.arange(self.capacity)), (k.shape[0], self.capacity))  # slot j: boundary j
         valid = pos < lengths[:, None]
         return self.replace(k=_gather_kv(k, pos, valid), v=_gather_kv(v, pos, valid))
 
-    def write(self, grid: ChunkGrid, positions: jax.Array, k: jax.Array, v: jax.Array) -> "BoundaryKV":
+    def write(self, grid: ChunkGrid, positions: jax.Array, k: jax.Array, v: jax.Array) -> BoundaryKV:
         """Store k, v [B, Hkv, D] of the rows whose token at ``positions`` ends a chunk."""
         slot = jnp.where(grid.is_boundary(positions), grid.count_before(positions), self.capacity)
         rows = jnp.arange(k.shape[0])
@@ -124,13 +124,13 @@ class AttambaLayerCache(struct.PyTreeNode):
     window: KVRing
     ssm: SSMState
 
-    def fill(self, grid: ChunkGrid, k, v, lengths, ssm: SSMState) -> "AttambaLayerCache":
+    def fill(self, grid: ChunkGrid, k, v, lengths, ssm: SSMState) -> AttambaLayerCache:
         """After a prefill: k, v [B, T, Hkv, D] post-RoPE, SSM states after each row's last token."""
         return AttambaLayerCache(
             boundaries=self.boundaries.fill(grid, k, v, lengths), window=self.window.fill(k, v, lengths), ssm=ssm
         )
 
-    def append(self, grid: ChunkGrid, positions, k, v, ssm: SSMState) -> "AttambaLayerCache":
+    def append(self, grid: ChunkGrid, positions, k, v, ssm: SSMState) -> AttambaLayerCache:
         """After one decode step: k, v [B, Hkv, D] of the tokens at ``positions`` [B]."""
         return AttambaLayerCache(
             boundaries=self.boundaries.write(grid, positions, k, v), window=self.window.write(positions, k, v), ssm=ssm
@@ -144,10 +144,10 @@ class AttambaLayerCache(struct.PyTreeNode):
 class TransformerLayerCache(struct.PyTreeNode):
     window: KVRing
 
-    def fill(self, k, v, lengths) -> "TransformerLayerCache":
+    def fill(self, k, v, lengths) -> TransformerLayerCache:
         return TransformerLayerCache(window=self.window.fill(k, v, lengths))
 
-    def append(self, positions, k, v) -> "TransformerLayerCache":
+    def append(self, positions, k, v) -> TransformerLayerCache:
         return TransformerLayerCache(window=self.window.write(positions, k, v))
 
     def key_sets(self, positions) -> list[KeySet]:

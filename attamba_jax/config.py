@@ -313,7 +313,7 @@ class Config:
     # Seeds the parameter initialisation and the data order.
     seed: int = 0
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         self.model.validate()
         self.data.validate()
         self.optim.validate()
@@ -333,7 +333,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **sections) -> "Config":
+    def replace(self, **sections) -> Config:
         return dataclasses.replace(self, **sections).validate()
 
 

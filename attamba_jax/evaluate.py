@@ -64,7 +64,7 @@ class Score:
     words: int
     bytes: int
 
-    def __add__(self, other: "Score") -> "Score":
+    def __add__(self, other: Score) -> Score:
         return Score(self.nll + other.nll, self.tokens + other.tokens, self.words + other.words, self.bytes + other.bytes)
 
     def report(self) -> dict[str, float | int]:

@@ -33,7 +33,6 @@ from flax import nnx
 
 from attamba_jax.cache import Cache, init_cache
 
-
 # --- prefill and one decode step (pure functions of the parameters) ---------------------------
 
 

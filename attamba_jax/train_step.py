@@ -26,7 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from attamba_jax.config import Config, ConfigError, MeshConfig
 from attamba_jax.model import apply_model, cross_entropy, init_model

@@ -23,20 +23,27 @@ from typing import Literal
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from attamba_jax import data as data_lib
 from attamba_jax.checkpointing import Checkpointer, CheckpointError, config_differences
 from attamba_jax.config import Config, ConfigError, dump_config, upgrade_saved
 from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
-from attamba_jax.hooks import NonFiniteLossError as NonFiniteLossError  # raised by the hooks; callers import it from here
+from attamba_jax.hooks import (
+    NonFiniteLossError as NonFiniteLossError,  # raised by the hooks; callers import it from here
+)
 from attamba_jax.hooks import RunHooks
 from attamba_jax.model import count_params
 from attamba_jax.optimizer import make_optimizer
 from attamba_jax.sharding import DEFAULT_RULES, check_process_rows, logical_to_spec, use_mesh
 from attamba_jax.tokenizer import check_fits, load_tokenizer
 from attamba_jax.train_step import (
-    init_train_state, jit_train_step, make_eval_step, mesh_from_config, train_batch_sharding,
+    init_train_state,
+    jit_train_step,
+    make_eval_step,
+    mesh_from_config,
+    train_batch_sharding,
 )
 
 

@@ -24,11 +24,10 @@ import argparse
 import json
 import platform
 
-
 import jax
 import jax.numpy as jnp
-from benchmarks.timing import add_kernel_bench_args, rel_err, save, stamp, time_calls
 
+from benchmarks.timing import add_kernel_bench_args, rel_err, save, stamp, time_calls
 from pallas_kernels.boundary_window_attention import boundary_window_attention, pallas_gpu, reference
 from pallas_kernels.boundary_window_attention.block_sizes import GpuBlocks
 from pallas_kernels.causal_attention import causal_attention

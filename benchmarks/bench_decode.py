@@ -109,10 +109,10 @@ def main():
     }
     print(json.dumps(header))
     models = {}
+    compute = jnp.dtype(args.dtype)
     for name, path in (("attamba", args.attamba), ("transformer", args.transformer)):
         cfg = load_config(path, [f"model.dtype={args.dtype}"]).model
         graphdef, params = init_model(cfg, seed=0)
-        compute = jnp.dtype(args.dtype)
         params = jax.tree.map(lambda x: x.astype(compute) if x.ndim >= 2 else x, params)
         models[name] = (cfg, graphdef, params)
         print(f"{name}: {path}, {count_params(params):,} parameters", flush=True)

@@ -18,9 +18,9 @@ import platform
 import jax
 import jax.numpy as jnp
 import optax
-from benchmarks.timing import rel_err, save, stamp, time_calls
 
 from attamba_jax.model import cross_entropy
+from benchmarks.timing import rel_err, save, stamp, time_calls
 
 
 def _autodiff_loss(logits, targets, weights):

@@ -41,8 +41,8 @@ def run_case(args) -> dict:
 
     from attamba_jax.config import load_config
     from attamba_jax.model import LanguageModel
-    from attamba_jax.sharding import tree_shardings, use_mesh
     from attamba_jax.optimizer import make_optimizer
+    from attamba_jax.sharding import tree_shardings, use_mesh
     from attamba_jax.train_step import init_train_state, jit_train_step, mesh_from_config, train_batch_sharding
 
     n, data, fsdp = CASES[args.case]

@@ -27,12 +27,11 @@ import json
 import math
 import platform
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from benchmarks.timing import add_kernel_bench_args, device_seconds, rel_err, save, stamp, time_calls
 
+from benchmarks.timing import add_kernel_bench_args, device_seconds, rel_err, save, stamp, time_calls
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.ssd import pallas_gpu, reference, ssd
 from pallas_kernels.ssd.block_sizes import GpuBlocks, GpuPass, default_gpu_blocks

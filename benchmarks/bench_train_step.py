@@ -31,13 +31,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import trace_summary  # benchmarks/trace_summary.py
 
 from attamba_jax.config import load_config
 from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
 from attamba_jax.model import count_params, init_model
 from attamba_jax.optimizer import make_optimizer
 from attamba_jax.train_step import make_train_step
-import trace_summary  # benchmarks/trace_summary.py
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = {

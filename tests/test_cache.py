@@ -68,7 +68,7 @@ def _assert_close(actual, expected, rtol=1e-4):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decoded(name):
     """A random model's forward over [B, T] tokens; the same tokens prefilled at several prompt
     lengths and then decoded one token per step (teacher forced); and a prefill of n more tokens."""

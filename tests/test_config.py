@@ -6,7 +6,13 @@ import pytest
 import yaml
 
 from attamba_jax.config import (
-    ConfigError, Config, dump_config, load_config, load_saved_config, parse_overrides, read_config_file,
+    Config,
+    ConfigError,
+    dump_config,
+    load_config,
+    load_saved_config,
+    parse_overrides,
+    read_config_file,
 )
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"

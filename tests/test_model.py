@@ -3,11 +3,11 @@
 import dataclasses
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import chex
 import pytest
 from flax import nnx
 

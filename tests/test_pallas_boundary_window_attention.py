@@ -32,7 +32,7 @@ KERNELS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(k, offset, window, t, h, hkv, dtype_name, seed, d=16):
     """Inputs and the dense reference's output and gradients, shared by both kernels."""
     grid = ChunkGrid(k, offset)

@@ -45,7 +45,7 @@ def _run(fn, *args):
     return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(k, offset, t, h, g, p, n, dtype_name, seed):
     """Inputs and the reference's value and gradients, shared by the GPU and TPU variants."""
     grid = ChunkGrid(k, offset)

@@ -9,7 +9,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from attamba_jax.config import ConfigError, load_config
 from attamba_jax.model import make_forward

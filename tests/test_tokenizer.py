@@ -10,8 +10,10 @@ from attamba_jax.tokenizer import (
     TokenizerError,
     check_fits,
     load_tokenizer,
-    main as tokenizer_main,
     train_sentencepiece,
+)
+from attamba_jax.tokenizer import (
+    main as tokenizer_main,
 )
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()

@@ -37,7 +37,14 @@ from pallas_kernels.boundary_window_attention.block_sizes import GpuBlocks
 from pallas_kernels.boundary_window_attention.flash_vjp import flash_vjp
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.common import (
-    add_at_boundaries, dot, gather_boundaries, index, iota, matmul_precision, next_pow2, triton_params,
+    add_at_boundaries,
+    dot,
+    gather_boundaries,
+    index,
+    iota,
+    matmul_precision,
+    next_pow2,
+    triton_params,
 )
 from pallas_kernels.visibility import Visibility
 
