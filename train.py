@@ -17,7 +17,11 @@ import pathlib
 import sys
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "tiny.yaml"
-DISTRIBUTED_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+DISTRIBUTED_ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 
 
 def distributed_args(flag: bool, environ) -> dict | None:
@@ -30,7 +34,9 @@ def distributed_args(flag: bool, environ) -> dict | None:
     if not given and not flag:
         return None
     if given and "coordinator_address" not in given:
-        raise ValueError(f"{', '.join(DISTRIBUTED_ENV[k] for k in given)} set without JAX_COORDINATOR_ADDRESS (host:port of process 0)")
+        raise ValueError(
+            f"{', '.join(DISTRIBUTED_ENV[k] for k in given)} set without JAX_COORDINATOR_ADDRESS (host:port of process 0)"
+        )
     for key in ("num_processes", "process_id"):
         if key in given:
             try:
@@ -46,10 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="checkpoints, metrics, plots (default: runs/<config name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     parser.add_argument(
-        "--distributed", action="store_true",
+        "--distributed",
+        action="store_true",
         help="one process per host: join the others through jax.distributed (implied by JAX_COORDINATOR_ADDRESS)",
     )
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.steps=100")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.steps=100"
+    )
     args = parser.parse_args(argv)
     try:
         distributed = distributed_args(args.distributed, os.environ)
@@ -76,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
     if result.status == "already_done":
-        print(f"{workdir} already holds a run at step {result.step} (train.steps={cfg.train.steps}); "
-              "raise train.steps to continue it or pass another --workdir")
+        print(
+            f"{workdir} already holds a run at step {result.step} (train.steps={cfg.train.steps}); "
+            "raise train.steps to continue it or pass another --workdir"
+        )
     if result.status == "signal":
         return 128 + result.signal
     return 0

@@ -46,8 +46,14 @@ def _boundary_window(q, k, v, grid: ChunkGrid, window: int, implementation: str)
     kv_heads = "kv" if sharding.splits("kv", k.shape[2]) else None
     q_axes = kv_axes = ("batch", None, kv_heads, None)
     return sharding.call_op(
-        boundary_window_attention, IMPLEMENTATIONS, implementation, (q, k, v), (q_axes, kv_axes, kv_axes), q_axes,
-        grid=grid, window=window,
+        boundary_window_attention,
+        IMPLEMENTATIONS,
+        implementation,
+        (q, k, v),
+        (q_axes, kv_axes, kv_axes),
+        q_axes,
+        grid=grid,
+        window=window,
     )
 
 
@@ -68,7 +74,11 @@ def cached_attention(q: jax.Array, key_sets: Sequence[KeySet]) -> jax.Array:
     hkv = key_sets[0][0].shape[1]
     qg = q.reshape(b, hkv, h // hkv, d)  # [B, Hkv, R, D]
     scores = [
-        jnp.where(visible[:, None, None, :], jnp.einsum("bkrd,bksd->bkrs", qg, k, preferred_element_type=jnp.float32), -jnp.inf)
+        jnp.where(
+            visible[:, None, None, :],
+            jnp.einsum("bkrd,bksd->bkrs", qg, k, preferred_element_type=jnp.float32),
+            -jnp.inf,
+        )
         for k, _, visible in key_sets
     ]  # [B, Hkv, R, S_i] each
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) * (d**-0.5), axis=-1)

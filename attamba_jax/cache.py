@@ -102,7 +102,9 @@ class BoundaryKV(struct.PyTreeNode):
 
     def fill(self, grid: ChunkGrid, k: jax.Array, v: jax.Array, lengths: jax.Array) -> BoundaryKV:
         """From whole sequences k, v [B, T, Hkv, D] of which row i holds ``lengths[i]`` tokens."""
-        pos = jnp.broadcast_to(grid.position(jnp.arange(self.capacity)), (k.shape[0], self.capacity))  # slot j: boundary j
+        pos = jnp.broadcast_to(
+            grid.position(jnp.arange(self.capacity)), (k.shape[0], self.capacity)
+        )  # slot j: boundary j
         valid = pos < lengths[:, None]
         return self.replace(k=_gather_kv(k, pos, valid), v=_gather_kv(v, pos, valid))
 
@@ -111,7 +113,9 @@ class BoundaryKV(struct.PyTreeNode):
         slot = jnp.where(grid.is_boundary(positions), grid.count_before(positions), self.capacity)
         rows = jnp.arange(k.shape[0])
         # Rows whose token is no boundary write out of bounds, which is dropped.
-        return self.replace(k=self.k.at[rows, :, slot].set(k, mode="drop"), v=self.v.at[rows, :, slot].set(v, mode="drop"))
+        return self.replace(
+            k=self.k.at[rows, :, slot].set(k, mode="drop"), v=self.v.at[rows, :, slot].set(v, mode="drop")
+        )
 
     def key_set(self, visibility: Visibility, positions: jax.Array) -> KeySet:
         """The boundary part of the query at ``positions``: the first ``boundaries_seen`` slots."""
@@ -232,7 +236,9 @@ def formula_bytes(cfg: ModelConfig, batch: int, max_len: int, *, token_chunk: in
     else:
         inner, gn = cfg.ssm_inner_dim, cfg.ssm_groups * cfg.ssm_state_dim
         kv = (n_boundaries + ring) * 2 * cfg.dim * item
-        ssm = cfg.ssm_heads * (inner // cfg.ssm_heads) * cfg.ssm_state_dim * 4 + (cfg.ssm_conv_width - 1) * (inner + 2 * gn) * item
+        ssm = (
+            cfg.ssm_heads * (inner // cfg.ssm_heads) * cfg.ssm_state_dim * 4
+            + (cfg.ssm_conv_width - 1) * (inner + 2 * gn) * item
+        )
         per_layer = kv + 2 * ssm
     return batch * cfg.n_layers * per_layer
-

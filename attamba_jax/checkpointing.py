@@ -71,7 +71,9 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 class Checkpointer:
     """Saves and restores (state, data iterator, meta) under ``directory``."""
 
-    def __init__(self, directory: str | pathlib.Path, *, keep_last: int, keep_every: int | None, read_only: bool = False):
+    def __init__(
+        self, directory: str | pathlib.Path, *, keep_last: int, keep_every: int | None, read_only: bool = False
+    ):
         """``read_only``: for readers beside a running trainer (evaluation); touches nothing on disk."""
         self.directory = pathlib.Path(directory).absolute()
         policies = [ocp.checkpoint_managers.LatestN(keep_last)]
@@ -106,11 +108,15 @@ class Checkpointer:
     def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
         others = [s for s in self.all_steps() if s != step]
         hint = (
-            f"; move {self._folder(step)} aside to resume from step {others[-1]}" if others else "; move it aside to start afresh"
+            f"; move {self._folder(step)} aside to resume from step {others[-1]}"
+            if others
+            else "; move it aside to start afresh"
         )
         # The first line of the reader's message; TensorStore appends its whole spec after it.
         detail = (str(error).splitlines() or [""])[0].split(". See full")[0][:300]
-        return CheckpointError(f"checkpoint {self._folder(step)} cannot be read ({what}: {type(error).__name__}: {detail}){hint}")
+        return CheckpointError(
+            f"checkpoint {self._folder(step)} cannot be read ({what}: {type(error).__name__}: {detail}){hint}"
+        )
 
     def read_meta(self, step: int) -> dict:
         try:
@@ -118,7 +124,9 @@ class Checkpointer:
         except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
             raise self._unreadable(step, "meta", e) from e
         if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
-            raise CheckpointError(f"checkpoint {self._folder(step)}: meta holds no config and step; it was not written by this trainer")
+            raise CheckpointError(
+                f"checkpoint {self._folder(step)}: meta holds no config and step; it was not written by this trainer"
+            )
         return meta
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:

@@ -130,18 +130,26 @@ class ModelConfig:
         return round_up(int(2 * self.ssm_hidden_dim / 3), self.multiple_of)
 
     def validate(self):
-        _check(self.arch in ("attamba", "transformer"), f"model.arch must be 'attamba' or 'transformer', got {self.arch!r}")
+        _check(
+            self.arch in ("attamba", "transformer"), f"model.arch must be 'attamba' or 'transformer', got {self.arch!r}"
+        )
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of"):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
         _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.head_dim is None:
-            _check(self.dim % self.n_heads == 0, f"model.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) when head_dim is null")
+            _check(
+                self.dim % self.n_heads == 0,
+                f"model.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) when head_dim is null",
+            )
         hd = self.resolved_head_dim
         _check(hd >= 2 and hd % 2 == 0, f"model.head_dim must be even and >= 2 (RoPE rotates pairs), got {hd}")
         kv = self.resolved_kv_heads
-        _check(kv >= 1 and self.n_heads % kv == 0, f"model.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
+        _check(
+            kv >= 1 and self.n_heads % kv == 0,
+            f"model.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})",
+        )
         if self.arch == "attamba":
             _check(
                 kv * hd == self.dim,
@@ -153,25 +161,55 @@ class ModelConfig:
             for key in ("ssm_state_dim", "ssm_hidden_dim", "ssm_heads", "ssm_groups", "ssm_conv_width"):
                 _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
             inner = self.ssm_inner_dim
-            _check(inner % self.ssm_heads == 0, f"model.ssm_heads ({self.ssm_heads}) must divide the SSM inner width ({inner})")
-            _check(self.ssm_heads % self.ssm_groups == 0, f"model.ssm_groups ({self.ssm_groups}) must divide ssm_heads ({self.ssm_heads})")
-            _check(inner % self.ssm_groups == 0, f"model.ssm_groups ({self.ssm_groups}) must divide the SSM inner width ({inner})")
+            _check(
+                inner % self.ssm_heads == 0,
+                f"model.ssm_heads ({self.ssm_heads}) must divide the SSM inner width ({inner})",
+            )
+            _check(
+                self.ssm_heads % self.ssm_groups == 0,
+                f"model.ssm_groups ({self.ssm_groups}) must divide ssm_heads ({self.ssm_heads})",
+            )
+            _check(
+                inner % self.ssm_groups == 0,
+                f"model.ssm_groups ({self.ssm_groups}) must divide the SSM inner width ({inner})",
+            )
             _check(
                 0 < self.ssm_a_init_min <= self.ssm_a_init_max,
                 f"model.ssm_a_init_min/max must satisfy 0 < min <= max, got {self.ssm_a_init_min}, {self.ssm_a_init_max}",
             )
             _check_name("model.ssm_implementation", self.ssm_implementation, SsdImplementation)
-            _check_name("model.attention_implementation for arch=attamba", self.attention_implementation, AttentionImplementation)
+            _check_name(
+                "model.attention_implementation for arch=attamba",
+                self.attention_implementation,
+                AttentionImplementation,
+            )
         else:
-            _check_name("model.attention_implementation for arch=transformer", self.attention_implementation, CausalImplementation)
-            _check(self.sliding_window is None or self.sliding_window >= 0, f"model.sliding_window must be null or >= 0, got {self.sliding_window}")
+            _check_name(
+                "model.attention_implementation for arch=transformer",
+                self.attention_implementation,
+                CausalImplementation,
+            )
+            _check(
+                self.sliding_window is None or self.sliding_window >= 0,
+                f"model.sliding_window must be null or >= 0, got {self.sliding_window}",
+            )
 
 
 # Keys that mean something for one architecture only: setting them for the other is an error.
 ATTAMBA_ONLY = frozenset(
     {
-        "token_chunk", "window", "pseudo_chunk", "ssm_state_dim", "ssm_hidden_dim", "ssm_heads",
-        "ssm_groups", "ssm_conv_width", "ssm_dt_bias", "ssm_a_init_min", "ssm_a_init_max", "ssm_implementation",
+        "token_chunk",
+        "window",
+        "pseudo_chunk",
+        "ssm_state_dim",
+        "ssm_hidden_dim",
+        "ssm_heads",
+        "ssm_groups",
+        "ssm_conv_width",
+        "ssm_dt_bias",
+        "ssm_a_init_min",
+        "ssm_a_init_max",
+        "ssm_implementation",
     }
 )
 TRANSFORMER_ONLY = frozenset({"sliding_window"})
@@ -206,12 +244,17 @@ class DataConfig:
         for key in ("train", "eval"):
             for src in getattr(self, key):
                 _check(bool(src.strip()), f"data.{key} holds an empty source name")
-        _check(0.0 <= self.heldout_fraction < 1.0, f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        _check(
+            0.0 <= self.heldout_fraction < 1.0, f"data.heldout_fraction must be in [0, 1), got {self.heldout_fraction}"
+        )
         _check(bool(self.tokenizer.strip()), "data.tokenizer must be 'byte' or the path of a SentencePiece .model")
         for key in ("seq_len", "batch_size", "prefetch"):
             _check(getattr(self, key) >= 1, f"data.{key} must be >= 1, got {getattr(self, key)}")
         _check(self.threads >= 0, f"data.threads must be >= 0 (0 = read in the training thread), got {self.threads}")
-        _check(self.prefetch >= self.threads, f"data.prefetch ({self.prefetch}) must be >= data.threads ({self.threads}), or threads sit idle")
+        _check(
+            self.prefetch >= self.threads,
+            f"data.prefetch ({self.prefetch}) must be >= data.threads ({self.threads}), or threads sit idle",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +285,9 @@ class OptimConfig:
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be null or > 0, got {self.grad_clip}")
+        _check(
+            self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be null or > 0, got {self.grad_clip}"
+        )
         _check(self.grad_accum >= 1, f"optim.grad_accum must be >= 1, got {self.grad_accum}")
 
 
@@ -273,7 +318,10 @@ class TrainConfig:
         for key in ("eval_batches", "keep_every"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"train.{key} must be null or >= 1, got {value}")
-        _check(self.peak_tflops is None or self.peak_tflops > 0, f"train.peak_tflops must be null or > 0, got {self.peak_tflops}")
+        _check(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            f"train.peak_tflops must be null or > 0, got {self.peak_tflops}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +428,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}")
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}"
+        )
         return float(value)
     if annotation is str:
         _check(isinstance(value, str), f"{where} must be a string, got {value!r}")
@@ -599,7 +649,7 @@ def _merge_bases(
     for base in bases:
         seen = [p.resolve() for p in chain]  # resolved: a file reached through a link is the same file
         if base.resolve() in seen:
-            cycle = chain[seen.index(base.resolve()):] + (base,)
+            cycle = chain[seen.index(base.resolve()) :] + (base,)
             raise ConfigError(f"config bases form a cycle: {' -> '.join(map(str, cycle))}")
         _check(base.is_file(), f"base file not found: {base} (named by {path})")
         base_tree, base_origin = _resolve(base, chain)

@@ -78,9 +78,7 @@ def stdlib_files() -> list[Source]:
     """The standard library's ``.py`` files (no third-party packages), sorted by relative path."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = sorted(
-        p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts) and p.is_file()
-    )
+    files = sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts) and p.is_file())
     return [Source("text", p, "stdlib/" + p.relative_to(root).as_posix()) for p in files]
 
 
@@ -196,7 +194,9 @@ def open_token_file(path: pathlib.Path, tokenizer: Tokenizer, vocab_size: int) -
     """Memory-map a ``.bin`` after checking its sidecar against the tokenizer and the model."""
     meta_path = sidecar_path(path)
     if not meta_path.is_file():
-        raise DataError(f"{path}: no sidecar {meta_path.name}; .bin files are written by `python -m attamba_jax.prepare`")
+        raise DataError(
+            f"{path}: no sidecar {meta_path.name}; .bin files are written by `python -m attamba_jax.prepare`"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         dtype = np.dtype(meta["dtype"])
@@ -212,9 +212,13 @@ def open_token_file(path: pathlib.Path, tokenizer: Tokenizer, vocab_size: int) -
         )
     size = path.stat().st_size
     if size != num_tokens * dtype.itemsize:
-        raise DataError(f"{path} holds {size} bytes, but its sidecar promises {num_tokens} {dtype.name} tokens (truncated or overwritten)")
+        raise DataError(
+            f"{path} holds {size} bytes, but its sidecar promises {num_tokens} {dtype.name} tokens (truncated or overwritten)"
+        )
     if max_id >= vocab_size:
-        raise DataError(f"{path} holds token id {max_id}, outside the model's vocabulary (model.vocab_size={vocab_size})")
+        raise DataError(
+            f"{path} holds token id {max_id}, outside the model's vocabulary (model.vocab_size={vocab_size})"
+        )
     if num_tokens == 0:
         return np.zeros(0, dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
@@ -341,7 +345,9 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int) -> Corpu
 
 def _local_batch(cfg: DataConfig, process_count: int) -> int:
     if cfg.batch_size % process_count:
-        raise DataError(f"data.batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({process_count})")
+        raise DataError(
+            f"data.batch_size ({cfg.batch_size}) must be a multiple of the number of processes ({process_count})"
+        )
     return cfg.batch_size // process_count
 
 

@@ -27,7 +27,18 @@ def matching_transformer(cfg: ModelConfig) -> ModelConfig:
     if cfg.arch == "transformer":
         return dataclasses.replace(cfg, sliding_window=None)
     defaults = ModelConfig()
-    keep = {"vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "multiple_of", "norm_eps", "rope_theta", "dtype"}
+    keep = {
+        "vocab_size",
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "multiple_of",
+        "norm_eps",
+        "rope_theta",
+        "dtype",
+    }
     return dataclasses.replace(
         defaults, arch="transformer", attention_implementation="auto", **{k: getattr(cfg, k) for k in keep}
     )
@@ -40,24 +51,34 @@ def parameter_count(cfg: ModelConfig) -> int:
 def describe(cfg: ModelConfig, contexts: list[int]) -> str:
     base = matching_transformer(cfg)
     lines = []
-    name = cfg.arch if cfg.arch == "transformer" else f"attamba K={cfg.token_chunk} W={cfg.window}" + (
-        " (pseudo_chunk)" if cfg.pseudo_chunk else ""
+    name = (
+        cfg.arch
+        if cfg.arch == "transformer"
+        else f"attamba K={cfg.token_chunk} W={cfg.window}" + (" (pseudo_chunk)" if cfg.pseudo_chunk else "")
     )
-    lines.append(f"model: {name}, d={cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}x{cfg.resolved_head_dim} heads "
-                 f"({cfg.resolved_kv_heads} kv), compute {cfg.dtype}")
+    lines.append(
+        f"model: {name}, d={cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}x{cfg.resolved_head_dim} heads "
+        f"({cfg.resolved_kv_heads} kv), compute {cfg.dtype}"
+    )
     p, pb = parameter_count(cfg), parameter_count(base)
     lines.append(f"parameters: {p:,}   (matching transformer: {pb:,})")
     lines.append("")
-    lines.append(f"{'context':>8} | {'KV cache B/token':>16} | {'transformer':>12} | {'ratio':>6} | "
-                 f"{'attn FLOPs/token':>16} | {'transformer':>12} | {'ratio':>6}")
+    lines.append(
+        f"{'context':>8} | {'KV cache B/token':>16} | {'transformer':>12} | {'ratio':>6} | "
+        f"{'attn FLOPs/token':>16} | {'transformer':>12} | {'ratio':>6}"
+    )
     lines.append("-" * 96)
     for t in contexts:
         kv, kvb = formula_bytes(cfg, 1, t) / t, formula_bytes(base, 1, t) / t
         fl, flb = attention_flops_per_token(cfg, t), attention_flops_per_token(base, t)
-        lines.append(f"{t:>8} | {kv:>16,.0f} | {kvb:>12,.0f} | {kv / kvb:>6.3f} | {fl:>16,.0f} | {flb:>12,.0f} | {fl / flb:>6.3f}")
+        lines.append(
+            f"{t:>8} | {kv:>16,.0f} | {kvb:>12,.0f} | {kv / kvb:>6.3f} | {fl:>16,.0f} | {flb:>12,.0f} | {fl / flb:>6.3f}"
+        )
     lines.append("")
     lines.append("KV cache: per sequence, all layers, in the compute dtype (SSM scan states in float32), for a decoder")
-    lines.append("holding `context` tokens. Attention FLOPs: q·kᵀ and p·v, forward, averaged over a context's positions.")
+    lines.append(
+        "holding `context` tokens. Attention FLOPs: q·kᵀ and p·v, forward, averaged over a context's positions."
+    )
     return "\n".join(lines)
 
 

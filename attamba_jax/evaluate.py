@@ -65,7 +65,9 @@ class Score:
     bytes: int
 
     def __add__(self, other: Score) -> Score:
-        return Score(self.nll + other.nll, self.tokens + other.tokens, self.words + other.words, self.bytes + other.bytes)
+        return Score(
+            self.nll + other.nll, self.tokens + other.tokens, self.words + other.words, self.bytes + other.bytes
+        )
 
     def report(self) -> dict[str, float | int]:
         return {
@@ -82,7 +84,9 @@ class Score:
 class Scorer:
     """A model's parameters and a jitted NLL of fixed-shape [batch, T] windows."""
 
-    def __init__(self, cfg: Config, params, graphdef, tokenizer: Tokenizer, *, batch_size: int, token_chunk: int | None = None):
+    def __init__(
+        self, cfg: Config, params, graphdef, tokenizer: Tokenizer, *, batch_size: int, token_chunk: int | None = None
+    ):
         self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
         self.context = cfg.data.seq_len
         self.params = params
@@ -117,13 +121,17 @@ class Scorer:
     def score_text(self, text: str, stride: int) -> Score:
         ids = self.tokenizer.encode(text)
         if ids.size and int(ids.max()) >= self.cfg.model.vocab_size:
-            raise TokenizerError(f"token id {int(ids.max())} is outside the model's vocabulary ({self.cfg.model.vocab_size})")
+            raise TokenizerError(
+                f"token id {int(ids.max())} is outside the model's vocabulary ({self.cfg.model.vocab_size})"
+            )
         tokens = np.concatenate([[self.tokenizer.bos_id], ids]).astype(np.int32)
         nll, n = self.score_tokens(tokens, stride)
         return Score(nll, n, len(text.split()), len(text.encode("utf-8")))
 
 
-def load_scorer(workdir: str | pathlib.Path, *, step: int | None = None, batch_size: int = 8, token_chunk: int | None = None) -> tuple[Scorer, int]:
+def load_scorer(
+    workdir: str | pathlib.Path, *, step: int | None = None, batch_size: int = 8, token_chunk: int | None = None
+) -> tuple[Scorer, int]:
     """A Scorer with the parameters of ``workdir``'s checkpoint ``step`` (default: the latest)."""
     cfg, graphdef, params, step = restore_workdir(workdir, step)
     if token_chunk is not None and cfg.model.arch != "attamba":
@@ -140,13 +148,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="a training workdir (config.yaml + checkpoints/)")
     parser.add_argument("--text", nargs="+", required=True, help="UTF-8 text files, one document each")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--stride", type=int, default=None, help="tokens a window moves on (default: data.seq_len // 2)")
+    parser.add_argument(
+        "--stride", type=int, default=None, help="tokens a window moves on (default: data.seq_len // 2)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--token-chunk", type=int, default=None, help="(attamba) chunk length K at test time (default: the trained K)")
+    parser.add_argument(
+        "--token-chunk", type=int, default=None, help="(attamba) chunk length K at test time (default: the trained K)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     try:
-        scorer, step = load_scorer(args.workdir, step=args.step, batch_size=args.batch_size, token_chunk=args.token_chunk)
+        scorer, step = load_scorer(
+            args.workdir, step=args.step, batch_size=args.batch_size, token_chunk=args.token_chunk
+        )
         stride = args.stride or max(1, scorer.context // 2)
         results, total = {}, Score(0.0, 0, 0, 0)
         for path in args.text:
@@ -159,11 +173,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results["total"] = total.report()
-    print(f"checkpoint step {step}, context {scorer.context}, stride {stride}" + (f", token_chunk {args.token_chunk}" if args.token_chunk else ""))
+    print(
+        f"checkpoint step {step}, context {scorer.context}, stride {stride}"
+        + (f", token_chunk {args.token_chunk}" if args.token_chunk else "")
+    )
     print(f"{'file':<40} {'tokens':>10} {'words':>9} {'token ppl':>10} {'word ppl':>10} {'bits/byte':>9}")
     for name, r in results.items():
-        print(f"{name[-40:]:<40} {r['tokens']:>10,} {r['words']:>9,} {r['token_perplexity']:>10.4g} {r['word_perplexity']:>10.4g} {r['bits_per_byte']:>9.4f}")
-    out = {"step": step, "context": scorer.context, "stride": stride, "token_chunk": args.token_chunk, "results": results}
+        print(
+            f"{name[-40:]:<40} {r['tokens']:>10,} {r['words']:>9,} {r['token_perplexity']:>10.4g} {r['word_perplexity']:>10.4g} {r['bits_per_byte']:>9.4f}"
+        )
+    out = {
+        "step": step,
+        "context": scorer.context,
+        "stride": stride,
+        "token_chunk": args.token_chunk,
+        "results": results,
+    }
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -36,7 +36,15 @@ from attamba_jax.cache import Cache, init_cache
 # --- prefill and one decode step (pure functions of the parameters) ---------------------------
 
 
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array, *, max_len: int, token_chunk: int | None = None) -> tuple[jax.Array, Cache]:
+def prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    *,
+    max_len: int,
+    token_chunk: int | None = None,
+) -> tuple[jax.Array, Cache]:
     """Parallel forward over left-aligned prompts and a cache for ``max_len`` tokens per row.
 
     Args:
@@ -124,7 +132,9 @@ class Generated(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "token_chunk"))
-def _generate(params, tokens, lengths, key, sampling, stop_mask, pad_id, *, graphdef, max_new_tokens, max_len, token_chunk):
+def _generate(
+    params, tokens, lengths, key, sampling, stop_mask, pad_id, *, graphdef, max_new_tokens, max_len, token_chunk
+):
     b = tokens.shape[0]
     logits, cache = prefill(graphdef, params, tokens, lengths, max_len=max_len, token_chunk=token_chunk)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
@@ -235,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--token-chunk", type=int, default=None, help="(attamba) chunk length K' at test time (default: the trained K)")
+    parser.add_argument(
+        "--token-chunk", type=int, default=None, help="(attamba) chunk length K' at test time (default: the trained K)"
+    )
     parser.add_argument("override", nargs="*", help="with --config: section.key=value overrides")
     args = parser.parse_args(argv)
     try:

@@ -169,8 +169,12 @@ class ProgressBar:
 
     def __init__(self, trainer: Trainer):
         self.bar = tqdm(
-            total=trainer.cfg.train.steps, initial=trainer.start_step, unit="step", dynamic_ncols=True,
-            disable=not trainer.progress, mininterval=1.0,
+            total=trainer.cfg.train.steps,
+            initial=trainer.start_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not trainer.progress,
+            mininterval=1.0,
         )
 
     def __call__(self, info: StepInfo):

@@ -29,7 +29,9 @@ class Dense(nnx.Module):
 
 class Embedding(nnx.Module):
     def __init__(self, vocab_size: int, dim: int, *, std: float, dtype, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(truncated_normal(rngs.params(), (vocab_size, dim), std), logical_axes=("vocab", "embed"))
+        self.embedding = nnx.Param(
+            truncated_normal(rngs.params(), (vocab_size, dim), std), logical_axes=("vocab", "embed")
+        )
         self.dtype = dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

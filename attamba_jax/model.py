@@ -46,7 +46,9 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = AttambaAttention(cfg, rngs=rngs) if cfg.arch == "attamba" else CausalSelfAttention(cfg, rngs=rngs)
+        self.attention = (
+            AttambaAttention(cfg, rngs=rngs) if cfg.arch == "attamba" else CausalSelfAttention(cfg, rngs=rngs)
+        )
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg, rngs=rngs)
 
@@ -123,7 +125,9 @@ def init_model(cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State
     return nnx.split(model)
 
 
-def apply_model(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, *, token_chunk: int | None = None) -> jax.Array:
+def apply_model(
+    graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, *, token_chunk: int | None = None
+) -> jax.Array:
     return nnx.merge(graphdef, params)(tokens, token_chunk=token_chunk)
 
 
@@ -166,7 +170,9 @@ def _token_nll_bwd(res, g):
 token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Mean token cross-entropy in float32 (``token_nll``).
 
     Returns (mean loss over weighted tokens, total weight).

@@ -35,8 +35,15 @@ def _encode(item: tuple[bool, str]):
     return held, encode_document(_worker_tokenizer, text), len(text.encode("utf-8"))
 
 
-def prepare(sources: Sequence[str], out_prefix: str, *, tokenizer: str = "byte", heldout_fraction: float = 0.0,
-            workers: int | None = None, progress: bool = True) -> dict[str, TokenFileWriter]:
+def prepare(
+    sources: Sequence[str],
+    out_prefix: str,
+    *,
+    tokenizer: str = "byte",
+    heldout_fraction: float = 0.0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, TokenFileWriter]:
     """Tokenize ``sources`` into ``out_prefix``'s .bin files; returns the closed writers by split."""
     files = expand_sources(sources, "prepare")
     bins = [str(s.path) for s in files if s.kind == "bin"]
@@ -44,7 +51,10 @@ def prepare(sources: Sequence[str], out_prefix: str, *, tokenizer: str = "byte",
         raise DataError(f"prepare: {bins[0]} is already tokenized")
     tok = load_tokenizer(tokenizer)
     if heldout_fraction > 0:
-        writers = {False: TokenFileWriter(f"{out_prefix}.train.bin", tok), True: TokenFileWriter(f"{out_prefix}.heldout.bin", tok)}
+        writers = {
+            False: TokenFileWriter(f"{out_prefix}.train.bin", tok),
+            True: TokenFileWriter(f"{out_prefix}.heldout.bin", tok),
+        }
     else:
         writers = {False: TokenFileWriter(f"{out_prefix}.bin", tok)}
     workers = workers or os.cpu_count() or 1
@@ -64,7 +74,9 @@ def prepare(sources: Sequence[str], out_prefix: str, *, tokenizer: str = "byte",
             writers[held].write(tokens)
             n_bytes += size
             bar.update(1)
-            bar.set_postfix(MB=f"{n_bytes / 1e6:.0f}", tokens=f"{sum(w.num_tokens for w in writers.values()):,}", refresh=False)
+            bar.set_postfix(
+                MB=f"{n_bytes / 1e6:.0f}", tokens=f"{sum(w.num_tokens for w in writers.values()):,}", refresh=False
+            )
     bar.close()
     for w in writers.values():
         w.close()
@@ -73,7 +85,9 @@ def prepare(sources: Sequence[str], out_prefix: str, *, tokenizer: str = "byte",
         raise DataError(f"prepare: the sources {list(sources)} hold no documents")
     for w in writers.values():
         print(f"wrote {w.path}: {w.num_documents:,} documents, {w.num_tokens:,} {w.dtype.name} tokens")
-    print(f"{n_bytes / 1e6:.1f} MB of text in {seconds:.1f} s with {workers} workers ({n_bytes / 1e6 / seconds:.1f} MB/s)")
+    print(
+        f"{n_bytes / 1e6:.1f} MB of text in {seconds:.1f} s with {workers} workers ({n_bytes / 1e6 / seconds:.1f} MB/s)"
+    )
     return {"heldout" if held else "train": w for held, w in writers.items()}
 
 
@@ -82,13 +96,21 @@ def main(argv: Sequence[str] | None = None):
     parser.add_argument("sources", nargs="+", help="'stdlib', text files, .jsonl files, or globs of them")
     parser.add_argument("--out", required=True, help="output prefix")
     parser.add_argument("--tokenizer", default="byte", help="'byte' or a SentencePiece .model (as data.tokenizer)")
-    parser.add_argument("--heldout-fraction", type=float, default=0.0, help="share of documents written to PREFIX.heldout.bin")
+    parser.add_argument(
+        "--heldout-fraction", type=float, default=0.0, help="share of documents written to PREFIX.heldout.bin"
+    )
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all CPUs)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.heldout_fraction < 1.0:
         parser.error("--heldout-fraction must be in [0, 1)")
     try:
-        prepare(args.sources, args.out, tokenizer=args.tokenizer, heldout_fraction=args.heldout_fraction, workers=args.workers)
+        prepare(
+            args.sources,
+            args.out,
+            tokenizer=args.tokenizer,
+            heldout_fraction=args.heldout_fraction,
+            workers=args.workers,
+        )
     except (DataError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -64,7 +64,9 @@ def resolve_mesh_shape(shape: dict[str, int], n_devices: int) -> tuple[int, ...]
             raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n_devices} devices do not divide by {known}")
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {n_devices} are present")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {n_devices} are present"
+        )
     return tuple(sizes)
 
 
@@ -124,7 +126,9 @@ def splits(name: str, size: int) -> bool:
     return active is not None and logical_to_spec((name,), (size,), *active)[0] is not None
 
 
-def per_shard(fn, args: Sequence[jax.Array], axes: Sequence[Sequence[str | None] | None], out_axes: Sequence[str | None]):
+def per_shard(
+    fn, args: Sequence[jax.Array], axes: Sequence[Sequence[str | None] | None], out_axes: Sequence[str | None]
+):
     """``fn(*args)``, run once per device on its shard of every argument under the active mesh.
 
     For a single-device program (a Pallas kernel) whose work splits along some dimensions

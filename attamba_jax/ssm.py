@@ -79,7 +79,10 @@ class StackedMamba2(nnx.Module):
         width = 2 * inner + 2 * self.groups * self.state + self.heads
         heads = streams * self.heads
         self.in_proj = Dense(d, streams * width, std=d**-0.5, axes=("embed", "ssm_inner"), dtype=dtype, rngs=rngs)
-        self.conv_weight = nnx.Param(truncated_normal(rngs.params(), (streams * conv_ch, cfg.ssm_conv_width), 0.5), logical_axes=("ssm_inner", None))
+        self.conv_weight = nnx.Param(
+            truncated_normal(rngs.params(), (streams * conv_ch, cfg.ssm_conv_width), 0.5),
+            logical_axes=("ssm_inner", None),
+        )
         a = jax.random.uniform(rngs.params(), (heads,), jnp.float32, cfg.ssm_a_init_min, cfg.ssm_a_init_max)
         self.A_log = nnx.Param(jnp.log(a), logical_axes=("ssm_heads",))
         self.D = nnx.Param(jnp.ones((heads,), jnp.float32), logical_axes=("ssm_heads",))
@@ -111,7 +114,9 @@ class StackedMamba2(nnx.Module):
         # Under a mesh a named kernel runs per device on its batch rows.
         rows = ("batch", None, None, None)
         axes = (rows, rows[:3], None, rows, rows, None)
-        y = call_op(ssd, IMPLEMENTATIONS, self.implementation, (x, dt, self._A(), B, C, self.D[...]), axes, rows, grid=grid)
+        y = call_op(
+            ssd, IMPLEMENTATIONS, self.implementation, (x, dt, self._A(), B, C, self.D[...]), axes, rows, grid=grid
+        )
         return self._gated_output(y, z), (xbc, x, dt, B, C)
 
     # --- the pieces shared by the parallel forward, prefill and decode ------------------

@@ -52,7 +52,9 @@ class SentencePieceTokenizer:
 
         path = pathlib.Path(path)
         if not path.is_file():
-            raise TokenizerError(f"tokenizer: SentencePiece model {path} does not exist (data.tokenizer is 'byte' or a .model path)")
+            raise TokenizerError(
+                f"tokenizer: SentencePiece model {path} does not exist (data.tokenizer is 'byte' or a .model path)"
+            )
         data = path.read_bytes()
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -156,7 +158,12 @@ def main(argv: Sequence[str] | None = None):
     if missing:
         parser.error(f"no such file: {missing[0]}")
     path = train_sentencepiece(
-        files, args.out, args.vocab_size, model_type=args.model_type, max_sentences=args.max_sentences, threads=args.threads
+        files,
+        args.out,
+        args.vocab_size,
+        model_type=args.model_type,
+        max_sentences=args.max_sentences,
+        threads=args.threads,
     )
     tok = SentencePieceTokenizer(path)
     print(f"wrote {path}: {tok.vocab_size} pieces, BOS={tok.bos_id}, EOS={tok.eos_id}, identity {tok.identity}")

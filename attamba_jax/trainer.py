@@ -82,8 +82,12 @@ class Trainer:
         self.eval_data = None
         if self.corpus.heldout is not None:
             self.eval_data = data_lib.eval_dataset(
-                dcfg, self.corpus.heldout, bos_id=self.tokenizer.bos_id, vocab_size=mcfg.vocab_size,
-                max_batches=cfg.train.eval_batches, **shard,
+                dcfg,
+                self.corpus.heldout,
+                bos_id=self.tokenizer.bos_id,
+                vocab_size=mcfg.vocab_size,
+                max_batches=cfg.train.eval_batches,
+                **shard,
             )
 
         # Devices: the configured (data, fsdp, tensor) mesh; state placed by the logical-axis rules.
@@ -93,7 +97,9 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, P())
         # [microbatches, b, T] for training, [b, T] for evaluation: rows split over the data axes.
         self.batch_sharding = train_batch_sharding(self.mesh, micro)
-        self.eval_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), (micro, 1), self.mesh, DEFAULT_RULES))
+        self.eval_sharding = NamedSharding(
+            self.mesh, logical_to_spec(("batch", "length"), (micro, 1), self.mesh, DEFAULT_RULES)
+        )
         try:
             check_process_rows(self.eval_sharding, micro)
         except ValueError as e:
@@ -103,7 +109,9 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
         self.graphdef, self.state, self.state_shardings = init_train_state(cfg, self.mesh, self.tx)
         self.num_params = count_params(self.state["params"])
-        self._train_step = jit_train_step(self.graphdef, self.tx, self.schedule, self.state_shardings, self.batch_sharding)
+        self._train_step = jit_train_step(
+            self.graphdef, self.tx, self.schedule, self.state_shardings, self.batch_sharding
+        )
         self._eval_step = jax.jit(
             make_eval_step(self.graphdef),
             in_shardings=(self.state_shardings["params"], self.eval_sharding),
@@ -115,7 +123,9 @@ class Trainer:
         self.peak_flops = None if peak is None else peak * len(self.devices)
 
         # Checkpoints: resume from the latest one when its config allows it.
-        self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+        self.checkpointer = Checkpointer(
+            self.workdir / "checkpoints", keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every
+        )
         self.start_step = 0
         self.train_iter = iter(self.train_data)
         try:
@@ -175,7 +185,10 @@ class Trainer:
         nll, weight = 0.0, 0.0
         sums = []
         for batch in self.eval_data.to_iter_dataset(grain_read_options(self.cfg)):
-            arrays = {k: jax.make_array_from_process_local_data(self.eval_sharding, batch[k]) for k in ("inputs", "targets", "weights")}
+            arrays = {
+                k: jax.make_array_from_process_local_data(self.eval_sharding, batch[k])
+                for k in ("inputs", "targets", "weights")
+            }
             with use_mesh(self.mesh):
                 sums.append(self._eval_step(self.state["params"], arrays))
         for s, w in jax.device_get(sums):
@@ -207,12 +220,16 @@ class Trainer:
         finally:
             self.close()  # an in-flight save of a good state still completes
         status = "finished" if hooks.stop_signal is None else "signal"
-        return RunResult(self.workdir, step, status, hooks.stop_signal, hooks.evaluate.first_loss, hooks.evaluate.last_loss)
+        return RunResult(
+            self.workdir, step, status, hooks.stop_signal, hooks.evaluate.first_loss, hooks.evaluate.last_loss
+        )
 
 
 def grain_read_options(cfg: Config) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=cfg.data.threads, prefetch_buffer_size=cfg.data.prefetch)
 
 
-def train(cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True, callback: Callable[[int], None] | None = None) -> RunResult:
+def train(
+    cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True, callback: Callable[[int], None] | None = None
+) -> RunResult:
     return Trainer(cfg, workdir, progress=progress).run(callback)

@@ -81,9 +81,22 @@ def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0, 
             try:
                 record("check", _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol, interpret))
             except Exception as e:  # a compile or runtime failure is a failed check, not a crash
-                record("check", {"K": k, "offset": o, "W": w, "T": t, "dtype": jnp.dtype(dtype).name, "ok": False,
-                                "error": f"{type(e).__name__}: {e}"[:2000]})
-                print(f"check attention K={k} o={o} T={t} {jnp.dtype(dtype).name}: FAIL {type(e).__name__}: {str(e)[:500]}", flush=True)
+                record(
+                    "check",
+                    {
+                        "K": k,
+                        "offset": o,
+                        "W": w,
+                        "T": t,
+                        "dtype": jnp.dtype(dtype).name,
+                        "ok": False,
+                        "error": f"{type(e).__name__}: {e}"[:2000],
+                    },
+                )
+                print(
+                    f"check attention K={k} o={o} T={t} {jnp.dtype(dtype).name}: FAIL {type(e).__name__}: {str(e)[:500]}",
+                    flush=True,
+                )
 
 
 def _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol, interpret=False) -> dict:
@@ -93,17 +106,35 @@ def _check_one(seed, k, o, w, b, t, h, hkv, dtype, tol, interpret=False) -> dict
     with jax.default_matmul_precision("highest"):
         o_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.attention_dense(*a, grid=grid, window=w)))(q, kk, v, do)
     out, grads = jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, w, interpret)))(q, kk, v, do)
-    poisoned = lambda q, k, v: pallas_gpu.attention_pallas_gpu(q, k, v, grid=grid, window=w, interpret=interpret, poison=True)
+    poisoned = lambda q, k, v: pallas_gpu.attention_pallas_gpu(
+        q, k, v, grid=grid, window=w, interpret=interpret, poison=True
+    )
     pout, pgrads = jax.jit(_fwd_bwd(poisoned))(q, kk, v, do)
     errs = {"o": rel_err(out, o_ref), "poisoned_o": rel_err(pout, o_ref)}
     errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip("qkv", grads, g_ref)})
     errs.update({f"poisoned_d{n}": rel_err(a, r) for n, a, r in zip("qkv", pgrads, g_ref)})
     finite = all(bool(jnp.isfinite(a).all()) for a in (out, pout, *grads, *pgrads))
     ok = finite and max(errs.values()) <= tol
-    print(f"{stamp()} check attention {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} W={w:2d} B={b} T={t:5d} H={h} Hkv={hkv}: "
-          f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}", flush=True)
-    return {"K": k, "offset": o, "W": w, "B": b, "T": t, "H": h, "Hkv": hkv, "dtype": jnp.dtype(dtype).name,
-            "tolerance": tol, "max_rel_err": max(errs.values()), "errors": errs, "finite": finite, "ok": ok}
+    print(
+        f"{stamp()} check attention {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} W={w:2d} B={b} T={t:5d} H={h} Hkv={hkv}: "
+        f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}",
+        flush=True,
+    )
+    return {
+        "K": k,
+        "offset": o,
+        "W": w,
+        "B": b,
+        "T": t,
+        "H": h,
+        "Hkv": hkv,
+        "dtype": jnp.dtype(dtype).name,
+        "tolerance": tol,
+        "max_rel_err": max(errs.values()),
+        "errors": errs,
+        "finite": finite,
+        "ok": ok,
+    }
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -114,13 +145,15 @@ def _pairs(t: int, grid: ChunkGrid | None, window: int | None) -> int:
     return int(Visibility(grid, window).keys_per_query(t).sum())
 
 
-def bench(record, lengths, chunks, window, tokens, implementations, reps, trials, dense_max_gb, compressed_max_gb, interpret):
+def bench(
+    record, lengths, chunks, window, tokens, implementations, reps, trials, dense_max_gb, compressed_max_gb, interpret
+):
     for t in lengths:
         b = max(1, tokens // t)
         q, k, v, do = _inputs(jax.random.key(t), b, t, jnp.bfloat16)
         kernel_out = {}  # (K, mode) -> the Pallas kernel's output, to hold the other paths against
         for name in implementations:
-            for kc in ([None] if name == "cudnn" else chunks):
+            for kc in [None] if name == "cudnn" else chunks:
                 grid = ChunkGrid(kc) if kc else None
                 if name == "dense" and b * HEADS * t * t * 4 > dense_max_gb * 2**30:
                     continue
@@ -141,13 +174,30 @@ def bench(record, lengths, chunks, window, tokens, implementations, reps, trials
                     if name == "pallas_gpu":
                         kernel_out[(kc, mode)] = out
                     elif (kc, mode) in kernel_out:  # same function at full size: the kernel must agree
-                        err = max(rel_err(a, r) for a, r in zip(jax.tree.leaves(kernel_out[(kc, mode)]), jax.tree.leaves(out)))
-                        record("agreement", {"L": t, "B": b, "K": kc, "mode": mode, "against": name, "max_rel_err": err})
+                        err = max(
+                            rel_err(a, r) for a, r in zip(jax.tree.leaves(kernel_out[(kc, mode)]), jax.tree.leaves(out))
+                        )
+                        record(
+                            "agreement", {"L": t, "B": b, "K": kc, "mode": mode, "against": name, "max_rel_err": err}
+                        )
                         print(f"{stamp()} L={t} K={kc} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
                     del out
-                    record("rows", {"L": t, "B": b, "K": kc, "implementation": name, "mode": mode, "ms": sec * 1e3,
-                                    "useful_TFLOP/s": tflops})
-                    print(f"{stamp()} L={t:6d} B={b:2d} {name:11s} K={kc!s:4s} {mode:8s} {sec * 1e3:10.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+                    record(
+                        "rows",
+                        {
+                            "L": t,
+                            "B": b,
+                            "K": kc,
+                            "implementation": name,
+                            "mode": mode,
+                            "ms": sec * 1e3,
+                            "useful_TFLOP/s": tflops,
+                        },
+                    )
+                    print(
+                        f"{stamp()} L={t:6d} B={b:2d} {name:11s} K={kc!s:4s} {mode:8s} {sec * 1e3:10.3f} ms {tflops:7.1f} TFLOP/s",
+                        flush=True,
+                    )
 
 
 def _try_time(fn, args, reps, trials) -> float:
@@ -167,15 +217,36 @@ def sweep(record, t, kc, window, tokens, reps, trials) -> None:
     for bq, bk, warps, stages in fwd_configs:
         blocks = GpuBlocks(block_q=bq, block_kb=bk, block_kw=bk, num_warps=warps, num_stages=stages)
         sec = _try_time(jax.jit(_impl("pallas_gpu", grid, window, blocks=blocks)), (q, k, v), reps, trials)
-        record("sweep", {"mode": "fwd", "block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages, "ms": sec * 1e3})
-        print(f"{stamp()} sweep attention fwd L={t} K={kc} bq={bq} bk={bk} warps={warps} stages={stages}: {sec * 1e3:.3f} ms", flush=True)
+        record(
+            "sweep",
+            {"mode": "fwd", "block_q": bq, "block_k": bk, "num_warps": warps, "num_stages": stages, "ms": sec * 1e3},
+        )
+        print(
+            f"{stamp()} sweep attention fwd L={t} K={kc} bq={bq} bk={bk} warps={warps} stages={stages}: {sec * 1e3:.3f} ms",
+            flush=True,
+        )
     bwd_configs = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
     for bqb, bkb, warps, stages in bwd_configs:
         blocks = GpuBlocks(block_q_bwd=bqb, block_kb_bwd=bkb, block_kw_bwd=bkb, num_warps_bwd=warps, num_stages=stages)
-        sec = _try_time(jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, window, blocks=blocks))), (q, k, v, do), reps, trials)
-        record("sweep", {"mode": "fwd+bwd", "block_q_bwd": bqb, "block_k_bwd": bkb, "num_warps_bwd": warps, "num_stages": stages, "ms": sec * 1e3})
-        print(f"{stamp()} sweep attention fwd+bwd L={t} K={kc} bq_bwd={bqb} bk_bwd={bkb} warps={warps} stages={stages}: "
-              f"{sec * 1e3:.3f} ms", flush=True)
+        sec = _try_time(
+            jax.jit(_fwd_bwd(_impl("pallas_gpu", grid, window, blocks=blocks))), (q, k, v, do), reps, trials
+        )
+        record(
+            "sweep",
+            {
+                "mode": "fwd+bwd",
+                "block_q_bwd": bqb,
+                "block_k_bwd": bkb,
+                "num_warps_bwd": warps,
+                "num_stages": stages,
+                "ms": sec * 1e3,
+            },
+        )
+        print(
+            f"{stamp()} sweep attention fwd+bwd L={t} K={kc} bq_bwd={bqb} bk_bwd={bkb} warps={warps} stages={stages}: "
+            f"{sec * 1e3:.3f} ms",
+            flush=True,
+        )
 
 
 def ratios(rows) -> list[dict]:
@@ -207,12 +278,17 @@ def plot(result: dict, path: str) -> None:
     colors = {4: "tab:blue", 8: "tab:orange", 16: "tab:green"}
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         for name, kc in dict.fromkeys((r["implementation"], r["K"]) for r in rows):
-            pts = sorted((r["L"], r["ms"]) for r in rows if r["implementation"] == name and r["K"] == kc and r["mode"] == mode)
+            pts = sorted(
+                (r["L"], r["ms"]) for r in rows if r["implementation"] == name and r["K"] == kc and r["mode"] == mode
+            )
             if not pts:
                 continue
             label = "cuDNN full causal" if name == "cudnn" else f"{name} K={kc}"
-            style = dict(color="black", linestyle="-", marker="s") if name == "cudnn" else dict(
-                color=colors.get(kc), linestyle=styles.get(name, "-"), marker="o")
+            style = (
+                dict(color="black", linestyle="-", marker="s")
+                if name == "cudnn"
+                else dict(color=colors.get(kc), linestyle=styles.get(name, "-"), marker="o")
+            )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, markersize=3, **style)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -245,9 +321,21 @@ def main():
         return
     device = jax.devices()[0].device_kind
     print(f"device {device}, jax {jax.__version__}, python {platform.python_version()}", flush=True)
-    result = {"device": device, "jax": jax.__version__,
-              "config": {"H": HEADS, "Hkv": KV_HEADS, "D": HEAD_DIM, "W": a.window, "tokens": a.tokens, "dtype": "bfloat16",
-                         "offset": 0, "reps": a.reps, "trials": a.trials}}
+    result = {
+        "device": device,
+        "jax": jax.__version__,
+        "config": {
+            "H": HEADS,
+            "Hkv": KV_HEADS,
+            "D": HEAD_DIM,
+            "W": a.window,
+            "tokens": a.tokens,
+            "dtype": "bfloat16",
+            "offset": 0,
+            "reps": a.reps,
+            "trials": a.trials,
+        },
+    }
     for key in ("check", "sweep", "rows", "ratios", "agreement"):
         result[key] = []
 
@@ -265,15 +353,28 @@ def main():
         sweep(record, t, kc, a.window, a.tokens, a.reps, a.trials)
     lengths = [int(v) for v in a.lengths.split(",")]
     chunks = [int(v) for v in a.chunks.split(",")]
-    bench(record, lengths, chunks, a.window, a.tokens, a.implementations.split(","), a.reps, a.trials,
-          a.dense_max_gb, a.compressed_max_gb, a.interpret)
+    bench(
+        record,
+        lengths,
+        chunks,
+        a.window,
+        a.tokens,
+        a.implementations.split(","),
+        a.reps,
+        a.trials,
+        a.dense_max_gb,
+        a.compressed_max_gb,
+        a.interpret,
+    )
     print(f"wrote {a.out}")
     plot(result, a.png or a.out.replace(".json", ".png"))
     print("\n     L   K  mode       pallas ms  vs compressed  vs dense  vs cuDNN causal")
     fmt = lambda x: f"{x:8.3f}" if x is not None else "       -"
     for r in result["ratios"]:
-        print(f"{r['L']:6d} {r['K']:3d}  {r['mode']:8s} {r['pallas_ms']:10.3f}  {fmt(r.get('vs_compressed'))}      "
-              f"{fmt(r.get('vs_dense'))}  {fmt(r.get('vs_cudnn_causal'))}")
+        print(
+            f"{r['L']:6d} {r['K']:3d}  {r['mode']:8s} {r['pallas_ms']:10.3f}  {fmt(r.get('vs_compressed'))}      "
+            f"{fmt(r.get('vs_dense'))}  {fmt(r.get('vs_cudnn_causal'))}"
+        )
 
 
 if __name__ == "__main__":

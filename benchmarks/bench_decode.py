@@ -38,7 +38,9 @@ def synthetic_cache(cfg, batch: int, context: int, max_len: int, seed: int = 0) 
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     draw = jax.jit(lambda key, shape, dtype: jax.random.normal(key, shape, dtype), static_argnums=(1, 2))
     layers = jax.tree.unflatten(treedef, [draw(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-    return Cache(layers=layers, positions=jnp.full((batch,), context, jnp.int32), token_chunk=shapes.token_chunk, max_len=max_len)
+    return Cache(
+        layers=layers, positions=jnp.full((batch,), context, jnp.int32), token_chunk=shapes.token_chunk, max_len=max_len
+    )
 
 
 def make_decode_loop(graphdef, steps: int):
@@ -138,12 +140,17 @@ def main():
                     )
 
     # The comparison table: ratios are Attamba / transformer, measured in this one run.
-    print("\n| context | batch | Attamba cache | transformer cache | cache ratio | Attamba tok/s | transformer tok/s | speed-up |")
+    print(
+        "\n| context | batch | Attamba cache | transformer cache | cache ratio | Attamba tok/s | transformer tok/s | speed-up |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     table = []
     for context in args.contexts:
         for batch in args.batches:
-            a, t = ({r["model"]: r for r in rows if r["context"] == context and r["batch"] == batch}[m] for m in ("attamba", "transformer"))
+            a, t = (
+                {r["model"]: r for r in rows if r["context"] == context and r["batch"] == batch}[m]
+                for m in ("attamba", "transformer")
+            )
             ratio = a["cache_bytes"] / t["cache_bytes"] if "error" not in a and "error" not in t else None
             speed = a["tokens_per_s"] / t["tokens_per_s"] if "error" not in a and "error" not in t else None
             fmt_bytes = lambda r: f"{r['cache_bytes'] / 2**20:.1f} MiB" if "error" not in r else "error"

@@ -78,7 +78,10 @@ def main():
         ratio = result["rows"][-2]["ms"] / result["rows"][-1]["ms"]
         result["rows"][-2].update(max_rel_err_vs_autodiff=err, time_vs_autodiff=ratio)
         save(result, a.out)
-        print(f"{stamp()} {b}x{t} fused / autodiff time {ratio:.3f}, max rel err of loss and gradients {err:.1e}", flush=True)
+        print(
+            f"{stamp()} {b}x{t} fused / autodiff time {ratio:.3f}, max rel err of loss and gradients {err:.1e}",
+            flush=True,
+        )
     print(f"wrote {a.out}")
 
 

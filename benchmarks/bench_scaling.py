@@ -48,8 +48,13 @@ def run_case(args) -> dict:
     n, data, fsdp = CASES[args.case]
     batch = args.per_device_batch * n
     overrides = [
-        f"data.seq_len={args.length}", f"data.batch_size={batch}", f"mesh.data={data}", f"mesh.fsdp={fsdp}", "mesh.tensor=1",
-        f"model.ssm_implementation={args.ssm}", f"model.attention_implementation={args.attention}",
+        f"data.seq_len={args.length}",
+        f"data.batch_size={batch}",
+        f"mesh.data={data}",
+        f"mesh.fsdp={fsdp}",
+        "mesh.tensor=1",
+        f"model.ssm_implementation={args.ssm}",
+        f"model.attention_implementation={args.attention}",
     ]
     cfg = load_config(ROOT / args.config, overrides)
     mesh = mesh_from_config(cfg.mesh)
@@ -57,12 +62,18 @@ def run_case(args) -> dict:
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
 
     # Compile from shapes alone: nothing is allocated while other cases are timed.
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(params=cfg.seed))))
+    graphdef, abstract_params = nnx.split(
+        nnx.eval_shape(lambda: LanguageModel(cfg.model, rngs=nnx.Rngs(params=cfg.seed)))
+    )
     with use_mesh(mesh):
         shardings = {"params": tree_shardings(abstract_params, mesh)}
         shardings["opt_state"] = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh)
     shardings["step"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params), "step": jax.ShapeDtypeStruct((), np.int32)}
+    abstract = {
+        "params": abstract_params,
+        "opt_state": jax.eval_shape(tx.init, abstract_params),
+        "step": jax.ShapeDtypeStruct((), np.int32),
+    }
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     batch_sharding = train_batch_sharding(mesh, batch)
     shape = (1, batch, args.length)
@@ -73,7 +84,9 @@ def run_case(args) -> dict:
     }
     t0 = time.perf_counter()
     with use_mesh(mesh):
-        compiled = jit_train_step(graphdef, tx, schedule, shardings, batch_sharding).lower(abstract, abstract_batch).compile()
+        compiled = (
+            jit_train_step(graphdef, tx, schedule, shardings, batch_sharding).lower(abstract, abstract_batch).compile()
+        )
     compile_s = time.perf_counter() - t0
 
     with open(args.lock, "w") as lock:
@@ -97,10 +110,20 @@ def run_case(args) -> dict:
         step_s = float(np.median(times))
         n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
         return {
-            "case": args.case, "devices": n, "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "params": n_params, "global_batch": batch, "length": args.length,
-            "step_ms": 1e3 * step_s, "step_ms_runs": [1e3 * t for t in times], "tokens_per_s": batch * args.length / step_s,
-            "compile_s": compile_s, "waited_s": waited_s, "loss": float(metrics["loss"]),
+            "case": args.case,
+            "devices": n,
+            "mesh": dict(mesh.shape),
+            "device_kind": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "params": n_params,
+            "global_batch": batch,
+            "length": args.length,
+            "step_ms": 1e3 * step_s,
+            "step_ms_runs": [1e3 * t for t in times],
+            "tokens_per_s": batch * args.length / step_s,
+            "compile_s": compile_s,
+            "waited_s": waited_s,
+            "loss": float(metrics["loss"]),
         }
 
 
@@ -111,11 +134,15 @@ def main():
     parser.add_argument("--per-device-batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--ssm", default="chunked", help="model.ssm_implementation (default: the XLA path)")
-    parser.add_argument("--attention", default="compressed", help="model.attention_implementation (default: the XLA path)")
+    parser.add_argument(
+        "--attention", default="compressed", help="model.attention_implementation (default: the XLA path)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median counts")
-    parser.add_argument("--deadline", type=float, default=240, help="seconds; unfinished cases are stopped and reported")
+    parser.add_argument(
+        "--deadline", type=float, default=240, help="seconds; unfinished cases are stopped and reported"
+    )
     parser.add_argument("--platform", default="gpu", choices=("gpu", "cpu"))
     parser.add_argument("--out", default="scaling.json")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a child process
@@ -140,8 +167,14 @@ def main():
         child_args = [a for a in sys.argv[1:]]
         cmd = [sys.executable, __file__, *child_args, "--case", name, "--lock", str(lock)]
         children[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    results = {"config": args.config, "per_device_batch": args.per_device_batch, "length": args.length,
-               "ssm": args.ssm, "attention": args.attention, "cases": []}
+    results = {
+        "config": args.config,
+        "per_device_batch": args.per_device_batch,
+        "length": args.length,
+        "ssm": args.ssm,
+        "attention": args.attention,
+        "cases": [],
+    }
     for name, proc in children.items():
         try:
             text, _ = proc.communicate(timeout=max(1.0, args.deadline - (time.perf_counter() - start)))
@@ -151,7 +184,7 @@ def main():
             results["cases"].append({"case": name, "error": f"deadline {args.deadline:.0f}s reached"})
             print(f"{name}: stopped at the deadline", flush=True)
             continue
-        found = [line[len("RESULT "):] for line in text.splitlines() if line.startswith("RESULT ")]
+        found = [line[len("RESULT ") :] for line in text.splitlines() if line.startswith("RESULT ")]
         if found:
             results["cases"].append(json.loads(found[-1]))
         else:
@@ -166,7 +199,9 @@ def main():
             continue
         c["efficiency"] = c["tokens_per_s"] / (c["devices"] * base["tokens_per_s"]) if base else None
         eff = "-" if c["efficiency"] is None else f"{100 * c['efficiency']:.1f}%"
-        print(f"{name:<8} {c['devices']:>7} {c['step_ms']:>9.1f} {c['tokens_per_s']:>11,.0f} {c['tokens_per_s'] / c['devices']:>11,.0f} {eff:>10}")
+        print(
+            f"{name:<8} {c['devices']:>7} {c['step_ms']:>9.1f} {c['tokens_per_s']:>11,.0f} {c['tokens_per_s'] / c['devices']:>11,.0f} {eff:>10}"
+        )
     results["wall_s"] = time.perf_counter() - start
     out.write_text(json.dumps(results, indent=1))
 

@@ -95,8 +95,21 @@ def check(record, dtypes=("float32", "bfloat16"), case_ids=None, seed: int = 0, 
             try:
                 record("check", _check_one(seed, k, o, b, t, h, g, dtype, tol, interpret))
             except Exception as e:  # a compile or runtime failure is a failed check, not a crash
-                record("check", {"K": k, "offset": o, "T": t, "dtype": jnp.dtype(dtype).name, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
-                print(f"check ssd K={k} o={o} T={t} {jnp.dtype(dtype).name}: FAIL {type(e).__name__}: {str(e)[:500]}", flush=True)
+                record(
+                    "check",
+                    {
+                        "K": k,
+                        "offset": o,
+                        "T": t,
+                        "dtype": jnp.dtype(dtype).name,
+                        "ok": False,
+                        "error": f"{type(e).__name__}: {e}"[:2000],
+                    },
+                )
+                print(
+                    f"check ssd K={k} o={o} T={t} {jnp.dtype(dtype).name}: FAIL {type(e).__name__}: {str(e)[:500]}",
+                    flush=True,
+                )
 
 
 def _check_one(seed, k, o, b, t, h, g, dtype, tol, interpret=False) -> dict:
@@ -107,17 +120,34 @@ def _check_one(seed, k, o, b, t, h, g, dtype, tol, interpret=False) -> dict:
     with jax.default_matmul_precision("highest"):
         y_ref, g_ref = jax.jit(_fwd_bwd(lambda *a: reference.ssd_sequential(*a, reset)[0]))(*args, dy)
     y, grads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=interpret)))(*args, dy)
-    py, pgrads = jax.jit(_fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=interpret, poison=True)))(*args, dy)
+    py, pgrads = jax.jit(
+        _fwd_bwd(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=interpret, poison=True))
+    )(*args, dy)
     names = ("x", "dt", "A", "B", "C", "D")
     errs = {"y": rel_err(y, y_ref), "poisoned_y": rel_err(py, y_ref)}
     errs.update({f"d{n}": rel_err(a, r) for n, a, r in zip(names, grads, g_ref)})
     errs.update({f"poisoned_d{n}": rel_err(a, r) for n, a, r in zip(names, pgrads, g_ref)})
     finite = all(bool(jnp.isfinite(a).all()) for a in (y, py, *grads, *pgrads))
     ok = finite and max(errs.values()) <= tol
-    print(f"{stamp()} check ssd {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} B={b} T={t:5d} H={h} G={g}: "
-          f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}", flush=True)
-    return {"K": k, "offset": o, "B": b, "T": t, "H": h, "G": g, "dtype": jnp.dtype(dtype).name,
-            "tolerance": tol, "max_rel_err": max(errs.values()), "errors": errs, "finite": finite, "ok": ok}
+    print(
+        f"{stamp()} check ssd {jnp.dtype(dtype).name:8s} K={k:2d} o={o:2d} B={b} T={t:5d} H={h} G={g}: "
+        f"max rel err {max(errs.values()):.2e} (tol {tol:.0e}) finite={finite} {'OK' if ok else 'FAIL'}",
+        flush=True,
+    )
+    return {
+        "K": k,
+        "offset": o,
+        "B": b,
+        "T": t,
+        "H": h,
+        "G": g,
+        "dtype": jnp.dtype(dtype).name,
+        "tolerance": tol,
+        "max_rel_err": max(errs.values()),
+        "errors": errs,
+        "finite": finite,
+        "ok": ok,
+    }
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -129,7 +159,9 @@ def _impl(name: str, grid: ChunkGrid, interpret: bool, blocks: GpuBlocks | None 
     return lambda *a: ssd(*a, grid=grid, implementation=name)
 
 
-def bench(record, sizes, implementations, grid, dtype, reps, trials, interpret, bandwidth, heads=HEADS, groups=GROUPS) -> None:
+def bench(
+    record, sizes, implementations, grid, dtype, reps, trials, interpret, bandwidth, heads=HEADS, groups=GROUPS
+) -> None:
     shape = {"h": heads, "g": groups}
     for b, t in sizes:
         sets, dy, moved = _input_sets(b * t, b, t, dtype, shape)
@@ -152,11 +184,23 @@ def bench(record, sizes, implementations, grid, dtype, reps, trials, interpret, 
                     print(f"{stamp()} {b}x{t} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
                 del out
                 gbps = moved[mode] / dev / 1e9
-                row = {"B": b, "L": t, "implementation": name, "mode": mode, "ms": sec * 1e3, "device_ms": dev * 1e3,
-                       "bytes": moved[mode], "GB/s": gbps, "fraction_of_copy_bw": gbps * 1e9 / bandwidth}
+                row = {
+                    "B": b,
+                    "L": t,
+                    "implementation": name,
+                    "mode": mode,
+                    "ms": sec * 1e3,
+                    "device_ms": dev * 1e3,
+                    "bytes": moved[mode],
+                    "GB/s": gbps,
+                    "fraction_of_copy_bw": gbps * 1e9 / bandwidth,
+                }
                 record("rows", row)
-                print(f"{stamp()} {b:3d}x{t:<6d} {name:12s} {mode:8s} {sec * 1e3:9.3f} ms wall {dev * 1e3:9.3f} ms kernels "
-                      f"{gbps:8.1f} GB/s {100 * row['fraction_of_copy_bw']:5.1f}% of copy", flush=True)
+                print(
+                    f"{stamp()} {b:3d}x{t:<6d} {name:12s} {mode:8s} {sec * 1e3:9.3f} ms wall {dev * 1e3:9.3f} ms kernels "
+                    f"{gbps:8.1f} GB/s {100 * row['fraction_of_copy_bw']:5.1f}% of copy",
+                    flush=True,
+                )
 
 
 def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, groups=GROUPS, interpret=False) -> None:
@@ -193,12 +237,24 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
             except Exception as e:  # a tile that does not compile is no result
                 print(f"  failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 sec = dev = float("nan")
-            record("sweep", {**dataclasses.asdict(blocks), "mode": mode, "ms": sec * 1e3, "device_ms": dev * 1e3,
-                             "GB/s": moved[mode] / dev / 1e9 if mode == "fwd" else None, "max_rel_err_vs_first": err})
+            record(
+                "sweep",
+                {
+                    **dataclasses.asdict(blocks),
+                    "mode": mode,
+                    "ms": sec * 1e3,
+                    "device_ms": dev * 1e3,
+                    "GB/s": moved[mode] / dev / 1e9 if mode == "fwd" else None,
+                    "max_rel_err_vs_first": err,
+                },
+            )
             f, w = blocks.fwd, blocks.bwd
-            print(f"{stamp()} sweep ssd {b}x{t} L={blocks.block_len:3d} fwd warps/tiles/ahead/stages="
-                  f"{f.num_warps}/{f.tiles}/{f.heads_ahead}/{f.num_stages} bwd {w.num_warps}/{w.tiles}/{w.heads_ahead}/"
-                  f"{w.num_stages} {mode:8s} {sec * 1e3:8.3f} ms wall {dev * 1e3:8.3f} ms kernels  (vs first: max rel err {err:.1e})", flush=True)
+            print(
+                f"{stamp()} sweep ssd {b}x{t} L={blocks.block_len:3d} fwd warps/tiles/ahead/stages="
+                f"{f.num_warps}/{f.tiles}/{f.heads_ahead}/{f.num_stages} bwd {w.num_warps}/{w.tiles}/{w.heads_ahead}/"
+                f"{w.num_stages} {mode:8s} {sec * 1e3:8.3f} ms wall {dev * 1e3:8.3f} ms kernels  (vs first: max rel err {err:.1e})",
+                flush=True,
+            )
 
 
 def plot(result: dict, path: str) -> None:
@@ -210,7 +266,11 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
         for name in dict.fromkeys(r["implementation"] for r in result["rows"]):
-            pts = sorted((r["L"], r.get("device_ms", r["ms"]), r["B"]) for r in result["rows"] if r["implementation"] == name and r["mode"] == mode)
+            pts = sorted(
+                (r["L"], r.get("device_ms", r["ms"]), r["B"])
+                for r in result["rows"]
+                if r["implementation"] == name and r["mode"] == mode
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
                 for L, ms, b in pts:
@@ -252,9 +312,22 @@ def main():
     print(f"device {device}, jax {jax.__version__}, python {platform.python_version()}", flush=True)
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (bytes read + written per second of kernel time)", flush=True)
-    result = {"device": device, "jax": jax.__version__, "copy_bandwidth_Bps": bandwidth,
-              "config": {"H": a.heads, "P": HEAD_DIM, "N": STATE, "G": a.groups, "K": a.token_chunk, "offset": a.offset,
-                         "dtype": a.dtype, "reps": a.reps, "trials": a.trials}}
+    result = {
+        "device": device,
+        "jax": jax.__version__,
+        "copy_bandwidth_Bps": bandwidth,
+        "config": {
+            "H": a.heads,
+            "P": HEAD_DIM,
+            "N": STATE,
+            "G": a.groups,
+            "K": a.token_chunk,
+            "offset": a.offset,
+            "dtype": a.dtype,
+            "reps": a.reps,
+            "trials": a.trials,
+        },
+    }
     for key in ("check", "sweep", "rows", "agreement"):
         result[key] = []
 
@@ -268,13 +341,27 @@ def main():
     if a.sweep:
         b, t = (int(v) for v in a.sweep.split("x"))
         sweep(record, b, t, grid, dtype, a.reps, a.trials, bandwidth, a.heads, a.groups, a.interpret)
-    bench(record, sizes, a.implementations.split(","), grid, dtype, a.reps, a.trials, a.interpret, bandwidth, a.heads, a.groups)
+    bench(
+        record,
+        sizes,
+        a.implementations.split(","),
+        grid,
+        dtype,
+        a.reps,
+        a.trials,
+        a.interpret,
+        bandwidth,
+        a.heads,
+        a.groups,
+    )
     print(f"wrote {a.out}")
     plot(result, a.png or a.out.replace(".json", ".png"))
     print("\n  B x L       implementation  mode      wall ms  kernel ms    GB/s   % copy BW")
     for r in result["rows"]:
-        print(f"{r['B']:3d} x {r['L']:<6d}  {r['implementation']:14s}  {r['mode']:8s} {r['ms']:8.3f}  {r['device_ms']:8.3f}  "
-              f"{r['GB/s']:8.1f}  {100 * r['fraction_of_copy_bw']:5.1f}")
+        print(
+            f"{r['B']:3d} x {r['L']:<6d}  {r['implementation']:14s}  {r['mode']:8s} {r['ms']:8.3f}  {r['device_ms']:8.3f}  "
+            f"{r['GB/s']:8.1f}  {100 * r['fraction_of_copy_bw']:5.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ from attamba_jax.train_step import make_train_step
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = {
     "attamba": ("configs/paper/attamba_k8_w8.yaml", {}),
-    "attamba-xla": ("configs/paper/attamba_k8_w8.yaml", {"ssm_implementation": "chunked", "attention_implementation": "compressed"}),
+    "attamba-xla": (
+        "configs/paper/attamba_k8_w8.yaml",
+        {"ssm_implementation": "chunked", "attention_implementation": "compressed"},
+    ),
     "transformer": ("configs/paper/transformer_isoparam.yaml", {}),
 }
 # (batch, length): equal tokens per step (16k) where the length allows it
@@ -50,8 +53,16 @@ SHAPES = [(16, 1024), (64, 1024), (4, 4096), (1, 16384), (1, 32768)]
 XLA_SHAPES = {(16, 1024), (1, 16384)}
 
 
-def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profile_steps: int = 0, profile_top: int = 25,
-              hlo_dir: str = "") -> dict:
+def time_case(
+    model: str,
+    batch: int,
+    length: int,
+    warmup: int,
+    reps: int,
+    profile_steps: int = 0,
+    profile_top: int = 25,
+    hlo_dir: str = "",
+) -> dict:
     path, overrides = MODELS[model]
     cfg = load_config(ROOT / path, ["model.dtype=bfloat16"]).model
     cfg = dataclasses.replace(cfg, **overrides)
@@ -61,7 +72,11 @@ def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profi
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
     step = jax.jit(make_train_step(graphdef, tx, schedule), donate_argnums=0)
     tokens = jax.random.randint(jax.random.key(1), (1, batch, length + 1), 0, cfg.vocab_size)
-    data = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "weights": jnp.ones((1, batch, length), jnp.float32)}
+    data = {
+        "inputs": tokens[..., :-1],
+        "targets": tokens[..., 1:],
+        "weights": jnp.ones((1, batch, length), jnp.float32),
+    }
     t0 = time.perf_counter()
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
@@ -103,9 +118,17 @@ def time_case(model: str, batch: int, length: int, warmup: int, reps: int, profi
     flops = train_flops_per_token(cfg, n_params, length) * tokens_per_step
     peak = peak_flops_per_device(jax.devices()[0].device_kind, "bfloat16", None)
     return {
-        "model": model, "batch": batch, "length": length, "params": n_params, "step_ms": ms, "synced_step_ms": synced_ms,
-        "tokens_per_s": tokens_per_step / (ms / 1e3), "mfu": (flops / (ms / 1e3) / peak) if peak else None,
-        "compile_s": compile_s, "loss": float(metrics["loss"]), "profile": profile,
+        "model": model,
+        "batch": batch,
+        "length": length,
+        "params": n_params,
+        "step_ms": ms,
+        "synced_step_ms": synced_ms,
+        "tokens_per_s": tokens_per_step / (ms / 1e3),
+        "mfu": (flops / (ms / 1e3) / peak) if peak else None,
+        "compile_s": compile_s,
+        "loss": float(metrics["loss"]),
+        "profile": profile,
     }
 
 
@@ -119,8 +142,13 @@ def plot(json_paths: list[str], png: str):
     cases = [c for p in json_paths for c in json.loads(pathlib.Path(p).read_text())["cases"] if "error" not in c]
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, style in (("attamba", "o-"), ("transformer", "s-"), ("attamba-xla", "^--")):
-        pts = sorted((c["length"], c["step_ms"] / (c["batch"] * c["length"]) * 16384) for c in cases
-                     if c["model"] == model and c["batch"] * c["length"] <= 32768 and not (c["length"] == 1024 and c["batch"] != 16))
+        pts = sorted(
+            (c["length"], c["step_ms"] / (c["batch"] * c["length"]) * 16384)
+            for c in cases
+            if c["model"] == model
+            and c["batch"] * c["length"] <= 32768
+            and not (c["length"] == 1024 and c["batch"] != 16)
+        )
         if pts:
             ax.plot(*zip(*pts), style, label=model)
     ax.set_xscale("log", base=2)
@@ -146,7 +174,9 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(MODELS)} to time")
     parser.add_argument("--profile-shapes", default="", help="BxL,... whose cases are also traced, kernel by kernel")
     parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--profile-top", type=int, default=25, help="how many of the costliest kernels the profile lists (0: all)")
+    parser.add_argument(
+        "--profile-top", type=int, default=25, help="how many of the costliest kernels the profile lists (0: all)"
+    )
     parser.add_argument("--hlo-dir", default="", help="also write each profiled case's compiled HLO text here (gzip)")
     args = parser.parse_args()
     if args.plot:
@@ -172,7 +202,10 @@ def main():
                 print(f"{model:<12} {batch:>3} {length:>6} ERROR {r['error']}", flush=True)
             else:
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-                print(f"{model:<12} {batch:>3} {length:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,.0f} {mfu:>6}", flush=True)
+                print(
+                    f"{model:<12} {batch:>3} {length:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,.0f} {mfu:>6}",
+                    flush=True,
+                )
                 if r["profile"]:
                     print(trace_summary.format_table(r["profile"], f"  {model} B{batch} L{length}"), flush=True)
             results["cases"].append(r)
@@ -183,7 +216,9 @@ def main():
     for batch, length in shapes:
         a, t = by.get(("attamba", batch, length)), by.get(("transformer", batch, length))
         if a and t:
-            print(f"  B{batch} L{length}: tokens/s ratio {a['tokens_per_s'] / t['tokens_per_s']:.2f}, step-time ratio {a['step_ms'] / t['step_ms']:.2f}")
+            print(
+                f"  B{batch} L{length}: tokens/s ratio {a['tokens_per_s'] / t['tokens_per_s']:.2f}, step-time ratio {a['step_ms'] / t['step_ms']:.2f}"
+            )
     plot([args.out], args.png)
 
 

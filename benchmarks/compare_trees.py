@@ -25,11 +25,25 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _command(tree: pathlib.Path, out: pathlib.Path, args) -> list[str]:
-    script = ["-m", "benchmarks.bench_train_step"] if (tree / "benchmarks" / "__init__.py").exists() else [
-        str(tree / "benchmarks" / "bench_train_step.py")
+    script = (
+        ["-m", "benchmarks.bench_train_step"]
+        if (tree / "benchmarks" / "__init__.py").exists()
+        else [str(tree / "benchmarks" / "bench_train_step.py")]
+    )
+    return [
+        sys.executable,
+        *script,
+        "--shapes",
+        args.shapes,
+        "--models",
+        args.models,
+        "--reps",
+        str(args.reps),
+        "--out",
+        str(out),
+        "--png",
+        str(out.with_suffix(".png")),
     ]
-    return [sys.executable, *script, "--shapes", args.shapes, "--models", args.models, "--reps", str(args.reps),
-            "--out", str(out), "--png", str(out.with_suffix(".png"))]
 
 
 def run_tree(name: str, tree: pathlib.Path, work: pathlib.Path, round_: int, args) -> list[dict]:
@@ -61,15 +75,28 @@ def main():
     keys = [(c["model"], c["batch"], c["length"]) for c in runs["checkout"][0]]
     step = lambda cases, key: next(c.get("step_ms") for c in cases if (c["model"], c["batch"], c["length"]) == key)
     rows = []
-    print(f"\n{'model':<12} {'B':>3} {'L':>6} {'checkout ms':>12} {'baseline ms':>12} {'ratios (per run pair)':>26} {'mean':>6}")
+    print(
+        f"\n{'model':<12} {'B':>3} {'L':>6} {'checkout ms':>12} {'baseline ms':>12} {'ratios (per run pair)':>26} {'mean':>6}"
+    )
     for key in keys:
         new = [step(c, key) for c in runs["checkout"]]
         old = [step(c, key) for c in runs["baseline"]]
         ratios = [n / o for n, o in zip(new, old)]
-        rows.append({"model": key[0], "batch": key[1], "length": key[2], "checkout_ms": new, "baseline_ms": old,
-                     "ratios": ratios, "mean_ratio": statistics.mean(ratios)})
-        print(f"{key[0]:<12} {key[1]:>3} {key[2]:>6} {statistics.median(new):>12.2f} {statistics.median(old):>12.2f} "
-              f"{' '.join(f'{r:.3f}' for r in ratios):>26} {statistics.mean(ratios):>6.3f}")
+        rows.append(
+            {
+                "model": key[0],
+                "batch": key[1],
+                "length": key[2],
+                "checkout_ms": new,
+                "baseline_ms": old,
+                "ratios": ratios,
+                "mean_ratio": statistics.mean(ratios),
+            }
+        )
+        print(
+            f"{key[0]:<12} {key[1]:>3} {key[2]:>6} {statistics.median(new):>12.2f} {statistics.median(old):>12.2f} "
+            f"{' '.join(f'{r:.3f}' for r in ratios):>26} {statistics.mean(ratios):>6.3f}"
+        )
     result = {"baseline": str(trees["baseline"]), "shapes": args.shapes, "rows": rows, "runs": runs}
     pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -31,7 +31,11 @@ from attamba_jax.trainer import Trainer  # noqa: E402
 
 def host_tokens_per_second(cfg, corpus, tokenizer, threads: int, seconds: float) -> float:
     dcfg = dataclasses.replace(cfg.data, threads=threads, prefetch=max(cfg.data.prefetch, threads))
-    it = iter(data_lib.train_dataset(dcfg, corpus.train, seed=cfg.seed, bos_id=tokenizer.bos_id, vocab_size=cfg.model.vocab_size))
+    it = iter(
+        data_lib.train_dataset(
+            dcfg, corpus.train, seed=cfg.seed, bos_id=tokenizer.bos_id, vocab_size=cfg.model.vocab_size
+        )
+    )
     for _ in range(5):  # threads started, buffers warm
         next(it)
     n, start = 0, time.perf_counter()
@@ -64,8 +68,12 @@ def main(argv=None):
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = data_lib.load_corpus(cfg.data, tokenizer, cfg.model.vocab_size)
-    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": [cfg.data.batch_size, cfg.data.seq_len],
-           "host_tokens_per_s": {}}
+    out = {
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "batch": [cfg.data.batch_size, cfg.data.seq_len],
+        "host_tokens_per_s": {},
+    }
     print(f"{len(corpus.train):,} training tokens; batch {cfg.data.batch_size} x {cfg.data.seq_len}")
     for threads in (int(t) for t in args.threads.split(",")):
         tps = host_tokens_per_second(cfg, corpus, tokenizer, threads, args.seconds)

@@ -32,7 +32,9 @@ CATEGORIES = (
 def load_events(trace_dir: str | pathlib.Path) -> list[dict]:
     paths = sorted(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"))
     if not paths:
-        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir} (profile with create_perfetto_trace=True)")
+        raise FileNotFoundError(
+            f"no perfetto_trace.json.gz under {trace_dir} (profile with create_perfetto_trace=True)"
+        )
     with gzip.open(paths[-1]) as f:
         data = json.load(f)
     return data["traceEvents"] if isinstance(data, dict) else data
@@ -44,8 +46,11 @@ def device_events(events: list[dict]) -> list[dict]:
     devices = {pid for pid, name in names.items() if name.startswith("/device:")}
     if devices:
         return [e for e in events if e.get("ph") == "X" and e["pid"] in devices]
-    threads = {(e["pid"], e["tid"]) for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name" and "XLA" in e["args"]["name"]}
+    threads = {
+        (e["pid"], e["tid"])
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name" and "XLA" in e["args"]["name"]
+    }
     runtime = lambda name: "::" in name or name.startswith(("$", "end:"))  # executor bookkeeping, not kernels
     return [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in threads and not runtime(e["name"])]
 
@@ -59,11 +64,17 @@ def kernel_table(trace_dir: str | pathlib.Path, steps: int, top: int = 25) -> di
         totals[e["name"]] += float(e.get("dur", 0.0))
         counts[e["name"]] += 1
     all_us = sum(totals.values())
-    row = lambda name, us, calls: {"name": name, "ms_per_step": us / 1e3 / steps, "calls_per_step": calls / steps,
-                                   "share": us / all_us if all_us else 0.0}
+    row = lambda name, us, calls: {
+        "name": name,
+        "ms_per_step": us / 1e3 / steps,
+        "calls_per_step": calls / steps,
+        "share": us / all_us if all_us else 0.0,
+    }
     families, family_calls = collections.Counter(), collections.Counter()
     for name, us in totals.items():
-        family = next((label for label, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other fusions")
+        family = next(
+            (label for label, pattern in CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other fusions"
+        )
         families[family] += us
         family_calls[family] += counts[name]
     return {
@@ -97,12 +108,16 @@ def attribute(table: dict, hlo_text: str) -> dict:
 
 
 def format_table(table: dict, title: str) -> str:
-    lines = [f"{title}: {table['device_ms_per_step']:.3f} ms of kernels per step",
-             f"  {'ms/step':>8} {'share':>6} {'calls':>6}  kernel family / kernel"]
+    lines = [
+        f"{title}: {table['device_ms_per_step']:.3f} ms of kernels per step",
+        f"  {'ms/step':>8} {'share':>6} {'calls':>6}  kernel family / kernel",
+    ]
     for r in table["families"] + [None] + table["kernels"]:
         if r is None:
             lines.append("  " + "-" * 40)
             continue
         op = f"  [{r['shape']} {r['op'][-70:]}]" if r.get("op") else ""
-        lines.append(f"  {r['ms_per_step']:>8.3f} {100 * r['share']:>5.1f}% {r['calls_per_step']:>6.1f}  {r['name'][:90]}{op}")
+        lines.append(
+            f"  {r['ms_per_step']:>8.3f} {100 * r['share']:>5.1f}% {r['calls_per_step']:>6.1f}  {r['name'][:90]}{op}"
+        )
     return "\n".join(lines)

@@ -33,8 +33,10 @@ def _metric(path: pathlib.Path) -> dict | None:
 def summarize(root: pathlib.Path) -> tuple[str, dict[str, list[dict]]]:
     rows, curves = [], {}
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file())
-    header = ("| model | params | KV bytes/token @1024 | tokens seen | train wall s | held-out tok ppl | held-out word ppl "
-              "| held-out bpb | WikiText-2 tok ppl | WikiText-2 word ppl | WikiText-2 bpb |")
+    header = (
+        "| model | params | KV bytes/token @1024 | tokens seen | train wall s | held-out tok ppl | held-out word ppl "
+        "| held-out bpb | WikiText-2 tok ppl | WikiText-2 word ppl | WikiText-2 bpb |"
+    )
     rows.append(header)
     rows.append("|---|" + "---:|" * (header.count("|") - 2))
     for name in names:
@@ -45,13 +47,26 @@ def summarize(root: pathlib.Path) -> tuple[str, dict[str, list[dict]]]:
         tokens = steps * cfg.data.batch_size * cfg.data.seq_len
         wall = json.loads((root / f"{name}.wall.json").read_text()) if (root / f"{name}.wall.json").is_file() else {}
         for suffix, label, k in (("", name, None), (".k4", f"{name} @K=4", 4), (".k16", f"{name} @K=16", 16)):
-            held, wiki = _metric(root / f"{name}.eval.heldout{suffix}.json"), _metric(root / f"{name}.eval.wiki{suffix}.json")
+            held, wiki = (
+                _metric(root / f"{name}.eval.heldout{suffix}.json"),
+                _metric(root / f"{name}.eval.wiki{suffix}.json"),
+            )
             if suffix and held is None and wiki is None:
                 continue
             kv = formula_bytes(cfg.model, 1, 1024, token_chunk=k) / 1024
-            cells = [label, f"{parameter_count(cfg.model):,}", f"{kv:,.0f}", f"{tokens / 1e6:.1f}M", str(wall.get("wall_s", "–"))]
+            cells = [
+                label,
+                f"{parameter_count(cfg.model):,}",
+                f"{kv:,.0f}",
+                f"{tokens / 1e6:.1f}M",
+                str(wall.get("wall_s", "–")),
+            ]
             for m in (held, wiki):
-                cells += ["–"] * 3 if m is None else [f"{m['token_perplexity']:.2f}", f"{m['word_perplexity']:.2f}", f"{m['bits_per_byte']:.4f}"]
+                cells += (
+                    ["–"] * 3
+                    if m is None
+                    else [f"{m['token_perplexity']:.2f}", f"{m['word_perplexity']:.2f}", f"{m['bits_per_byte']:.4f}"]
+                )
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows), curves
 

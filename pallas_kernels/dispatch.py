@@ -80,7 +80,9 @@ def choose(op: str, table: Mapping[str, Implementation], requested: str, target:
                 reasons[name] = impl.unsupported(target, *args, **kwargs)
                 if reasons[name] is None:
                     return name
-        raise ValueError(f"{op}: no implementation runs this call: " + "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+        raise ValueError(
+            f"{op}: no implementation runs this call: " + "; ".join(f"{n}: {r}" for n, r in reasons.items())
+        )
     if requested not in table:
         raise ValueError(f"{op}: unknown implementation {requested!r}; choose from {tuple(table)} or 'auto'")
     reason = table[requested].unsupported(target, *args, **kwargs)

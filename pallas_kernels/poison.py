@@ -37,11 +37,12 @@ def pallas_call(kernel, *, poison: bool = False, **kwargs):
         n_in, n_out = len(jax.tree.leaves(args)), len(outs)  # refs come flattened
 
         def body(*refs):  # the poison inputs are the outputs' own buffers: skip their input refs
-            return kernel(*refs[:n_in], *refs[n_in + n_out:])
+            return kernel(*refs[:n_in], *refs[n_in + n_out :])
 
         buffers = [jnp.full(o.shape, _fill(o.dtype), o.dtype) for o in outs]
-        launch = dict(kwargs, in_specs=[*kwargs["in_specs"], *out_specs],
-                      input_output_aliases={n_in + i: i for i in range(n_out)})
+        launch = dict(
+            kwargs, in_specs=[*kwargs["in_specs"], *out_specs], input_output_aliases={n_in + i: i for i in range(n_out)}
+        )
         return pl.pallas_call(body, **launch)(*args, *buffers)
 
     return call

@@ -30,7 +30,9 @@ def value_and_grads(fn, args, cotangent):
         y = fn(*a)
         return jnp.sum(y.astype(jnp.float32) * cotangent), y
 
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=range(len(args)), has_aux=True)).lower(*args).compile(FAST_COMPILE)
+    compiled = (
+        jax.jit(jax.value_and_grad(loss, argnums=range(len(args)), has_aux=True)).lower(*args).compile(FAST_COMPILE)
+    )
     (_, y), grads = compiled(*args)
     return y, grads
 

@@ -88,9 +88,19 @@ def test_causal_attention_is_the_masked_reference(window):
 
 def _module(pseudo_chunk, impl, n_kv_heads):
     cfg = ModelConfig(
-        dim=32, n_heads=4, n_kv_heads=n_kv_heads, head_dim=32 // n_kv_heads, n_layers=2, multiple_of=16,
-        ssm_hidden_dim=48, ssm_heads=2, ssm_state_dim=4, token_chunk=4, window=3,
-        pseudo_chunk=pseudo_chunk, attention_implementation=impl,
+        dim=32,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        head_dim=32 // n_kv_heads,
+        n_layers=2,
+        multiple_of=16,
+        ssm_hidden_dim=48,
+        ssm_heads=2,
+        ssm_state_dim=4,
+        token_chunk=4,
+        window=3,
+        pseudo_chunk=pseudo_chunk,
+        attention_implementation=impl,
     )
     return AttambaAttention(cfg, rngs=nnx.Rngs(0))
 

@@ -45,7 +45,11 @@ CASES = {
     # offsets 0,1 = K-1: layer 1's chunk [1, K-1-o] is empty; W = 0 (window = the query alone)
     "k2_w0": (_attamba(token_chunk=2, window=0, n_layers=2), None, [1, 2, 3, 8]),
     # offsets 0,4; two B/C groups, dt bias
-    "k8_w5_groups": (_attamba(token_chunk=8, window=5, n_layers=2, ssm_groups=2, ssm_dt_bias=True), None, [2, 8, 9, 12]),
+    "k8_w5_groups": (
+        _attamba(token_chunk=8, window=5, n_layers=2, ssm_groups=2, ssm_dt_bias=True),
+        None,
+        [2, 8, 9, 12],
+    ),
     # every token is a boundary; window larger than some prompts
     "k1_w2": (_attamba(token_chunk=1, window=2, n_layers=1), None, [1, 3, 5, 10]),
     # trained with K=4, run at K'=6 (offsets 0,3 at K')

@@ -21,8 +21,15 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 BASES = sorted(p for p in CONFIGS.rglob("*.yaml") if "base" in p.relative_to(CONFIGS).parts[:-1])
 RUNNABLE = sorted(p for p in CONFIGS.rglob("*.yaml") if p not in BASES)
 PAPER = [
-    "attamba_k4_w8", "attamba_k8_w8", "attamba_k16_w16", "attamba_k4_w32", "transformer_isoparam",
-    "transformer_isokv4", "transformer_isokv8", "transformer_isokv16", "transformer_isoflop104",
+    "attamba_k4_w8",
+    "attamba_k8_w8",
+    "attamba_k16_w16",
+    "attamba_k4_w32",
+    "transformer_isoparam",
+    "transformer_isokv4",
+    "transformer_isokv8",
+    "transformer_isokv16",
+    "transformer_isoflop104",
 ]
 
 
@@ -75,26 +82,65 @@ def test_paper_configs_exist():
 # The recipe of every paper config (configs/paper/base/recipe.yaml), as loaded before it moved there.
 PAPER_RECIPE = {
     "data": {
-        "train": ("stdlib",), "eval": (), "heldout_fraction": 0.02, "tokenizer": "byte", "seq_len": 1024,
-        "batch_size": 16, "prefetch": 8, "threads": 4,
+        "train": ("stdlib",),
+        "eval": (),
+        "heldout_fraction": 0.02,
+        "tokenizer": "byte",
+        "seq_len": 1024,
+        "batch_size": 16,
+        "prefetch": 8,
+        "threads": 4,
     },
     "optim": {
-        "lr": 0.003, "beta1": 0.9, "beta2": 0.95, "eps": 1e-08, "weight_decay": 0.033, "warmup_steps": 5000,
-        "min_lr_ratio": 1e-06, "grad_clip": 1.0, "grad_accum": 1,
+        "lr": 0.003,
+        "beta1": 0.9,
+        "beta2": 0.95,
+        "eps": 1e-08,
+        "weight_decay": 0.033,
+        "warmup_steps": 5000,
+        "min_lr_ratio": 1e-06,
+        "grad_clip": 1.0,
+        "grad_accum": 1,
     },
     "train": {
-        "steps": 60000, "log_every": 50, "eval_every": 1000, "eval_batches": 20, "checkpoint_every": 1000,
-        "keep_last": 3, "keep_every": 10000, "peak_tflops": None,
+        "steps": 60000,
+        "log_every": 50,
+        "eval_every": 1000,
+        "eval_batches": 20,
+        "checkpoint_every": 1000,
+        "keep_last": 3,
+        "keep_every": 10000,
+        "peak_tflops": None,
     },
     "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
     "seed": 777,
 }
 ATTAMBA_K8_W8_MODEL = {
-    "arch": "attamba", "vocab_size": 32000, "dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": None,
-    "head_dim": None, "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 10000.0, "dtype": "bfloat16",
-    "token_chunk": 8, "window": 8, "pseudo_chunk": False, "ssm_state_dim": 32, "ssm_hidden_dim": 32, "ssm_heads": 8,
-    "ssm_groups": 1, "ssm_conv_width": 4, "ssm_dt_bias": False, "ssm_a_init_min": 1.0, "ssm_a_init_max": 16.0,
-    "sliding_window": None, "ssm_implementation": "auto", "attention_implementation": "auto",
+    "arch": "attamba",
+    "vocab_size": 32000,
+    "dim": 512,
+    "n_layers": 8,
+    "n_heads": 8,
+    "n_kv_heads": None,
+    "head_dim": None,
+    "multiple_of": 256,
+    "norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "dtype": "bfloat16",
+    "token_chunk": 8,
+    "window": 8,
+    "pseudo_chunk": False,
+    "ssm_state_dim": 32,
+    "ssm_hidden_dim": 32,
+    "ssm_heads": 8,
+    "ssm_groups": 1,
+    "ssm_conv_width": 4,
+    "ssm_dt_bias": False,
+    "ssm_a_init_min": 1.0,
+    "ssm_a_init_max": 16.0,
+    "sliding_window": None,
+    "ssm_implementation": "auto",
+    "attention_implementation": "auto",
 }
 # What each paper config sets in its model (the rest is ATTAMBA_K8_W8_MODEL, the defaults in bf16).
 PAPER_MODELS = {
@@ -129,7 +175,6 @@ def test_overrides_parse_yaml_scalars():
     assert cfg.model.token_chunk == 8 and cfg.model.window == 4
 
 
-
 def test_a_key_set_twice_in_one_yaml_mapping_is_an_error(tmp_path):
     # Given a file in which a pasted line repeats a key of its section (PyYAML alone keeps the last),
     path = tmp_path / "c.yaml"
@@ -151,6 +196,7 @@ def test_an_override_given_twice_is_an_error():
         parse_overrides(["model={dim: 64, dim: 128}"])
     with pytest.raises(ConfigError, match="override 'model.dim=\\[1,': the value is not valid YAML"):
         parse_overrides(["model.dim=[1,"])
+
 
 @pytest.mark.parametrize(
     "override, message",
@@ -226,7 +272,9 @@ def test_a_file_builds_on_its_bases_and_overrides_them(tmp_path):
     assert (cfg.data.seq_len, cfg.optim.lr, cfg.seed, cfg.data.batch_size) == (2048, 2e-3, 7, 16)
     assert read_config_file(top) == {
         "model": {"dtype": "bfloat16", "dim": 128, "n_layers": 2, "n_heads": 4},
-        "optim": {"lr": 1e-3}, "seed": 7, "data": {"seq_len": 2048},
+        "optim": {"lr": 1e-3},
+        "seed": 7,
+        "data": {"seq_len": 2048},
     }
 
 

@@ -30,7 +30,17 @@ def _stream_of(texts):
 
 
 def _cfg(root, **kw):
-    return DataConfig(**{"train": (str(root / "*.txt"),), "heldout_fraction": 0.0, "seq_len": 16, "batch_size": 4, "threads": 2, "prefetch": 2, **kw})
+    return DataConfig(
+        **{
+            "train": (str(root / "*.txt"),),
+            "heldout_fraction": 0.0,
+            "seq_len": 16,
+            "batch_size": 4,
+            "threads": 2,
+            "prefetch": 2,
+            **kw,
+        }
+    )
 
 
 def test_documents_are_framed_and_concatenated_in_order(tmp_path):
@@ -67,7 +77,9 @@ def test_segment_ids_number_document_pieces_within_a_row():
     np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 2, 2, 2, 3, 3, 3, 0])
     np.testing.assert_array_equal(b["weights"][0], [1, 1, 0, 1, 1, 0, 1, 1, 0, 0])
     row[0, 0] = BOS
-    np.testing.assert_array_equal(data.make_batch(row, bos_id=BOS, vocab_size=VOCAB)["segment_ids"][0, :4], [1, 1, 1, 2])
+    np.testing.assert_array_equal(
+        data.make_batch(row, bos_id=BOS, vocab_size=VOCAB)["segment_ids"][0, :4], [1, 1, 1, 2]
+    )
 
 
 def _epoch_rows(ds_iter, n_batches):
@@ -104,7 +116,9 @@ def test_two_processes_get_disjoint_shards_that_cover_the_epoch(tmp_path):
     for p in range(2):
         n_local = data.epoch_windows(cfg, stream, process_index=p, process_count=2)
         local = cfg.batch_size // 2
-        it = iter(data.train_dataset(cfg, stream, seed=0, bos_id=BOS, vocab_size=VOCAB, process_index=p, process_count=2))
+        it = iter(
+            data.train_dataset(cfg, stream, seed=0, bos_id=BOS, vocab_size=VOCAB, process_index=p, process_count=2)
+        )
         rows = _epoch_rows(it, n_local // local)
         # Identify windows by content (all windows of this corpus differ).
         lookup = {tuple(np.maximum(windows[i][:-1], 0)): i for i in range(len(windows))}
@@ -144,7 +158,9 @@ def test_jsonl_and_text_sources_and_heldout_split(tmp_path):
     np.testing.assert_array_equal(corpus.train.read(0, len(corpus.train)), _stream_of(kept))
     np.testing.assert_array_equal(corpus.heldout.read(0, len(corpus.heldout)), _stream_of(held))
     # Explicit eval sources replace the split.
-    cfg = DataConfig(train=(str(tmp_path / "doc0*.txt"),), eval=(str(tmp_path / "doc1*.txt"),), seq_len=16, batch_size=4)
+    cfg = DataConfig(
+        train=(str(tmp_path / "doc0*.txt"),), eval=(str(tmp_path / "doc1*.txt"),), seq_len=16, batch_size=4
+    )
     corpus = data.load_corpus(cfg, BYTE, VOCAB)
     np.testing.assert_array_equal(corpus.heldout.read(0, len(corpus.heldout)), _stream_of(texts[10:20]))
 
@@ -173,13 +189,21 @@ def test_stdlib_corpus_is_found_and_split_deterministically():
 
 def test_prepared_bin_files_read_back_as_the_same_stream(tmp_path):
     _write_docs(tmp_path, n=30)
-    prepare_main([str(tmp_path / "*.txt"), "--out", str(tmp_path / "out" / "c"), "--heldout-fraction", "0.25", "--workers", "2"])
+    prepare_main(
+        [str(tmp_path / "*.txt"), "--out", str(tmp_path / "out" / "c"), "--heldout-fraction", "0.25", "--workers", "2"]
+    )
     meta = json.loads((tmp_path / "out" / "c.train.bin.json").read_text())
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == "byte"
     in_memory = data.load_corpus(_cfg(tmp_path, heldout_fraction=0.25), BYTE, VOCAB)
     from_bin = data.load_corpus(
-        DataConfig(train=(str(tmp_path / "out" / "c.train.bin"),), eval=(str(tmp_path / "out" / "c.heldout.bin"),), seq_len=16, batch_size=4),
-        BYTE, VOCAB,
+        DataConfig(
+            train=(str(tmp_path / "out" / "c.train.bin"),),
+            eval=(str(tmp_path / "out" / "c.heldout.bin"),),
+            seq_len=16,
+            batch_size=4,
+        ),
+        BYTE,
+        VOCAB,
     )
     for a, b in ((in_memory.train, from_bin.train), (in_memory.heldout, from_bin.heldout)):
         np.testing.assert_array_equal(a.read(0, len(a)), b.read(0, len(b)))
@@ -196,9 +220,11 @@ def test_bin_file_errors(tmp_path):
     # Out of the model's vocabulary: the file holds EOS = 257.
     with pytest.raises(data.DataError, match="token id 257, outside the model's vocabulary"):
         data.load_corpus(cfg, BYTE, 200)
+
     # Another tokenizer.
     class Other(ByteTokenizer):
         identity = "sentencepiece:0123"
+
     with pytest.raises(data.DataError, match="tokenized with byte, but data.tokenizer is sentencepiece:0123"):
         data.load_corpus(cfg, Other(), VOCAB)
     # Truncated.

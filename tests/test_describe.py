@@ -9,10 +9,19 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_describe_paper_attamba(capsys):
-    assert describe.main(["--config", str(CONFIGS / "paper/attamba_k8_w8.yaml"), "--context", "1024,32768", "model.dtype=float32"]) == 0
+    assert (
+        describe.main(
+            ["--config", str(CONFIGS / "paper/attamba_k8_w8.yaml"), "--context", "1024,32768", "model.dtype=float32"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "parameters: 62,751,488   (matching transformer: 60,039,680)" in out
-    rows = {int(line.split("|")[0]): [float(x.replace(",", "")) for x in line.split("|")[1:]] for line in out.splitlines() if line.strip()[:1].isdigit()}
+    rows = {
+        int(line.split("|")[0]): [float(x.replace(",", "")) for x in line.split("|")[1:]]
+        for line in out.splitlines()
+        if line.strip()[:1].isdigit()
+    }
     # K=8: cache and attention cost about 1/8 of the transformer's at long context
     for t in (1024, 32768):
         kv, kv_t, kv_ratio, fl, fl_t, fl_ratio = rows[t]

@@ -13,7 +13,11 @@ _GRID = ChunkGrid(4, 1)
 
 def _ssd_args(dtype=jnp.float32):
     x = jax.ShapeDtypeStruct((1, 8, 2, 4), dtype)
-    dt, vec, bc = jax.ShapeDtypeStruct((1, 8, 2), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.float32), jax.ShapeDtypeStruct((1, 8, 1, 4), dtype)
+    dt, vec, bc = (
+        jax.ShapeDtypeStruct((1, 8, 2), jnp.float32),
+        jax.ShapeDtypeStruct((2,), jnp.float32),
+        jax.ShapeDtypeStruct((1, 8, 1, 4), dtype),
+    )
     return x, dt, vec, bc, bc, vec
 
 
@@ -28,14 +32,24 @@ def _choose_ssd(requested, target, dtype=jnp.float32):
 
 def _choose_attention(requested, target, dtype=jnp.float32):
     return choose(
-        "attention", boundary_window_attention.IMPLEMENTATIONS, requested, target, *_attention_args(dtype),
-        grid=_GRID, window=2,
+        "attention",
+        boundary_window_attention.IMPLEMENTATIONS,
+        requested,
+        target,
+        *_attention_args(dtype),
+        grid=_GRID,
+        window=2,
     )
 
 
-@pytest.mark.parametrize("backend, ssd_name, attention_name", [
-    ("gpu", "pallas_gpu", "pallas_gpu"), ("tpu", "pallas_tpu", "pallas_tpu"), ("cpu", "chunked", "compressed"),
-])
+@pytest.mark.parametrize(
+    "backend, ssd_name, attention_name",
+    [
+        ("gpu", "pallas_gpu", "pallas_gpu"),
+        ("tpu", "pallas_tpu", "pallas_tpu"),
+        ("cpu", "chunked", "compressed"),
+    ],
+)
 def test_auto_takes_the_backends_kernel_else_the_xla_path(backend, ssd_name, attention_name):
     assert _choose_ssd("auto", Target(backend)) == ssd_name
     assert _choose_attention("auto", Target(backend)) == attention_name
@@ -59,12 +73,15 @@ def test_a_kernel_refuses_dtypes_it_was_not_built_for():
         _choose_attention("pallas_gpu", Target("gpu"), jnp.float16)
 
 
-@pytest.mark.parametrize("requested, target, message", [
-    ("pallas_gpu", Target("cpu"), "'pallas_gpu' cannot run this call: it runs on gpu, not on cpu"),
-    ("pallas_tpu", Target("gpu"), "'pallas_tpu' cannot run this call: it runs on tpu, not on gpu"),
-    ("pallas_gpu_interpret", Target("cpu", partitioned=True), "single-device kernel: under a multi-device mesh"),
-    ("magic", Target("cpu"), "unknown implementation 'magic'"),
-])
+@pytest.mark.parametrize(
+    "requested, target, message",
+    [
+        ("pallas_gpu", Target("cpu"), "'pallas_gpu' cannot run this call: it runs on gpu, not on cpu"),
+        ("pallas_tpu", Target("gpu"), "'pallas_tpu' cannot run this call: it runs on tpu, not on gpu"),
+        ("pallas_gpu_interpret", Target("cpu", partitioned=True), "single-device kernel: under a multi-device mesh"),
+        ("magic", Target("cpu"), "unknown implementation 'magic'"),
+    ],
+)
 def test_a_named_implementation_that_cannot_run_says_why(requested, target, message):
     with pytest.raises(ValueError, match=message):
         _choose_ssd(requested, target)
@@ -75,12 +92,15 @@ def test_a_named_implementation_that_can_run_is_taken():
     assert _choose_attention("dense", Target("gpu", partitioned=True)) == "dense"
 
 
-@pytest.mark.parametrize("target, dtype, head_dim, name", [
-    (Target("gpu"), jnp.bfloat16, 64, "cudnn"),
-    (Target("gpu"), jnp.float32, 64, "xla"),
-    (Target("gpu"), jnp.bfloat16, 12, "xla"),
-    (Target("cpu"), jnp.bfloat16, 64, "xla"),
-])
+@pytest.mark.parametrize(
+    "target, dtype, head_dim, name",
+    [
+        (Target("gpu"), jnp.bfloat16, 64, "cudnn"),
+        (Target("gpu"), jnp.float32, 64, "xla"),
+        (Target("gpu"), jnp.bfloat16, 12, "xla"),
+        (Target("cpu"), jnp.bfloat16, 64, "xla"),
+    ],
+)
 def test_causal_auto_takes_cudnn_where_it_applies(target, dtype, head_dim, name):
     q = _attention_args(dtype, head_dim)
     assert choose("causal", causal_attention.IMPLEMENTATIONS, "auto", target, *q, window=None) == name

@@ -16,7 +16,9 @@ def _fake_results(root: pathlib.Path, ppl: dict[str, float]):
         (root / name).mkdir(parents=True)
         # as the trainer writes it: flat (a shipped config names its base, relative to configs/paper/)
         (root / name / "config.yaml").write_text(dump_config(load_config(REPO / "configs" / "paper" / f"{name}.yaml")))
-        rows = [{"kind": "train", "step": s, "loss": 5.0 - s / 100} for s in (10, 20)] + [{"kind": "eval", "step": 20, "loss": 4.9}]
+        rows = [{"kind": "train", "step": s, "loss": 5.0 - s / 100} for s in (10, 20)] + [
+            {"kind": "eval", "step": 20, "loss": 4.9}
+        ]
         (root / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         (root / f"{name}.wall.json").write_text(json.dumps({"model": name, "exit": 0, "wall_s": 12}))
         for split in ("heldout", "wiki"):
@@ -29,8 +31,18 @@ def test_summarize_prints_one_table_per_group_and_draws_the_curves(tmp_path):
     _fake_results(tmp_path / "b", {"transformer_isoparam": 44.2})
     png = tmp_path / "loss.png"
     out = subprocess.run(
-        [sys.executable, "experiments/summarize.py", f"{tmp_path / 'a'}=lr 3e-3", f"{tmp_path / 'b'}=lr 1e-3", "--png", str(png)],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "experiments/summarize.py",
+            f"{tmp_path / 'a'}=lr 3e-3",
+            f"{tmp_path / 'b'}=lr 1e-3",
+            "--png",
+            str(png),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "**lr 3e-3**" in out and "**lr 1e-3**" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")]

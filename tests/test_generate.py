@@ -133,13 +133,27 @@ def test_generate_rejects_bad_arguments(attamba):
 
 
 SMALL_TINY = [  # configs/tiny.yaml, shrunk so that the CLI tests compile quickly
-    "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.multiple_of=16",
-    "model.ssm_hidden_dim=48", "model.ssm_heads=2", "model.ssm_state_dim=8",
+    "model.dim=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.multiple_of=16",
+    "model.ssm_hidden_dim=48",
+    "model.ssm_heads=2",
+    "model.ssm_state_dim=8",
 ]
 
 
 def test_cli_generates_from_a_config(capsys):
-    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--prompt", "ab", "--prompt", "xyz", "--max-new-tokens", "4"]
+    argv = [
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--prompt",
+        "ab",
+        "--prompt",
+        "xyz",
+        "--max-new-tokens",
+        "4",
+    ]
     assert main(argv + SMALL_TINY) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("ab") and lines[1].startswith("xyz")
@@ -174,7 +188,9 @@ def test_quickstart_notebook_runs():
 
     path = ROOT / "examples" / "quickstart.ipynb"
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     client.execute()  # raises CellExecutionError on any failing cell
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "parameters" in text and "MiB" in text

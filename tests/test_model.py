@@ -20,8 +20,16 @@ from tests.helpers import assert_close
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 SMALL = ModelConfig(
-    vocab_size=50, dim=32, n_layers=3, n_heads=4, multiple_of=16, ssm_hidden_dim=48, ssm_heads=2,
-    ssm_state_dim=4, token_chunk=4, window=2,
+    vocab_size=50,
+    dim=32,
+    n_layers=3,
+    n_heads=4,
+    multiple_of=16,
+    ssm_hidden_dim=48,
+    ssm_heads=2,
+    ssm_state_dim=4,
+    token_chunk=4,
+    window=2,
 )
 
 
@@ -103,7 +111,16 @@ def test_stacked_ssm_streams_equal_separate_ssms(groups):
         dataclasses.replace(SMALL, token_chunk=8, n_kv_heads=2, head_dim=16),
         dataclasses.replace(SMALL, pseudo_chunk=True),
         ModelConfig(arch="transformer", vocab_size=50, dim=32, n_layers=2, n_heads=4, head_dim=4, multiple_of=16),
-        ModelConfig(arch="transformer", vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, sliding_window=3),
+        ModelConfig(
+            arch="transformer",
+            vocab_size=50,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            multiple_of=16,
+            sliding_window=3,
+        ),
     ],
     ids=["attamba", "attamba-gqa", "pseudo-chunk", "isokv-like", "transformer-gqa-swa"],
 )
@@ -149,7 +166,11 @@ def test_test_time_token_chunk_changes_the_grid():
 
 @pytest.mark.parametrize("arch", ["attamba", "transformer"])
 def test_loss_decreases_on_a_tiny_batch(arch):
-    cfg = SMALL if arch == "attamba" else ModelConfig(arch="transformer", vocab_size=50, dim=32, n_layers=2, n_heads=4, multiple_of=16)
+    cfg = (
+        SMALL
+        if arch == "attamba"
+        else ModelConfig(arch="transformer", vocab_size=50, dim=32, n_layers=2, n_heads=4, multiple_of=16)
+    )
     graphdef, params = init_model(cfg, seed=0)
     tokens = jax.random.randint(jax.random.key(9), (4, 17), 0, 50)
     opt = optax.adam(1e-2)
@@ -200,7 +221,9 @@ def test_cross_entropy_value_and_gradient_match_optax(dtype):
     assert grad.dtype == logits.dtype
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     tol = 1e-6 if dtype == "float32" else 1e-2
-    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32), rtol=tol, atol=tol * 1e-2)
+    np.testing.assert_allclose(
+        np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32), rtol=tol, atol=tol * 1e-2
+    )
 
 
 def test_cross_entropy_matches_optax():

@@ -83,7 +83,9 @@ def test_gpu_boundary_dkv_split_into_query_shares(splits):
     # Given the boundary dk/dv pass cut into shares of the query walk (some shares empty)
     blocks = dataclasses.replace(GPU_BLOCKS, dkv_query_splits=splits)
     grid, args, cot, (o_ref, grads_ref) = _case(8, 3, 2, 61, 2, 2, "float32", 83)
-    kernel = lambda q, k, v: pallas_gpu.attention_pallas_gpu(q, k, v, grid=grid, window=2, interpret=True, blocks=blocks)
+    kernel = lambda q, k, v: pallas_gpu.attention_pallas_gpu(
+        q, k, v, grid=grid, window=2, interpret=True, blocks=blocks
+    )
     # When the kernel runs forward and backward
     o, grads = value_and_grads(kernel, args, cot)
     # Then the shares add up to the reference's gradients
@@ -110,7 +112,9 @@ def test_gpu_kernels_overwrite_nan_buffers(splits):
 def test_tpu_kernel_at_its_default_tiles():
     # Given the TPU kernel's own 128-row tiles: 150 tokens span two query and two key blocks
     grid, args, cot, (o_ref, grads_ref) = _case(8, 5, 8, 150, 4, 2, "float32", 77)
-    kernel = lambda q, k, v: pallas_tpu.attention_pallas_tpu(q, k, v, grid=grid, window=8, interpret=tpu_interpret_params())
+    kernel = lambda q, k, v: pallas_tpu.attention_pallas_tpu(
+        q, k, v, grid=grid, window=8, interpret=tpu_interpret_params()
+    )
     # When it runs forward and backward
     o, grads = value_and_grads(kernel, args, cot)
     # Then it agrees with the dense reference
@@ -176,10 +180,16 @@ def test_tpu_tables_visit_every_visible_block_and_no_masked_one(k, offset, windo
     np.testing.assert_array_equal(listed_t, blocks.T)
 
 
-@pytest.mark.parametrize("k, offset, window, t, blocks", [
-    (4, 0, 8, 100, GPU_BLOCKS), (8, 5, 3, 77, GPU_BLOCKS), (16, 9, 40, 130, GPU_BLOCKS), (6, 3, 0, 64, GPU_BLOCKS),
-    (8, 3, 8, 1500, GpuBlocks()),
-])
+@pytest.mark.parametrize(
+    "k, offset, window, t, blocks",
+    [
+        (4, 0, 8, 100, GPU_BLOCKS),
+        (8, 5, 3, 77, GPU_BLOCKS),
+        (16, 9, 40, 130, GPU_BLOCKS),
+        (6, 3, 0, 64, GPU_BLOCKS),
+        (8, 3, 8, 1500, GpuBlocks()),
+    ],
+)
 def test_gpu_walk_visits_every_visible_block_and_no_masked_one(k, offset, window, t, blocks):
     # Given the two parts of the mask: boundary keys before the window, and the window of raw keys
     grid = ChunkGrid(k, offset)

@@ -18,7 +18,9 @@ from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for, value
 # The interpreters start every output buffer as NaN (see test_interpreter_poisons_unwritten_outputs),
 # so a finite result proves that every element was written.
 KERNELS = {
-    "gpu": lambda *a, grid, block_len: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=True, blocks=GpuBlocks(block_len)),
+    "gpu": lambda *a, grid, block_len: pallas_gpu.ssd_pallas_gpu(
+        *a, grid=grid, interpret=True, blocks=GpuBlocks(block_len)
+    ),
     "tpu": lambda *a, grid, block_len: pallas_tpu.ssd_pallas_tpu(
         *a, grid=grid, interpret=tpu_interpret_params(), blocks=TpuBlocks(block_len)
     ),
@@ -84,7 +86,9 @@ def test_gpu_kernel_runs_several_tiles_per_program(tiles):
     grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 4, 2, 16, 16, "float32", 805)
     blocks = GpuBlocks(16, GpuPass(2, tiles), GpuPass(1, tiles))
     # When the kernel runs forward and backward
-    y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=True, blocks=blocks), args, cot)
+    y, grads = value_and_grads(
+        lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=True, blocks=blocks), args, cot
+    )
     # Then it agrees with the reference and writes every element
     assert_close(y, y_ref, 1e-5)
     assert_close(grads, grads_ref, 1e-5)
@@ -96,7 +100,9 @@ def test_gpu_kernel_loads_several_heads_before_computing(ahead, ahead_bwd):
     grid, args, cot, (y_ref, grads_ref) = _case(8, 5, 50, 8, 2, 16, 16, "float32", 806)
     blocks = GpuBlocks(16, GpuPass(2, heads_ahead=ahead), GpuPass(1, heads_ahead=ahead_bwd))
     # When the kernel runs forward and backward
-    y, grads = value_and_grads(lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=True, blocks=blocks), args, cot)
+    y, grads = value_and_grads(
+        lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=True, blocks=blocks), args, cot
+    )
     # Then it agrees with the reference and writes every element
     assert_close(y, y_ref, 1e-5)
     assert_close(grads, grads_ref, 1e-5)
@@ -150,20 +156,26 @@ def test_gpu_kernels_lower_through_triton(poison, aliases):
     assert text.count("output_operand_alias<") == aliases
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(tiles=0), "GpuPass.tiles must be >= 1"),
-    (dict(heads_ahead=0), "GpuPass.heads_ahead must be >= 1"),
-    (dict(tiles=1, num_stages=2), "needs tiles > 1"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(tiles=0), "GpuPass.tiles must be >= 1"),
+        (dict(heads_ahead=0), "GpuPass.heads_ahead must be >= 1"),
+        (dict(tiles=1, num_stages=2), "needs tiles > 1"),
+    ],
+)
 def test_gpu_launch_settings_reject_bad_values(settings, message):
     with pytest.raises(ValueError, match=message):
         GpuPass(**settings)
 
 
-@pytest.mark.parametrize("kernel, blocks, message", [
-    (pallas_gpu.ssd_pallas_gpu, GpuBlocks(24), r"block_len \(24\) must be a power of two >= max\(16, K=8\)"),
-    (pallas_tpu.ssd_pallas_tpu, TpuBlocks(20), r"block_len \(20\) must be a multiple of 8 and of K \(8\)"),
-])
+@pytest.mark.parametrize(
+    "kernel, blocks, message",
+    [
+        (pallas_gpu.ssd_pallas_gpu, GpuBlocks(24), r"block_len \(24\) must be a power of two >= max\(16, K=8\)"),
+        (pallas_tpu.ssd_pallas_tpu, TpuBlocks(20), r"block_len \(20\) must be a multiple of 8 and of K \(8\)"),
+    ],
+)
 def test_kernel_tiles_that_cut_chunks_are_refused(kernel, blocks, message):
     args, _ = _inputs(1, 1, 16, 2, 1, 16, 16, jnp.float32)
     with pytest.raises(ValueError, match=message):

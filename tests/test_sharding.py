@@ -24,20 +24,36 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 # heads, mlp, vocab and ssm_inner all divide by 2 (tensor); embed (32) divides by 8 (fsdp).
 MODEL = [
-    "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.multiple_of=32", "model.ssm_hidden_dim=48",
-    "model.ssm_heads=2", "model.ssm_state_dim=8", "model.token_chunk=4", "model.window=4",
+    "model.dim=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.multiple_of=32",
+    "model.ssm_hidden_dim=48",
+    "model.ssm_heads=2",
+    "model.ssm_state_dim=8",
+    "model.token_chunk=4",
+    "model.window=4",
 ]
 BATCH, LENGTH = 8, 32
 
 
 def _cfg(*extra):
-    return load_config(TINY, with_overrides(MODEL + [f"data.seq_len={LENGTH}", f"data.batch_size={BATCH}", "optim.warmup_steps=1", "train.steps=10"], *extra))
+    return load_config(
+        TINY,
+        with_overrides(
+            MODEL + [f"data.seq_len={LENGTH}", f"data.batch_size={BATCH}", "optim.warmup_steps=1", "train.steps=10"],
+            *extra,
+        ),
+    )
 
 
 def _batches(cfg, n):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, size=(n, 1, BATCH, LENGTH + 1), dtype=np.int32)
-    return [{"inputs": t[..., :-1], "targets": t[..., 1:], "weights": np.ones((1, BATCH, LENGTH), np.float32)} for t in tokens]
+    return [
+        {"inputs": t[..., :-1], "targets": t[..., 1:], "weights": np.ones((1, BATCH, LENGTH), np.float32)}
+        for t in tokens
+    ]
 
 
 def _train(cfg, mesh, batches):
@@ -116,7 +132,9 @@ def test_model_activations_carry_logical_shardings():
     with use_mesh(mesh):
         logits = make_forward(graphdef)(state["params"], tokens)
     # logits: batch over data x fsdp, vocab (258) over tensor
-    assert logits.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")), 3), logits.sharding
+    assert logits.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")), 3), (
+        logits.sharding
+    )
     # without a mesh the constraints are no-ops: the same numbers
     plain = make_forward(graphdef)(jax.device_get(state["params"]), np.zeros((BATCH, LENGTH), np.int32))
     assert_close(logits, plain, rel=1e-5)
@@ -136,9 +154,17 @@ def _corpus(root: pathlib.Path) -> str:
 
 def _trainer_cfg(corpus, steps, mesh):
     extra = {
-        "data.train": f"[{corpus}]", "data.heldout_fraction": 0.0, "data.threads": 0, "data.prefetch": 1,
-        "train.steps": steps, "train.log_every": 1, "train.checkpoint_every": 2, "train.keep_last": 5,
-        "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
+        "data.train": f"[{corpus}]",
+        "data.heldout_fraction": 0.0,
+        "data.threads": 0,
+        "data.prefetch": 1,
+        "train.steps": steps,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
+        "train.keep_last": 5,
+        "mesh.data": mesh[0],
+        "mesh.fsdp": mesh[1],
+        "mesh.tensor": mesh[2],
     }
     return _cfg(*[f"{k}={v}" for k, v in extra.items()])
 
@@ -174,20 +200,26 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
 # --- errors -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, message", [
-    ("mesh.data=3", r"needs 3 devices, but 8 are present"),
-    ("mesh.fsdp=3", r"8 devices do not divide by 3"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mesh.data=3", r"needs 3 devices, but 8 are present"),
+        ("mesh.fsdp=3", r"8 devices do not divide by 3"),
+    ],
+)
 def test_a_mesh_that_does_not_fit_the_devices_is_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         mesh_from_config(_cfg(override).mesh, cpu_devices(8))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("mesh.pipeline=2", r"unknown config key mesh\.pipeline"),
-    ("mesh.tensor=0", r"mesh\.tensor must be >= 1 or -1"),
-    ("mesh.fsdp=-1", r"at most one of mesh\.data/fsdp/tensor may be -1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mesh.pipeline=2", r"unknown config key mesh\.pipeline"),
+        ("mesh.tensor=0", r"mesh\.tensor must be >= 1 or -1"),
+        ("mesh.fsdp=-1", r"at most one of mesh\.data/fsdp/tensor may be -1"),
+    ],
+)
 def test_bad_mesh_keys_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         _cfg(override)
@@ -250,7 +282,9 @@ def test_ssd_kernels_run_per_device_under_a_mesh(kernel, shape):
     expected = _out_and_grads(lambda *a: ssd(*a, grid=grid, implementation="sequential"), args)
     mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), cpu_devices(8))
     rows = ("batch", None, None, None)
-    sharded = lambda *a: call_op(ssd, IMPLEMENTATIONS, kernel, a, (rows, rows[:3], None, rows, rows, None), rows, grid=grid)
+    sharded = lambda *a: call_op(
+        ssd, IMPLEMENTATIONS, kernel, a, (rows, rows[:3], None, rows, rows, None), rows, grid=grid
+    )
     with use_mesh(mesh):
         actual = _out_and_grads(sharded, args)
         jaxpr = str(jax.make_jaxpr(sharded)(*args))
@@ -260,7 +294,11 @@ def test_ssd_kernels_run_per_device_under_a_mesh(kernel, shape):
 
 @pytest.mark.parametrize(
     "kernel, shape, kv_heads",
-    [("pallas_gpu_interpret", (2, 2, 2), 2), ("pallas_tpu_interpret", (2, 1, 4), 2), ("pallas_gpu_interpret", (1, 4, 2), 1)],
+    [
+        ("pallas_gpu_interpret", (2, 2, 2), 2),
+        ("pallas_tpu_interpret", (2, 1, 4), 2),
+        ("pallas_gpu_interpret", (1, 4, 2), 1),
+    ],
     ids=["gpu-heads-split", "tpu-heads-replicated", "gpu-one-kv-head"],
 )
 def test_attention_kernels_run_per_device_under_a_mesh(kernel, shape, kv_heads):
@@ -275,7 +313,9 @@ def test_attention_kernels_run_per_device_under_a_mesh(kernel, shape, kv_heads):
     q = jax.random.normal(ks[0], (b, t, h, d))
     k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in ks[1:])
     grid = ChunkGrid(4, 1)
-    expected = _out_and_grads(lambda *a: boundary_window_attention(*a, grid=grid, window=4, implementation="dense"), (q, k, v))
+    expected = _out_and_grads(
+        lambda *a: boundary_window_attention(*a, grid=grid, window=4, implementation="dense"), (q, k, v)
+    )
     sharded = lambda *a: _boundary_window(*a, grid, 4, kernel)
     with use_mesh(make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), cpu_devices(8))):
         actual = _out_and_grads(sharded, (q, k, v))

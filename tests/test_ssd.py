@@ -89,11 +89,14 @@ def test_sequential_returns_final_state_of_last_chunk():
     assert_close(final[0], expect, 1e-6)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: (*a[:1], a[1][:, :4], *a[2:]), "dt must have shape"),
-    (lambda a: (*a[:3], a[3][:, :4], *a[4:]), "B and C must both be"),
-    (lambda a: (a[0][0], *a[1:]), "x must be \\[batch, length, heads, head_dim\\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: (*a[:1], a[1][:, :4], *a[2:]), "dt must have shape"),
+        (lambda a: (*a[:3], a[3][:, :4], *a[4:]), "B and C must both be"),
+        (lambda a: (a[0][0], *a[1:]), "x must be \\[batch, length, heads, head_dim\\]"),
+    ],
+)
 def test_bad_shapes_name_the_problem(change, message):
     args, _ = random_inputs(jax.random.key(0), 1, 8, 2, 2, 1, 3)
     with pytest.raises(ValueError, match=message):

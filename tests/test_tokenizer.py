@@ -74,8 +74,13 @@ def test_sentencepiece_errors_name_the_problem(tmp_path, sp_model):
         load_tokenizer(str(tmp_path / "junk.model"))
     # A model without a BOS piece cannot frame documents.
     spm.SentencePieceTrainer.train(
-        input=str(_corpus(tmp_path / "c.txt")), model_prefix=str(tmp_path / "nobos"), vocab_size=40,
-        bos_id=-1, eos_id=1, unk_id=0, minloglevel=2,
+        input=str(_corpus(tmp_path / "c.txt")),
+        model_prefix=str(tmp_path / "nobos"),
+        vocab_size=40,
+        bos_id=-1,
+        eos_id=1,
+        unk_id=0,
+        minloglevel=2,
     )
     with pytest.raises(TokenizerError, match="no BOS piece"):
         load_tokenizer(str(tmp_path / "nobos.model"))

@@ -23,13 +23,20 @@ def test_device_kernels_are_summed_by_name_and_family(tmp_path):
     # count, summed per name and per family, per step.
     meta = lambda pid, name: {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
     kernel = lambda pid, name, dur: {"ph": "X", "pid": pid, "tid": 1, "ts": 0, "dur": dur, "name": name}
-    _write_trace(tmp_path, [
-        meta(1, "/host:CPU"), meta(2, "/device:GPU:0"),
-        kernel(1, "PjitFunction(step)", 5000.0),
-        kernel(2, "ssd_fwd", 100.0), kernel(2, "ssd_bwd", 300.0),
-        kernel(2, "nvjet_sm90_tst_128x160", 400.0), kernel(2, "loop_add_fusion_3", 200.0),
-        kernel(2, "nvjet_sm90_tst_128x160", 400.0), kernel(2, "cudnn_generated_fort_native_sdpa", 600.0),
-    ])
+    _write_trace(
+        tmp_path,
+        [
+            meta(1, "/host:CPU"),
+            meta(2, "/device:GPU:0"),
+            kernel(1, "PjitFunction(step)", 5000.0),
+            kernel(2, "ssd_fwd", 100.0),
+            kernel(2, "ssd_bwd", 300.0),
+            kernel(2, "nvjet_sm90_tst_128x160", 400.0),
+            kernel(2, "loop_add_fusion_3", 200.0),
+            kernel(2, "nvjet_sm90_tst_128x160", 400.0),
+            kernel(2, "cudnn_generated_fort_native_sdpa", 600.0),
+        ],
+    )
     table = trace_summary.kernel_table(tmp_path, steps=2)
     assert table["device_ms_per_step"] == pytest.approx(1.0)
     families = {r["name"]: r["ms_per_step"] for r in table["families"]}
@@ -56,12 +63,16 @@ def test_no_trace_is_a_clear_error(tmp_path):
 
 
 def test_kernels_are_attributed_to_their_hlo_ops():
-    table = {"kernels": [{"name": "loop_add_fusion_17", "ms_per_step": 0.4, "calls_per_step": 8.0, "share": 0.1},
-                         {"name": "nvjet_sm90_tst_128x160", "ms_per_step": 1.0, "calls_per_step": 9.0, "share": 0.2}]}
+    table = {
+        "kernels": [
+            {"name": "loop_add_fusion_17", "ms_per_step": 0.4, "calls_per_step": 8.0, "share": 0.1},
+            {"name": "nvjet_sm90_tst_128x160", "ms_per_step": 1.0, "calls_per_step": 9.0, "share": 0.2},
+        ]
+    }
     hlo = (
-        '  %loop_add_fusion.17 = bf16[16,1024,1536]{2,1,0} fusion(%a, %b), kind=kLoop, calls=%fused_add.17, '
+        "  %loop_add_fusion.17 = bf16[16,1024,1536]{2,1,0} fusion(%a, %b), kind=kLoop, calls=%fused_add.17, "
         'metadata={op_name="jit(step_fn)/while/body/eval_jaxpr/transpose(jvp(jit(silu)))/add_any" stack_frame_id=3}\n'
-        '  %bitcast.1 = bf16[16384,1536]{1,0} bitcast(%loop_add_fusion.17)\n'
+        "  %bitcast.1 = bf16[16384,1536]{1,0} bitcast(%loop_add_fusion.17)\n"
     )
     rows = trace_summary.attribute(table, hlo)["kernels"]
     assert rows[0]["shape"] == "bf16[16,1024,1536]{2,1,0}"

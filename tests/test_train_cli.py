@@ -13,9 +13,19 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The default config with a smaller model and batch, so that CI compiles little.
 SMALL = [
-    "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.multiple_of=32", "model.ssm_hidden_dim=48",
-    "model.ssm_heads=2", "model.ssm_state_dim=8", "data.seq_len=32", "data.batch_size=4", "data.threads=1",
-    "optim.warmup_steps=1", "train.eval_batches=2", "train.log_every=1",
+    "model.dim=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.multiple_of=32",
+    "model.ssm_hidden_dim=48",
+    "model.ssm_heads=2",
+    "model.ssm_state_dim=8",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.threads=1",
+    "optim.warmup_steps=1",
+    "train.eval_batches=2",
+    "train.log_every=1",
 ]
 
 
@@ -34,8 +44,19 @@ def _records(workdir: pathlib.Path) -> list[dict]:
 def test_train_py_runs_the_default_config_end_to_end(tmp_path):
     # No --config and no --workdir: configs/tiny.yaml on the embedded corpus, into runs/tiny.
     out = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *SMALL, "train.steps=3", "train.eval_every=3", "train.checkpoint_every=3"],
-        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *SMALL,
+            "train.steps=3",
+            "train.eval_every=3",
+            "train.checkpoint_every=3",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     workdir = tmp_path / "runs" / "tiny"
@@ -52,9 +73,19 @@ def test_train_py_runs_the_default_config_end_to_end(tmp_path):
 
 def test_sigterm_saves_then_the_same_command_resumes_and_evaluate_scores(tmp_path):
     env, workdir = _env(tmp_path), tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), "--no-progress", "--workdir", str(workdir), *SMALL,
-           "train.eval_every=100000", "train.checkpoint_every=100000"]
-    proc = subprocess.Popen([*cmd, "train.steps=100000"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--no-progress",
+        "--workdir",
+        str(workdir),
+        *SMALL,
+        "train.eval_every=100000",
+        "train.checkpoint_every=100000",
+    ]
+    proc = subprocess.Popen(
+        [*cmd, "train.steps=100000"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 300
         while not any(r["kind"] == "train" and r["step"] >= 2 for r in _records(workdir)):
@@ -73,7 +104,9 @@ def test_sigterm_saves_then_the_same_command_resumes_and_evaluate_scores(tmp_pat
     assert max(r["step"] for r in _records(workdir)) == stop
 
     # The same command (with the new end) continues from the saved step.
-    out = subprocess.run([*cmd, f"train.steps={stop + 2}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [*cmd, f"train.steps={stop + 2}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from checkpoint step {stop}" in out.stdout
     assert [r["step"] for r in _records(workdir) if r["kind"] == "train"] == list(range(1, stop + 3))
@@ -82,8 +115,22 @@ def test_sigterm_saves_then_the_same_command_resumes_and_evaluate_scores(tmp_pat
     text = tmp_path / "doc.txt"
     text.write_text("def main():\n    return 0\n" * 20)
     out = subprocess.run(
-        [sys.executable, "-m", "attamba_jax.evaluate", "--workdir", str(workdir), "--text", str(text), "--json", str(tmp_path / "eval.json")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "attamba_jax.evaluate",
+            "--workdir",
+            str(workdir),
+            "--text",
+            str(text),
+            "--json",
+            str(tmp_path / "eval.json"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "eval.json").read_text())

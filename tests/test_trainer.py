@@ -38,8 +38,15 @@ from tests.helpers import assert_close, cpu_devices, with_overrides
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 MODEL = [
-    "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.multiple_of=32", "model.ssm_hidden_dim=48",
-    "model.ssm_heads=2", "model.ssm_state_dim=8", "model.token_chunk=4", "model.window=4",
+    "model.dim=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.multiple_of=32",
+    "model.ssm_hidden_dim=48",
+    "model.ssm_heads=2",
+    "model.ssm_state_dim=8",
+    "model.token_chunk=4",
+    "model.window=4",
 ]
 
 
@@ -54,9 +61,19 @@ def _corpus(root: pathlib.Path, n=30) -> str:
 
 def _overrides(corpus: str, steps=4, **extra) -> list[str]:
     base = {
-        "data.train": f"[{corpus}]", "data.heldout_fraction": 0.2, "data.seq_len": 32, "data.batch_size": 8,
-        "data.threads": 1, "data.prefetch": 2, "optim.warmup_steps": 2, "train.steps": steps, "train.log_every": 1,
-        "train.eval_every": 100, "train.eval_batches": 2, "train.checkpoint_every": 2, "train.keep_last": 10,
+        "data.train": f"[{corpus}]",
+        "data.heldout_fraction": 0.2,
+        "data.seq_len": 32,
+        "data.batch_size": 8,
+        "data.threads": 1,
+        "data.prefetch": 2,
+        "optim.warmup_steps": 2,
+        "train.steps": steps,
+        "train.log_every": 1,
+        "train.eval_every": 100,
+        "train.eval_batches": 2,
+        "train.checkpoint_every": 2,
+        "train.keep_last": 10,
     }
     base.update(extra)
     return MODEL + [f"{k}={v}" for k, v in base.items()]
@@ -90,14 +107,18 @@ def test_weight_decay_skips_norms_and_ssm_scalars():
     flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
     skipped = sorted(k for k, decays in flat.items() if not decays)
     assert all(any(s in k for s in ("A_log", "'D'", "dt_bias", "norm']")) for k in skipped), skipped
-    assert sum("A_log" in k for k in skipped) == sum("dt_bias" in k for k in skipped) == 2  # layers (K and V SSMs stacked)
+    assert (
+        sum("A_log" in k for k in skipped) == sum("dt_bias" in k for k in skipped) == 2
+    )  # layers (K and V SSMs stacked)
     assert any("['norm']['weight']" == k[: len("['norm']['weight']")] for k in skipped)  # the final norm
     decayed = [k for k, decays in flat.items() if decays]
     assert all("kernel" in k or "embedding" in k or "conv_weight" in k or "out_proj" in k for k in decayed), decayed
 
 
 def test_schedule_warms_up_linearly_then_decays_to_min_ratio():
-    cfg = load_config(TINY, ["optim.lr=1e-2", "optim.warmup_steps=10", "optim.min_lr_ratio=1e-3", "train.steps=110"]).optim
+    cfg = load_config(
+        TINY, ["optim.lr=1e-2", "optim.warmup_steps=10", "optim.min_lr_ratio=1e-3", "train.steps=110"]
+    ).optim
     schedule = make_schedule(cfg, 110)
     np.testing.assert_allclose([schedule(s) for s in (0, 5, 10)], [0.0, 5e-3, 1e-2], rtol=1e-6)
     np.testing.assert_allclose(schedule(60), 1e-2 * (1e-3 + (1 - 1e-3) * 0.5), rtol=1e-5)  # cosine midpoint
@@ -132,7 +153,12 @@ def test_grad_accumulation_gives_the_same_step():
 
 def test_flops_count_what_attamba_attends_to():
     # SPEC §4: mean keys per query of layer 0 at T = 1024.
-    for path, keys in (("attamba_k8_w8", 72.5), ("attamba_k4_w8", 135.5), ("attamba_k16_w16", 48.4), ("transformer_isoparam", 512.5)):
+    for path, keys in (
+        ("attamba_k8_w8", 72.5),
+        ("attamba_k4_w8", 135.5),
+        ("attamba_k16_w16", 48.4),
+        ("transformer_isoparam", 512.5),
+    ):
         cfg = load_config(REPO / "configs" / "paper" / f"{path}.yaml").model
         assert mean_keys_per_query(cfg, 1024, 0) == pytest.approx(keys, abs=0.06)
     cfg = load_config(REPO / "configs" / "paper" / "attamba_k8_w8.yaml").model
@@ -207,7 +233,9 @@ def test_checkpoint_retention_keeps_the_newest_and_every_nth(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [4, 8, 9]
     assert ckpt.read_meta(8)["step"] == 8
-    restored = ckpt.restore(8, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), None)
+    restored = ckpt.restore(
+        8, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), None
+    )
     np.testing.assert_array_equal(restored["w"], np.arange(3.0) + 8)
     ckpt.close()
 
@@ -237,7 +265,9 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     env = _subprocess_env(tmp_path / "jax_cache")
     args = _overrides(corpus, steps=8, **{"train.checkpoint_every": 4})
-    run = lambda *cmd: subprocess.run([sys.executable, *cmd], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    run = lambda *cmd: subprocess.run(
+        [sys.executable, *cmd], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
     straight = run("train.py", "--no-progress", "--config", TINY, "--workdir", str(tmp_path / "a"), *args)
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -52,9 +52,13 @@ def test_worked_example_mask_printed_layers(layer, rows):
     np.testing.assert_array_equal(mask, mask_from_rows(rows))
 
 
-@pytest.mark.parametrize("layer, fixed, overwritten, differ", [
-    (2, {0, 1, 5, 9}, {0, 1, 5, 11}, []), (3, {0, 4, 8}, {0, 4, 11}, [[11, 8]]),
-])
+@pytest.mark.parametrize(
+    "layer, fixed, overwritten, differ",
+    [
+        (2, {0, 1, 5, 9}, {0, 1, 5, 11}, []),
+        (3, {0, 4, 8}, {0, 4, 11}, [[11, 8]]),
+    ],
+)
 def test_worked_example_mask_layers_2_3(layer, fixed, overwritten, differ):
     # The spec prints boundary sets for layers 2 and 3 with the T-1 overwrite; on the fixed grid
     # the masks agree everywhere except layer 3's query 11, which sees boundary 8 (8 < 11 - W).
@@ -95,7 +99,9 @@ def test_first_query_seeing_a_boundary(k, o, w):
         assert np.flatnonzero(seen > n)[0] == vis.first_query_seeing(n)
 
 
-@pytest.mark.parametrize("K, W, mean, last", [(4, 8, 135.5, 263), (8, 8, 72.5, 136), (16, 16, 48.4, 80), (4, 32, 153.1, 281)])
+@pytest.mark.parametrize(
+    "K, W, mean, last", [(4, 8, 135.5, 263), (8, 8, 72.5, 136), (16, 16, 48.4, 80), (4, 32, 153.1, 281)]
+)
 def test_keys_per_query_table(K, W, mean, last):
     # SPEC §4's table: layer 0 at T = 1024
     n = Visibility(ChunkGrid.for_layer(0, K, 8), W).keys_per_query(1024)
@@ -115,9 +121,13 @@ def test_without_a_grid_it_is_causal_or_a_sliding_window():
     np.testing.assert_array_equal(Visibility(None, 4).dense(20), (s <= t) & (s >= t - 4))
 
 
-@pytest.mark.parametrize("grid, window, message", [
-    (ChunkGrid(4), -1, "window must be >= 0"), (ChunkGrid(4), None, "boundary keys need a window"),
-])
+@pytest.mark.parametrize(
+    "grid, window, message",
+    [
+        (ChunkGrid(4), -1, "window must be >= 0"),
+        (ChunkGrid(4), None, "boundary keys need a window"),
+    ],
+)
 def test_bad_visibility_is_a_clear_error(grid, window, message):
     with pytest.raises(ValueError, match=message):
         Visibility(grid, window)

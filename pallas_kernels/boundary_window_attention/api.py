@@ -39,7 +39,9 @@ IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
     "compressed": dispatch.Implementation(xla.attention_compressed),
     "dense": dispatch.Implementation(reference.attention_dense),
     "pallas_gpu_interpret": dispatch.Implementation(
-        functools.partial(pallas_gpu.attention_pallas_gpu, interpret=True), _kernel(None), single_device=True,
+        functools.partial(pallas_gpu.attention_pallas_gpu, interpret=True),
+        _kernel(None),
+        single_device=True,
         in_auto=False,
     ),
     "pallas_tpu_interpret": dispatch.Implementation(

@@ -410,8 +410,17 @@ def make_static(q, grid: ChunkGrid, window: int, blocks: GpuBlocks | None = None
     )
 
 
-def attention_pallas_gpu(q, k, v, *, grid: ChunkGrid, window: int, interpret: bool = False,
-                         blocks: GpuBlocks | None = None, poison: bool = False):
+def attention_pallas_gpu(
+    q,
+    k,
+    v,
+    *,
+    grid: ChunkGrid,
+    window: int,
+    interpret: bool = False,
+    blocks: GpuBlocks | None = None,
+    poison: bool = False,
+):
     """Same contract as ``reference.attention_dense``; differentiable in q, k, v.
 
     Args:

@@ -169,8 +169,23 @@ def _dq_kernel(table, count, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq
         dq_ref[...] = (dq_sc[...] * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(table, count, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dk_sc, dv_sc,
-                *, st: _Static, steps: int):
+def _dkv_kernel(
+    table,
+    count,
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    k_ref,
+    v_ref,
+    dk_ref,
+    dv_ref,
+    dk_sc,
+    dv_sc,
+    *,
+    st: _Static,
+    steps: int,
+):
     """One stacked-key block c; the last grid axis walks (query head of the group, query block)."""
     c, j = pl.program_id(2), pl.program_id(3)
     step = jax.lax.rem(j, jnp.int32(steps))  # j >= 0: truncating ops (no sign fix-ups in Mosaic)
@@ -219,7 +234,9 @@ def _forward(st: _Static, q, k, v, interpret):
     r = h // k.shape[2]
     table, count = query_tables(st)
     qs = pl.BlockSpec((None, None, st.block_q, d), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
-    ks = pl.BlockSpec((None, None, st.block_k, d), lambda bi, hi, i, j, tab, cnt: (bi, jax.lax.div(hi, jnp.int32(r)), tab[i, j], 0))
+    ks = pl.BlockSpec(
+        (None, None, st.block_k, d), lambda bi, hi, i, j, tab, cnt: (bi, jax.lax.div(hi, jnp.int32(r)), tab[i, j], 0)
+    )
     col = pl.BlockSpec((None, None, st.block_q, 1), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
     f32 = jnp.float32
     spec = pltpu.PrefetchScalarGridSpec(
@@ -227,12 +244,19 @@ def _forward(st: _Static, q, k, v, interpret):
         grid=(b, h, table.shape[0], table.shape[1]),
         in_specs=[qs, ks, ks],
         out_specs=(qs, col),
-        scratch_shapes=[pltpu.VMEM((st.block_q, 1), f32), pltpu.VMEM((st.block_q, 1), f32), pltpu.VMEM((st.block_q, d), f32)],
+        scratch_shapes=[
+            pltpu.VMEM((st.block_q, 1), f32),
+            pltpu.VMEM((st.block_q, 1), f32),
+            pltpu.VMEM((st.block_q, d), f32),
+        ],
     )
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         grid_spec=spec,
-        out_shape=(jax.ShapeDtypeStruct((b, h, st.q_padded, d), q.dtype), jax.ShapeDtypeStruct((b, h, st.q_padded, 1), f32)),
+        out_shape=(
+            jax.ShapeDtypeStruct((b, h, st.q_padded, d), q.dtype),
+            jax.ShapeDtypeStruct((b, h, st.q_padded, 1), f32),
+        ),
         compiler_params=_PARAMS,
         interpret=interpret,
         name="boundary_window_attention_fwd",
@@ -252,7 +276,9 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
 
     table, count = query_tables(st)
     qs = pl.BlockSpec((None, None, st.block_q, d), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
-    ks = pl.BlockSpec((None, None, st.block_k, d), lambda bi, hi, i, j, tab, cnt: (bi, jax.lax.div(hi, jnp.int32(r)), tab[i, j], 0))
+    ks = pl.BlockSpec(
+        (None, None, st.block_k, d), lambda bi, hi, i, j, tab, cnt: (bi, jax.lax.div(hi, jnp.int32(r)), tab[i, j], 0)
+    )
     col = pl.BlockSpec((None, None, st.block_q, 1), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
@@ -271,6 +297,7 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
 
     ktab, kcount = key_tables(st)
     steps = ktab.shape[1]
+
     # Last grid axis: (query head of the kv group) x (query block step).
     def q_of(bi, j_, c, s, tab, cnt):
         head, step = jax.lax.div(s, jnp.int32(steps)), jax.lax.rem(s, jnp.int32(steps))
@@ -297,7 +324,9 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
     nb, nbp = st.num_boundaries, st.kb_padded
 
     def unstack(g, like):
-        seq = add_at_boundaries(st.vis.grid, jnp.swapaxes(g[:, :, nbp : nbp + t], 1, 2), jnp.swapaxes(g[:, :, :nb], 1, 2))
+        seq = add_at_boundaries(
+            st.vis.grid, jnp.swapaxes(g[:, :, nbp : nbp + t], 1, 2), jnp.swapaxes(g[:, :, :nb], 1, 2)
+        )
         return seq.astype(like.dtype)  # [B, T, Hkv, D]
 
     return jnp.swapaxes(dq[:, :, :t], 1, 2), unstack(dk, k), unstack(dv, v)

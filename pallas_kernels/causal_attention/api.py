@@ -59,5 +59,7 @@ def causal_attention(
     Returns:
       [B, T, H, D] in q.dtype.
     """
-    name = dispatch.choose("causal_attention", IMPLEMENTATIONS, implementation, dispatch.Target.here(), q, k, v, window=window)
+    name = dispatch.choose(
+        "causal_attention", IMPLEMENTATIONS, implementation, dispatch.Target.here(), q, k, v, window=window
+    )
     return IMPLEMENTATIONS[name].run(q, k, v, window=window)

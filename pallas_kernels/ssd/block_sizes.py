@@ -39,7 +39,9 @@ class GpuBlocks:
 
     def check(self, token_chunk: int):
         if self.block_len < max(16, token_chunk) or self.block_len & (self.block_len - 1):
-            raise ValueError(f"ssd pallas_gpu: block_len ({self.block_len}) must be a power of two >= max(16, K={token_chunk})")
+            raise ValueError(
+                f"ssd pallas_gpu: block_len ({self.block_len}) must be a power of two >= max(16, K={token_chunk})"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,9 @@ class TpuBlocks:
 
     def check(self, token_chunk: int):
         if self.block_len % token_chunk or self.block_len % 8:
-            raise ValueError(f"ssd pallas_tpu: block_len ({self.block_len}) must be a multiple of 8 and of K ({token_chunk})")
+            raise ValueError(
+                f"ssd pallas_tpu: block_len ({self.block_len}) must be a multiple of 8 and of K ({token_chunk})"
+            )
 
 
 def default_gpu_blocks(token_chunk: int) -> GpuBlocks:

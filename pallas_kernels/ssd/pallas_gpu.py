@@ -157,9 +157,25 @@ def _bwd_kernel(*refs, geo: _Geometry, heads, ahead, precision, tiles):
 
 
 def _bwd_tile(
-    m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, dy_ref,
-    dx_ref, ddt_ref, db_ref, dc_ref, dlog_ref, dskip_ref,
-    *, geo: _Geometry, heads, ahead, precision,
+    m,
+    x_ref,
+    dt_ref,
+    a_ref,
+    b_ref,
+    c_ref,
+    d_ref,
+    dy_ref,
+    dx_ref,
+    ddt_ref,
+    db_ref,
+    dc_ref,
+    dlog_ref,
+    dskip_ref,
+    *,
+    geo: _Geometry,
+    heads,
+    ahead,
+    precision,
 ):
     """Recomputes the forward weights of one group's heads and backpropagates through them.
 
@@ -225,7 +241,12 @@ def _forward(x, dt, A, B, C, D, grid, blocks: GpuBlocks, interpret, poison=False
     g = B.shape[2]
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     kernel = functools.partial(
-        _fwd_kernel, geo=geo, heads=h // g, ahead=blocks.fwd.heads_ahead, precision=matmul_precision(xp.dtype), tiles=blocks.fwd.tiles
+        _fwd_kernel,
+        geo=geo,
+        heads=h // g,
+        ahead=blocks.fwd.heads_ahead,
+        precision=matmul_precision(xp.dtype),
+        tiles=blocks.fwd.tiles,
     )
     y = poisoned.pallas_call(
         kernel,
@@ -249,7 +270,12 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: GpuBlocks, interpret, poison=
     geo = _Geometry(t, grid, blocks.block_len)
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
     kernel = functools.partial(
-        _bwd_kernel, geo=geo, heads=h // g, ahead=blocks.bwd.heads_ahead, precision=matmul_precision(xp.dtype), tiles=blocks.bwd.tiles
+        _bwd_kernel,
+        geo=geo,
+        heads=h // g,
+        ahead=blocks.bwd.heads_ahead,
+        precision=matmul_precision(xp.dtype),
+        tiles=blocks.bwd.tiles,
     )
     f32 = jnp.float32
     out_shape = (
@@ -293,8 +319,19 @@ def _ssd_bwd(grid, blocks, interpret, poison, res, dy):
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
-def ssd_pallas_gpu(x, dt, A, B, C, D, *, grid: ChunkGrid, interpret: bool = False, blocks: GpuBlocks | None = None,
-                   poison: bool = False):
+def ssd_pallas_gpu(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D,
+    *,
+    grid: ChunkGrid,
+    interpret: bool = False,
+    blocks: GpuBlocks | None = None,
+    poison: bool = False,
+):
     """Fixed-grid SSD on the GPU; same contract as ``xla.ssd_chunked``.
 
     Args:

@@ -64,9 +64,24 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, grid, heads
 
 
 def _bwd_kernel(
-    x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, dy_ref,
-    dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref,
-    *, grid, heads, groups, precision,
+    x_ref,
+    dt_ref,
+    a_ref,
+    b_ref,
+    c_ref,
+    d_ref,
+    dy_ref,
+    dx_ref,
+    ddt_ref,
+    db_ref,
+    dc_ref,
+    da_ref,
+    dd_ref,
+    *,
+    grid,
+    heads,
+    groups,
+    precision,
 ):
     """dA, dD: [1, H] per-block partial sums; other refs as in the forward."""
     length = dt_ref.shape[-1]
@@ -122,7 +137,9 @@ class _Layout:
 
 
 def _specs(h, g, p, n, block_len):
-    per = lambda *rest: pl.BlockSpec((None, rest[0], block_len) + rest[1:], lambda i, m: (i, 0, m) + (0,) * (len(rest) - 1))
+    per = lambda *rest: pl.BlockSpec(
+        (None, rest[0], block_len) + rest[1:], lambda i, m: (i, 0, m) + (0,) * (len(rest) - 1)
+    )
     smem = pl.BlockSpec(memory_space=pltpu.SMEM)
     part = pl.BlockSpec((None, None, 1, h), lambda i, m: (i, m, 0, 0))
     return per(h, p), per(h), smem, per(g, n), part
@@ -146,7 +163,14 @@ def _forward(x, dt, A, B, C, D, grid, block_len, interpret):
         compiler_params=_PARAMS,
         interpret=interpret,
         name="ssd_fwd",
-    )(lay.to_kernel(x), lay.to_kernel(dt), A.astype(jnp.float32), lay.to_kernel(B), lay.to_kernel(C), D.astype(jnp.float32))
+    )(
+        lay.to_kernel(x),
+        lay.to_kernel(dt),
+        A.astype(jnp.float32),
+        lay.to_kernel(B),
+        lay.to_kernel(C),
+        D.astype(jnp.float32),
+    )
     return lay.from_kernel(y)
 
 
@@ -176,8 +200,13 @@ def _backward(x, dt, A, B, C, D, dy, grid, block_len, interpret):
         interpret=interpret,
         name="ssd_bwd",
     )(
-        lay.to_kernel(x), lay.to_kernel(dt), A.astype(f32), lay.to_kernel(B), lay.to_kernel(C),
-        D.astype(f32), lay.to_kernel(dy),
+        lay.to_kernel(x),
+        lay.to_kernel(dt),
+        A.astype(f32),
+        lay.to_kernel(B),
+        lay.to_kernel(C),
+        D.astype(f32),
+        lay.to_kernel(dy),
     )
     dA = jnp.sum(dA, axis=(0, 1, 2)).astype(A.dtype)
     dD = jnp.sum(dD, axis=(0, 1, 2)).astype(D.dtype)
