@@ -1,6 +1,6 @@
 """Training-step throughput of one config on 1, 2 and 4 devices, data and fsdp meshes.
 
-    PYTHONPATH=. python benchmarks/bench_scaling.py --out scaling.json [--deadline 200]
+    python -m benchmarks.bench_scaling --out scaling.json [--deadline 200]
 
 Every case is its own process that sees only its devices (``CUDA_VISIBLE_DEVICES``; on CPU,
 ``--platform cpu`` gives it n virtual devices). All cases compile at once, from abstract
@@ -165,8 +165,10 @@ def main():
         else:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
         child_args = [a for a in sys.argv[1:]]
-        cmd = [sys.executable, __file__, *child_args, "--case", name, "--lock", str(lock)]
-        children[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [sys.executable, "-m", "benchmarks.bench_scaling", *child_args, "--case", name, "--lock", str(lock)]
+        children[name] = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     results = {
         "config": args.config,
         "per_device_batch": args.per_device_batch,

@@ -1,6 +1,6 @@
 """Whole training step: Attamba vs the transformer, tokens/s and MFU, one process, one device.
 
-    PYTHONPATH=. python benchmarks/bench_train_step.py --out train_step.json [--deadline 420]
+    python -m benchmarks.bench_train_step --out train_step.json [--deadline 420]
 
 Each case builds the model from its paper config in bfloat16 compute (float32 parameters and
 AdamW state), jits the trainer's own step (``train_step.make_train_step``, donated state) and
@@ -31,13 +31,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import trace_summary  # benchmarks/trace_summary.py
 
 from attamba_jax.config import load_config
 from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
 from attamba_jax.model import count_params, init_model
 from attamba_jax.optimizer import make_optimizer
 from attamba_jax.train_step import make_train_step
+from benchmarks import trace_summary
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = {

@@ -41,7 +41,7 @@ COMMON=(--config "$CONFIG" "data.train=[$WORK/gut.train.bin]" "data.eval=[$WORK/
   "optim.warmup_steps=$WARMUP" "train.steps=$STEPS" $EXTRA)
 
 log "input pipeline and step time (real vs synthetic batches)"
-timeout "${STAGE_LIMIT:-150}" python3 benchmarks/input_pipeline.py --workdir "$WORK/bench" --threads 0,4,16 --seconds 3 --steps 40 \
+timeout "${STAGE_LIMIT:-150}" python3 -m benchmarks.input_pipeline --workdir "$WORK/bench" --threads 0,4,16 --seconds 3 --steps 40 \
   --json "$OUT/pipeline.json" "${COMMON[@]}" 2>&1 | grep -v Warning
 
 TRAIN=(python3 train.py --no-progress --workdir "$WORK/run" "${COMMON[@]}" "train.log_every=$LOG_EVERY"

@@ -6,7 +6,7 @@
    jitted step on one synthetic batch already on the device, in ms/step; equal times mean the
    pipeline hides behind the device step.
 
-    python benchmarks/input_pipeline.py --config configs/paper/attamba_k8_w8.yaml --workdir /tmp/bench \\
+    python -m benchmarks.input_pipeline --config configs/paper/attamba_k8_w8.yaml --workdir /tmp/bench \\
         --threads 0,4,16 --json pipeline.json data.train=[.data/gut.train.bin] data.tokenizer=.data/tok.model
 """
 
@@ -16,17 +16,14 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax
 
-import jax  # noqa: E402
-
-from attamba_jax import data as data_lib  # noqa: E402
-from attamba_jax.config import load_config  # noqa: E402
-from attamba_jax.tokenizer import load_tokenizer  # noqa: E402
-from attamba_jax.trainer import Trainer  # noqa: E402
+from attamba_jax import data as data_lib
+from attamba_jax.config import load_config
+from attamba_jax.tokenizer import load_tokenizer
+from attamba_jax.trainer import Trainer
 
 
 def host_tokens_per_second(cfg, corpus, tokenizer, threads: int, seconds: float) -> float:

@@ -1,5 +1,7 @@
 """Shared test helpers."""
 
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -45,8 +47,12 @@ def lower_for(platform: str, fn, *args) -> str:
     """StableHLO of jitted ``fn`` lowered for ``platform`` ("cuda", "tpu") from this CPU machine.
     Pallas kernels go through their lowering (Triton IR for "cuda", Mosaic's serialized format
     for "tpu"), so a kernel Pallas cannot lower fails here; the device compilers themselves
-    (Triton's, Mosaic's passes in libtpu) run only on the device."""
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    (Triton's, Mosaic's passes in libtpu) run only on the device. On a machine with a GPU the
+    Triton lowering reads that GPU, so it lowers with the GPU as the default device."""
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    on_gpu = jax.default_device(gpus[0]) if platform == "cuda" and gpus else contextlib.nullcontext()
+    with on_gpu:
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def grads_of(fn):
