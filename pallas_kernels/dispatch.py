@@ -57,11 +57,13 @@ class Implementation:
     in_auto: bool = True
 
 
-def kernel_target(backend: str | None) -> Callable[[Target], str | None]:
-    """Why a single-device kernel for ``backend`` (None: any, the Pallas interpreter) cannot run
-    on ``target``, or None."""
+def pallas_kernel(backend: str | None, dtypes=("float32", "bfloat16")) -> Callable[..., str | None]:
+    """``unsupported`` of a single-device Pallas kernel for ``backend`` (None: any, the Pallas
+    interpreter) that takes its first array argument in one of ``dtypes``."""
 
-    def unsupported(target: Target) -> str | None:
+    def unsupported(target: Target, x, *args, **kwargs) -> str | None:
+        if x.dtype.name not in dtypes:
+            return f"it takes {' or '.join(dtypes)} inputs, not {x.dtype}"
         if backend is not None and target.backend != backend:
             return f"it runs on {backend}, not on {target.backend}"
         if target.partitioned:

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
     if not _devices("gpu"):
         skip = pytest.mark.skip(reason="needs a GPU (JAX_PLATFORMS=cuda,cpu on a machine with one)")
         for item in items:
-            if "gpu" in item.keywords:
+            if item.get_closest_marker("gpu") is not None:
                 item.add_marker(skip)
 
 

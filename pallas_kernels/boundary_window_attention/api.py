@@ -7,7 +7,6 @@ import typing
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels import dispatch
 from pallas_kernels.boundary_window_attention import pallas_gpu, pallas_tpu, reference, xla
@@ -20,33 +19,25 @@ AttentionImplementation = Literal[
 ]
 
 
-def _kernel(backend: str | None):
-    """``unsupported`` of a Pallas kernel for ``backend`` (None: the interpreter, any backend)."""
-    where = dispatch.kernel_target(backend)
-
-    def unsupported(target, q, k, v, *, grid, window):
-        if q.dtype not in (jnp.float32, jnp.bfloat16):
-            return f"it takes float32 or bfloat16 inputs, not {q.dtype}"
-        return where(target)
-
-    return unsupported
-
-
 # In auto's order: the backend's kernel, then the XLA path.
 IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
-    "pallas_gpu": dispatch.Implementation(pallas_gpu.attention_pallas_gpu, _kernel("gpu"), single_device=True),
-    "pallas_tpu": dispatch.Implementation(pallas_tpu.attention_pallas_tpu, _kernel("tpu"), single_device=True),
+    "pallas_gpu": dispatch.Implementation(
+        pallas_gpu.attention_pallas_gpu, dispatch.pallas_kernel("gpu"), single_device=True
+    ),
+    "pallas_tpu": dispatch.Implementation(
+        pallas_tpu.attention_pallas_tpu, dispatch.pallas_kernel("tpu"), single_device=True
+    ),
     "compressed": dispatch.Implementation(xla.attention_compressed),
     "dense": dispatch.Implementation(reference.attention_dense),
     "pallas_gpu_interpret": dispatch.Implementation(
         functools.partial(pallas_gpu.attention_pallas_gpu, interpret=True),
-        _kernel(None),
+        dispatch.pallas_kernel(None),
         single_device=True,
         in_auto=False,
     ),
     "pallas_tpu_interpret": dispatch.Implementation(
         lambda *a, **kw: pallas_tpu.attention_pallas_tpu(*a, **kw, interpret=tpu_interpret_params()),
-        _kernel(None),
+        dispatch.pallas_kernel(None),
         single_device=True,
         in_auto=False,
     ),

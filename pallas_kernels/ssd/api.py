@@ -31,31 +31,22 @@ def _scan(scan):
     return lambda x, dt, A, B, C, D, *, grid: scan(x, dt, A, B, C, D, _resets(grid, *x.shape[:2]))
 
 
-def _kernel(backend: str | None):
-    """``unsupported`` of a Pallas kernel for ``backend`` (None: the interpreter, any backend)."""
-    where = dispatch.kernel_target(backend)
-
-    def unsupported(target, x, *args, grid):
-        if x.dtype not in (jnp.float32, jnp.bfloat16):
-            return f"it takes float32 or bfloat16 inputs, not {x.dtype}"
-        return where(target)
-
-    return unsupported
-
-
 # In auto's order: the backend's kernel, then the XLA paths.
 IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
-    "pallas_gpu": dispatch.Implementation(pallas_gpu.ssd_pallas_gpu, _kernel("gpu"), single_device=True),
-    "pallas_tpu": dispatch.Implementation(pallas_tpu.ssd_pallas_tpu, _kernel("tpu"), single_device=True),
+    "pallas_gpu": dispatch.Implementation(pallas_gpu.ssd_pallas_gpu, dispatch.pallas_kernel("gpu"), single_device=True),
+    "pallas_tpu": dispatch.Implementation(pallas_tpu.ssd_pallas_tpu, dispatch.pallas_kernel("tpu"), single_device=True),
     "chunked": dispatch.Implementation(xla.ssd_chunked),
     "associative": dispatch.Implementation(_scan(xla.ssd_associative)),
     "sequential": dispatch.Implementation(_scan(lambda *a: reference.ssd_sequential(*a)[0])),
     "pallas_gpu_interpret": dispatch.Implementation(
-        functools.partial(pallas_gpu.ssd_pallas_gpu, interpret=True), _kernel(None), single_device=True, in_auto=False
+        functools.partial(pallas_gpu.ssd_pallas_gpu, interpret=True),
+        dispatch.pallas_kernel(None),
+        single_device=True,
+        in_auto=False,
     ),
     "pallas_tpu_interpret": dispatch.Implementation(
         lambda *a, grid: pallas_tpu.ssd_pallas_tpu(*a, grid=grid, interpret=tpu_interpret_params()),
-        _kernel(None),
+        dispatch.pallas_kernel(None),
         single_device=True,
         in_auto=False,
     ),
