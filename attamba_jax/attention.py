@@ -12,11 +12,12 @@ The transformer baseline projects q, k, v to ``n_heads * head_dim`` (the paper's
 
 Both take the same arguments and run one body for the three uses of a layer:
 
-    out, None  = attention(xn, positions, grid)                          training forward, [B, T]
+    out, None  = attention(xn, positions, grid, document_start=starts)   training forward, [B, T]
     out, cache = attention(xn, positions, grid, cache, lengths=lengths)  prefill: the forward, cache filled
     out, cache = attention(xn, positions, grid, cache)                   decode: one token per row, [B, 1]
 
-``grid`` is the layer's chunk grid (None for the transformer); ``positions`` [T] or [B, T].
+``grid`` is the layer's chunk grid (None for the transformer); ``positions`` [T] or [B, T];
+``starts``: None (each row is one sequence) or the packed rows' ``document_start`` [B, T].
 """
 
 from __future__ import annotations
@@ -39,22 +40,21 @@ from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.visibility import Visibility
 
 
-def _boundary_window(q, k, v, grid: ChunkGrid, window: int, implementation: str) -> jax.Array:
+def _boundary_window_of_documents(q, k, v, document_start, **kw):
+    """``boundary_window_attention`` with the packed layout as a positional array (``call_op`` shards it)."""
+    return boundary_window_attention(q, k, v, document_start=document_start, **kw)
+
+
+def _boundary_window(q, k, v, grid: ChunkGrid, window: int, implementation: str, document_start) -> jax.Array:
     """``boundary_window_attention`` under the active mesh: a named kernel runs per device on its
     batch rows and, where the kv heads divide over ``tensor``, its heads (query head h reads kv head
     h // (H/Hkv), so q's heads split only together with k's and v's)."""
     kv_heads = "kv" if sharding.splits("kv", k.shape[2]) else None
     q_axes = kv_axes = ("batch", None, kv_heads, None)
-    return sharding.call_op(
-        boundary_window_attention,
-        IMPLEMENTATIONS,
-        implementation,
-        (q, k, v),
-        (q_axes, kv_axes, kv_axes),
-        q_axes,
-        grid=grid,
-        window=window,
-    )
+    args, axes, op = (q, k, v), (q_axes, kv_axes, kv_axes), boundary_window_attention
+    if document_start is not None:
+        args, axes, op = args + (document_start,), axes + (("batch", None),), _boundary_window_of_documents
+    return sharding.call_op(op, IMPLEMENTATIONS, implementation, args, axes, q_axes, grid=grid, window=window)
 
 
 def cached_attention(q: jax.Array, key_sets: Sequence[KeySet]) -> jax.Array:
@@ -103,18 +103,31 @@ class AttambaAttention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.implementation = cfg.attention_implementation
 
-    def __call__(self, xn, positions, grid: ChunkGrid, cache: AttambaLayerCache | None = None, *, lengths=None):
+    def __call__(
+        self,
+        xn,
+        positions,
+        grid: ChunkGrid,
+        cache: AttambaLayerCache | None = None,
+        *,
+        lengths=None,
+        document_start=None,
+    ):
         """xn [B, T, dim] (already normalised) -> (out [B, T, dim], the layer cache or None).
 
         Prefill (``cache`` and ``lengths`` [B]: row i holds lengths[i] tokens) fills ``cache``,
         which supplies the capacities only. Decode (``cache`` alone, T = 1) runs both SSMs one
         step, stores the new k, v (as a boundary too when the token ends a chunk) and attends to
-        the cached boundaries b < t-W plus the window t-W..t.
+        the cached boundaries b < t-W plus the window t-W..t. ``document_start`` [B, T] (training
+        forward only): the rows are packed documents, each computed as if alone
+        (``pallas_kernels.documents``).
         """
         b, t, _ = xn.shape
         decode = cache is not None and lengths is None
+        if document_start is not None and cache is not None:
+            raise ValueError("document_start is for the training forward; a prompt is one document")
         if cache is None:
-            kv_ssm, ssm_state = self.ssm(xn, grid), None
+            kv_ssm, ssm_state = self.ssm(xn, grid, document_start), None
         elif decode:
             kv_ssm, ssm_state = self.ssm.step(xn, grid, positions[:, 0], cache.ssm)
         else:
@@ -125,9 +138,9 @@ class AttambaAttention(nnx.Module):
             o = cached_attention(q, cache.key_sets(Visibility(grid, self.window), positions[:, 0]))
         else:
             if self.pseudo_chunk:
-                o = causal_attention(q, k, v)
+                o = causal_attention(q, k, v, document_start=document_start)
             else:
-                o = _boundary_window(q, k, v, grid, self.window, self.implementation)
+                o = _boundary_window(q, k, v, grid, self.window, self.implementation, document_start)
             cache = None if cache is None else cache.fill(grid, k, v, lengths, ssm_state)
         return self.wo(o.reshape(b, t, -1)), cache
 
@@ -156,10 +169,21 @@ class CausalSelfAttention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.implementation = cfg.attention_implementation
 
-    def __call__(self, xn, positions, grid: None = None, cache: TransformerLayerCache | None = None, *, lengths=None):
+    def __call__(
+        self,
+        xn,
+        positions,
+        grid: None = None,
+        cache: TransformerLayerCache | None = None,
+        *,
+        lengths=None,
+        document_start=None,
+    ):
         """Same interface as ``AttambaAttention``; ``grid`` is None (the transformer has no chunk grid)."""
         if grid is not None:
             raise ValueError("CausalSelfAttention has no chunk grid: pass grid=None")
+        if document_start is not None and cache is not None:
+            raise ValueError("document_start is for the training forward; a prompt is one document")
         b, t, _ = xn.shape
         q = apply_rope(self.wq(xn).reshape(b, t, self.n_heads, self.head_dim), positions, self.rope_theta)
         k = apply_rope(self.wk(xn).reshape(b, t, self.n_kv_heads, self.head_dim), positions, self.rope_theta)
@@ -168,6 +192,8 @@ class CausalSelfAttention(nnx.Module):
             cache = cache.append(positions[:, 0], k[:, 0], v[:, 0])
             o = cached_attention(q, cache.key_sets(positions[:, 0]))
         else:
-            o = causal_attention(q, k, v, window=self.window, implementation=self.implementation)
+            o = causal_attention(
+                q, k, v, window=self.window, document_start=document_start, implementation=self.implementation
+            )
             cache = None if cache is None else cache.fill(k, v, lengths)
         return self.wo(o.reshape(b, t, -1)), cache

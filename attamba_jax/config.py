@@ -232,6 +232,16 @@ class DataConfig:
     tokenizer: str = "byte"
     # Tokens per packed training sequence (documents are BOS...EOS, concatenated and cut).
     seq_len: int = 1024
+    # Keep packed documents apart: every document of a row is computed as if it were alone
+    # (attention and the SSM state stop at its first token; the model reads the batch's
+    # segment_ids). false: documents in a row see each other, as before this key (comparisons).
+    document_masking: bool = True
+    # Documents start at multiples of this many positions of a row, each padded after its EOS
+    # (padding is masked in the loss; `describe --corpus` reports what it costs). null =
+    # model.token_chunk for Attamba with document_masking (its fast paths need it), else 1.
+    # Attamba with document_masking takes a multiple of model.token_chunk; seq_len must be a
+    # multiple of it.
+    document_align: int | None = None
     # Sequences per optimizer step over all processes and devices (the global batch).
     batch_size: int = 16
     # Batches assembled ahead of the device step ...
@@ -251,6 +261,10 @@ class DataConfig:
         for key in ("seq_len", "batch_size", "prefetch"):
             _check(getattr(self, key) >= 1, f"data.{key} must be >= 1, got {getattr(self, key)}")
         _check(self.threads >= 0, f"data.threads must be >= 0 (0 = read in the training thread), got {self.threads}")
+        _check(
+            self.document_align is None or self.document_align >= 1,
+            f"data.document_align must be null or >= 1, got {self.document_align}",
+        )
         _check(
             self.prefetch >= self.threads,
             f"data.prefetch ({self.prefetch}) must be >= data.threads ({self.threads}), or threads sit idle",
@@ -376,7 +390,27 @@ class Config:
             self.optim.warmup_steps <= self.train.steps,
             f"optim.warmup_steps ({self.optim.warmup_steps}) must not exceed train.steps ({self.train.steps})",
         )
+        align = self.document_align
+        if self.model.arch == "attamba" and self.data.document_masking:
+            _check(
+                align % self.model.token_chunk == 0,
+                f"data.document_align ({align}) must be a multiple of model.token_chunk ({self.model.token_chunk}) "
+                "with data.document_masking: documents must start on the chunk grid",
+            )
+        _check(
+            self.data.seq_len % align == 0,
+            f"data.seq_len ({self.data.seq_len}) must be a multiple of data.document_align ({align}), "
+            "so that every row starts aligned",
+        )
         return self
+
+    @property
+    def document_align(self) -> int:
+        """``data.document_align`` resolved: documents start at multiples of it in a row."""
+        if self.data.document_align is not None:
+            return self.data.document_align
+        masked_attamba = self.model.arch == "attamba" and self.data.document_masking
+        return self.model.token_chunk if masked_attamba else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -445,13 +479,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 RENAMED_KEYS = {"model.leading_tokens": "model.window"}
 
 
+# Keys added later, with the value that keeps what a config saved before them did.
+ADDED_KEYS = {"data.document_masking": False}
+
+
 def upgrade_saved(raw: dict) -> dict:
-    """A saved config dict (a workdir's config.yaml, a checkpoint's meta) with renamed keys under their new names."""
+    """A saved config dict (a workdir's config.yaml, a checkpoint's meta) with renamed keys under
+    their new names, and keys added since it was saved set to what that run did."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for old, new in RENAMED_KEYS.items():
         (section, old_key), (_, new_key) = old.split("."), new.split(".")
         if isinstance(out.get(section), dict) and old_key in out[section]:
             out[section][new_key] = out[section].pop(old_key)
+    for key, value in ADDED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict) and name not in out[section]:
+            out[section][name] = value
     return out
 
 

@@ -4,7 +4,16 @@ Every document becomes ``[BOS] + tokens + [EOS]``; the documents of all sources 
 concatenated, in order, into one token stream, and the stream is cut into windows of
 ``seq_len + 1`` tokens that overlap by one (window i holds inputs ``i*T .. i*T+T-1`` and
 their next-token targets). So every token of the stream is an input exactly once per
-epoch; the last window is padded. The windows are a random-access grain ``MapDataset``:
+epoch; the last window is padded.
+
+Alignment (``data.document_align`` = A, resolved by ``Config.document_align``): with A > 1
+every document is followed by padding up to the next multiple of A of the stream
+(``AlignedStream``); since T is a multiple of A, every document starts at a multiple of A of
+its row, or at position 0 when a row cuts it. That is what Attamba's document masking needs
+(A = K: a document's chunks are then the row's chunks). Padding is an input nothing real
+reads and a target of weight 0, so every real token is still an input, and every counted
+target still counted, exactly once per epoch; the cost is (-n mod A) tokens per document of n
+tokens (``padding``). The windows are a random-access grain ``MapDataset``:
 sharded per process, shuffled with the run's seed (a new order every epoch), repeated,
 batched, and read ahead by threads while the device computes. Because each element is a
 slice of an array, the iterator's state is a position, and it round-trips through
@@ -16,7 +25,8 @@ A batch is a dict of [B, T] arrays:
   weights      float32, 1 where the target counts in the loss: 0 for padding and where the
                target is the BOS of the next document (nothing in a document predicts it)
   segment_ids  int32, 1, 2, ... per document piece within the row (0 = padding), so that a
-               loss or an attention mask can keep documents apart
+               loss or an attention mask can keep documents apart (the model reads them with
+               ``data.document_masking``: ``pallas_kernels.documents.from_segment_ids``)
 
 Sources (``data.train`` / ``data.eval``):
   ``stdlib``           the Python standard library's own ``.py`` files, one document each
@@ -230,6 +240,8 @@ def open_token_file(path: pathlib.Path, tokenizer: Tokenizer, vocab_size: int) -
 class TokenStream:
     """Token arrays (in memory or memory-mapped) read as one concatenated 1-D stream."""
 
+    align = 1  # documents start anywhere (``AlignedStream``: at multiples of its align)
+
     def __init__(self, parts: Sequence[np.ndarray]):
         self.parts = [p for p in parts if p.size]
         self.offsets = np.cumsum([0] + [p.size for p in self.parts])
@@ -251,13 +263,72 @@ class TokenStream:
         return out
 
 
+class AlignedStream:
+    """A token stream with every document padded (with -1) to a multiple of ``align`` tokens.
+
+    Documents are the runs that start at a BOS token (and a leading run without one); the last
+    document is not padded. Reads like ``TokenStream``: ``len`` and ``read(start, stop)``.
+    """
+
+    def __init__(self, stream: TokenStream, bos_id: int, align: int):
+        self.stream, self.align = stream, align
+        bos = [0] + [
+            int(off) + np.flatnonzero(np.asarray(part) == bos_id) for off, part in zip(stream.offsets, stream.parts)
+        ]
+        starts = np.unique(np.concatenate([np.atleast_1d(b) for b in bos])) if len(stream) else np.zeros(0, np.int64)
+        self.doc_starts = starts.astype(np.int64)  # in the unpadded stream
+        self.doc_lengths = np.diff(np.append(self.doc_starts, len(stream)))
+        padded = -(-self.doc_lengths // align) * align
+        self.padded_starts = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+        self._len = int(self.padded_starts[-1] + self.doc_lengths[-1]) if len(starts) else 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def padding(self) -> int:
+        """Padding tokens the alignment adds."""
+        return self._len - len(self.stream)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Positions ``start .. stop-1`` of the padded stream as int32, -1 on padding."""
+        out = np.full(stop - start, -1, np.int32)
+        i = int(np.searchsorted(self.padded_starts, start, side="right")) - 1
+        while i < len(self.padded_starts) and self.padded_starts[i] < stop:
+            base, n = int(self.padded_starts[i]), int(self.doc_lengths[i])
+            lo, hi = max(start, base), min(stop, base + n)
+            if lo < hi:
+                src = int(self.doc_starts[i]) + lo - base
+                out[lo - start : hi - start] = self.stream.read(src, src + hi - lo)
+            i += 1
+        return out
+
+
+def training_stream(stream: TokenStream, bos_id: int, align: int) -> TokenStream | AlignedStream:
+    """The stream the windows are cut from: ``stream`` itself, or aligned to ``align`` (> 1)."""
+    return stream if align == 1 else AlignedStream(stream, bos_id, align)
+
+
+def padding(stream: TokenStream, bos_id: int, align: int) -> dict[str, float]:
+    """What aligning ``stream``'s documents to ``align`` costs: documents, tokens, padding, its share."""
+    aligned = AlignedStream(stream, bos_id, align)
+    docs, pad = len(aligned.doc_starts), aligned.padding
+    return {
+        "documents": docs,
+        "tokens": len(stream),
+        "padding": pad,
+        "padding_share": pad / max(1, len(aligned)),
+        "mean_document": len(stream) / max(1, docs),
+    }
+
+
 class PackedWindows:
     """Window i = tokens ``i*T .. i*T+T`` (T+1 of them) of the stream, padded with -1 at the end.
 
     A grain random-access data source: ``len`` and ``__getitem__`` only.
     """
 
-    def __init__(self, stream: TokenStream, seq_len: int):
+    def __init__(self, stream: TokenStream | AlignedStream, seq_len: int):
         self.stream, self.seq_len = stream, seq_len
         self._len = max(0, math.ceil((len(stream) - 1) / seq_len))
 
@@ -273,13 +344,24 @@ class PackedWindows:
         return window
 
 
-def make_batch(windows: np.ndarray, *, bos_id: int, vocab_size: int) -> dict[str, np.ndarray]:
-    """[B, T+1] windows (-1 = padding) -> inputs, targets, weights, segment_ids, each [B, T]."""
+def make_batch(windows: np.ndarray, *, bos_id: int, vocab_size: int, align: int = 1) -> dict[str, np.ndarray]:
+    """[B, T+1] windows (-1 = padding) -> inputs, targets, weights, segment_ids, each [B, T].
+
+    ``align``: every document must start at a multiple of it (the windows of an ``AlignedStream``).
+    """
     top = int(windows.max(initial=-1))
     if top >= vocab_size:
         raise DataError(f"token id {top} is outside the model's vocabulary (model.vocab_size={vocab_size})")
     inputs, targets = windows[:, :-1], windows[:, 1:]
     is_bos = inputs == bos_id
+    if align > 1:
+        row, pos = np.nonzero(is_bos)
+        misaligned = pos % align != 0
+        if misaligned.any():
+            raise DataError(
+                f"a document starts at position {int(pos[misaligned][0])} of a row, not a multiple of "
+                f"data.document_align={align} (BOS token {bos_id} inside a document?)"
+            )
     # A row that starts inside a document gives that piece its own id.
     segments = np.cumsum(is_bos, axis=1, dtype=np.int32) + (~is_bos[:, :1]).astype(np.int32)
     return {
@@ -324,14 +406,15 @@ def _load_streams(
 
 @dataclasses.dataclass
 class Corpus:
-    """The training stream and the held-out stream (None when nothing is held out)."""
+    """The training stream and the held-out stream (None when nothing is held out), both aligned alike."""
 
-    train: TokenStream
-    heldout: TokenStream | None
+    train: TokenStream | AlignedStream
+    heldout: TokenStream | AlignedStream | None
 
 
-def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int) -> Corpus:
-    """The training and held-out token streams that ``cfg`` describes."""
+def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int, align: int = 1) -> Corpus:
+    """The training and held-out token streams that ``cfg`` describes, their documents starting at
+    multiples of ``align`` (``Config.document_align``)."""
     fraction = 0.0 if cfg.eval else cfg.heldout_fraction
     train, heldout = _load_streams(cfg.train, tokenizer, vocab_size, fraction, "data.train")
     if cfg.eval:
@@ -340,7 +423,8 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int) -> Corpu
             raise DataError(f"data.eval: the sources {list(cfg.eval)} hold no documents")
     if len(train) == 0:
         raise DataError(f"data.train: the sources {list(cfg.train)} hold no training documents")
-    return Corpus(train, heldout if len(heldout) else None)
+    aligned = lambda stream: training_stream(stream, tokenizer.bos_id, align)
+    return Corpus(aligned(train), aligned(heldout) if len(heldout) else None)
 
 
 def _local_batch(cfg: DataConfig, process_count: int) -> int:
@@ -353,7 +437,7 @@ def _local_batch(cfg: DataConfig, process_count: int) -> int:
 
 def train_dataset(
     cfg: DataConfig,
-    stream: TokenStream,
+    stream: TokenStream | AlignedStream,
     *,
     seed: int,
     bos_id: int,
@@ -370,18 +454,20 @@ def train_dataset(
             f"fewer than one batch ({local}); add data or lower data.seq_len / data.batch_size"
         )
     ds = windows.shuffle(seed=seed).repeat(None).batch(local, drop_remainder=True)
-    ds = ds.map(functools.partial(_batch_from_windows, bos_id=bos_id, vocab_size=vocab_size))
+    ds = ds.map(functools.partial(_batch_from_windows, bos_id=bos_id, vocab_size=vocab_size, align=stream.align))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.threads, prefetch_buffer_size=cfg.prefetch))
 
 
-def epoch_windows(cfg: DataConfig, stream: TokenStream, *, process_index: int = 0, process_count: int = 1) -> int:
+def epoch_windows(
+    cfg: DataConfig, stream: TokenStream | AlignedStream, *, process_index: int = 0, process_count: int = 1
+) -> int:
     """Windows per epoch on this process (to turn a step count into epochs)."""
     return len(grain.MapDataset.source(PackedWindows(stream, cfg.seq_len))[process_index::process_count])
 
 
 def eval_dataset(
     cfg: DataConfig,
-    stream: TokenStream,
+    stream: TokenStream | AlignedStream,
     *,
     bos_id: int,
     vocab_size: int,
@@ -403,10 +489,10 @@ def eval_dataset(
 
     def read_batch(i: int) -> dict[str, np.ndarray]:
         rows = [windows[j] if j < len(windows) else pad for j in range(i * local, (i + 1) * local)]
-        return _batch_from_windows(np.stack(rows), bos_id=bos_id, vocab_size=vocab_size)
+        return _batch_from_windows(np.stack(rows), bos_id=bos_id, vocab_size=vocab_size, align=stream.align)
 
     return grain.MapDataset.range(n_batches).map(read_batch)
 
 
-def _batch_from_windows(windows, *, bos_id: int, vocab_size: int):
-    return make_batch(np.asarray(windows), bos_id=bos_id, vocab_size=vocab_size)
+def _batch_from_windows(windows, *, bos_id: int, vocab_size: int, align: int):
+    return make_batch(np.asarray(windows), bos_id=bos_id, vocab_size=vocab_size, align=align)

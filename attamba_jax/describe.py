@@ -1,6 +1,10 @@
 """Print a config's parameters, KV-cache size and attention FLOPs against its matching transformer.
 
     python -m attamba_jax.describe --config configs/paper/attamba_k8_w8.yaml --context 1024,4096 model.dtype=bfloat16
+    python -m attamba_jax.describe --config configs/tiny.yaml --corpus    # + the packing's padding on data.train
+
+The packing line says how documents are packed (``data.document_masking``, ``data.document_align``);
+with ``--corpus`` it reads the training sources and counts the padding that alignment adds.
 
 The matching transformer has the same width, depth, heads and vocabulary with full
 causal attention (for the paper's Attamba runs: ``transformer_isoparam``). Cache sizes
@@ -16,10 +20,12 @@ import sys
 
 from flax import nnx
 
+from attamba_jax import data
 from attamba_jax.cache import formula_bytes
-from attamba_jax.config import ConfigError, ModelConfig, load_config
+from attamba_jax.config import Config, ConfigError, ModelConfig, load_config
 from attamba_jax.flops import attention_flops_per_token
 from attamba_jax.model import LanguageModel, count_params
+from attamba_jax.tokenizer import TokenizerError, load_tokenizer
 
 
 def matching_transformer(cfg: ModelConfig) -> ModelConfig:
@@ -82,10 +88,32 @@ def describe(cfg: ModelConfig, contexts: list[int]) -> str:
     return "\n".join(lines)
 
 
+def describe_packing(cfg: Config, corpus: bool = False) -> str:
+    """How documents are packed into rows and, with ``corpus``, what the alignment costs on data.train."""
+    align = cfg.document_align
+    masking = "each document alone (data.document_masking)" if cfg.data.document_masking else "documents see each other"
+    line = f"packing: {masking}; documents start at multiples of {align} of a {cfg.data.seq_len}-token row"
+    if align > 1:
+        line += f" (up to {align - 1} padding tokens after each)"
+    if not corpus:
+        return line
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    train = data.load_corpus(
+        dataclasses.replace(cfg.data, heldout_fraction=0.0, eval=()), tokenizer, cfg.model.vocab_size
+    )
+    r = data.padding(train.train, tokenizer.bos_id, align)
+    return (
+        line
+        + f"\n  data.train: {r['documents']:,} documents, {r['tokens']:,} tokens (mean {r['mean_document']:,.0f}); "
+        + f"padding {r['padding']:,} tokens = {100 * r['padding_share']:.2f}% of the packed stream"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a YAML config, e.g. configs/paper/attamba_k8_w8.yaml")
     parser.add_argument("--context", default="1024,4096,32768", help="comma-separated context lengths (tokens)")
+    parser.add_argument("--corpus", action="store_true", help="read data.train and report the padding the packing adds")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     try:
@@ -101,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --context must be comma-separated integers >= 1, got {args.context!r}", file=sys.stderr)
         return 2
     print(describe(cfg.model, contexts))
+    try:
+        print(describe_packing(cfg, args.corpus))
+    except (data.DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

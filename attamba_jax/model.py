@@ -8,6 +8,10 @@ Notebook use, without the trainer:
     graphdef, params = init_model(cfg.model, seed=0)
     forward = make_forward(graphdef)          # jitted (params, tokens) -> logits
     logits = forward(params, tokens)          # tokens [B, T] int32 -> [B, T, vocab]
+    logits = forward(params, tokens, segment_ids=batch["segment_ids"])   # packed documents, each alone
+
+Packed documents (``segment_ids``: ``pallas_kernels.documents.from_segment_ids``) must start at
+multiples of ``token_chunk`` for Attamba's fast paths, as the data pipeline packs them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from attamba_jax.cache import Cache
 from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, Embedding, RMSNorm
 from attamba_jax.sharding import constrain
+from pallas_kernels import documents
 from pallas_kernels.chunk_grid import ChunkGrid
 
 
@@ -52,9 +57,11 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, h, positions, grid: ChunkGrid | None, cache=None, *, lengths=None):
+    def __call__(self, h, positions, grid: ChunkGrid | None, cache=None, *, lengths=None, document_start=None):
         """h [B, T, dim] -> (h, layer cache or None); the three uses of ``attention.AttambaAttention``."""
-        out, cache = self.attention(self.attn_norm(h), positions, grid, cache, lengths=lengths)
+        out, cache = self.attention(
+            self.attn_norm(h), positions, grid, cache, lengths=lengths, document_start=document_start
+        )
         h = h + out
         return h + self.ffn(self.ffn_norm(h)), cache
 
@@ -77,20 +84,35 @@ class LanguageModel(nnx.Module):
         k = cfg.token_chunk if token_chunk is None else token_chunk
         return [ChunkGrid.for_layer(layer, k, cfg.n_layers) for layer in range(cfg.n_layers)]
 
-    def _run(self, tokens, positions, token_chunk, caches, lengths=None):
+    def _run(self, tokens, positions, token_chunk, caches, lengths=None, document_start=None):
         """Embedding, every block, the head: (logits [B, T, vocab], the layers' caches)."""
         # Logical names of the main activations (no-ops unless a mesh is active; see sharding.py).
         h = constrain(self.embed(tokens), ("batch", "length", "embed"))
         out_caches = []
         for block, grid, cache in zip(self.blocks, self.grids(token_chunk), caches):
-            h, cache = block(h, positions, grid, cache, lengths=lengths)
+            h, cache = block(h, positions, grid, cache, lengths=lengths, document_start=document_start)
             h = constrain(h, ("batch", "length", "embed"))
             out_caches.append(cache)
         return constrain(self.head(self.norm(h)), ("batch", "length", "vocab")), tuple(out_caches)
 
-    def __call__(self, tokens: jax.Array, *, token_chunk: int | None = None) -> jax.Array:
-        """tokens: [B, T] int -> logits [B, T, vocab] in the compute dtype."""
-        return self._run(tokens, jnp.arange(tokens.shape[1]), token_chunk, [None] * len(self.blocks))[0]
+    def __call__(
+        self, tokens: jax.Array, *, segment_ids: jax.Array | None = None, token_chunk: int | None = None
+    ) -> jax.Array:
+        """tokens: [B, T] int -> logits [B, T, vocab] in the compute dtype.
+
+        ``segment_ids`` [B, T] (the data pipeline's): the rows are packed documents, and every
+        document's logits are those it gets alone from position 0. None: each row is one sequence.
+        """
+        starts = None
+        positions = jnp.arange(tokens.shape[1])
+        if segment_ids is not None:
+            if segment_ids.shape != tokens.shape:
+                raise ValueError(f"segment_ids must have the shape of tokens {tokens.shape}, got {segment_ids.shape}")
+            starts = documents.from_segment_ids(segment_ids)
+            # RoPE at positions within the document: relative in exact arithmetic either way, and
+            # then the rotations are the document's own, rounding included (bf16).
+            positions = positions - starts
+        return self._run(tokens, positions, token_chunk, [None] * len(self.blocks), document_start=starts)[0]
 
     # --- inference (attamba_jax.cache) -------------------------------------------------------
 
@@ -126,13 +148,18 @@ def init_model(cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State
 
 
 def apply_model(
-    graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, *, token_chunk: int | None = None
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    token_chunk: int | None = None,
 ) -> jax.Array:
-    return nnx.merge(graphdef, params)(tokens, token_chunk=token_chunk)
+    return nnx.merge(graphdef, params)(tokens, segment_ids=segment_ids, token_chunk=token_chunk)
 
 
 def make_forward(graphdef: nnx.GraphDef, *, token_chunk: int | None = None):
-    """A jitted ``(params, tokens) -> logits`` for this graph."""
+    """A jitted ``(params, tokens, segment_ids=None) -> logits`` for this graph."""
     return jax.jit(functools.partial(apply_model, graphdef, token_chunk=token_chunk))
 
 

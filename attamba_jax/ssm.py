@@ -60,6 +60,11 @@ def chunk_causal_conv(x: jax.Array, weight: jax.Array, position_in_chunk: jax.Ar
     return out
 
 
+def _ssd_of_documents(x, dt, A, B, C, D, document_start, **kw):
+    """``ssd`` with the packed layout as a positional array (``call_op`` shards it by batch rows)."""
+    return ssd(x, dt, A, B, C, D, document_start=document_start, **kw)
+
+
 def _inverse_softplus(y: jax.Array) -> jax.Array:
     return y + jnp.log(-jnp.expm1(-y))
 
@@ -101,22 +106,29 @@ class StackedMamba2(nnx.Module):
         self.dtype = dtype
         self.implementation = cfg.ssm_implementation
 
-    def __call__(self, u: jax.Array, grid: ChunkGrid) -> jax.Array:
-        """u: [B, T, dim] -> [B, T, streams, dim], restarting at every chunk start of ``grid``."""
-        return self._forward(u, grid)[0]
+    def __call__(self, u: jax.Array, grid: ChunkGrid, document_start: jax.Array | None = None) -> jax.Array:
+        """u: [B, T, dim] -> [B, T, streams, dim], restarting at every chunk start of ``grid`` (and,
+        in a packed row, at each document's first token and then on that document's grid:
+        ``document_start`` [B, T], see ``pallas_kernels.documents``)."""
+        return self._forward(u, grid, document_start)[0]
 
-    def _forward(self, u: jax.Array, grid: ChunkGrid):
+    def _forward(self, u: jax.Array, grid: ChunkGrid, document_start: jax.Array | None = None):
         """The parallel forward; also returns the intermediates that prefill reads its state from."""
         t = u.shape[1]
         z, xbc, dt = self._in_projection(u)
-        position = jnp.asarray(grid.position_in_chunk(np.arange(t)))
+        pos = np.arange(t)
+        if document_start is None:
+            position = jnp.asarray(grid.position_in_chunk(pos))
+        else:
+            position = pos - grid.chunk_start_in_document(jnp.asarray(pos, jnp.int32), document_start)
         x, B, C = self._conv(xbc, position)
         # Under a mesh a named kernel runs per device on its batch rows.
         rows = ("batch", None, None, None)
-        axes = (rows, rows[:3], None, rows, rows, None)
-        y = call_op(
-            ssd, IMPLEMENTATIONS, self.implementation, (x, dt, self._A(), B, C, self.D[...]), axes, rows, grid=grid
-        )
+        args, axes = (x, dt, self._A(), B, C, self.D[...]), (rows, rows[:3], None, rows, rows, None)
+        op = ssd
+        if document_start is not None:
+            args, axes, op = args + (document_start,), axes + (rows[:2],), _ssd_of_documents
+        y = call_op(op, IMPLEMENTATIONS, self.implementation, args, axes, rows, grid=grid)
         return self._gated_output(y, z), (xbc, x, dt, B, C)
 
     # --- the pieces shared by the parallel forward, prefill and decode ------------------

@@ -34,9 +34,15 @@ from attamba_jax.model import apply_model, cross_entropy, init_model
 from attamba_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, tree_shardings, use_mesh
 
 
+def batch_keys(cfg: Config) -> tuple[str, ...]:
+    """The batch arrays a step reads: the model's segment_ids only with ``data.document_masking``."""
+    return ("inputs", "targets", "weights") + (("segment_ids",) if cfg.data.document_masking else ())
+
+
 def _nll_sum(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token NLL, sum of weights) of one [b, T] batch, in float32."""
-    logits = apply_model(graphdef, params, batch["inputs"])
+    """(sum of weighted token NLL, sum of weights) of one [b, T] batch, in float32; the rows are
+    packed documents kept apart when the batch holds ``segment_ids``."""
+    logits = apply_model(graphdef, params, batch["inputs"], segment_ids=batch.get("segment_ids"))
     mean, total = cross_entropy(logits, batch["targets"], batch["weights"])
     return mean * jnp.maximum(total, 1.0), total
 

@@ -39,6 +39,7 @@ from attamba_jax.optimizer import make_optimizer
 from attamba_jax.sharding import DEFAULT_RULES, check_process_rows, logical_to_spec, use_mesh
 from attamba_jax.tokenizer import check_fits, load_tokenizer
 from attamba_jax.train_step import (
+    batch_keys,
     init_train_state,
     jit_train_step,
     make_eval_step,
@@ -73,7 +74,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(dcfg.tokenizer)
         check_fits(self.tokenizer, mcfg.vocab_size)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
-        self.corpus = data_lib.load_corpus(dcfg, self.tokenizer, mcfg.vocab_size)
+        self.corpus = data_lib.load_corpus(dcfg, self.tokenizer, mcfg.vocab_size, align=cfg.document_align)
+        self.batch_keys = batch_keys(cfg)
         shard = dict(process_index=self.process_index, process_count=self.process_count)
         self.train_data = data_lib.train_dataset(
             dcfg, self.corpus.train, seed=cfg.seed, bos_id=self.tokenizer.bos_id, vocab_size=mcfg.vocab_size, **shard
@@ -169,7 +171,7 @@ class Trainer:
         a = self.cfg.optim.grad_accum
         return {
             k: jax.make_array_from_process_local_data(self.batch_sharding, batch[k].reshape(a, -1, batch[k].shape[-1]))
-            for k in ("inputs", "targets", "weights")
+            for k in self.batch_keys
         }
 
     def step(self, device_batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -185,10 +187,7 @@ class Trainer:
         nll, weight = 0.0, 0.0
         sums = []
         for batch in self.eval_data.to_iter_dataset(grain_read_options(self.cfg)):
-            arrays = {
-                k: jax.make_array_from_process_local_data(self.eval_sharding, batch[k])
-                for k in ("inputs", "targets", "weights")
-            }
+            arrays = {k: jax.make_array_from_process_local_data(self.eval_sharding, batch[k]) for k in self.batch_keys}
             with use_mesh(self.mesh):
                 sums.append(self._eval_step(self.state["params"], arrays))
         for s, w in jax.device_get(sums):

@@ -12,6 +12,11 @@ with the XLA paths (``chunked`` SSD + ``compressed`` attention) for comparison. 
 trainer's honest FLOP count (``flops.train_flops_per_token``: 6·matmul params + the attention
 a query really computes) over the device's data-sheet bf16 peak.
 
+``attamba-docs`` and ``transformer-docs`` run the same models on packed documents: batches cut by
+the data pipeline's own packer (``data.AlignedStream``, documents aligned to ``Config.document_align``)
+from documents of exponentially distributed lengths (mean ``--doc-length`` tokens), the model
+reading their ``segment_ids``; their step time against the plain model's is document masking's cost.
+
 ``--profile-shapes 16x1024`` also traces a few steps of those cases with the JAX profiler and
 prints (and stores in the JSON) where the device time goes, kernel by kernel, each XLA kernel with
 the shape and JAX op it computes (``benchmarks/trace_summary.py``; ``--hlo-dir`` keeps the
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attamba_jax import data as data_lib
 from attamba_jax.config import load_config
 from attamba_jax.flops import peak_flops_per_device, train_flops_per_token
 from attamba_jax.model import count_params, init_model
@@ -48,6 +54,26 @@ MODELS = {
     ),
     "transformer": ("configs/paper/transformer_isoparam.yaml", {}),
 }
+# Packed documents, each alone (data.document_masking): the model of the same name without "-docs".
+DOCUMENT_MODELS = {"attamba-docs": "attamba", "transformer-docs": "transformer"}
+
+
+def packed_batch(cfg, batch: int, length: int, mean_doc: int, seed: int = 0) -> dict:
+    """[1, B, L] arrays as the trainer feeds them: random documents (BOS = 1, tokens >= 2) packed
+    by ``data.AlignedStream`` and cut by ``data.PackedWindows`` / ``data.make_batch``."""
+    rng = np.random.default_rng(seed)
+    docs, total = [], 0
+    while total < batch * length + 1:
+        n = max(2, int(rng.exponential(mean_doc)))
+        docs.append(np.concatenate([[1], rng.integers(2, cfg.model.vocab_size, n - 1)]).astype(np.int32))
+        total += -(-n // cfg.document_align) * cfg.document_align
+    stream = data_lib.training_stream(data_lib.TokenStream([np.concatenate(docs)]), 1, cfg.document_align)
+    windows = data_lib.PackedWindows(stream, length)
+    rows = np.stack([windows[i] for i in range(batch)])
+    b = data_lib.make_batch(rows, bos_id=1, vocab_size=cfg.model.vocab_size, align=cfg.document_align)
+    return {k: jnp.asarray(v)[None] for k, v in b.items()}
+
+
 # (batch, length): equal tokens per step (16k) where the length allows it
 SHAPES = [(16, 1024), (64, 1024), (4, 4096), (1, 16384), (1, 32768)]
 XLA_SHAPES = {(16, 1024), (1, 16384)}
@@ -62,21 +88,25 @@ def time_case(
     profile_steps: int = 0,
     profile_top: int = 25,
     hlo_dir: str = "",
+    doc_length: int = 1024,
 ) -> dict:
-    path, overrides = MODELS[model]
-    cfg = load_config(ROOT / path, ["model.dtype=bfloat16"]).model
-    cfg = dataclasses.replace(cfg, **overrides)
+    path, overrides = MODELS[DOCUMENT_MODELS.get(model, model)]
+    full = load_config(ROOT / path, ["model.dtype=bfloat16"])
+    cfg = dataclasses.replace(full.model, **overrides)
     graphdef, params = init_model(cfg, seed=0)
     n_params = count_params(params)
     tx, schedule = make_optimizer(load_config(ROOT / path).optim, 100_000)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
     step = jax.jit(make_train_step(graphdef, tx, schedule), donate_argnums=0)
-    tokens = jax.random.randint(jax.random.key(1), (1, batch, length + 1), 0, cfg.vocab_size)
-    data = {
-        "inputs": tokens[..., :-1],
-        "targets": tokens[..., 1:],
-        "weights": jnp.ones((1, batch, length), jnp.float32),
-    }
+    if model in DOCUMENT_MODELS:
+        data = packed_batch(full, batch, length, doc_length)
+    else:
+        tokens = jax.random.randint(jax.random.key(1), (1, batch, length + 1), 0, cfg.vocab_size)
+        data = {
+            "inputs": tokens[..., :-1],
+            "targets": tokens[..., 1:],
+            "weights": jnp.ones((1, batch, length), jnp.float32),
+        }
     t0 = time.perf_counter()
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
@@ -128,6 +158,9 @@ def time_case(
         "mfu": (flops / (ms / 1e3) / peak) if peak else None,
         "compile_s": compile_s,
         "loss": float(metrics["loss"]),
+        "documents_per_row": float((np.diff(np.asarray(data["segment_ids"]), axis=-1) > 0).sum(-1).mean() + 1)
+        if "segment_ids" in data
+        else None,
         "profile": profile,
     }
 
@@ -171,7 +204,9 @@ def main():
     parser.add_argument("--plot", nargs="+", metavar="JSON", help="only draw step time vs L from these result files")
     parser.add_argument("--png", default="train_step.png")
     parser.add_argument("--deadline", type=float, default=1e9, help="stop starting new cases after this many seconds")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(MODELS)} to time")
+    names = [*MODELS, *DOCUMENT_MODELS]
+    parser.add_argument("--models", default=",".join(MODELS), help=f"which of {', '.join(names)} to time")
+    parser.add_argument("--doc-length", type=int, default=1024, help="mean document length of the -docs models")
     parser.add_argument("--profile-shapes", default="", help="BxL,... whose cases are also traced, kernel by kernel")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument(
@@ -196,7 +231,9 @@ def main():
                 continue
             try:
                 steps = args.profile_steps if (batch, length) in profiled else 0
-                r = time_case(model, batch, length, args.warmup, args.reps, steps, args.profile_top, args.hlo_dir)
+                r = time_case(
+                    model, batch, length, args.warmup, args.reps, steps, args.profile_top, args.hlo_dir, args.doc_length
+                )
             except Exception as e:  # a case that does not fit or compile is reported, not fatal
                 r = {"model": model, "batch": batch, "length": length, "error": f"{type(e).__name__}: {e}"[:300]}
                 print(f"{model:<12} {batch:>3} {length:>6} ERROR {r['error']}", flush=True)
@@ -212,6 +249,14 @@ def main():
             pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
     # ratios within this run
     by = {(c["model"], c["batch"], c["length"]): c for c in results["cases"] if "error" not in c}
+    for docs, plain in DOCUMENT_MODELS.items():
+        for batch, length in shapes:
+            a, b = by.get((docs, batch, length)), by.get((plain, batch, length))
+            if a and b:
+                print(
+                    f"  {docs} / {plain} B{batch} L{length}: step-time ratio {a['step_ms'] / b['step_ms']:.3f} "
+                    f"({a['documents_per_row']:.1f} documents per row)"
+                )
     print("\nAttamba / transformer (same run):")
     for batch, length in shapes:
         a, t = by.get(("attamba", batch, length)), by.get(("transformer", batch, length))

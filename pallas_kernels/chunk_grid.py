@@ -18,7 +18,11 @@ their numerators >= 0 and truncate, which both kernel compilers take without sig
 
 Every rule is a function of a token's position in its own sequence. Packed documents reuse
 them unchanged: a token's position in its document (its position minus its document's
-start) is what the grid reads, and a query sees only keys of its own document.
+start) is what the grid reads, and a query sees only keys of its own document
+(``documents`` says how a packed row is laid out). When every document starts at a multiple
+of K, a document's chunks lie inside the row's chunks: its grid is the row's grid plus its
+first token as a chunk of its own, so blocks placed by ``block_start`` still hold whole
+chunks and every fast path keeps its layout.
 """
 
 from __future__ import annotations
@@ -114,6 +118,11 @@ class ChunkGrid:
     def is_boundary(self, pos):
         """True where a chunk ends at ``pos >= 0``: its output is a boundary key."""
         return self.is_chunk_start(pos + 1)
+
+    def chunk_start_in_document(self, pos, start):
+        """The first position of the chunk of ``pos`` in its document, which starts at ``start <= pos``:
+        where the SSM state and the conv history last restarted before ``pos`` (absolute positions)."""
+        return start + self.chunk_start(pos - start)
 
     # --- boundaries by index (arrival order) -------------------------------------------------
 

@@ -13,6 +13,18 @@ above. Without a grid the boundary part is empty: ``Visibility(None, W)`` is a c
 sliding window of W + 1 keys and ``Visibility(None, None)`` plain causal attention (the
 transformer, and Attamba's ``pseudo_chunk`` ablation).
 
+Packed documents (``documents``): a query sees only keys of its own document, which starts at
+``start <= t``, and the rule is read at positions relative to it. Methods that take ``start``
+(None: the row is one document) give the two parts for documents that start at multiples of K:
+
+  boundary part   the row's boundaries n with ``start < position(n) < t - W`` — the contiguous
+                  range ``first_boundary(start) .. boundaries_seen(t)`` in arrival order — plus
+                  the document's first token, a boundary of its own grid, once ``start < t - W``
+                  (``document_key_visible``);
+  window part     the raw keys ``max(t - W, start) .. t``.
+
+With start = 0 this is the rule above (the first token is boundary 0).
+
 Like ``chunk_grid``, every method is integer arithmetic that runs on ints, NumPy arrays and
 jax arrays (inside kernels too); arguments broadcast against each other.
 """
@@ -46,14 +58,17 @@ class Visibility:
 
     # --- the window part --------------------------------------------------------------------
 
-    def window_start(self, t):
-        """The first window key of query ``t``."""
-        return 0 * t if self.window is None else _maximum(t - self.window, 0)
+    def window_start(self, t, start=None):
+        """The first window key of query ``t`` (in a document that starts at ``start``)."""
+        lo = 0 * t if start is None else start + 0 * t
+        return lo if self.window is None else _maximum(t - self.window, lo)
 
-    def window_visible(self, t, s):
+    def window_visible(self, t, s, start=None):
         """Key position ``s`` is in query ``t``'s window."""
-        causal = s <= t
-        return causal if self.window is None else causal & (s >= t - self.window)
+        visible = s <= t
+        if self.window is not None:
+            visible = visible & (s >= t - self.window)
+        return visible if start is None else visible & (s >= start)
 
     # --- the boundary part ------------------------------------------------------------------
 
@@ -63,9 +78,22 @@ class Visibility:
             return 0 * t
         return self.grid.count_before(t - self.window)
 
-    def boundary_visible(self, t, n):
+    def first_boundary(self, start):
+        """The first row boundary a query of the document starting at ``start`` may see: the ones
+        after its first token (needs a grid; the first token itself is ``document_key_visible``)."""
+        return self.grid.count_before(start + 1)
+
+    def boundary_visible(self, t, n, start=None):
         """The ``n``-th boundary is in query ``t``'s boundary part (needs a grid)."""
-        return self.grid.position(n) < t - self.window
+        p = self.grid.position(n)
+        visible = p < t - self.window
+        return visible if start is None else visible & (p > start)
+
+    def document_key_visible(self, t, start):
+        """The first token of query ``t``'s document (at ``start``) is in its boundary part."""
+        if self.grid is None:
+            return 0 * t != 0
+        return start < t - self.window
 
     def first_query_seeing(self, n):
         """The first query whose boundary part holds the ``n``-th boundary (needs a grid)."""
@@ -73,17 +101,27 @@ class Visibility:
 
     # --- the whole rule ---------------------------------------------------------------------
 
-    def visible(self, t, s):
-        """Query ``t`` sees key position ``s >= 0``: the union of the two parts."""
+    def visible(self, t, s, start=None):
+        """Query ``t`` sees key position ``s >= 0``: the union of the two parts.
+
+        With ``start`` the rule is read in the query's document, for any layout: positions
+        relative to ``start``, keys before it hidden.
+        """
+        if start is not None:
+            return self.visible(t - start, s - start) & (s >= start)
         local = self.window_visible(t, s)
         if self.grid is None:
             return local
         return local | ((s < t - self.window) & self.grid.is_boundary(s))
 
-    def dense(self, length: int) -> np.ndarray:
-        """The [T, T] bool mask: query t (row) sees key s (column)."""
+    def dense(self, length: int, start=None) -> np.ndarray:
+        """The [T, T] bool mask: query t (row) sees key s (column); with ``start`` [..., T]
+        (each query's document start) the [..., T, T] mask of a packed row."""
         t = np.arange(length)[:, None]
-        return self.visible(t, np.arange(length)[None, :])
+        s = np.arange(length)[None, :]
+        if start is None:
+            return self.visible(t, s)
+        return self.visible(t, s, start[..., :, None])
 
     def keys_per_query(self, length: int) -> np.ndarray:
         """Row sums of ``dense`` in O(T): how many keys each query attends to."""

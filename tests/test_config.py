@@ -87,6 +87,8 @@ PAPER_RECIPE = {
         "heldout_fraction": 0.02,
         "tokenizer": "byte",
         "seq_len": 1024,
+        "document_masking": True,
+        "document_align": None,
         "batch_size": 16,
         "prefetch": 8,
         "threads": 4,
@@ -211,6 +213,10 @@ def test_an_override_given_twice_is_an_error():
         ("model.head_dim=7", "head_dim must be even"),
         ("model.ssm_a_init_min=20", "ssm_a_init_min/max must satisfy"),
         ("model", "must look like section.key=value"),
+        ("data.document_align=0", "data.document_align must be null or >= 1"),
+        ("data.document_align=6", "data.document_align \\(6\\) must be a multiple of model.token_chunk \\(4\\)"),
+        ("data.document_align=512", "data.seq_len \\(256\\) must be a multiple of data.document_align \\(512\\)"),
+        ("data.document_masking=3", "data.document_masking must be true or false"),
     ],
 )
 def test_bad_values_name_the_problem(override, message):
@@ -242,6 +248,28 @@ def test_a_saved_config_with_a_renamed_key_still_loads(tmp_path):
     saved.write_text(dump_config(load_config(CONFIGS / "tiny.yaml")).replace("  window: 8", "  leading_tokens: 8"))
     # When it is read as a saved config, then it is the same config under the new name
     assert load_saved_config(saved) == load_config(CONFIGS / "tiny.yaml")
+
+
+def test_document_align_resolves_by_model_and_masking():
+    tiny = load_config(CONFIGS / "tiny.yaml")
+    assert tiny.document_align == tiny.model.token_chunk == 4
+    assert load_config(CONFIGS / "tiny.yaml", ["data.document_masking=false"]).document_align == 1
+    assert load_config(CONFIGS / "tiny.yaml", ["data.document_align=8"]).document_align == 8
+    assert load_config(CONFIGS / "paper" / "transformer_isoparam.yaml").document_align == 1
+    # Unmasked, any alignment (e.g. a transformer fed the same padded data as an Attamba run)
+    assert (
+        load_config(CONFIGS / "tiny.yaml", ["data.document_masking=false", "data.document_align=2"]).document_align == 2
+    )
+
+
+def test_a_saved_config_from_before_document_masking_keeps_what_it_did(tmp_path):
+    # Given a workdir config written before data.document_masking existed
+    saved = tmp_path / "config.yaml"
+    text = dump_config(load_config(CONFIGS / "tiny.yaml"))
+    saved.write_text("\n".join(line for line in text.splitlines() if "document_" not in line) + "\n")
+    # Then it loads as the unmasked, unaligned run it was
+    cfg = load_saved_config(saved)
+    assert cfg.data.document_masking is False and cfg.document_align == 1
 
 
 def test_a_hand_written_config_with_a_renamed_key_names_the_new_one():

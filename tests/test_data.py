@@ -71,6 +71,53 @@ def test_packing_covers_every_token_exactly_once_per_epoch(tmp_path):
     np.testing.assert_array_equal(batch["weights"].astype(bool), expected)
 
 
+@pytest.mark.parametrize("align", [4, 8])
+def test_aligned_packing_starts_documents_on_the_grid_and_trains_every_token_once(tmp_path, align):
+    # Given documents aligned to `align` and rows of 16 tokens (a multiple of it)
+    texts = _write_docs(tmp_path, n=20, seed=align)
+    stream = _stream_of(texts)
+    corpus = data.load_corpus(_cfg(tmp_path), BYTE, VOCAB, align=align)
+    assert isinstance(corpus.train, data.AlignedStream) and corpus.train.align == align
+    windows = data.PackedWindows(corpus.train, seq_len=16)
+    raw = np.stack([windows[i] for i in range(len(windows))])
+    batch = data.make_batch(raw, bos_id=BOS, vocab_size=VOCAB, align=align)
+    inputs = raw[:, :-1]
+    # Then every document starts at a multiple of `align` of its row, and padding follows documents only
+    rows, cols = np.nonzero(inputs == BOS)
+    assert len(rows) == len(texts) and (cols % align == 0).all()
+    padded = corpus.train.read(0, len(corpus.train))
+    docs = np.split(padded, np.flatnonzero(padded == BOS)[1:])
+    for doc, text in zip(docs, texts):
+        want = data.encode_document(BYTE, text)
+        np.testing.assert_array_equal(doc[: len(want)], want)
+        assert (doc[len(want) :] == -1).all() and len(doc) - len(want) < align
+    assert corpus.train.padding == sum(-len(data.encode_document(BYTE, t)) % align for t in texts[:-1])
+    # And every real token is an input exactly once, every counted target is the stream's next token
+    real_in = inputs >= 0
+    np.testing.assert_array_equal(batch["inputs"][real_in], stream)
+    counted = batch["weights"] > 0
+    assert not (counted & ~real_in).any() and not (counted & (raw[:, 1:] < 0)).any()
+    expected_targets = stream[1:][stream[1:] != BOS]  # the targets the unaligned stream counts
+    np.testing.assert_array_equal(batch["targets"][counted], expected_targets)
+    # And the model reads padding as part of the document before it
+    assert (batch["segment_ids"][~real_in] == 0).all()
+
+
+def test_padding_report(tmp_path):
+    texts = _write_docs(tmp_path, n=5)
+    corpus = data.load_corpus(_cfg(tmp_path), BYTE, VOCAB)
+    report = data.padding(corpus.train, BOS, 8)
+    lengths = [len(data.encode_document(BYTE, t)) for t in texts]
+    assert report["documents"] == 5 and report["tokens"] == sum(lengths)
+    assert report["padding"] == sum(-n % 8 for n in lengths[:-1])
+
+
+def test_misaligned_document_is_refused():
+    row = np.array([[BOS, 5, EOS, -1, -1, BOS, 6, EOS, -1]], np.int32)
+    with pytest.raises(data.DataError, match="document starts at position 5 of a row, not a multiple of"):
+        data.make_batch(row, bos_id=BOS, vocab_size=VOCAB, align=4)
+
+
 def test_segment_ids_number_document_pieces_within_a_row():
     row = np.array([[7, 7, EOS, BOS, 5, EOS, BOS, 6, 6, -1, -1]], np.int32)  # starts mid-document
     b = data.make_batch(row, bos_id=BOS, vocab_size=VOCAB)

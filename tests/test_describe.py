@@ -38,3 +38,15 @@ def test_matching_transformer_has_isoparam_count():
 def test_bad_context_is_an_error(capsys):
     assert describe.main(["--config", str(CONFIGS / "tiny.yaml"), "--context", "0"]) == 2
     assert "--context" in capsys.readouterr().err
+
+
+def test_describe_reports_the_packing_and_its_padding(tmp_path, capsys):
+    # Given three documents of 2 + 5, 2 + 9 and 2 + 4 byte tokens, aligned to K = 4
+    for i, text in enumerate(["abcde", "abcdefghi", "abcd"]):
+        (tmp_path / f"d{i}.txt").write_text(text)
+    args = ["--config", str(CONFIGS / "tiny.yaml"), "--context", "256", f"data.train={tmp_path}/*.txt", "--corpus"]
+    assert describe.main(args) == 0
+    out = capsys.readouterr().out
+    assert "packing: each document alone (data.document_masking); documents start at multiples of 4" in out
+    # Then the first two documents are padded (7 -> 8, 11 -> 12), the last one is not
+    assert "data.train: 3 documents, 24 tokens (mean 8); padding 2 tokens = 7.69% of the packed stream" in out

@@ -13,16 +13,25 @@ from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.common import tpu_interpret_params
 from pallas_kernels.ssd import pallas_gpu, pallas_tpu, reference, ssd
 from pallas_kernels.ssd.block_sizes import GpuBlocks, GpuPass, TpuBlocks
-from tests.helpers import FAST_COMPILE, assert_close, grads_of, lower_for, value_and_grads
+from tests.helpers import (
+    FAST_COMPILE,
+    assert_close,
+    assert_documents_independent,
+    assert_packed_equals_alone,
+    grads_of,
+    lower_for,
+    packed_layout,
+    value_and_grads,
+)
 
 # The interpreters start every output buffer as NaN (see test_interpreter_poisons_unwritten_outputs),
 # so a finite result proves that every element was written.
 KERNELS = {
-    "gpu": lambda *a, grid, block_len: pallas_gpu.ssd_pallas_gpu(
-        *a, grid=grid, interpret=True, blocks=GpuBlocks(block_len)
+    "gpu": lambda *a, grid, block_len, document_start=None: pallas_gpu.ssd_pallas_gpu(
+        *a, grid=grid, document_start=document_start, interpret=True, blocks=GpuBlocks(block_len)
     ),
-    "tpu": lambda *a, grid, block_len: pallas_tpu.ssd_pallas_tpu(
-        *a, grid=grid, interpret=tpu_interpret_params(), blocks=TpuBlocks(block_len)
+    "tpu": lambda *a, grid, block_len, document_start=None: pallas_tpu.ssd_pallas_tpu(
+        *a, grid=grid, document_start=document_start, interpret=tpu_interpret_params(), blocks=TpuBlocks(block_len)
     ),
 }
 
@@ -202,6 +211,107 @@ def test_public_api_routes_to_the_kernels(name):
     assert_close(_run(functools.partial(ssd, grid=grid, implementation=name), *args), expected, 1e-5)
 
 
+# --- packed documents ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _documents_case(k, offset, t, h, g, p, n, dtype_name, seed):
+    """A packed layout (documents at multiples of K), inputs, and the reference's value and gradients."""
+    grid = ChunkGrid(k, offset)
+    starts, spans = packed_layout(seed, 2, t, k, 2 * k)
+    args, cot = _inputs(seed, 2, t, h, g, p, n, jnp.dtype(dtype_name))
+    sequential = lambda *a: ssd(*a, grid=grid, document_start=jnp.asarray(starts), implementation="sequential")
+    return grid, starts, spans, args, cot, value_and_grads(sequential, args, cot)
+
+
+def _block_len(kernel, block_len):
+    return 16 if kernel == "gpu" and block_len % 16 else block_len  # GPU tiles are powers of two
+
+
+# A case of CASES in float32 (K not a power of two: GPU tiles of 12 tokens in 16) and one in bf16
+# (grouped B/C); PACKED below adds offsets 0 and K-1 and the default tiles.
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("case, dtype_name, tol", [(CASES[2], "float32", 1e-5), (CASES[1], "bfloat16", 1e-2)])
+def test_kernel_with_documents_matches_reference(kernel, case, dtype_name, tol):
+    # Given a packed batch of documents at multiples of K, rows cut mid-document, and the sequential reference
+    k, offset, t, h, g, p, n, block_len = case
+    grid, starts, _, args, cot, (y_ref, grads_ref) = _documents_case(k, offset, t, h, g, p, n, dtype_name, 10 * k)
+    # When the kernel runs forward and backward with the layout
+    fn = functools.partial(KERNELS[kernel], grid=grid, block_len=_block_len(kernel, block_len))
+    y, grads = value_and_grads(lambda *a: fn(*a, document_start=jnp.asarray(starts)), args, cot)
+    # Then it agrees with the reference, every element written
+    assert y.dtype == args[0].dtype and grads[0].dtype == args[0].dtype
+    assert_close(y, y_ref, tol)
+    assert_close(grads, grads_ref, tol)
+
+
+# (K, offset, T, H, G, block_len, dtype, tolerance): the first document's first chunk cut by the
+# grid offset; offset 0 (each document's first token a chunk of its own in a row chunk of its own
+# document); several blocks per row; the TPU kernel's own 128-token tiles (block_len None).
+PACKED = [
+    (4, 0, 40, 2, 1, 16, "float32", 1e-5),
+    (8, 5, 50, 4, 2, 16, "bfloat16", 1e-2),
+    (8, 7, 130, 2, 1, None, "float32", 1e-5),
+]
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("k, offset, t, h, g, block_len, dtype_name, tol", PACKED)
+def test_kernel_packed_equals_alone(kernel, k, offset, t, h, g, block_len, dtype_name, tol):
+    # Given a packed batch and each of its documents alone, the padding after a document weighing nothing
+    starts, spans = packed_layout(k + offset, 2, t, k, 2 * k)
+    (x, dt, A, B, C, D), _ = _inputs(k + offset, 2, t, h, g, 16, 16, jnp.dtype(dtype_name))
+    if kernel == "gpu":
+        blocks = GpuBlocks(block_len or 16)
+        run = lambda *a, **kw: pallas_gpu.ssd_pallas_gpu(*a, **kw, interpret=True, blocks=blocks, poison=True)
+    else:
+        blocks = block_len and TpuBlocks(block_len)
+        run = lambda *a, **kw: pallas_tpu.ssd_pallas_tpu(*a, **kw, interpret=tpu_interpret_params(), blocks=blocks)
+    op = lambda x, dt, B, C, A, D, document_start: run(
+        x, dt, A, B, C, D, grid=ChunkGrid(k, offset), document_start=document_start
+    )
+    # Then the packed run equals the runs alone, forward and gradient, and padding gets zero gradient
+    assert_packed_equals_alone(op, [x, dt, B, C], [A, D], starts, spans, tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernel_documents_are_independent(kernel, dtype):
+    # Given a packed row of several documents, two of them sharing a chunk of the row and a block
+    grid = ChunkGrid(8, 5)
+    starts, spans = packed_layout(4, 1, 64, 8, 3)
+    assert len(spans) >= 3
+    (x, dt, A, B, C, D), _ = _inputs(6, 1, 64, 4, 2, 16, 16, dtype)
+    fn = functools.partial(KERNELS[kernel], grid=grid, block_len=32, document_start=jnp.asarray(starts))
+    run = jax.jit(lambda x, dt, B, C: fn(x, dt, A, B, C, D))
+    # Then perturbing one document changes its outputs and no other output, bit for bit: each
+    # document's decays are sums of its own dt*A only
+    assert_documents_independent(run, [x, dt, B, C], spans)
+
+
+def _packed_model_shape(dtype):
+    """The model's stacked K/V shape at K = 8 with an offset, and a packed layout."""
+    args, _ = _inputs(9, 2, 300, 16, 2, 32, 32, dtype)
+    return args, jnp.asarray(packed_layout(9, 2, 300, 8, 16)[0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_kernel_with_documents_lowers_through_mosaic(dtype):
+    args, starts = _packed_model_shape(dtype)
+    kernel = lambda *a: pallas_tpu.ssd_pallas_tpu(*a, grid=ChunkGrid(8, 3), document_start=starts)
+    text = lower_for("tpu", grads_of(kernel), *args)
+    assert text.count("tpu_custom_call") >= 2
+
+
+@pytest.mark.parametrize("poison, aliases", [(False, 0), (True, 7)])
+def test_gpu_kernels_with_documents_lower_through_triton(poison, aliases):
+    args, starts = _packed_model_shape(jnp.bfloat16)
+    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=ChunkGrid(8, 3), document_start=starts, poison=poison)
+    text = lower_for("cuda", grads_of(kernel), *args)
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    assert text.count("output_operand_alias<") == aliases
+
+
 # --- on a GPU: the real kernels (``pytest -m gpu``) ------------------------------------------------
 
 # The model's stacked K/V shape (H = 16 heads of 32, G = 2, state 32) at K = 8 with an offset;
@@ -221,3 +331,29 @@ def test_gpu_kernel_on_the_device_matches_reference(on_gpu, dtype_name, tol, k, 
     # Then it agrees with the reference and writes every element
     assert_close(y, y_ref, tol)
     assert_close(grads, grads_ref, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("k, offset, t, h, g, p, n", GPU_CASES)
+def test_gpu_kernel_with_documents_on_the_device_matches_reference(on_gpu, dtype_name, tol, k, offset, t, h, g, p, n):
+    # Given a packed batch of documents at multiples of K, and the sequential reference on the GPU
+    grid, starts, _, args, cot, (y_ref, grads_ref) = _documents_case(k, offset, t, h, g, p, n, dtype_name, k + offset)
+    # When the compiled kernel runs forward and backward with the layout, every output starting as NaN
+    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, document_start=jnp.asarray(starts), poison=True)
+    y, grads = value_and_grads(kernel, args, cot)
+    # Then it agrees with the reference and writes every element
+    assert_close(y, y_ref, tol)
+    assert_close(grads, grads_ref, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernel_documents_are_independent_on_the_device(on_gpu, dtype):
+    # Given a packed row of the model's shape (tensor-core matmuls, the default tiles)
+    grid = ChunkGrid(8, 3)
+    starts, spans = packed_layout(5, 1, 512, 8, 16, max_docs=8)
+    (x, dt, A, B, C, D), _ = _inputs(5, 1, 512, 16, 2, 32, 32, dtype)
+    run = jax.jit(lambda x, dt, B, C: pallas_gpu.ssd_pallas_gpu(x, dt, A, B, C, D, grid=grid, document_start=starts))
+    # Then perturbing one document leaves every other output bit for bit
+    assert_documents_independent(run, [x, dt, B, C], spans)

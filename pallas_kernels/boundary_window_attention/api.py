@@ -7,11 +7,13 @@ import typing
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import dispatch
 from pallas_kernels.boundary_window_attention import pallas_gpu, pallas_tpu, reference, xla
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.common import tpu_interpret_params
+from pallas_kernels.documents import check_layout
 
 # ``*_interpret``: the kernel in the Pallas interpreter (any backend; tests and debugging).
 AttentionImplementation = Literal[
@@ -52,6 +54,7 @@ def boundary_window_attention(
     *,
     grid: ChunkGrid,
     window: int,
+    document_start: jax.Array | None = None,
     implementation: AttentionImplementation | Literal["auto"] = "auto",
     partitioned: bool = False,
 ) -> jax.Array:
@@ -61,6 +64,10 @@ def boundary_window_attention(
       q: [B, T, H, D] (after RoPE); k, v: [B, T, Hkv, D], H % Hkv == 0 (query head h reads
         kv head h // (H/Hkv)).
       grid: the layer's chunk grid. window: W >= 0.
+      document_start: [B, T] int, each token's document start in a packed row
+        (``pallas_kernels.documents``): a query sees only keys of its own document, under the
+        rule read in that document. None: each row is one document. ``dense`` takes any layout;
+        the other paths need documents to start at multiples of K.
       implementation: ``auto`` (the backend's Pallas kernel on a GPU or TPU, else
         ``compressed``) or one name of ``AttentionImplementation``.
       partitioned: the arrays span several devices and XLA partitions this call; ``auto`` then
@@ -77,6 +84,10 @@ def boundary_window_attention(
         raise ValueError(f"attention: query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
     if window < 0:
         raise ValueError(f"attention: window must be >= 0, got {window}")
+    if document_start is not None:
+        check_layout(document_start, *q.shape[:2])
+        document_start = document_start.astype(jnp.int32)
     target = dispatch.Target.here(partitioned)
-    name = dispatch.choose("attention", IMPLEMENTATIONS, implementation, target, q, k, v, grid=grid, window=window)
-    return IMPLEMENTATIONS[name].run(q, k, v, grid=grid, window=window)
+    kw = dict(grid=grid, window=window, document_start=document_start)
+    name = dispatch.choose("attention", IMPLEMENTATIONS, implementation, target, q, k, v, **kw)
+    return IMPLEMENTATIONS[name].run(q, k, v, **kw)

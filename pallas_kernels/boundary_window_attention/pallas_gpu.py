@@ -16,6 +16,26 @@ rows that walk is cut into equal shares run by separate programs and summed), an
 each window-key block the BK + W queries after it. The boundary part is added into
 dk/dv at the boundary positions.
 
+Packed documents (``document_start``, documents at multiples of K): every query of a
+block whose document starts before the block shares that document's start d (the block's
+first query's); documents that start inside the block start inside its window walk. So:
+  * the boundary walk starts at the document's first boundary, ``first_boundary(d)``:
+    blocks of earlier documents are never loaded; masks add ``pos(n) > d_t`` (blocks
+    stay unmasked only where no document starts inside the query block);
+  * the window walk starts at ``max(q0 - W, d)``; masks add ``s >= d_t``;
+  * the document's first token (visible once it has left the window): for the block's
+    first document one row ``k[d]``, ``v[d]`` loaded once per program and taken into the
+    softmax state before the walk (a row-wise dot, no tile); for documents that start
+    inside the block it is in the window walk's range, one more term of the window mask.
+In the backward, dq takes the same terms; the dq pass also sums, per query block and
+head, the first-token term's dk, dv over the block's first document, and the window
+dk/dv program of the key block holding that token adds those sums (one small one-hot
+matmul per 16 query blocks); its window mask takes the first tokens of documents that
+start inside a query block. The boundary dk/dv walk stops at the end of the last
+document holding the block's boundaries and is unmasked only where every query sees
+every key. Walk ends that depend on the layout come from ``documents.next_starts``.
+With ``document_start=None`` none of this is traced: the kernels are the ones above.
+
 Logits are taken in base 2 (scale·log2 e folded in) so the softmax uses exp2.
 Matmuls run on tensor cores in the input dtype (bf16) with float32 accumulation;
 float32 inputs use exact float32 matmuls.
@@ -29,6 +49,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -46,6 +67,7 @@ from pallas_kernels.common import (
     next_pow2,
     triton_params,
 )
+from pallas_kernels.documents import next_starts
 from pallas_kernels.visibility import Visibility
 
 _NEG = -1e30  # finite "minus infinity": keeps (masked - max) free of inf - inf
@@ -64,6 +86,7 @@ class _Static:
     blocks: GpuBlocks
     precision: jax.lax.Precision | None  # exact float32 matmuls for float32 inputs
     poison: bool = False  # every kernel output starts as NaN (``pallas_kernels.poison``)
+    documents: bool = False  # packed rows: the kernels take the [T] document starts of their row
 
     @property
     def qk_scale(self) -> float:
@@ -79,6 +102,16 @@ def _load_rows(ref, start, size, limit):
 def _load_vec(ref, start, size, limit):
     rows = start + iota(size)
     return plgpu.load(ref.at[pl.ds(start, size)], mask=rows < limit, other=0.0)
+
+
+def _load_ints(ref, start, size, limit):
+    rows = start + iota(size)
+    return plgpu.load(ref.at[pl.ds(start, size)], mask=rows < limit, other=0)
+
+
+def _div(a, b: int):
+    """``a // b`` for ``a >= 0`` (truncating: no sign fix-ups)."""
+    return jax.lax.div(jnp.asarray(a, jnp.int32), jnp.int32(b))
 
 
 def key_blocks(st: _Static, q0):
@@ -129,6 +162,93 @@ def _walk_keys(st: _Static, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, carry):
     return jax.lax.fori_loop(0, window_blocks, window_block, carry)
 
 
+# --- packed documents: the forward / dq walk ------------------------------------------
+
+
+def _block_documents(st: _Static, doc_ref, q0, tq):
+    """The documents of query block ``[q0, q0 + BQ)``: (first, start, inner) = the document start of
+    its first query (every query of the block whose document starts before q0 has it), each query's
+    document start [BQ], and whether another document starts inside the block."""
+    last = jnp.minimum(q0 + st.blocks.block_q, st.length) - 1
+    return doc_ref[q0], _load_ints(doc_ref, q0, st.blocks.block_q, st.length), doc_ref[last] > q0
+
+
+def document_key_blocks(st: _Static, q0, first, inner):
+    """``key_blocks`` in a packed row: the block's first query's document starts at ``first``;
+    ``inner``: another document starts inside the block.
+
+    Boundary-key blocks start at the document's first boundary (earlier ones hold earlier
+    documents); ``[u0, u1)`` run unmasked (every query sees every key: no document starts inside
+    the query block), ``[a, u0)`` (at most one block) and ``[u1, end)`` masked. Window blocks start
+    at ``max(q0 - W, first)``.
+
+    -> (a, u0, u1, end, window_start, window_blocks); ``q0`` an int or a traced scalar.
+    """
+    bq, bkb, bkw = st.blocks.block_q, st.blocks.block_kb, st.blocks.block_kw
+    last = jnp.minimum(q0 + bq, st.length) - 1
+    lo = st.vis.first_boundary(first)  # the document's first row boundary
+    a = _div(lo, bkb)
+    full = _div(st.vis.boundaries_seen(q0), bkb)
+    end = pl.cdiv(st.vis.boundaries_seen(last), bkb)
+    u0 = jnp.where(inner, a, jnp.maximum(a, jnp.minimum(pl.cdiv(lo, bkb), full)))
+    u1 = jnp.where(inner, a, jnp.maximum(u0, full))
+    window_start = st.vis.window_start(q0, first)
+    return a, u0, u1, jnp.maximum(end, u1), window_start, pl.cdiv(last + 1 - window_start, bkw)
+
+
+def _inner_first_tokens(st: _Static, tq, start, q0):
+    """[BQ]: the first token of each query's document where the window walk holds it (a document
+    that starts after the query block's first query ``q0``, once the token has left the window), else -1."""
+    return jnp.where((start > q0) & st.vis.document_key_visible(tq, start), start, -1)
+
+
+def _walk_document_keys(st: _Static, q0, tq, docs, kb_ref, vb_ref, k_ref, v_ref, body, carry):
+    """``_walk_keys`` in a packed row (``docs`` from ``_block_documents``): the key blocks of the
+    query block's documents only, masked by each query's document start."""
+    bkb, bkw = st.blocks.block_kb, st.blocks.block_kw
+    t, nb = st.length, st.num_boundaries
+    first, start, inner = docs
+    a, u0, u1, end, s0, window_blocks = document_key_blocks(st, q0, first, inner)
+
+    def full_block(j, c):
+        n0 = j * bkb  # n0 + bkb <= (boundaries every query sees) <= NB: no bounds mask needed
+        kt = plgpu.load(kb_ref.at[pl.ds(n0, bkb), :])
+        vt = plgpu.load(vb_ref.at[pl.ds(n0, bkb), :])
+        return body(c, kt, vt, None)
+
+    head = u0 - a
+
+    def masked_block(j, c):  # blocks a .. u0 - 1, then u1 .. end - 1
+        n0 = jnp.where(j < head, a + j, u1 + j - head) * bkb
+        n = n0 + iota(bkb)
+        kt, vt = _load_rows(kb_ref, n0, bkb, nb), _load_rows(vb_ref, n0, bkb, nb)
+        visible = st.vis.boundary_visible(tq[:, None], n[None, :], start[:, None])
+        return body(c, kt, vt, visible)
+
+    carry = jax.lax.fori_loop(u0, u1, full_block, carry)
+    carry = jax.lax.fori_loop(0, head + end - u1, masked_block, carry)
+    extra = _inner_first_tokens(st, tq, start, q0)
+
+    def window_block(j, c):
+        s_first = s0 + j * bkw
+        s = s_first + iota(bkw)
+        kt, vt = _load_rows(k_ref, s_first, bkw, t), _load_rows(v_ref, s_first, bkw, t)
+        visible = st.vis.window_visible(tq[:, None], s[None, :], start[:, None]) | (s[None, :] == extra[:, None])
+        return body(c, kt, vt, visible)
+
+    return jax.lax.fori_loop(0, window_blocks, window_block, carry)
+
+
+def _document_key(st: _Static, q, q0, tq, docs, k_ref, v_ref):
+    """The first token of the query block's first document, for the queries of that document once
+    it has left their window: (scores [BQ] in base 2, visible [BQ], k row [D], v row [D])."""
+    first, start, _ = docs
+    kd, vd = k_ref[first, :], v_ref[first, :]
+    scores = jnp.sum(q.astype(jnp.float32) * kd.astype(jnp.float32)[None, :], axis=1) * st.qk_scale
+    visible = (start <= q0) & st.vis.document_key_visible(tq, first) & (tq < st.length)
+    return scores, visible, kd.astype(jnp.float32), vd.astype(jnp.float32)
+
+
 def _query_block(st: _Static, program):
     """Heaviest (latest) query blocks first: they see the most boundary keys."""
     num_q = pl.cdiv(st.length, st.blocks.block_q)
@@ -136,8 +256,10 @@ def _query_block(st: _Static, program):
     return q0, q0 + iota(st.blocks.block_q)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, o_ref, lse_ref, *, st: _Static):
-    """Refs: q, o [T, D]; k, v [T, D]; kb, vb [NB, D]; lse [Tp] (base-2 log-sum-exp)."""
+def _fwd_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, *refs, st: _Static):
+    """Refs: q, o [T, D]; k, v [T, D]; kb, vb [NB, D]; (documents: doc [T], the document starts); lse [Tp]
+    (base-2 log-sum-exp)."""
+    doc_ref, (o_ref, lse_ref) = (refs[0], refs[1:]) if st.documents else (None, refs)
     bq, d = st.blocks.block_q, st.head_dim
     q0, tq = _query_block(st, pl.program_id(0))
     q = _load_rows(q_ref, q0, bq, st.length)
@@ -156,16 +278,34 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, o_ref, lse_ref, *, st: _Sta
         acc = acc * alpha[:, None] + dot(p.astype(vt.dtype), vt, st.precision)
         return acc, m_new, l
 
-    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    acc, m, l = _walk_keys(st, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, init)
+    if st.documents:
+        # The softmax state starts from the document's first token (where visible): one key, no rescale.
+        docs = _block_documents(st, doc_ref, q0, tq)
+        s_d, visible_d, _, vd = _document_key(st, q, q0, tq, docs, k_ref, v_ref)
+        init = (
+            jnp.where(visible_d[:, None], vd[None, :], 0.0),
+            jnp.where(visible_d, s_d, _NEG),
+            visible_d.astype(jnp.float32),
+        )
+        acc, m, l = _walk_document_keys(st, q0, tq, docs, kb_ref, vb_ref, k_ref, v_ref, body, init)
+    else:
+        init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
+        acc, m, l = _walk_keys(st, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, init)
     # Every real query sees itself, so l > 0; padded rows (t >= T) are not stored.
     l_safe = jnp.where(l > 0, l, 1.0)
     plgpu.store(o_ref.at[pl.ds(q0, bq), :], (acc / l_safe[:, None]).astype(o_ref.dtype), mask=(tq < st.length)[:, None])
     lse_ref[pl.ds(q0, bq)] = m + jnp.log2(l_safe)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
-    """Refs: q, do, dq [T, D]; k, v [T, D]; kb, vb [NB, D]; lse, delta [Tp]."""
+def _dq_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, *refs, st: _Static):
+    """Refs: q, do, dq [T, D]; k, v [T, D]; kb, vb [NB, D]; lse, delta [Tp]; documents: doc [T] (after vb)
+    and pdk, pdv [NQ, D] (after dq): per query block, the first-token term's dk, dv (unscaled)
+    summed over the block's first document.
+    """
+    if st.documents:
+        doc_ref, do_ref, lse_ref, delta_ref, dq_ref, pdk_ref, pdv_ref = refs
+    else:
+        do_ref, lse_ref, delta_ref, dq_ref = refs
     bq, d = st.blocks.block_q, st.head_dim
     q0, tq = _query_block(st, pl.program_id(0))
     q = _load_rows(q_ref, q0, bq, st.length)
@@ -182,7 +322,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, do_ref, lse_ref, delta_ref, 
         ds = p * (dp - delta[:, None])
         return dq + dot(ds.astype(kt.dtype), kt, st.precision)
 
-    dq = _walk_keys(st, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, jnp.zeros((bq, d), jnp.float32))
+    if st.documents:
+        docs = _block_documents(st, doc_ref, q0, tq)
+        s_d, visible_d, kd, vd = _document_key(st, q, q0, tq, docs, k_ref, v_ref)
+        p_d = jnp.where(visible_d, jnp.exp2(s_d - lse), 0.0)
+        ds_d = p_d * (jnp.sum(do.astype(jnp.float32) * vd[None, :], axis=1) - delta)
+        block = _div(q0, bq)
+        pdk_ref[block, :] = jnp.sum(ds_d[:, None] * q.astype(jnp.float32), axis=0)
+        pdv_ref[block, :] = jnp.sum(p_d[:, None] * do.astype(jnp.float32), axis=0)
+        dq = _walk_document_keys(st, q0, tq, docs, kb_ref, vb_ref, k_ref, v_ref, body, ds_d[:, None] * kd[None, :])
+    else:
+        dq = _walk_keys(st, q0, tq, kb_ref, vb_ref, k_ref, v_ref, body, jnp.zeros((bq, d), jnp.float32))
     plgpu.store(dq_ref.at[pl.ds(q0, bq), :], (dq * st.scale).astype(dq_ref.dtype), mask=(tq < st.length)[:, None])
 
 
@@ -256,6 +406,59 @@ def _dkv_boundary_kernel(
     plgpu.store(dvb_ref.at[pl.ds(n0, bk), :], dv, mask=rows)
 
 
+def _dkv_boundary_documents_kernel(
+    q_ref, do_ref, lse_ref, delta_ref, kb_ref, vb_ref, doc_ref, ns_ref, dkb_ref, dvb_ref, *, st, group, splits
+):
+    """``_dkv_boundary_kernel`` in a packed row: the walk ends at the end of the last document holding
+    the block's boundaries and runs unmasked only where every query sees every key (after the
+    straddling first queries, before the next document starts).
+
+    Refs as there, plus doc [T] (the document starts) and ns [J] (``_next_start_positions``).
+    """
+    bk, bq, d = st.blocks.block_kb_bwd, st.blocks.block_q_bwd, st.head_dim
+    t, nb = st.length, st.num_boundaries
+    c = pl.program_id(0) // splits
+    share = pl.program_id(0) % splits
+    n0 = c * bk
+    n = n0 + iota(bk)
+    kt, vt = _load_rows(kb_ref, n0, bk, nb), _load_rows(vb_ref, n0, bk, nb)
+    # Query blocks t0 = first_query + j*bq, j < total (to the end of the last document holding a key
+    # of the block); [0, straddle) straddle the first queries, [straddle, inside) see every key, the rest
+    # hold queries of later documents.
+    first_query = st.vis.first_query_seeing(n0)
+    all_see = st.vis.first_query_seeing(jnp.minimum(n0 + bk, nb) - 1)
+    next_document, end = ns_ref[2 * c], ns_ref[2 * c + 1]  # after pos(n0); after the block's last key
+    total = pl.cdiv(jnp.maximum(end - first_query, 0), bq)
+    straddle = jnp.minimum(pl.cdiv(jnp.maximum(jnp.minimum(all_see, t) - first_query, 0), bq), total)
+    inside = jnp.where(next_document >= t, total, _div(jnp.maximum(next_document - first_query, 0), bq))
+    inside = jnp.minimum(jnp.maximum(inside, straddle), total)
+    per_share = pl.cdiv(total, splits)
+    j0 = jnp.minimum(share * per_share, total)
+    j1 = jnp.minimum(j0 + per_share, total)
+    a = jnp.minimum(jnp.maximum(straddle, j0), j1)
+    b = jnp.minimum(jnp.maximum(inside, a), j1)
+
+    dk = dv = jnp.zeros((bk, d), jnp.float32)
+    for head in range(group):
+
+        def masked(j, c_, head=head):  # query blocks j0 .. a - 1, then b .. j1 - 1
+            t0 = first_query + jnp.where(j < a - j0, j0 + j, b + j - (a - j0)) * bq
+            q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, t0, bq)
+            start = _load_ints(doc_ref, t0, bq, t)
+            visible = st.vis.boundary_visible((t0 + iota(bq))[None, :], n[:, None], start[None, :])
+            return _dkv_step(st, kt, vt, q, do, lse, delta, visible, *c_)
+
+        def unmasked(j, c_, head=head):
+            q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, first_query + j * bq, bq)
+            return _dkv_step(st, kt, vt, q, do, lse, delta, None, *c_)
+
+        dk, dv = jax.lax.fori_loop(0, (a - j0) + (j1 - b), masked, (dk, dv))
+        dk, dv = jax.lax.fori_loop(a, b, unmasked, (dk, dv))
+    rows = (n < nb)[:, None]
+    plgpu.store(dkb_ref.at[pl.ds(n0, bk), :], dk * st.scale, mask=rows)
+    plgpu.store(dvb_ref.at[pl.ds(n0, bk), :], dv, mask=rows)
+
+
 def _query_splits(st: _Static, programs: int) -> int:
     """Shares of the query walk per boundary-key block in the dk/dv pass.
 
@@ -295,6 +498,79 @@ def _dkv_window_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, 
     plgpu.store(dv_ref.at[pl.ds(s0, bk), :], dv, mask=rows)
 
 
+_PARTIAL_TILE = 16  # query blocks per step when the window dk/dv pass adds the dq pass's first-token sums
+
+
+def _dkv_window_documents_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, st: _Static, group: int):
+    """``_dkv_window_kernel`` in a packed row. The window mask adds ``s >= d_t`` and the first
+    tokens that the forward's window walk holds (documents starting inside a query block: such a
+    query lies in its first token's query block, so the walk extends to the end of the last query
+    block holding a key of this block). Then the first tokens of the documents starting in this
+    block take the dq pass's per-query-block sums (pdk, pdv [NQ, R, D]) of the query blocks whose
+    first document they start (firsts [NQ]: each query block's first document start): a contiguous
+    run of query blocks, from ``ns``.
+
+    Refs as there, then doc [T], ns [J], firsts [NQ], pdk, pdv [NQ, R, D] before dk, dv.
+    """
+    doc_ref, ns_ref, firsts_ref, pdk_ref, pdv_ref, dk_ref, dv_ref = refs
+    bk, bq, d = st.blocks.block_kw_bwd, st.blocks.block_q_bwd, st.head_dim
+    bqf = st.blocks.block_q  # the dq pass's query blocks
+    t, w = st.length, st.vis.window
+    c = pl.program_id(0)
+    s0 = c * bk
+    s = s0 + iota(bk)
+    kt, vt = _load_rows(k_ref, s0, bk, t), _load_rows(v_ref, s0, bk, t)
+    last_query = jnp.minimum(jnp.maximum(s0 + bk + w, pl.cdiv(s0 + bk, bqf) * bqf), t)
+    num_q = pl.cdiv(jnp.maximum(last_query - s0, 0), bq)
+    dk = dv = jnp.zeros((bk, d), jnp.float32)
+    for head in range(group):
+
+        def step(j, c_, head=head):
+            t0 = s0 + j * bq
+            tq = t0 + iota(bq)
+            q, do, lse, delta = _load_queries(st, q_ref, do_ref, lse_ref, delta_ref, head, t0, bq)
+            start = _load_ints(doc_ref, t0, bq, t)
+            extra = _inner_first_tokens(st, tq, start, _div(tq, bqf) * bqf)
+            visible = st.vis.window_visible(tq[None, :], s[:, None], start[None, :]) | (s[:, None] == extra[None, :])
+            return _dkv_step(st, kt, vt, q, do, lse, delta, visible, *c_)
+
+        dk, dv = jax.lax.fori_loop(0, num_q, step, (dk, dv))
+
+    # Query blocks i with first document start in [s0, s0 + BK): i*BQ >= the first start >= s0, and
+    # i*BQ < the first start >= s0 + BK.
+    offset = 2 * pl.cdiv(st.num_boundaries, st.blocks.block_kb_bwd)
+    i_lo, i_hi = pl.cdiv(ns_ref[offset + c], bqf), pl.cdiv(ns_ref[offset + c + 1], bqf)
+    pt = _PARTIAL_TILE
+
+    def partial_sums(j, c_):
+        dk, dv = c_
+        i0 = i_lo + j * pt
+        valid = i0 + iota(pt) < i_hi
+        firsts = plgpu.load(firsts_ref.at[pl.ds(i0, pt)], mask=valid, other=-1)
+        onehot = (s[:, None] == firsts[None, :]).astype(jnp.float32)  # [BK, PT]: the key each block's sums go to
+        load = lambda ref, h: plgpu.load(ref.at[pl.ds(i0, pt), index(h), :], mask=valid[:, None], other=0.0)
+        pk = functools.reduce(jnp.add, [load(pdk_ref, h) for h in range(group)])
+        pv = functools.reduce(jnp.add, [load(pdv_ref, h) for h in range(group)])
+        exact = jax.lax.Precision.HIGHEST
+        return dk + dot(onehot, pk, exact), dv + dot(onehot, pv, exact)
+
+    dk, dv = jax.lax.fori_loop(0, pl.cdiv(jnp.maximum(i_hi - i_lo, 0), pt), partial_sums, (dk, dv))
+    rows = (s < t)[:, None]
+    plgpu.store(dk_ref.at[pl.ds(s0, bk), :], dk * st.scale, mask=rows)
+    plgpu.store(dv_ref.at[pl.ds(s0, bk), :], dv, mask=rows)
+
+
+def _next_start_positions(st: _Static) -> np.ndarray:
+    """The positions whose next document start (``documents.next_starts``) the dk/dv passes read: per
+    boundary-key block, pos(n0) and pos(last key) + 1; then each window-key block's first key (and T)."""
+    grid, nb, bkb, bkw = st.vis.grid, st.num_boundaries, st.blocks.block_kb_bwd, st.blocks.block_kw_bwd
+    n0 = np.arange(0, nb, bkb)
+    ends = np.minimum(n0 + bkb, nb) - 1
+    boundary = np.stack([grid.position(n0), grid.position(ends) + 1], axis=1).reshape(-1)
+    window = np.minimum(np.arange(pl.cdiv(st.length, bkw) + 1) * bkw, st.length)
+    return np.concatenate([boundary, window]).astype(np.int32)
+
+
 # --- launches ------------------------------------------------------------------------
 
 
@@ -302,8 +578,8 @@ def _padded_length(st: _Static) -> int:
     return pl.cdiv(st.length, st.blocks.block_q) * st.blocks.block_q
 
 
-def _forward(st: _Static, q, k, v, interpret):
-    """-> o [B, T, H, D], lse [B, H, Tp] (base 2)."""
+def _forward(st: _Static, q, k, v, documents, interpret):
+    """-> o [B, T, H, D], lse [B, H, Tp] (base 2); ``documents``: [B, T] int32 document starts or None."""
     b, t, h, d = q.shape
     hkv = k.shape[2]
     r = h // hkv
@@ -313,20 +589,25 @@ def _forward(st: _Static, q, k, v, interpret):
     seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     kv_seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi // r, 0))
     lse_spec = pl.BlockSpec((None, None, tp), lambda i, bi, hi: (bi, hi, 0))
+    in_specs = [seq(t), kv_seq(t), kv_seq(t), kv_seq(st.num_boundaries), kv_seq(st.num_boundaries)]
+    args = (q, k, v, kb, vb)
+    if st.documents:
+        in_specs.append(pl.BlockSpec((None, t), lambda i, bi, hi: (bi, 0)))
+        args += (documents,)
     return poisoned.pallas_call(
         functools.partial(_fwd_kernel, st=st),
         poison=st.poison,
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
         grid=(nq, b, h),
-        in_specs=[seq(t), kv_seq(t), kv_seq(t), kv_seq(st.num_boundaries), kv_seq(st.num_boundaries)],
+        in_specs=in_specs,
         out_specs=(seq(t), lse_spec),
         compiler_params=triton_params(st.blocks.num_warps, st.blocks.num_stages),
         interpret=interpret,
         name="boundary_window_attention_fwd",
-    )(q, k, v, kb, vb)
+    )(*args)
 
 
-def _backward(st: _Static, q, k, v, o, lse, do, interpret):
+def _backward(st: _Static, q, k, v, documents, o, lse, do, interpret):
     b, t, h, d = q.shape
     hkv = k.shape[2]
     r = h // hkv
@@ -342,17 +623,35 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
     seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     kv_seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi // r, 0))
     row = pl.BlockSpec((None, None, tp), lambda i, bi, hi: (bi, hi, 0))
-    dq = poisoned.pallas_call(
-        functools.partial(_dq_kernel, st=st),
-        poison=st.poison,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(pl.cdiv(t, blk.block_q), b, h),
-        in_specs=[seq(t), kv_seq(t), kv_seq(t), kv_seq(nb), kv_seq(nb), seq(t), row, row],
-        out_specs=seq(t),
-        compiler_params=triton_params(blk.num_warps_bwd, blk.num_stages),
-        interpret=interpret,
-        name="boundary_window_attention_dq",
-    )(q, k, v, kb, vb, do, lse, delta)
+    nq = pl.cdiv(t, blk.block_q)
+    if st.documents:
+        # The documents' starts, and per query block the first-token term's dk, dv sums [B, NQ, H, D].
+        doc_spec = pl.BlockSpec((None, t), lambda i, bi, hi: (bi, 0))
+        partial = jax.ShapeDtypeStruct((b, nq, h, d), f32)
+        partial_spec = pl.BlockSpec((None, nq, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+        dq, pdk, pdv = poisoned.pallas_call(
+            functools.partial(_dq_kernel, st=st),
+            poison=st.poison,
+            out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), partial, partial),
+            grid=(nq, b, h),
+            in_specs=[seq(t), kv_seq(t), kv_seq(t), kv_seq(nb), kv_seq(nb), doc_spec, seq(t), row, row],
+            out_specs=(seq(t), partial_spec, partial_spec),
+            compiler_params=triton_params(blk.num_warps_bwd, blk.num_stages),
+            interpret=interpret,
+            name="boundary_window_attention_dq",
+        )(q, k, v, kb, vb, documents, do, lse, delta)
+    else:
+        dq = poisoned.pallas_call(
+            functools.partial(_dq_kernel, st=st),
+            poison=st.poison,
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            grid=(pl.cdiv(t, blk.block_q), b, h),
+            in_specs=[seq(t), kv_seq(t), kv_seq(t), kv_seq(nb), kv_seq(nb), seq(t), row, row],
+            out_specs=seq(t),
+            compiler_params=triton_params(blk.num_warps_bwd, blk.num_stages),
+            interpret=interpret,
+            name="boundary_window_attention_dq",
+        )(q, k, v, kb, vb, do, lse, delta)
 
     # dk, dv: per kv head, summing its R query heads.
     group_seq = pl.BlockSpec((None, t, r, d), lambda i, bi, j: (bi, 0, j, 0))
@@ -361,29 +660,48 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
     num_kb = pl.cdiv(nb, blk.block_kb_bwd)
     splits = _query_splits(st, num_kb * b * hkv)
     share = pl.BlockSpec((None, None, nb, None, d), lambda i, bi, j: (i % splits, bi, 0, j, 0))
+    boundary_kernel, window_kernel = _dkv_boundary_kernel, _dkv_window_kernel
+    boundary_specs = [group_seq, group_seq, group_row, group_row, own(nb), own(nb)]
+    window_specs = [group_seq, group_seq, group_row, group_row, own(t), own(t)]
+    boundary_args, window_args = (q, do, lse, delta, kb, vb), (q, do, lse, delta, k, v)
+    if st.documents:
+        positions = _next_start_positions(st)
+        ns = next_starts(documents, positions, st.vis.grid.token_chunk)  # [B, J]
+        layout = [
+            pl.BlockSpec((None, t), lambda i, bi, j: (bi, 0)),
+            pl.BlockSpec((None, len(positions)), lambda i, bi, j: (bi, 0)),
+        ]
+        firsts = pl.BlockSpec((None, nq), lambda i, bi, j: (bi, 0))
+        group_partial = pl.BlockSpec((None, nq, r, d), lambda i, bi, j: (bi, 0, j, 0))
+        boundary_kernel, window_kernel = _dkv_boundary_documents_kernel, _dkv_window_documents_kernel
+        boundary_specs, window_specs = boundary_specs + layout, window_specs + layout + [firsts] + [group_partial] * 2
+        boundary_args, window_args = (
+            boundary_args + (documents, ns),
+            window_args + (documents, ns, documents[:, :: blk.block_q], pdk, pdv),
+        )
     dkb, dvb = poisoned.pallas_call(
-        functools.partial(_dkv_boundary_kernel, st=st, group=r, splits=splits),
+        functools.partial(boundary_kernel, st=st, group=r, splits=splits),
         poison=st.poison,
         out_shape=(jax.ShapeDtypeStruct((splits,) + kb.shape, f32),) * 2,
         grid=(num_kb * splits, b, hkv),
-        in_specs=[group_seq, group_seq, group_row, group_row, own(nb), own(nb)],
+        in_specs=boundary_specs,
         out_specs=(share, share),
         compiler_params=triton_params(blk.num_warps_bwd, blk.num_stages),
         interpret=interpret,
         name="boundary_window_attention_dkv_boundary",
-    )(q, do, lse, delta, kb, vb)
+    )(*boundary_args)
     dkb, dvb = jnp.sum(dkb, axis=0), jnp.sum(dvb, axis=0)
     dk, dv = poisoned.pallas_call(
-        functools.partial(_dkv_window_kernel, st=st, group=r),
+        functools.partial(window_kernel, st=st, group=r),
         poison=st.poison,
         out_shape=(jax.ShapeDtypeStruct(k.shape, f32),) * 2,
         grid=(pl.cdiv(t, blk.block_kw_bwd), b, hkv),
-        in_specs=[group_seq, group_seq, group_row, group_row, own(t), own(t)],
+        in_specs=window_specs,
         out_specs=(own(t), own(t)),
         compiler_params=triton_params(blk.num_warps_bwd, blk.num_stages),
         interpret=interpret,
         name="boundary_window_attention_dkv_window",
-    )(q, do, lse, delta, k, v)
+    )(*window_args)
     dk, dv = add_at_boundaries(st.vis.grid, dk, dkb), add_at_boundaries(st.vis.grid, dv, dvb)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype)
 
@@ -395,8 +713,11 @@ def _pad_head_dim(a, d):
     return a if a.shape[-1] == d else jnp.pad(a, [(0, 0)] * 3 + [(0, d - a.shape[-1])])
 
 
-def make_static(q, grid: ChunkGrid, window: int, blocks: GpuBlocks | None = None, poison: bool = False) -> _Static:
-    """The kernels' static configuration for these shapes (head dim padded to a power of two >= 16)."""
+def make_static(
+    q, grid: ChunkGrid, window: int, blocks: GpuBlocks | None = None, poison: bool = False, documents: bool = False
+) -> _Static:
+    """The kernels' static configuration for these shapes (head dim padded to a power of two >= 16;
+    ``documents``: packed rows, the kernels take their document starts)."""
     t, d = q.shape[1], q.shape[3]
     return _Static(
         length=t,
@@ -407,6 +728,7 @@ def make_static(q, grid: ChunkGrid, window: int, blocks: GpuBlocks | None = None
         blocks=blocks or GpuBlocks(),
         precision=matmul_precision(q.dtype),
         poison=poison,
+        documents=documents,
     )
 
 
@@ -417,6 +739,7 @@ def attention_pallas_gpu(
     *,
     grid: ChunkGrid,
     window: int,
+    document_start=None,
     interpret: bool = False,
     blocks: GpuBlocks | None = None,
     poison: bool = False,
@@ -426,6 +749,8 @@ def attention_pallas_gpu(
     Args:
       q: [B, T, H, D]; k, v: [B, T, Hkv, D] with H % Hkv == 0.
       grid, window: the layer's chunk grid and W.
+      document_start: [B, T] int, each token's document start, documents at multiples of K
+        (``pallas_kernels.documents``); None: each row is one document.
       interpret: run the kernels in the Pallas interpreter (CPU).
       blocks: tile and launch settings (default: ``block_sizes.GpuBlocks()``).
       poison: every kernel output, forward and backward, starts as NaN (checks that each
@@ -434,7 +759,8 @@ def attention_pallas_gpu(
     Returns:
       [B, T, H, D] in q.dtype.
     """
-    st = make_static(q, grid, window, blocks, poison)
+    st = make_static(q, grid, window, blocks, poison, documents=document_start is not None)
     d = q.shape[-1]
     q, k, v = (_pad_head_dim(a, st.head_dim) for a in (q, k, v))
-    return _attention(st, q, k, v, interpret)[..., :d]
+    documents = None if document_start is None else jnp.asarray(document_start, jnp.int32)
+    return _attention(st, q, k, v, documents, interpret)[..., :d]

@@ -10,6 +10,23 @@ computed. The backward uses the transposed tables: for each key block (boundary 
 window), the query blocks that see it; dk/dv of the stacked array are folded back
 onto the sequence (boundary rows added at the boundary positions) by XLA.
 
+Packed documents (``document_start``, documents at multiples of K; ``pallas_gpu`` has the
+rule in full). The tables stay host-side and static; the layout enters as scalar prefetch:
+  * forward and dq: each query block's first document start d. An index map sends every
+    step whose table entry lies before the document's first boundary block, or before its
+    first window block, to the next block the document does need (``_document_key_block``):
+    the same block index as the next step's, so the pipeline starts no DMA for it, and
+    ``pl.when`` skips its compute. Masks add the query's document start (the column of
+    document starts comes in per query block) and the first tokens of documents that start
+    inside the query block (window rows). The first token of the block's first document is
+    one extra [1, D] row of ``k[:, ::K]``, ``v[:, ::K]`` per program, taken into the softmax
+    state at the first step; dq also writes, per query block and head, that token's dk, dv
+    summed over the block's queries, which XLA adds at the token (a scatter of B·NQ rows).
+  * dk/dv: per boundary-key block, the query block after the end of the last document
+    holding its boundaries (from ``documents.next_starts``); later steps stay on the last
+    needed query block (no DMA) and are skipped.
+With ``document_start=None`` none of this is traced.
+
 Layout is head-major ([B, H, T, D]) because Mosaic tiles the last two dims.
 """
 
@@ -28,9 +45,15 @@ from pallas_kernels.boundary_window_attention.block_sizes import TpuBlocks
 from pallas_kernels.boundary_window_attention.flash_vjp import flash_vjp
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.common import add_at_boundaries, dot, gather_boundaries, matmul_precision, mosaic_params
+from pallas_kernels.documents import next_starts
 from pallas_kernels.visibility import Visibility
 
 _NEG = -1e30
+
+
+def _div(a, b: int):
+    """``a // b`` for ``a >= 0`` (truncating: no sign fix-ups in Mosaic)."""
+    return jax.lax.div(jnp.asarray(a, jnp.int32), jnp.int32(b))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +65,7 @@ class _Static:
     block_q: int
     block_k: int
     precision: jax.lax.Precision | None  # exact float32 matmuls for float32 inputs
+    documents: bool = False  # packed rows: the kernels take the document starts
 
     @property
     def q_padded(self) -> int:
@@ -100,13 +124,17 @@ def key_tables(st: _Static):
 # --- kernels ------------------------------------------------------------------------
 
 
-def _visible(st: _Static, q0, u0):
-    """[BQ, BK] mask of query rows q0.. against stacked-key rows u0.. (boundary or window rows)."""
+def _visible(st: _Static, q0, u0, start=None):
+    """[BQ, BK] mask of query rows q0.. against stacked-key rows u0.. (boundary or window rows);
+    ``start`` [BQ, 1]: each query's document start (packed rows)."""
     tq = q0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 0)
     u = u0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 1)
-    boundary = (u < st.num_boundaries) & st.vis.boundary_visible(tq, u)
+    boundary = (u < st.num_boundaries) & st.vis.boundary_visible(tq, u, start)
     s = u - st.kb_padded
-    window = st.vis.window_visible(tq, s) & (s < st.length)
+    window = st.vis.window_visible(tq, s, start) & (s < st.length)
+    if start is not None:
+        # The first token of a document that starts inside the query block (after q0): in the window rows.
+        window = window | ((s == start) & (start > q0) & st.vis.document_key_visible(tq, start))
     return jnp.where(u0 < st.kb_padded, boundary, window)
 
 
@@ -118,19 +146,65 @@ def _mm(st, a, b):
     return dot(a, b, st.precision)
 
 
-def _fwd_kernel(table, count, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, st: _Static):
-    """Refs: q, o [BQ, D]; k, v [BK, D] (one stacked-key block); lse [BQ, 1]; scratch m, l [BQ, 1], acc [BQ, D]."""
+def _document_key_block(st: _Static, entry, i, first):
+    """The stacked-key block that step (i, j) of a packed row fetches, for the table's ``entry``;
+    ``first``: the document start of query block i's first query.
+
+    The entry where the block's documents need it; before the document's first boundary block,
+    and before its first window block, the next block they do need: a block the walk fetches
+    anyway, so a skipped step starts no DMA (and its compute is skipped: mapped != entry).
+    """
+    bk = st.block_k
+    q0 = i * st.block_q
+    last = jnp.minimum(q0 + st.block_q, st.length) - 1
+    first_window = st.kb_padded // bk
+    lo = _div(st.vis.first_boundary(first), bk)  # the document's first boundary block
+    boundary_blocks = pl.cdiv(st.vis.boundaries_seen(last), bk)  # in the table (query_tables)
+    window_lo = first_window + _div(st.vis.window_start(q0, first), bk)
+    needed_first = jnp.where(lo < boundary_blocks, lo, window_lo)
+    return jnp.where(entry < first_window, jnp.where(entry < lo, needed_first, entry), jnp.maximum(entry, window_lo))
+
+
+def _document_key(st: _Static, q, kd, q0, first, start):
+    """The first token of query block q0's first document (at ``first``, its k row ``kd`` [1, D]) for the
+    queries of that document once it has left their window: (scores [BQ, 1], visible [BQ, 1])."""
+    tq = q0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, 1), 0)
+    scores = jnp.sum(q.astype(jnp.float32) * kd.astype(jnp.float32), axis=1, keepdims=True) * st.scale
+    visible = (start <= q0) & st.vis.document_key_visible(tq, first) & (tq < st.length)
+    return scores, visible
+
+
+def _fwd_kernel(table, count, *refs, st: _Static):
+    """Refs: q, o [BQ, D]; k, v [BK, D] (one stacked-key block); lse [BQ, 1]; scratch m, l [BQ, 1], acc [BQ, D].
+    Packed rows: firsts [B, NQ] (scalar prefetch: each query block's first document start), and after
+    k, v: doc [BQ, 1] (the queries' document starts), kd, vd [1, D] (the first document's first token)."""
+    if st.documents:
+        firsts, q_ref, k_ref, v_ref, doc_ref, kd_ref, vd_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     i, j = pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _init():
-        m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        if st.documents:  # the softmax state starts from the document's first token, where visible
+            first = firsts[pl.program_id(0), i]
+            s_d, visible_d = _document_key(st, q_ref[...], kd_ref[...], i * st.block_q, first, doc_ref[...])
+            m_sc[...] = jnp.where(visible_d, s_d, _NEG)
+            l_sc[...] = visible_d.astype(jnp.float32)
+            acc_sc[...] = jnp.where(visible_d, vd_ref[...].astype(jnp.float32), 0.0)
+        else:
+            m_sc[...] = jnp.full(m_sc.shape, _NEG, jnp.float32)
+            l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+            acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @pl.when(j < count[i])
+    run = j < count[i]
+    if st.documents:  # a step before the documents' blocks fetched the next needed block: skip it
+        run = run & (_document_key_block(st, table[i, j], i, firsts[pl.program_id(0), i]) == table[i, j])
+
+    @pl.when(run)
     def _step():
-        visible = _visible(st, i * st.block_q, table[i, j] * st.block_k)
+        start = doc_ref[...] if st.documents else None
+        visible = _visible(st, i * st.block_q, table[i, j] * st.block_k, start)
         s = jnp.where(visible, _scores(st, q_ref[...], k_ref[...]), _NEG)  # [BQ, BK]
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -148,16 +222,41 @@ def _fwd_kernel(table, count, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, a
         lse_ref[...] = m_sc[...] + jnp.log(l)
 
 
-def _dq_kernel(table, count, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *, st: _Static):
+def _dq_kernel(table, count, *refs, st: _Static):
+    """Packed rows as in the forward, plus pdk, pdv [1, D] outputs (after dq): the first-token term's
+    dk, dv of this query block and head, summed over the block's first document."""
+    if st.documents:
+        firsts, q_ref, k_ref, v_ref, doc_ref, kd_ref, vd_ref, do_ref, lse_ref, delta_ref, dq_ref, pdk_ref, pdv_ref = (
+            refs[:-1]
+        )
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs[:-1]
+    dq_sc = refs[-1]
     i, j = pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _init():
-        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+        if st.documents:
+            first = firsts[pl.program_id(0), i]
+            q, do, kd = q_ref[...], do_ref[...], kd_ref[...].astype(jnp.float32)
+            s_d, visible_d = _document_key(st, q, kd, i * st.block_q, first, doc_ref[...])
+            p_d = jnp.where(visible_d, jnp.exp(s_d - lse_ref[...]), 0.0)  # [BQ, 1]
+            dp_d = jnp.sum(do.astype(jnp.float32) * vd_ref[...].astype(jnp.float32), axis=1, keepdims=True)
+            ds_d = p_d * (dp_d - delta_ref[...])
+            dq_sc[...] = ds_d * kd
+            pdk_ref[...] = jnp.sum(ds_d * q.astype(jnp.float32), axis=0, keepdims=True) * st.scale
+            pdv_ref[...] = jnp.sum(p_d * do.astype(jnp.float32), axis=0, keepdims=True)
+        else:
+            dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-    @pl.when(j < count[i])
+    run = j < count[i]
+    if st.documents:  # a step before the documents' blocks fetched the next needed block: skip it
+        run = run & (_document_key_block(st, table[i, j], i, firsts[pl.program_id(0), i]) == table[i, j])
+
+    @pl.when(run)
     def _step():
-        visible = _visible(st, i * st.block_q, table[i, j] * st.block_k)
+        start = doc_ref[...] if st.documents else None
+        visible = _visible(st, i * st.block_q, table[i, j] * st.block_k, start)
         k = k_ref[...]
         p = jnp.where(visible, jnp.exp(_scores(st, q_ref[...], k) - lse_ref[...]), 0.0)
         dp = dot(do_ref[...], v_ref[...], st.precision, trans_b=True)
@@ -169,24 +268,17 @@ def _dq_kernel(table, count, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq
         dq_ref[...] = (dq_sc[...] * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    table,
-    count,
-    q_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    k_ref,
-    v_ref,
-    dk_ref,
-    dv_ref,
-    dk_sc,
-    dv_sc,
-    *,
-    st: _Static,
-    steps: int,
-):
-    """One stacked-key block c; the last grid axis walks (query head of the group, query block)."""
+def _dkv_kernel(table, count, *refs, st: _Static, steps: int):
+    """One stacked-key block c; the last grid axis walks (query head of the group, query block).
+
+    Refs: q, do [BQ, D]; lse, delta [BQ, 1]; k, v [BK, D]; dk, dv [BK, D]; scratch dk, dv. Packed rows:
+    query_end [B, NKB] (scalar prefetch: per key block, the query blocks after the end of the last
+    document holding its keys are skipped), and doc [BQ, 1] (the queries' document starts) after delta.
+    """
+    if st.documents:
+        query_end, q_ref, do_ref, lse_ref, delta_ref, doc_ref, k_ref, v_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+    else:
+        q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     c, j = pl.program_id(2), pl.program_id(3)
     step = jax.lax.rem(j, jnp.int32(steps))  # j >= 0: truncating ops (no sign fix-ups in Mosaic)
 
@@ -195,9 +287,14 @@ def _dkv_kernel(
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    @pl.when(step < count[c])
+    run = step < count[c]
+    if st.documents:
+        run = run & (table[c, step] < query_end[pl.program_id(0), c])
+
+    @pl.when(run)
     def _step():
-        visible = _visible(st, table[c, step] * st.block_q, c * st.block_k)  # [BQ, BK]
+        start = doc_ref[...] if st.documents else None
+        visible = _visible(st, table[c, step] * st.block_q, c * st.block_k, start)  # [BQ, BK]
         q, do = q_ref[...], do_ref[...]
         p = jnp.where(visible, jnp.exp(_scores(st, q, k_ref[...]) - lse_ref[...]), 0.0)
         dv_sc[...] += _mm(st, p.T.astype(do.dtype), do)
@@ -228,21 +325,69 @@ def _stacked_keys(st: _Static, k):
     return jnp.concatenate([_head_major(kb, st.kb_padded), _head_major(k, st.k_padded)], axis=2)
 
 
-def _forward(st: _Static, q, k, v, interpret):
-    """-> o [B, T, H, D], lse [B, H, Tp, 1] (natural log)."""
-    b, t, h, d = q.shape
-    r = h // k.shape[2]
-    table, count = query_tables(st)
+def _query_grid_specs(st: _Static, d: int, r: int):
+    """BlockSpecs of the forward and dq grids (bi, hi, i, j; scalar prefetch table, count and, for
+    packed rows, firsts): query rows, stacked-key blocks (packed rows: ``_document_key_block``),
+    query columns."""
     qs = pl.BlockSpec((None, None, st.block_q, d), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
     ks = pl.BlockSpec(
         (None, None, st.block_k, d), lambda bi, hi, i, j, tab, cnt: (bi, jax.lax.div(hi, jnp.int32(r)), tab[i, j], 0)
     )
     col = pl.BlockSpec((None, None, st.block_q, 1), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
+    if not st.documents:
+        return qs, ks, col
+    ignore_firsts = lambda spec: pl.BlockSpec(spec.block_shape, lambda *ix, f=spec.index_map: f(*ix[:-1]))
+    ks = pl.BlockSpec(
+        (None, None, st.block_k, d),
+        lambda bi, hi, i, j, tab, cnt, fi: (
+            bi,
+            jax.lax.div(hi, jnp.int32(r)),
+            _document_key_block(st, tab[i, j], i, fi[bi, i]),
+            0,
+        ),
+    )
+    return ignore_firsts(qs), ks, ignore_firsts(col)
+
+
+def _document_inputs(st: _Static, documents, k, v, r):
+    """Packed rows, for the forward and dq grids: the scalar-prefetched first document start of each
+    query block, firsts [B, NQ]; the inputs after k, v: the queries' document starts [B, Tp, 1] (padded
+    rows continue the last document), and the keys and values at the multiples of K, where documents
+    start, [B, Hkv, ceil(T/K), 1, D] (the block of query block i's first document); their BlockSpecs."""
+    t, kk = st.length, st.vis.grid.token_chunk
+    firsts = documents[:, :: st.block_q]
+    column = jnp.pad(documents, ((0, 0), (0, st.q_padded - t)), mode="edge")[..., None]
+    at_starts = lambda a: jnp.swapaxes(a[:, ::kk], 1, 2)[:, :, :, None, :]
+    column_spec = pl.BlockSpec((None, st.block_q, 1), lambda bi, hi, i, j, tab, cnt, fi: (bi, i, 0))
+    key_spec = pl.BlockSpec(
+        (None, None, None, 1, k.shape[-1]),
+        lambda bi, hi, i, j, tab, cnt, fi: (
+            bi,
+            jax.lax.div(hi, jnp.int32(r)),
+            jax.lax.div(fi[bi, i], jnp.int32(kk)),
+            0,
+            0,
+        ),
+    )
+    return firsts, (column, at_starts(k), at_starts(v)), [column_spec, key_spec, key_spec]
+
+
+def _forward(st: _Static, q, k, v, documents, interpret):
+    """-> o [B, T, H, D], lse [B, H, Tp, 1] (natural log); ``documents``: [B, T] int32 document starts or None."""
+    b, t, h, d = q.shape
+    r = h // k.shape[2]
+    table, count = query_tables(st)
+    qs, ks, col = _query_grid_specs(st, d, r)
     f32 = jnp.float32
+    prefetch, in_specs = (jnp.asarray(table), jnp.asarray(count)), [qs, ks, ks]
+    inputs = (_head_major(q, st.q_padded), _stacked_keys(st, k), _stacked_keys(st, v))
+    if st.documents:
+        firsts, doc_inputs, doc_specs = _document_inputs(st, documents, k, v, r)
+        prefetch, in_specs, inputs = prefetch + (firsts,), in_specs + doc_specs, inputs + doc_inputs
     spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=len(prefetch),
         grid=(b, h, table.shape[0], table.shape[1]),
-        in_specs=[qs, ks, ks],
+        in_specs=in_specs,
         out_specs=(qs, col),
         scratch_shapes=[
             pltpu.VMEM((st.block_q, 1), f32),
@@ -260,11 +405,11 @@ def _forward(st: _Static, q, k, v, interpret):
         compiler_params=_PARAMS,
         interpret=interpret,
         name="boundary_window_attention_fwd",
-    )(jnp.asarray(table), jnp.asarray(count), _head_major(q, st.q_padded), _stacked_keys(st, k), _stacked_keys(st, v))
+    )(*prefetch, *inputs)
     return jnp.swapaxes(o[:, :, :t], 1, 2), lse
 
 
-def _backward(st: _Static, q, k, v, o, lse, do, interpret):
+def _backward(st: _Static, q, k, v, documents, o, lse, do, interpret):
     b, t, h, d = q.shape
     hkv = k.shape[2]
     r = h // hkv
@@ -275,43 +420,72 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, st.q_padded - t)))[..., None]  # [B, H, Tp, 1]
 
     table, count = query_tables(st)
-    qs = pl.BlockSpec((None, None, st.block_q, d), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
-    ks = pl.BlockSpec(
-        (None, None, st.block_k, d), lambda bi, hi, i, j, tab, cnt: (bi, jax.lax.div(hi, jnp.int32(r)), tab[i, j], 0)
-    )
-    col = pl.BlockSpec((None, None, st.block_q, 1), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, st=st),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(b, h, table.shape[0], table.shape[1]),
-            in_specs=[qs, ks, ks, qs, col, col],
-            out_specs=qs,
-            scratch_shapes=[pltpu.VMEM((st.block_q, d), f32)],
-        ),
-        out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
-        compiler_params=_PARAMS,
-        interpret=interpret,
-        name="boundary_window_attention_dq",
-    )(jnp.asarray(table), jnp.asarray(count), qh, kst, vst, doh, lse, delta)
+    qs, ks, col = _query_grid_specs(st, d, r)
+    if st.documents:
+        firsts, doc_inputs, doc_specs = _document_inputs(st, documents, k, v, r)
+        nq = table.shape[0]
+        partial = jax.ShapeDtypeStruct((b, h, nq, 1, d), f32)
+        partial_spec = pl.BlockSpec((None, None, None, 1, d), lambda bi, hi, i, j, tab, cnt, fi: (bi, hi, i, 0, 0))
+        dq, pdk, pdv = pl.pallas_call(
+            functools.partial(_dq_kernel, st=st),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=3,
+                grid=(b, h, table.shape[0], table.shape[1]),
+                in_specs=[qs, ks, ks, *doc_specs, qs, col, col],
+                out_specs=(qs, partial_spec, partial_spec),
+                scratch_shapes=[pltpu.VMEM((st.block_q, d), f32)],
+            ),
+            out_shape=(jax.ShapeDtypeStruct(qh.shape, q.dtype), partial, partial),
+            compiler_params=_PARAMS,
+            interpret=interpret,
+            name="boundary_window_attention_dq",
+        )(jnp.asarray(table), jnp.asarray(count), firsts, qh, kst, vst, *doc_inputs, doh, lse, delta)
+    else:
+        dq = pl.pallas_call(
+            functools.partial(_dq_kernel, st=st),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=2,
+                grid=(b, h, table.shape[0], table.shape[1]),
+                in_specs=[qs, ks, ks, qs, col, col],
+                out_specs=qs,
+                scratch_shapes=[pltpu.VMEM((st.block_q, d), f32)],
+            ),
+            out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
+            compiler_params=_PARAMS,
+            interpret=interpret,
+            name="boundary_window_attention_dq",
+        )(jnp.asarray(table), jnp.asarray(count), qh, kst, vst, doh, lse, delta)
 
     ktab, kcount = key_tables(st)
     steps = ktab.shape[1]
 
     # Last grid axis: (query head of the kv group) x (query block step).
-    def q_of(bi, j_, c, s, tab, cnt):
+    def q_of(bi, j_, c, s, tab, cnt, *query_end):
         head, step = jax.lax.div(s, jnp.int32(steps)), jax.lax.rem(s, jnp.int32(steps))
+        if query_end:  # packed rows: past the last needed query block, stay on it (no new DMA)
+            return bi, j_ * r + head, jnp.maximum(jnp.minimum(tab[c, step], query_end[0][bi, c] - 1), tab[c, 0]), 0
         return bi, j_ * r + head, tab[c, step], 0
 
     qg = pl.BlockSpec((None, None, st.block_q, d), q_of)
     colg = pl.BlockSpec((None, None, st.block_q, 1), q_of)
-    own = pl.BlockSpec((None, None, st.block_k, d), lambda bi, j_, c, s, tab, cnt: (bi, j_, c, 0))
+    own = pl.BlockSpec((None, None, st.block_k, d), lambda bi, j_, c, s, tab, cnt, *_: (bi, j_, c, 0))
+    prefetch, in_specs, inputs = (jnp.asarray(ktab), jnp.asarray(kcount)), [qg, qg, colg, colg], (qh, doh, lse, delta)
+    if st.documents:
+
+        def doc_of(*ix):
+            bi, _, block, _ = q_of(*ix)
+            return bi, block, 0
+
+        doc_g = pl.BlockSpec((None, st.block_q, 1), doc_of)
+        prefetch += (_query_ends(st, documents),)
+        in_specs.append(doc_g)
+        inputs += doc_inputs[:1]  # the queries' document starts
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, steps=steps),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
+            num_scalar_prefetch=len(prefetch),
             grid=(b, hkv, ktab.shape[0], r * steps),
-            in_specs=[qg, qg, colg, colg, own, own],
+            in_specs=[*in_specs, own, own],
             out_specs=(own, own),
             scratch_shapes=[pltpu.VMEM((st.block_k, d), f32), pltpu.VMEM((st.block_k, d), f32)],
         ),
@@ -319,23 +493,41 @@ def _backward(st: _Static, q, k, v, o, lse, do, interpret):
         compiler_params=_PARAMS,
         interpret=interpret,
         name="boundary_window_attention_dkv",
-    )(jnp.asarray(ktab), jnp.asarray(kcount), qh, doh, lse, delta, kst, vst)
+    )(*prefetch, *inputs, kst, vst)
 
     nb, nbp = st.num_boundaries, st.kb_padded
 
-    def unstack(g, like):
+    def unstack(g, like, partial=None):
         seq = add_at_boundaries(
             st.vis.grid, jnp.swapaxes(g[:, :, nbp : nbp + t], 1, 2), jnp.swapaxes(g[:, :, :nb], 1, 2)
         )
+        if partial is not None:  # the first-token terms of the query blocks' first documents
+            per_block = jnp.sum(partial[:, :, :, 0].reshape(b, hkv, r, -1, d), axis=2)  # [B, Hkv, NQ, D]
+            rows = jnp.arange(b)[:, None]
+            seq = seq.at[rows, firsts].add(jnp.swapaxes(per_block, 1, 2))
         return seq.astype(like.dtype)  # [B, T, Hkv, D]
 
+    if st.documents:
+        return jnp.swapaxes(dq[:, :, :t], 1, 2), unstack(dk, k, pdk), unstack(dv, v, pdv)
     return jnp.swapaxes(dq[:, :, :t], 1, 2), unstack(dk, k), unstack(dv, v)
+
+
+def _query_ends(st: _Static, documents) -> jax.Array:
+    """[B, NKB] int32: per stacked-key block, the query blocks it needs end before this one: for a
+    boundary block, the block after the end of the last document holding its boundaries; for a
+    window block, all of them (its table is short)."""
+    nq, bk = st.q_padded // st.block_q, st.block_k
+    n_last = np.minimum(np.arange(0, st.kb_padded, bk) + bk, st.num_boundaries) - 1  # every block holds one
+    ends = next_starts(documents, st.vis.grid.position(n_last) + 1, st.vis.grid.token_chunk)
+    boundary = pl.cdiv(ends, st.block_q)
+    window = jnp.full((documents.shape[0], st.k_padded // bk), nq, jnp.int32)
+    return jnp.concatenate([boundary.astype(jnp.int32), window], axis=1)
 
 
 _attention = flash_vjp(_forward, _backward)
 
 
-def make_static(q, grid: ChunkGrid, window: int, blocks: TpuBlocks | None = None) -> _Static:
+def make_static(q, grid: ChunkGrid, window: int, blocks: TpuBlocks | None = None, documents: bool = False) -> _Static:
     t, d = q.shape[1], q.shape[3]
     blocks = blocks or TpuBlocks()
     return _Static(
@@ -346,19 +538,26 @@ def make_static(q, grid: ChunkGrid, window: int, blocks: TpuBlocks | None = None
         block_q=blocks.block_q,
         block_k=blocks.block_k,
         precision=matmul_precision(q.dtype),
+        documents=documents,
     )
 
 
-def attention_pallas_tpu(q, k, v, *, grid: ChunkGrid, window: int, interpret=False, blocks: TpuBlocks | None = None):
+def attention_pallas_tpu(
+    q, k, v, *, grid: ChunkGrid, window: int, document_start=None, interpret=False, blocks: TpuBlocks | None = None
+):
     """Same contract as ``reference.attention_dense``; differentiable in q, k, v.
 
     Args:
       q: [B, T, H, D]; k, v: [B, T, Hkv, D] with H % Hkv == 0.
       grid, window: the layer's chunk grid and W.
+      document_start: [B, T] int, each token's document start, documents at multiples of K
+        (``pallas_kernels.documents``); None: each row is one document.
       interpret: False, or a ``pltpu.InterpretParams`` (``common.tpu_interpret_params``: on the CPU).
       blocks: tile sizes (default: ``block_sizes.TpuBlocks()``).
 
     Returns:
       [B, T, H, D] in q.dtype.
     """
-    return _attention(make_static(q, grid, window, blocks), q, k, v, interpret)
+    st = make_static(q, grid, window, blocks, documents=document_start is not None)
+    documents = None if document_start is None else jnp.asarray(document_start, jnp.int32)
+    return _attention(st, q, k, v, documents, interpret)

@@ -5,9 +5,14 @@ merged by log-sum-exp:
   * boundary part: the ~T/K boundary keys with b < t - W (gathered once per layer);
   * window part:   keys max(0, t-W) .. t, computed on query blocks of Q >= W tokens
                    that each see their own block and the one before (2Q keys).
+In a packed row (documents starting at multiples of K) both parts drop keys before the
+query's document, and a third part holds the document's first token once it has left the
+window: one key per query, gathered at its document start.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +41,7 @@ def window_block_size(window: int) -> int:
     return max(8, -(-window // 8) * 8)
 
 
-def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int):
+def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int, document_start=None):
     """Same contract as ``reference.attention_dense``."""
     b, t, h, d = q.shape
     hkv = k.shape[2]
@@ -45,12 +50,23 @@ def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int):
     scale = d**-0.5
     qg = q.reshape(b, t, hkv, r, d)
     vis = Visibility(grid, window)
+    tpos = jnp.arange(t)
+    start = None if document_start is None else document_start[:, :, None]  # [B, T, 1]
+    heads = lambda mask: mask if start is None else mask[:, None, None]  # [B, ...] -> [B, 1, 1, ...]
 
-    # Boundary keys strictly before each query's window.
+    # Boundary keys strictly before each query's window (and after its document's first token).
     kb, vb = gather_boundaries(grid, k, v)  # [B, NB, Hkv, D]
     s_b = jnp.einsum("btkrd,bnkd->bkrtn", qg, kb, preferred_element_type=f32) * scale
-    mask_b = vis.boundary_visible(jnp.arange(t)[:, None], jnp.arange(kb.shape[1])[None, :])  # [T, NB]
-    acc_b, max_b, sum_b = _partial_attention(s_b, mask_b, vb, "bkrtn,bnkd->bkrtd")
+    mask_b = vis.boundary_visible(tpos[:, None], jnp.arange(kb.shape[1])[None, :], start)  # [(B,) T, NB]
+    parts = [_partial_attention(s_b, heads(mask_b), vb, "bkrtn,bnkd->bkrtd")]
+
+    if document_start is not None:
+        # The document's first token, a boundary of its own grid.
+        at_start = lambda a: jnp.take_along_axis(a, document_start[:, :, None, None], axis=1)[:, :, None]
+        kd, vd = at_start(k), at_start(v)  # [B, T, 1, Hkv, D]
+        s_d = jnp.einsum("btkrd,btnkd->bkrtn", qg, kd, preferred_element_type=f32) * scale
+        mask_d = vis.document_key_visible(tpos[None, :, None], start)  # [B, T, 1]
+        parts.append(_partial_attention(s_d, heads(mask_d), vd, "bkrtn,btnkd->bkrtd"))
 
     # Sliding window on blocks: block i's queries see blocks i-1 and i.
     qb = window_block_size(window)
@@ -65,13 +81,16 @@ def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int):
     s_w = jnp.einsum("bnqkrd,bnskd->bkrnqs", qw, kw2, preferred_element_type=f32) * scale
     qpos = jnp.arange(nblk * qb).reshape(nblk, qb)[:, :, None]  # [NBLK, Q, 1]
     kpos = qpos[:, :1, :] - qb + jnp.arange(2 * qb)[None, None, :]  # [NBLK, 1, 2Q]
-    mask_w = vis.window_visible(qpos, kpos) & (kpos >= 0)
-    acc_w, max_w, sum_w = _partial_attention(s_w, mask_w, vw2, "bkrnqs,bnskd->bkrnqd")
+    start_w = None if start is None else padt(start).reshape(b, nblk, qb, 1)
+    mask_w = vis.window_visible(qpos, kpos, start_w) & (kpos >= 0)  # [(B,) NBLK, Q, 2Q]
+    acc_w, max_w, sum_w = _partial_attention(s_w, heads(mask_w), vw2, "bkrnqs,bnskd->bkrnqd")
     unblock = lambda a: a.reshape(a.shape[:3] + (nblk * qb,) + a.shape[5:])[:, :, :, :t]
-    acc_w, max_w, sum_w = unblock(acc_w), unblock(max_w), unblock(sum_w)
+    parts.append((unblock(acc_w), unblock(max_w), unblock(sum_w)))
 
     # Log-sum-exp merge; the window part always holds key t, so its max is finite.
-    m = jnp.maximum(max_b, max_w)
-    w_b, w_w = jnp.exp(max_b - m), jnp.exp(max_w - m)
-    out = (acc_b * w_b + acc_w * w_w) / (sum_b * w_b + sum_w * w_w)  # [B, Hkv, R, T, D]
+    m = functools.reduce(jnp.maximum, [row_max for _, row_max, _ in parts])
+    weights = [jnp.exp(row_max - m) for _, row_max, _ in parts]
+    num = sum(acc * w for (acc, _, _), w in zip(parts, weights))
+    den = sum(row_sum * w for (_, _, row_sum), w in zip(parts, weights))
+    out = num / den  # [B, Hkv, R, T, D]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q.dtype)

@@ -13,16 +13,24 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
+from pallas_kernels.documents import check_layout
 
 CausalImplementation = Literal["cudnn", "xla"]
 
 
-def _run(q, k, v, *, window: int | None, implementation: str):
+def _run(q, k, v, *, window: int | None, document_start, implementation: str):
     local = None if window is None else (window, 0)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation=implementation)
+    # jax.nn.dot_product_attention takes no segment ids (jax 0.10, 0.11): packed documents go in
+    # as a [B, 1, T, T] mask, key s visible to query t when s is in t's document.
+    mask = None
+    if document_start is not None:
+        mask = (jnp.arange(q.shape[1])[None, None, :] >= document_start[:, :, None])[:, None]
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, local_window_size=local, implementation=implementation
+    )
 
 
-def _cudnn_unsupported(target, q, k, v, *, window):
+def _cudnn_unsupported(target, q, k, v, *, window, document_start=None):
     d = q.shape[-1]
     if target.backend != "gpu":
         return f"it runs on gpu, not on {target.backend}"
@@ -47,19 +55,23 @@ def causal_attention(
     v: jax.Array,
     *,
     window: int | None = None,
+    document_start: jax.Array | None = None,
     implementation: CausalImplementation | Literal["auto"] = "auto",
 ) -> jax.Array:
     """Query t attends to keys t-W .. t (``window`` W; None: every earlier key).
 
     Args:
       q: [B, T, H, D]; k, v: [B, T, Hkv, D], H % Hkv == 0.
+      document_start: [B, T] int, each token's document start in a packed row
+        (``pallas_kernels.documents``; any layout): a query sees only keys of its own document.
       implementation: ``auto`` (cuDNN flash attention on a GPU where it applies: 16-bit inputs,
         head_dim a multiple of 8 up to 256; XLA otherwise) or one name of ``CausalImplementation``.
 
     Returns:
       [B, T, H, D] in q.dtype.
     """
-    name = dispatch.choose(
-        "causal_attention", IMPLEMENTATIONS, implementation, dispatch.Target.here(), q, k, v, window=window
-    )
-    return IMPLEMENTATIONS[name].run(q, k, v, window=window)
+    if document_start is not None:
+        check_layout(document_start, *q.shape[:2])
+    kw = dict(window=window, document_start=document_start)
+    name = dispatch.choose("causal_attention", IMPLEMENTATIONS, implementation, dispatch.Target.here(), q, k, v, **kw)
+    return IMPLEMENTATIONS[name].run(q, k, v, **kw)

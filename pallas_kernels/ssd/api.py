@@ -13,6 +13,7 @@ import numpy as np
 from pallas_kernels import dispatch
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.common import tpu_interpret_params
+from pallas_kernels.documents import check_layout
 from pallas_kernels.ssd import pallas_gpu, pallas_tpu, reference, xla
 
 # ``*_interpret``: the kernel in the Pallas interpreter (any backend; tests and debugging).
@@ -21,14 +22,19 @@ SsdImplementation = Literal[
 ]
 
 
-def _resets(grid: ChunkGrid, batch: int, length: int) -> jax.Array:
-    """[B, T] bool: True where the state restarts before the token."""
-    return jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(np.arange(length))), (batch, length))
+def _resets(grid: ChunkGrid, batch: int, length: int, document_start) -> jax.Array:
+    """[B, T] bool: True where the state restarts before the token (on each document's own grid)."""
+    pos = np.arange(length)
+    if document_start is None:
+        return jnp.broadcast_to(jnp.asarray(grid.is_chunk_start(pos)), (batch, length))
+    return grid.is_chunk_start(jnp.asarray(pos) - document_start)
 
 
 def _scan(scan):
     """An implementation over any reset pattern, fed the grid's."""
-    return lambda x, dt, A, B, C, D, *, grid: scan(x, dt, A, B, C, D, _resets(grid, *x.shape[:2]))
+    return lambda x, dt, A, B, C, D, *, grid, document_start: scan(
+        x, dt, A, B, C, D, _resets(grid, *x.shape[:2], document_start)
+    )
 
 
 # In auto's order: the backend's kernel, then the XLA paths.
@@ -45,7 +51,7 @@ IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
         in_auto=False,
     ),
     "pallas_tpu_interpret": dispatch.Implementation(
-        lambda *a, grid: pallas_tpu.ssd_pallas_tpu(*a, grid=grid, interpret=tpu_interpret_params()),
+        lambda *a, **kw: pallas_tpu.ssd_pallas_tpu(*a, **kw, interpret=tpu_interpret_params()),
         dispatch.pallas_kernel(None),
         single_device=True,
         in_auto=False,
@@ -77,6 +83,7 @@ def ssd(
     D: jax.Array,
     *,
     grid: ChunkGrid,
+    document_start: jax.Array | None = None,
     implementation: SsdImplementation | Literal["auto"] = "auto",
     partitioned: bool = False,
 ) -> jax.Array:
@@ -86,6 +93,11 @@ def ssd(
       x: [B, T, H, P]; dt: [B, T, H] (after softplus); A: [H] (negative); B, C: [B, T, G, N]
         (head h reads group h // (H/G)); D: [H].
       grid: the layer's fixed chunk grid.
+      document_start: [B, T] int, each token's document start in a packed row
+        (``pallas_kernels.documents``): the state also restarts at each document's first token
+        and then follows the document's own grid. None: each row is one document. The
+        ``sequential`` and ``associative`` references take any layout; the other paths need
+        documents to start at multiples of K.
       implementation: ``auto`` (the backend's Pallas kernel on a GPU or TPU, else ``chunked``)
         or one name of ``SsdImplementation``.
       partitioned: the arrays span several devices and XLA partitions this call; ``auto`` then
@@ -95,6 +107,10 @@ def ssd(
       y: [B, T, H, P] in x.dtype.
     """
     _check_shapes(x, dt, A, B, C, D)
+    if document_start is not None:
+        check_layout(document_start, *x.shape[:2])
+        document_start = document_start.astype(jnp.int32)
     target = dispatch.Target.here(partitioned)
-    name = dispatch.choose("ssd", IMPLEMENTATIONS, implementation, target, x, dt, A, B, C, D, grid=grid)
-    return IMPLEMENTATIONS[name].run(x, dt, A, B, C, D, grid=grid)
+    kw = dict(grid=grid, document_start=document_start)
+    name = dispatch.choose("ssd", IMPLEMENTATIONS, implementation, target, x, dt, A, B, C, D, **kw)
+    return IMPLEMENTATIONS[name].run(x, dt, A, B, C, D, **kw)

@@ -24,6 +24,18 @@ block 1, which loads it whole). The same write range masks the backward pass.
 The backward writes the gradients of x, dt, B and C, plus two per-token float32 rows
 (d loss / d(dt·A) and dy·x summed over P) that the caller sums into dA and dD, so no
 program reduces over its whole block.
+
+Packed documents (``document_start``, every document starting at a multiple of K:
+``pallas_kernels.documents``). Each tile also loads its [L] int32 document starts, once
+for all its heads, and its mask becomes M_ij = [r_i <= j <= i], r_i =
+``ChunkGrid.chunk_start_in_document``: [r_i, i] lies inside i's chunk of the row, so the
+blocks stay as they are. cum is the masked row sum of dt·A, so it now sums [r_i, i] only:
+each of a chunk's (at most two) documents gets its own cumsum, and the weights, the
+matmuls and the backward (which reads the same mask) see exact zeros where another
+document is. A document's outputs are therefore a function of its own inputs alone, bit
+for bit. The extra work per tile is that load and O(L) integer ops: the [L, L] mask costs
+what the chunk mask does. Without documents the kernels are the code they were before
+(no extra input, load or op).
 """
 
 from __future__ import annotations
@@ -65,6 +77,19 @@ class _Geometry:
         same = cid[:, None] == cid[None, :]
         return same & (pos[None, :] <= pos[:, None])
 
+    def document_mask(self, pos, document_start):
+        """``chunk_mask`` of a packed row: key j is in query i's chunk of i's document and not after
+        it, ``r_i <= j <= i`` (r = ``chunk_start_in_document``; [r_i, i] lies in i's chunk of the row)."""
+        restart = self.grid.chunk_start_in_document(pos, document_start)
+        return (pos[None, :] >= restart[:, None]) & (pos[None, :] <= pos[:, None])
+
+    def mask(self, pos, loaded, rows, ds_ref):
+        """The tile's [L, L] mask: ``chunk_mask``, or with a [T] ``document_start`` ref (one int32
+        load per tile) ``document_mask``."""
+        if ds_ref is None:
+            return self.chunk_mask(pos)
+        return self.document_mask(pos, plgpu.load(ds_ref.at[rows], mask=loaded, other=0))
+
 
 def _decay(mask, a):
     """exp(cum_i - cum_j) on the chunk mask, 0 elsewhere.  a: [L] = dt * A."""
@@ -88,8 +113,15 @@ def _each_tile(tiles: int, body) -> None:
     jax.lax.fori_loop(0, tiles, step, 0)
 
 
-def _fwd_kernel(*refs, geo: _Geometry, heads, ahead, precision, tiles):
-    _each_tile(tiles, lambda m: _fwd_tile(m, *refs, geo=geo, heads=heads, ahead=ahead, precision=precision))
+def _document_ref(refs, documents: bool):
+    """-> (the [T] ``document_start`` ref, the others): with documents it comes first."""
+    return (refs[0], refs[1:]) if documents else (None, refs)
+
+
+def _fwd_kernel(*refs, geo: _Geometry, heads, ahead, precision, tiles, documents):
+    ds_ref, refs = _document_ref(refs, documents)
+    kw = dict(geo=geo, heads=heads, ahead=ahead, precision=precision)
+    _each_tile(tiles, lambda m: _fwd_tile(m, ds_ref, *refs, **kw))
 
 
 def _head_groups(heads: int, ahead: int):
@@ -105,12 +137,12 @@ def _load_head(dt_ref, x_ref, rows, loaded, h):
     return dt, plgpu.load(x_ref.at[rows, index(h), :], mask=loaded[:, None], other=0.0)
 
 
-def _fwd_tile(m, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, ahead, precision):
-    """Tile m of one group's heads. Refs: x, y [T, Hg, P]; dt [T, Hg]; A, D [Hg]; B, C [T, N]
-    (batch row and group squeezed)."""
+def _fwd_tile(m, ds_ref, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, ahead, precision):
+    """Tile m of one group's heads. Refs: x, y [T, Hg, P]; dt [T, Hg]; A, D [Hg]; B, C [T, N];
+    ``document_start`` [T] or None (batch row and group squeezed)."""
     start, pos, loaded, written = geo.positions(m)
     rows = pl.ds(start, geo.block)
-    mask = geo.chunk_mask(pos)
+    mask = geo.mask(pos, loaded, rows, ds_ref)
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)  # [L, N]
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cb = dot(cg, bg, precision, trans_b=True)  # [L, L] f32
@@ -152,12 +184,15 @@ def _head_backward(cb, mask, dt, a, d, x, dy, precision):
     return dx, ddt, dlog, dskip, dcb
 
 
-def _bwd_kernel(*refs, geo: _Geometry, heads, ahead, precision, tiles):
-    _each_tile(tiles, lambda m: _bwd_tile(m, *refs, geo=geo, heads=heads, ahead=ahead, precision=precision))
+def _bwd_kernel(*refs, geo: _Geometry, heads, ahead, precision, tiles, documents):
+    ds_ref, refs = _document_ref(refs, documents)
+    kw = dict(geo=geo, heads=heads, ahead=ahead, precision=precision)
+    _each_tile(tiles, lambda m: _bwd_tile(m, ds_ref, *refs, **kw))
 
 
 def _bwd_tile(
     m,
+    ds_ref,
     x_ref,
     dt_ref,
     a_ref,
@@ -186,7 +221,7 @@ def _bwd_tile(
     """
     start, pos, loaded, written = geo.positions(m)
     rows = pl.ds(start, geo.block)
-    mask = geo.chunk_mask(pos)
+    mask = geo.mask(pos, loaded, rows, ds_ref)
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cb = dot(cg, bg, precision, trans_b=True)  # [L, L]
@@ -226,6 +261,14 @@ def _specs(x, B):
     return x_spec, dt_spec, vec, bc_spec
 
 
+def _document_inputs(document_start):
+    """The launch's leading input and its spec with documents (batch row b's [T] starts), else none."""
+    if document_start is None:
+        return [], []
+    spec = pl.BlockSpec((None, document_start.shape[1]), lambda i, m, k: (i, 0))
+    return [document_start], [spec]
+
+
 def _prepare(x, B, C):
     """Pads P and N to power-of-two tile sizes >= 16 (no-op for the paper's 32, 32)."""
     p, n = x.shape[-1], B.shape[-1]
@@ -233,13 +276,14 @@ def _prepare(x, B, C):
     return pad_last(x, p2), pad_last(B, n2), pad_last(C, n2)
 
 
-def _forward(x, dt, A, B, C, D, grid, blocks: GpuBlocks, interpret, poison=False):
+def _forward(x, dt, A, B, C, D, document_start, grid, blocks: GpuBlocks, interpret, poison=False):
     """-> y [B, T, H, P]; ``poison``: the output starts as NaN (``pallas_kernels.poison``)."""
     b_, t, h, p = x.shape
     xp, Bp, Cp = _prepare(x, B, C)
     geo = _Geometry(t, grid, blocks.block_len)
     g = B.shape[2]
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
+    ds_in, ds_spec = _document_inputs(document_start)
     kernel = functools.partial(
         _fwd_kernel,
         geo=geo,
@@ -247,28 +291,30 @@ def _forward(x, dt, A, B, C, D, grid, blocks: GpuBlocks, interpret, poison=False
         ahead=blocks.fwd.heads_ahead,
         precision=matmul_precision(xp.dtype),
         tiles=blocks.fwd.tiles,
+        documents=document_start is not None,
     )
     y = poisoned.pallas_call(
         kernel,
         poison=poison,
         out_shape=jax.ShapeDtypeStruct(xp.shape, x.dtype),
         grid=(b_, pl.cdiv(geo.num_blocks, blocks.fwd.tiles), g),
-        in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec],
+        in_specs=[*ds_spec, x_spec, dt_spec, vec, bc_spec, bc_spec, vec],
         out_specs=x_spec,
         compiler_params=triton_params(blocks.fwd.num_warps, blocks.fwd.num_stages),
         interpret=interpret,
         name="ssd_fwd",
-    )(xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32))
+    )(*ds_in, xp, dt, A.astype(jnp.float32), Bp, Cp, D.astype(jnp.float32))
     return y[..., :p]
 
 
-def _backward(x, dt, A, B, C, D, dy, grid, blocks: GpuBlocks, interpret, poison=False):
+def _backward(x, dt, A, B, C, D, document_start, dy, grid, blocks: GpuBlocks, interpret, poison=False):
     b_, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     xp, Bp, Cp = _prepare(x, B, C)
     dyp = pad_last(dy, xp.shape[-1])
     geo = _Geometry(t, grid, blocks.block_len)
     x_spec, dt_spec, vec, bc_spec = _specs(xp, Bp)
+    ds_in, ds_spec = _document_inputs(document_start)
     kernel = functools.partial(
         _bwd_kernel,
         geo=geo,
@@ -276,6 +322,7 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: GpuBlocks, interpret, poison=
         ahead=blocks.bwd.heads_ahead,
         precision=matmul_precision(xp.dtype),
         tiles=blocks.bwd.tiles,
+        documents=document_start is not None,
     )
     f32 = jnp.float32
     out_shape = (
@@ -291,25 +338,25 @@ def _backward(x, dt, A, B, C, D, dy, grid, blocks: GpuBlocks, interpret, poison=
         poison=poison,
         out_shape=out_shape,
         grid=(b_, pl.cdiv(geo.num_blocks, blocks.bwd.tiles), g),
-        in_specs=[x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
+        in_specs=[*ds_spec, x_spec, dt_spec, vec, bc_spec, bc_spec, vec, x_spec],
         out_specs=(x_spec, dt_spec, bc_spec, bc_spec, dt_spec, dt_spec),
         compiler_params=triton_params(blocks.bwd.num_warps, blocks.bwd.num_stages),
         interpret=interpret,
         name="ssd_bwd",
-    )(xp, dt, A.astype(f32), Bp, Cp, D.astype(f32), dyp)
+    )(*ds_in, xp, dt, A.astype(f32), Bp, Cp, D.astype(f32), dyp)
     dA = jnp.sum(dlog * dt.astype(f32), axis=(0, 1)).astype(A.dtype)
     dD = jnp.sum(dskip, axis=(0, 1)).astype(D.dtype)
-    return dx[..., :p], ddt, dA, dB[..., :n], dC[..., :n], dD
+    return dx[..., :p], ddt, dA, dB[..., :n], dC[..., :n], dD, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ssd(x, dt, A, B, C, D, grid, blocks, interpret, poison):
-    return _forward(x, dt, A, B, C, D, grid, blocks, interpret, poison)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _ssd(x, dt, A, B, C, D, document_start, grid, blocks, interpret, poison):
+    return _forward(x, dt, A, B, C, D, document_start, grid, blocks, interpret, poison)
 
 
-def _ssd_fwd(x, dt, A, B, C, D, grid, blocks, interpret, poison):
-    y = _forward(x, dt, A, B, C, D, grid, blocks, interpret, poison)
-    return y, (x, dt, A, B, C, D)
+def _ssd_fwd(x, dt, A, B, C, D, document_start, grid, blocks, interpret, poison):
+    y = _forward(x, dt, A, B, C, D, document_start, grid, blocks, interpret, poison)
+    return y, (x, dt, A, B, C, D, document_start)
 
 
 def _ssd_bwd(grid, blocks, interpret, poison, res, dy):
@@ -328,6 +375,7 @@ def ssd_pallas_gpu(
     D,
     *,
     grid: ChunkGrid,
+    document_start=None,
     interpret: bool = False,
     blocks: GpuBlocks | None = None,
     poison: bool = False,
@@ -337,6 +385,8 @@ def ssd_pallas_gpu(
     Args:
       x: [B, T, H, P]; dt: [B, T, H]; A, D: [H]; B, C: [B, T, G, N].
       grid: the layer's chunk grid.
+      document_start: [B, T] int, each token's document start in a packed row, every document
+        starting at a multiple of K (``pallas_kernels.documents``); None: each row is one document.
       interpret: run the kernel in the Pallas interpreter (CPU).
       blocks: tile and launch settings (default: ``block_sizes.default_gpu_blocks``).
       poison: every kernel output, forward and backward, starts as NaN (checks that each
@@ -347,4 +397,6 @@ def ssd_pallas_gpu(
     """
     blocks = blocks or default_gpu_blocks(grid.token_chunk)
     blocks.check(grid.token_chunk)
-    return _ssd(x, dt, A, B, C, D, grid, blocks, interpret, poison)
+    if document_start is not None:
+        document_start = jnp.asarray(document_start, jnp.int32)
+    return _ssd(x, dt, A, B, C, D, document_start, grid, blocks, interpret, poison)

@@ -7,6 +7,17 @@ wrapper lays the inputs out head-major and pads the sequence by ``o`` in front (
 blocks then start on chunk starts) and to a multiple of L behind; zero padding is
 inert (dt = 0, x = 0). Everything stays 2-D inside the kernel ([L, 1] columns and
 [1, L] rows) because Mosaic vectors are (sublane, lane) tiles.
+
+Packed documents (``document_start``, every document starting at a multiple of K:
+``pallas_kernels.documents``) travel as one more input, [B, 1, Tp] int32 (padding
+continues its neighbour's document), read as one [1, L] lane row per block. As on the
+GPU the mask becomes M_ij = [r_i <= j <= i] (r = ``ChunkGrid.chunk_start_in_document``,
+inside i's row chunk), built from c = pos - r < K: ``i - c_i <= j <= i``, with c read as a
+row for the transposed mask and as a column for the mask (one [L, L] select and lane sum
+per block, exact in float32), in place of the two [L, L] ``chunk_id`` evaluations. Both
+cumsums are masked sums, so each document gets its own and a document's outputs depend on
+its own inputs alone, bit for bit. Without documents the kernels are the code they were
+before.
 """
 
 from __future__ import annotations
@@ -24,16 +35,30 @@ from pallas_kernels.ssd.block_sizes import TpuBlocks, default_tpu_blocks
 
 
 class _Block:
-    """Masks of one L-token block whose first padded position is ``m * L`` (token ``m*L - o``)."""
+    """Masks of one L-token block whose first padded position is ``m * L`` (token ``m*L - o``).
 
-    def __init__(self, m, length: int, grid: ChunkGrid):
+    ``document_start``: None, or the block's [1, L] int32 document starts; then key j counts for
+    query i from the start of i's chunk in i's document, ``r_i <= j <= i``, which is
+    ``i - c_i <= j <= i`` with ``c = pos - r`` (< K) read as a column for the mask and as a row
+    for its transpose."""
+
+    def __init__(self, m, length: int, grid: ChunkGrid, document_start=None):
         i = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0)
         j = jax.lax.broadcasted_iota(jnp.int32, (length, length), 1)
         start = grid.block_start(m, length)
-        cid_i, cid_j = grid.chunk_id(start + i), grid.chunk_id(start + j)  # positions < 0: front padding
-        self.mask = (cid_i == cid_j) & (j <= i)  # [L, L] same chunk, key not after query
-        self.mask_t = (cid_j == cid_i) & (i <= j)  # the transpose, built directly
+        if document_start is None:
+            cid_i, cid_j = grid.chunk_id(start + i), grid.chunk_id(start + j)  # positions < 0: front padding
+            self.mask = (cid_i == cid_j) & (j <= i)  # [L, L] same chunk, key not after query
+            self.mask_t = (cid_j == cid_i) & (i <= j)  # the transpose, built directly
+            self.eye = i == j
+            return
         self.eye = i == j
+        pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, length), 1)  # [1, L]
+        # Distance from the last restart (front padding, pos < 0: 0, a chunk of its own).
+        c_row = jnp.maximum(pos - grid.chunk_start_in_document(pos, document_start), 0)
+        c_col = self.column(c_row.astype(jnp.float32)).astype(jnp.int32)  # [L, 1], exact (< K)
+        self.mask = (j <= i) & (j >= i - c_col)
+        self.mask_t = (i <= j) & (i >= j - c_row)
 
     def column(self, row):
         """[1, L] -> [L, 1] without a relayout-heavy transpose."""
@@ -47,10 +72,21 @@ class _Block:
         return jnp.exp(jnp.where(self.mask, cum_col - cum_row, -jnp.inf))
 
 
-def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, grid, heads, groups, precision):
-    """Refs (batch row and block squeezed): x, y [H, L, P]; dt [H, L]; B, C [G, L, N]; A, D [H] in SMEM."""
-    length = dt_ref.shape[-1]
-    blk = _Block(pl.program_id(1), length, grid)
+def _block(ds_ref, dt_ref, grid: ChunkGrid) -> _Block:
+    """This program's block; ``ds_ref``: None or the block's [1, L] document starts (one load)."""
+    return _Block(pl.program_id(1), dt_ref.shape[-1], grid, None if ds_ref is None else ds_ref[...])
+
+
+def _document_ref(refs, documents: bool):
+    """-> (the document starts' ref, the others): with documents it comes first."""
+    return (refs[0], refs[1:]) if documents else (None, refs)
+
+
+def _fwd_kernel(*refs, grid, heads, groups, precision, documents):
+    """Refs (batch row and block squeezed): x, y [H, L, P]; dt [H, L]; B, C [G, L, N]; A, D [H] in
+    SMEM; with documents, ``document_start`` [1, L] first."""
+    ds_ref, (x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref) = _document_ref(refs, documents)
+    blk = _block(ds_ref, dt_ref, grid)
     per_group = heads // groups
     for g in range(groups):
         bg, cg = b_ref[g], c_ref[g]  # [L, N]
@@ -63,29 +99,11 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, grid, heads
             y_ref[h] = y.astype(y_ref.dtype)
 
 
-def _bwd_kernel(
-    x_ref,
-    dt_ref,
-    a_ref,
-    b_ref,
-    c_ref,
-    d_ref,
-    dy_ref,
-    dx_ref,
-    ddt_ref,
-    db_ref,
-    dc_ref,
-    da_ref,
-    dd_ref,
-    *,
-    grid,
-    heads,
-    groups,
-    precision,
-):
+def _bwd_kernel(*refs, grid, heads, groups, precision, documents):
     """dA, dD: [1, H] per-block partial sums; other refs as in the forward."""
-    length = dt_ref.shape[-1]
-    blk = _Block(pl.program_id(1), length, grid)
+    ds_ref, refs = _document_ref(refs, documents)
+    x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, dy_ref, dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref = refs
+    blk = _block(ds_ref, dt_ref, grid)
     per_group = heads // groups
     head_ids = jax.lax.broadcasted_iota(jnp.int32, da_ref.shape, 1)
     da_all = jnp.zeros(da_ref.shape, jnp.float32)
@@ -135,6 +153,14 @@ class _Layout:
     def from_kernel(self, a):
         return jnp.moveaxis(a, 2, 1)[:, self.o : self.o + self.t]
 
+    def documents(self, document_start):
+        """[B, T] -> [B, 1, Tp] int32 rows, padding continuing its neighbour's document (a lane
+        row per block: ``_specs``' ``ds_spec``); None stays None."""
+        if document_start is None:
+            return None
+        padded = jnp.pad(document_start.astype(jnp.int32), [(0, 0), (self.o, self.padded - self.t - self.o)], "edge")
+        return padded[:, None, :]
+
 
 def _specs(h, g, p, n, block_len):
     per = lambda *rest: pl.BlockSpec(
@@ -145,25 +171,33 @@ def _specs(h, g, p, n, block_len):
     return per(h, p), per(h), smem, per(g, n), part
 
 
+def _document_inputs(ds, block_len):
+    """The launch's leading input and its spec with documents ([B, 1, Tp]: a [1, L] row per block), else none."""
+    return ([], []) if ds is None else ([ds], [pl.BlockSpec((None, 1, block_len), lambda i, m: (i, 0, m))])
+
+
 _PARAMS = mosaic_params(("parallel", "parallel"))
 
 
-def _forward(x, dt, A, B, C, D, grid, block_len, interpret):
+def _forward(x, dt, A, B, C, D, ds, grid, block_len, interpret):
+    """``ds``: None or the [B, 1, Tp] document starts of ``_Layout.documents``."""
     b_, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     lay = _Layout(t, grid, block_len)
     x_spec, dt_spec, smem, bc_spec, _ = _specs(h, g, p, n, block_len)
+    ds_in, ds_spec = _document_inputs(ds, block_len)
     precision = matmul_precision(x.dtype)
     y = pl.pallas_call(
-        functools.partial(_fwd_kernel, grid=grid, heads=h, groups=g, precision=precision),
+        functools.partial(_fwd_kernel, grid=grid, heads=h, groups=g, precision=precision, documents=ds is not None),
         out_shape=jax.ShapeDtypeStruct((b_, h, lay.padded, p), x.dtype),
         grid=(b_, lay.num_blocks),
-        in_specs=[x_spec, dt_spec, smem, bc_spec, bc_spec, smem],
+        in_specs=[*ds_spec, x_spec, dt_spec, smem, bc_spec, bc_spec, smem],
         out_specs=x_spec,
         compiler_params=_PARAMS,
         interpret=interpret,
         name="ssd_fwd",
     )(
+        *ds_in,
         lay.to_kernel(x),
         lay.to_kernel(dt),
         A.astype(jnp.float32),
@@ -174,11 +208,12 @@ def _forward(x, dt, A, B, C, D, grid, block_len, interpret):
     return lay.from_kernel(y)
 
 
-def _backward(x, dt, A, B, C, D, dy, grid, block_len, interpret):
+def _backward(x, dt, A, B, C, D, ds, dy, grid, block_len, interpret):
     b_, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     lay = _Layout(t, grid, block_len)
     x_spec, dt_spec, smem, bc_spec, part = _specs(h, g, p, n, block_len)
+    ds_in, ds_spec = _document_inputs(ds, block_len)
     precision = matmul_precision(x.dtype)
     f32 = jnp.float32
     nb, tp = lay.num_blocks, lay.padded
@@ -191,15 +226,16 @@ def _backward(x, dt, A, B, C, D, dy, grid, block_len, interpret):
         jax.ShapeDtypeStruct((b_, nb, 1, h), f32),
     )
     dx, ddt, dB, dC, dA, dD = pl.pallas_call(
-        functools.partial(_bwd_kernel, grid=grid, heads=h, groups=g, precision=precision),
+        functools.partial(_bwd_kernel, grid=grid, heads=h, groups=g, precision=precision, documents=ds is not None),
         out_shape=out_shape,
         grid=(b_, nb),
-        in_specs=[x_spec, dt_spec, smem, bc_spec, bc_spec, smem, x_spec],
+        in_specs=[*ds_spec, x_spec, dt_spec, smem, bc_spec, bc_spec, smem, x_spec],
         out_specs=(x_spec, dt_spec, bc_spec, bc_spec, part, part),
         compiler_params=_PARAMS,
         interpret=interpret,
         name="ssd_bwd",
     )(
+        *ds_in,
         lay.to_kernel(x),
         lay.to_kernel(dt),
         A.astype(f32),
@@ -210,16 +246,16 @@ def _backward(x, dt, A, B, C, D, dy, grid, block_len, interpret):
     )
     dA = jnp.sum(dA, axis=(0, 1, 2)).astype(A.dtype)
     dD = jnp.sum(dD, axis=(0, 1, 2)).astype(D.dtype)
-    return lay.from_kernel(dx), lay.from_kernel(ddt), dA, lay.from_kernel(dB), lay.from_kernel(dC), dD
+    return lay.from_kernel(dx), lay.from_kernel(ddt), dA, lay.from_kernel(dB), lay.from_kernel(dC), dD, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _ssd(x, dt, A, B, C, D, grid, block_len, interpret):
-    return _forward(x, dt, A, B, C, D, grid, block_len, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ssd(x, dt, A, B, C, D, ds, grid, block_len, interpret):
+    return _forward(x, dt, A, B, C, D, ds, grid, block_len, interpret)
 
 
-def _ssd_fwd(x, dt, A, B, C, D, grid, block_len, interpret):
-    return _forward(x, dt, A, B, C, D, grid, block_len, interpret), (x, dt, A, B, C, D)
+def _ssd_fwd(x, dt, A, B, C, D, ds, grid, block_len, interpret):
+    return _forward(x, dt, A, B, C, D, ds, grid, block_len, interpret), (x, dt, A, B, C, D, ds)
 
 
 def _ssd_bwd(grid, block_len, interpret, res, dy):
@@ -229,12 +265,16 @@ def _ssd_bwd(grid, block_len, interpret, res, dy):
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
-def ssd_pallas_tpu(x, dt, A, B, C, D, *, grid: ChunkGrid, interpret=False, blocks: TpuBlocks | None = None):
+def ssd_pallas_tpu(
+    x, dt, A, B, C, D, *, grid: ChunkGrid, document_start=None, interpret=False, blocks: TpuBlocks | None = None
+):
     """Fixed-grid SSD on the TPU; same contract as ``xla.ssd_chunked``.
 
     Args:
       x: [B, T, H, P]; dt: [B, T, H]; A, D: [H]; B, C: [B, T, G, N].
       grid: the layer's chunk grid.
+      document_start: [B, T] int, each token's document start in a packed row, every document
+        starting at a multiple of K (``pallas_kernels.documents``); None: each row is one document.
       interpret: False, or a ``pltpu.InterpretParams`` (``common.tpu_interpret_params``: on the CPU).
       blocks: the block length (default: ``block_sizes.default_tpu_blocks``).
 
@@ -243,4 +283,5 @@ def ssd_pallas_tpu(x, dt, A, B, C, D, *, grid: ChunkGrid, interpret=False, block
     """
     blocks = blocks or default_tpu_blocks(grid.token_chunk)
     blocks.check(grid.token_chunk)
-    return _ssd(x, dt, A, B, C, D, grid, blocks.block_len, interpret)
+    ds = _Layout(x.shape[1], grid, blocks.block_len).documents(document_start)
+    return _ssd(x, dt, A, B, C, D, ds, grid, blocks.block_len, interpret)

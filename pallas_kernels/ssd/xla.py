@@ -8,8 +8,12 @@ decay zeroed at chunk starts; any reset pattern, O(T log T) work, materialises t
 (see ``chunk_grid.ChunkLayout``) and computes each chunk in SSD "quadratic" form, one masked
 matmul per chunk and no scan at all:
 
-    y_i = sum_{j<=i} (C_i · B_j) * exp(cum_i - cum_j) * dt_j * x_j + D * x_i,
-    cum = cumsum(dt * A) within the chunk.
+    y_i = sum_{r_i <= j <= i} (C_i · B_j) * exp(cum_i - cum_j) * dt_j * x_j + D * x_i,
+    cum = cumsum(dt * A) within the chunk,
+
+where r_i is the chunk's first token, or, in a packed row whose documents start at multiples
+of K, the first token of i's chunk in its document (``ChunkGrid.chunk_start_in_document``),
+which lies inside the same row chunk.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def ssd_associative(x, dt, A, B, C, D, reset):
     return y.astype(x.dtype)
 
 
-def ssd_chunked(x, dt, A, B, C, D, *, grid: ChunkGrid):
+def ssd_chunked(x, dt, A, B, C, D, *, grid: ChunkGrid, document_start=None):
     """Fixed-grid SSD: one masked [K, K] matmul per chunk and head."""
     b, t, h, p = x.shape
     g = B.shape[2]
@@ -52,9 +56,26 @@ def ssd_chunked(x, dt, A, B, C, D, *, grid: ChunkGrid):
     dtc = layout.to_chunks(dt.astype(f32)).reshape(b, -1, k, g, r)  # [B, C, K, G, R]
     Bc = layout.to_chunks(B)  # [B, C, K, G, N]
     Cc = layout.to_chunks(C)
-    cum = jnp.cumsum(dtc * A.astype(f32).reshape(g, r), axis=2)  # [B, C, K, G, R]
+    dta = dtc * A.astype(f32).reshape(g, r)  # [B, C, K, G, R]
+    if document_start is None:
+        cum = jnp.cumsum(dta, axis=2)
+    else:
+        # A chunk holds at most two documents (they start at multiples of K): the one starting in
+        # it and the one before. Each gets its own cumsum, so no value of one enters the other's
+        # decays, not even as rounding.
+        starts = layout.to_chunks(document_start)  # [B, C, K]
+        late = (starts == jnp.max(starts, axis=2, keepdims=True))[..., None, None]
+        cum = jnp.where(late, jnp.cumsum(jnp.where(late, dta, 0), axis=2), jnp.cumsum(jnp.where(late, 0, dta), axis=2))
     seg = cum[:, :, :, None] - cum[:, :, None, :]  # [B, C, Ki, Kj, G, R]
     causal = jnp.tril(jnp.ones((k, k), bool))[None, None, :, :, None, None]
+    if document_start is not None:
+        # j counts for i only from the start of i's chunk in its document; a padding slot of the
+        # layout sees nothing (its decays could overflow, and 0 * inf in the backward is nan).
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        restart = layout.to_chunks(grid.chunk_start_in_document(pos, document_start))  # [B, C, K]
+        real = layout.to_chunks(jnp.ones((b, t), bool))
+        since = (layout.to_chunks(pos)[:, :, None, :] >= restart[:, :, :, None]) & real[:, :, :, None]
+        causal = causal & since[..., None, None]
     decay = jnp.exp(jnp.where(causal, seg, -jnp.inf))
     cb = jnp.einsum("bcign,bcjgn->bcijg", Cc, Bc, preferred_element_type=f32)  # [B, C, Ki, Kj, G]
     weights = cb[..., None] * decay * dtc[:, :, None]  # [B, C, Ki, Kj, G, R]

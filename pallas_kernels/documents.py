@@ -1,0 +1,77 @@
+"""Packed documents: several documents in one row, each computed as if it were alone.
+
+A row's layout is one int32 per token, ``document_start`` [B, T]: the position in the row of
+the first token of the token's document (0 everywhere for a row that is one document). Every
+op that takes it follows one rule, which makes a packed row equal to its documents run alone
+from position 0:
+
+  SSM        the scan state and the conv history restart at a document's first token, and
+             then at the chunk starts of the document's own grid (the grid reads a token's
+             position minus its document's start: ``ChunkGrid.chunk_start_in_document``);
+  attention  query t sees key s only when s >= document_start[t], under ``Visibility`` read at
+             positions relative to that start (``Visibility.visible(t, s, start)``).
+
+RoPE is relative, so absolute positions stay.
+
+Alignment. The references (``sequential`` and ``associative`` SSD, ``dense`` attention) hold
+the rule for any layout. The fast paths need each document to start at a multiple of the chunk
+length K (``check_aligned``), which the data pipeline's packer guarantees (``data.py``): then a
+document's chunks lie inside the row's chunks and its boundaries are the row's boundaries after
+its first token plus that first token itself, so every fast path keeps its blocks and its
+boundary gather and adds a same-document mask and one key per query (the document's first token,
+once it has left the window).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def from_segment_ids(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] segment ids -> [B, T] int32 document starts.
+
+    A document starts at position 0 and wherever the id changes to a non-zero value. Id 0 is
+    padding: it continues the document before it (padding after a document's last token is
+    never seen by that document, and nothing after it sees the padding).
+    """
+    seg = jnp.asarray(segment_ids)
+    pos = jax.lax.broadcasted_iota(jnp.int32, seg.shape, seg.ndim - 1)
+    prev = jnp.concatenate([seg[..., :1], seg[..., :-1]], axis=-1)
+    starts = (pos == 0) | ((seg != prev) & (seg != 0))
+    return jax.lax.cummax(jnp.where(starts, pos, 0), axis=seg.ndim - 1)
+
+
+def check_aligned(document_start, token_chunk: int) -> None:
+    """Raises ValueError unless every document of a concrete layout starts at a multiple of K."""
+    start = np.asarray(document_start)
+    bad = start % token_chunk != 0
+    if bad.any():
+        row, pos = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(
+            f"documents must start at multiples of token_chunk={token_chunk} for the fast paths; row {row} has a "
+            f"document starting at {int(start[row, pos])} (pack with data.document_align a multiple of {token_chunk})"
+        )
+
+
+def check_layout(document_start: jax.Array, batch: int, length: int) -> None:
+    """Shape and dtype checks for an op's ``document_start`` argument."""
+    if document_start.shape != (batch, length):
+        raise ValueError(f"document_start must have shape {(batch, length)}, got {document_start.shape}")
+    if not jnp.issubdtype(document_start.dtype, jnp.integer):
+        raise ValueError(f"document_start must be integer, got {document_start.dtype}")
+
+
+def next_starts(document_start: jax.Array, positions, token_chunk: int) -> jax.Array:
+    """[B, T] document starts at multiples of K, [J] positions p -> [B, J] int32: the first document
+    start at or after p (T when none), for kernels' walks that stop at a document's end.
+
+    The first start at or after p is the number of tokens whose document starts before p; for
+    aligned documents it is K times that count over the multiples of K (capped at T).
+    """
+    length = document_start.shape[1]
+    firsts = document_start[:, ::token_chunk]  # [B, ceil(T/K)]: whole K-blocks lie in one document
+    positions = jnp.asarray(positions, jnp.int32)
+    count = jnp.sum(firsts[:, :, None] < positions, axis=1, dtype=jnp.int32)
+    return jnp.minimum(count * token_chunk, length)
