@@ -45,7 +45,7 @@ def _boundary_window_of_documents(q, k, v, document_start, **kw):
     return boundary_window_attention(q, k, v, document_start=document_start, **kw)
 
 
-def _boundary_window(q, k, v, grid: ChunkGrid, window: int, implementation: str, document_start) -> jax.Array:
+def _boundary_window(q, k, v, grid: ChunkGrid, window: int, implementation: str, document_start=None) -> jax.Array:
     """``boundary_window_attention`` under the active mesh: a named kernel runs per device on its
     batch rows and, where the kv heads divide over ``tensor``, its heads (query head h reads kv head
     h // (H/Hkv), so q's heads split only together with k's and v's)."""

@@ -104,10 +104,12 @@ def test_segment_ids_must_match_tokens():
 
 
 def test_without_segment_ids_a_row_is_one_document():
-    # A row with one segment id computes exactly what it computes without segment ids
+    # A row with one segment id computes what it computes without segment ids: the same values up
+    # to float32 rounding (the document path computes positions per token and masks every block,
+    # so XLA fuses and orders the sums differently; it is not the same program)
     cfg = dataclasses.replace(BASE, n_layers=2, token_chunk=4, window=2)
     graphdef, params = init_model(cfg, seed=1)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 24)), jnp.int32)
     plain = apply_model(graphdef, params, tokens)
     one = apply_model(graphdef, params, tokens, segment_ids=jnp.ones_like(tokens))
-    np.testing.assert_array_equal(np.asarray(plain), np.asarray(one))
+    assert_close(one, plain, 1e-5)

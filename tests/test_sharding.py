@@ -7,6 +7,7 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
@@ -18,7 +19,7 @@ from attamba_jax.optimizer import make_optimizer
 from attamba_jax.sharding import make_mesh, use_mesh
 from attamba_jax.train_step import init_train_state, jit_train_step, mesh_from_config, train_batch_sharding
 from attamba_jax.trainer import Trainer
-from tests.helpers import assert_close, cpu_devices, value_and_grads, with_overrides
+from tests.helpers import assert_close, cpu_devices, packed_layout, value_and_grads, with_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -268,23 +269,38 @@ def _out_and_grads(fn, args):
     return value_and_grads(fn, args, jax.random.normal(jax.random.key(9), out.shape))
 
 
-@pytest.mark.parametrize("kernel, shape", [("pallas_gpu_interpret", (4, 2, 1)), ("pallas_tpu_interpret", (2, 2, 2))])
-def test_ssd_kernels_run_per_device_under_a_mesh(kernel, shape):
+@pytest.mark.parametrize(
+    "kernel, shape, documents",
+    [
+        ("pallas_gpu_interpret", (4, 2, 1), False),
+        ("pallas_tpu_interpret", (2, 2, 2), False),
+        ("pallas_gpu_interpret", (2, 2, 2), True),
+    ],
+    ids=["gpu", "tpu", "gpu-packed-documents"],
+)
+def test_ssd_kernels_run_per_device_under_a_mesh(kernel, shape, documents):
     # Given a named kernel under a multi-device mesh, each device runs it on its batch rows
-    # (shard_map) and the result and every gradient equal the one-device reference.
+    # (shard_map; a packed layout split with the rows) and the result and every gradient equal
+    # the one-device reference.
     from attamba_jax.sharding import call_op
+    from attamba_jax.ssm import _ssd_of_documents
     from pallas_kernels.chunk_grid import ChunkGrid
     from pallas_kernels.ssd import IMPLEMENTATIONS, ssd
     from pallas_kernels.ssd.reference import random_inputs
 
     args, _ = random_inputs(jax.random.key(0), b=8, t=48, h=4, p=16, g=2, n=16)
     grid = ChunkGrid(8, 3)
-    expected = _out_and_grads(lambda *a: ssd(*a, grid=grid, implementation="sequential"), args)
+    starts = jnp.asarray(packed_layout(2, 8, 48, 8, 8)[0]) if documents else None
+    expected = _out_and_grads(lambda *a: ssd(*a, grid=grid, document_start=starts, implementation="sequential"), args)
     mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), cpu_devices(8))
     rows = ("batch", None, None, None)
-    sharded = lambda *a: call_op(
-        ssd, IMPLEMENTATIONS, kernel, a, (rows, rows[:3], None, rows, rows, None), rows, grid=grid
-    )
+    axes = (rows, rows[:3], None, rows, rows, None)
+    if documents:
+        sharded = lambda *a: call_op(
+            _ssd_of_documents, IMPLEMENTATIONS, kernel, a + (starts,), axes + (rows[:2],), rows, grid=grid
+        )
+    else:
+        sharded = lambda *a: call_op(ssd, IMPLEMENTATIONS, kernel, a, axes, rows, grid=grid)
     with use_mesh(mesh):
         actual = _out_and_grads(sharded, args)
         jaxpr = str(jax.make_jaxpr(sharded)(*args))
@@ -293,17 +309,19 @@ def test_ssd_kernels_run_per_device_under_a_mesh(kernel, shape):
 
 
 @pytest.mark.parametrize(
-    "kernel, shape, kv_heads",
+    "kernel, shape, kv_heads, documents",
     [
-        ("pallas_gpu_interpret", (2, 2, 2), 2),
-        ("pallas_tpu_interpret", (2, 1, 4), 2),
-        ("pallas_gpu_interpret", (1, 4, 2), 1),
+        ("pallas_gpu_interpret", (2, 2, 2), 2, False),
+        ("pallas_tpu_interpret", (2, 1, 4), 2, False),
+        ("pallas_gpu_interpret", (1, 4, 2), 1, False),
+        ("pallas_tpu_interpret", (2, 2, 2), 2, True),
     ],
-    ids=["gpu-heads-split", "tpu-heads-replicated", "gpu-one-kv-head"],
+    ids=["gpu-heads-split", "tpu-heads-replicated", "gpu-one-kv-head", "tpu-packed-documents"],
 )
-def test_attention_kernels_run_per_device_under_a_mesh(kernel, shape, kv_heads):
+def test_attention_kernels_run_per_device_under_a_mesh(kernel, shape, kv_heads, documents):
     # Batch rows split over (data, fsdp); heads over tensor only where the kv heads divide,
-    # so that every query head stays with its kv head. Equal to the dense reference.
+    # so that every query head stays with its kv head; a packed layout split with the rows.
+    # Equal to the dense reference.
     from attamba_jax.attention import _boundary_window
     from pallas_kernels.boundary_window_attention import boundary_window_attention
     from pallas_kernels.chunk_grid import ChunkGrid
@@ -313,10 +331,12 @@ def test_attention_kernels_run_per_device_under_a_mesh(kernel, shape, kv_heads):
     q = jax.random.normal(ks[0], (b, t, h, d))
     k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in ks[1:])
     grid = ChunkGrid(4, 1)
+    starts = jnp.asarray(packed_layout(3, b, t, 4, 4)[0]) if documents else None
     expected = _out_and_grads(
-        lambda *a: boundary_window_attention(*a, grid=grid, window=4, implementation="dense"), (q, k, v)
+        lambda *a: boundary_window_attention(*a, grid=grid, window=4, document_start=starts, implementation="dense"),
+        (q, k, v),
     )
-    sharded = lambda *a: _boundary_window(*a, grid, 4, kernel)
+    sharded = lambda *a: _boundary_window(*a, grid, 4, kernel, starts)
     with use_mesh(make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), cpu_devices(8))):
         actual = _out_and_grads(sharded, (q, k, v))
         jaxpr = str(jax.make_jaxpr(sharded)(q, k, v))
