@@ -12,6 +12,10 @@ and one block_until_ready; the per-call mean, median of ``trials`` rounds. Ratio
 between numbers of this one run. TFLOP/s counts the useful work only: 4·D FLOPs per
 (query, visible key) pair and head forward, 3.5× that forward+backward.
 
+An implementation named ``NAME+docs`` runs NAME on packed rows (documents of mean length
+``--doc-length`` at multiples of K; ``cudnn+docs`` the transformer's masked path), and a last
+table gives its time over NAME's.
+
     python -m benchmarks.bench_attention --check --out attention.json     # on the GPU
     python -m benchmarks.bench_attention --plot attention.json                          # redraw the PNG
     python -m benchmarks.bench_attention --lengths 256 --chunks 4 --tokens 256 \\
@@ -27,7 +31,16 @@ import platform
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import add_kernel_bench_args, rel_err, save, stamp, time_calls
+from benchmarks.timing import (
+    DOCS,
+    add_kernel_bench_args,
+    document_ratios,
+    packed_starts,
+    rel_err,
+    save,
+    stamp,
+    time_calls,
+)
 from pallas_kernels.boundary_window_attention import boundary_window_attention, pallas_gpu, reference
 from pallas_kernels.boundary_window_attention.block_sizes import GpuBlocks
 from pallas_kernels.causal_attention import causal_attention
@@ -54,14 +67,16 @@ def _fwd_bwd(impl):
     return run
 
 
-def _impl(name, grid, window, interpret=False, blocks=None):
+def _impl(name, grid, window, interpret=False, blocks=None, document_start=None):
     if name == "cudnn":
-        return lambda q, k, v: causal_attention(q, k, v, implementation="cudnn")
+        return lambda q, k, v: causal_attention(q, k, v, implementation="cudnn", document_start=document_start)
     if name == "pallas_gpu":
         return lambda q, k, v: pallas_gpu.attention_pallas_gpu(
-            q, k, v, grid=grid, window=window, interpret=interpret, blocks=blocks
+            q, k, v, grid=grid, window=window, interpret=interpret, blocks=blocks, document_start=document_start
         )
-    return lambda q, k, v: boundary_window_attention(q, k, v, grid=grid, window=window, implementation=name)
+    return lambda q, k, v: boundary_window_attention(
+        q, k, v, grid=grid, window=window, implementation=name, document_start=document_start
+    )
 
 
 # --- correctness on the device ---------------------------------------------------------
@@ -146,20 +161,33 @@ def _pairs(t: int, grid: ChunkGrid | None, window: int | None) -> int:
 
 
 def bench(
-    record, lengths, chunks, window, tokens, implementations, reps, trials, dense_max_gb, compressed_max_gb, interpret
+    record,
+    lengths,
+    chunks,
+    window,
+    tokens,
+    implementations,
+    reps,
+    trials,
+    dense_max_gb,
+    compressed_max_gb,
+    interpret,
+    doc_length=1024,
 ):
     for t in lengths:
         b = max(1, tokens // t)
         q, k, v, do = _inputs(jax.random.key(t), b, t, jnp.bfloat16)
-        kernel_out = {}  # (K, mode) -> the Pallas kernel's output, to hold the other paths against
+        kernel_out = {}  # (K, mode, documents) -> the Pallas kernel's output, to hold the other paths against
         for name in implementations:
-            for kc in [None] if name == "cudnn" else chunks:
+            base, docs = name.removesuffix(DOCS), name.endswith(DOCS)
+            for kc in [None] if base == "cudnn" else chunks:
                 grid = ChunkGrid(kc) if kc else None
-                if name == "dense" and b * HEADS * t * t * 4 > dense_max_gb * 2**30:
+                if base == "dense" and b * HEADS * t * t * 4 > dense_max_gb * 2**30:
                     continue
-                if name == "compressed" and b * HEADS * t * (t // kc + 1) * 4 > compressed_max_gb * 2**30:
+                if base == "compressed" and b * HEADS * t * (t // kc + 1) * 4 > compressed_max_gb * 2**30:
                     continue
-                impl = _impl(name, grid, window, interpret)
+                starts = jnp.asarray(packed_starts(b, t, kc or 1, doc_length)) if docs else None
+                impl = _impl(base, grid, window, interpret, document_start=starts)
                 pairs = _pairs(t, grid, window if kc else None)
                 for mode, fn, args, flop_factor in (
                     ("fwd", jax.jit(impl), (q, k, v), 1.0),
@@ -171,16 +199,18 @@ def bench(
                         print(f"skip {name} K={kc} {mode} L={t}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         continue
                     tflops = flop_factor * 4 * HEAD_DIM * pairs * b * HEADS / sec / 1e12
-                    if name == "pallas_gpu":
-                        kernel_out[(kc, mode)] = out
-                    elif (kc, mode) in kernel_out:  # same function at full size: the kernel must agree
-                        err = max(
-                            rel_err(a, r) for a, r in zip(jax.tree.leaves(kernel_out[(kc, mode)]), jax.tree.leaves(out))
-                        )
+                    if base == "pallas_gpu":
+                        kernel_out[(kc, mode, docs)] = out
+                    elif (kc, mode, docs) in kernel_out:  # same function at full size: the kernel must agree
+                        ref = kernel_out[(kc, mode, docs)]
+                        err = max(rel_err(a, r) for a, r in zip(jax.tree.leaves(ref), jax.tree.leaves(out)))
                         record(
                             "agreement", {"L": t, "B": b, "K": kc, "mode": mode, "against": name, "max_rel_err": err}
                         )
-                        print(f"{stamp()} L={t} K={kc} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
+                        print(
+                            f"{stamp()} L={t} K={kc} {mode}: pallas_gpu{DOCS * docs} vs {name} max rel err {err:.2e}",
+                            flush=True,
+                        )
                     del out
                     record(
                         "rows",
@@ -314,6 +344,9 @@ def main():
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--dense-max-gb", type=float, default=12.0)
     ap.add_argument("--compressed-max-gb", type=float, default=24.0)
+    ap.add_argument(
+        "--doc-length", type=int, default=1024, help=f"mean document length of implementations named NAME{DOCS}"
+    )
     add_kernel_bench_args(ap, out="attention.json", sweep_help="L,K at which to sweep the kernels' tile sizes")
     a = ap.parse_args()
     if a.plot:
@@ -334,6 +367,7 @@ def main():
             "offset": 0,
             "reps": a.reps,
             "trials": a.trials,
+            "doc_length": a.doc_length,
         },
     }
     for key in ("check", "sweep", "rows", "ratios", "agreement"):
@@ -365,7 +399,10 @@ def main():
         a.dense_max_gb,
         a.compressed_max_gb,
         a.interpret,
+        a.doc_length,
     )
+    result["document_ratios"] = document_ratios(result["rows"], ("L", "B", "K", "mode"), "ms")
+    save(result, a.out)
     print(f"wrote {a.out}")
     plot(result, a.png or a.out.replace(".json", ".png"))
     print("\n     L   K  mode       pallas ms  vs compressed  vs dense  vs cuDNN causal")
@@ -375,6 +412,10 @@ def main():
             f"{r['L']:6d} {r['K']:3d}  {r['mode']:8s} {r['pallas_ms']:10.3f}  {fmt(r.get('vs_compressed'))}      "
             f"{fmt(r.get('vs_dense'))}  {fmt(r.get('vs_cudnn_causal'))}"
         )
+    if result["document_ratios"]:
+        print(f"\n  packed documents (mean {a.doc_length} tokens) over plain rows, wall time")
+        for r in result["document_ratios"]:
+            print(f"{r['L']:6d} K={r['K']!s:4s} {r['implementation']:12s} {r['mode']:8s} {r['ratio']:.3f}")
 
 
 if __name__ == "__main__":

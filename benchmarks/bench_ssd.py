@@ -14,6 +14,9 @@ dispatch of one call (~0.05 ms) reads as that dispatch on the wall clock, so ban
 is computed from ``device_ms``. Calls rotate over several input sets (>= 256 MB
 together) so that small sizes are not served from the 60 MB L2.
 
+An implementation named ``NAME+docs`` runs NAME on packed rows (documents of mean length
+``--doc-length`` at multiples of K), and a last table gives its kernel time over NAME's.
+
     python -m benchmarks.bench_ssd --check --out ssd.json          # on the GPU
     python -m benchmarks.bench_ssd --plot ssd.json                               # redraw the PNG
     python -m benchmarks.bench_ssd --sizes 2x256 --reps 2 --interpret --out /tmp/s.json   # CPU smoke run
@@ -31,7 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import add_kernel_bench_args, device_seconds, rel_err, save, stamp, time_calls
+from benchmarks.timing import (
+    DOCS,
+    add_kernel_bench_args,
+    device_seconds,
+    document_ratios,
+    packed_starts,
+    rel_err,
+    save,
+    stamp,
+    time_calls,
+)
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.ssd import pallas_gpu, reference, ssd
 from pallas_kernels.ssd.block_sizes import GpuBlocks, GpuPass, default_gpu_blocks
@@ -153,21 +166,36 @@ def _check_one(seed, k, o, b, t, h, g, dtype, tol, interpret=False) -> dict:
 # --- timing -----------------------------------------------------------------------------
 
 
-def _impl(name: str, grid: ChunkGrid, interpret: bool, blocks: GpuBlocks | None = None):
+def _impl(name: str, grid: ChunkGrid, interpret: bool, blocks: GpuBlocks | None = None, document_start=None):
     if name == "pallas_gpu":
-        return lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, interpret=interpret, blocks=blocks)
-    return lambda *a: ssd(*a, grid=grid, implementation=name)
+        return lambda *a: pallas_gpu.ssd_pallas_gpu(
+            *a, grid=grid, interpret=interpret, blocks=blocks, document_start=document_start
+        )
+    return lambda *a: ssd(*a, grid=grid, implementation=name, document_start=document_start)
 
 
 def bench(
-    record, sizes, implementations, grid, dtype, reps, trials, interpret, bandwidth, heads=HEADS, groups=GROUPS
+    record,
+    sizes,
+    implementations,
+    grid,
+    dtype,
+    reps,
+    trials,
+    interpret,
+    bandwidth,
+    heads=HEADS,
+    groups=GROUPS,
+    doc_length=1024,
 ) -> None:
     shape = {"h": heads, "g": groups}
     for b, t in sizes:
         sets, dy, moved = _input_sets(b * t, b, t, dtype, shape)
-        kernel_out = {}  # mode -> the Pallas kernel's output, to hold the other paths against
+        starts = jnp.asarray(packed_starts(b, t, grid.token_chunk, doc_length))
+        kernel_out = {}  # (mode, documents) -> the Pallas kernel's output, to hold the other paths against
         for name in implementations:
-            impl = _impl(name, grid, interpret)
+            base, docs = name.removesuffix(DOCS), name.endswith(DOCS)
+            impl = _impl(base, grid, interpret, document_start=starts if docs else None)
             for mode, fn in (("fwd", jax.jit(impl)), ("fwd+bwd", jax.jit(_fwd_bwd(impl)))):
                 call_sets = sets if mode == "fwd" else [(*s, dy) for s in sets]
                 try:
@@ -176,12 +204,15 @@ def bench(
                 except Exception as e:  # e.g. out of memory for the associative scan's state
                     print(f"skip {name} {mode} {b}x{t}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
-                if name == "pallas_gpu":
-                    kernel_out[mode] = out
-                elif mode in kernel_out:  # same function at full size: the kernel must agree
-                    err = max(rel_err(a, r) for a, r in zip(jax.tree.leaves(kernel_out[mode]), jax.tree.leaves(out)))
+                if base == "pallas_gpu":
+                    kernel_out[(mode, docs)] = out
+                elif (mode, docs) in kernel_out:  # same function at full size: the kernel must agree
+                    ref = kernel_out[(mode, docs)]
+                    err = max(rel_err(a, r) for a, r in zip(jax.tree.leaves(ref), jax.tree.leaves(out)))
                     record("agreement", {"B": b, "L": t, "mode": mode, "against": name, "max_rel_err": err})
-                    print(f"{stamp()} {b}x{t} {mode}: pallas_gpu vs {name} max rel err {err:.2e}", flush=True)
+                    print(
+                        f"{stamp()} {b}x{t} {mode}: pallas_gpu{DOCS * docs} vs {name} max rel err {err:.2e}", flush=True
+                    )
                 del out
                 gbps = moved[mode] / dev / 1e9
                 row = {
@@ -300,6 +331,9 @@ def main():
     ap.add_argument("--groups", type=int, default=GROUPS, help="G (the model's stacked K/V SSMs: 2)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument(
+        "--doc-length", type=int, default=1024, help=f"mean document length of implementations named NAME{DOCS}"
+    )
     add_kernel_bench_args(ap, out="ssd.json", sweep_help="BxL at which to sweep the kernel's tile sizes")
     a = ap.parse_args()
     if a.plot:
@@ -326,6 +360,7 @@ def main():
             "dtype": a.dtype,
             "reps": a.reps,
             "trials": a.trials,
+            "doc_length": a.doc_length,
         },
     }
     for key in ("check", "sweep", "rows", "agreement"):
@@ -353,7 +388,10 @@ def main():
         bandwidth,
         a.heads,
         a.groups,
+        a.doc_length,
     )
+    result["document_ratios"] = document_ratios(result["rows"], ("B", "L", "mode"), "device_ms")
+    save(result, a.out)
     print(f"wrote {a.out}")
     plot(result, a.png or a.out.replace(".json", ".png"))
     print("\n  B x L       implementation  mode      wall ms  kernel ms    GB/s   % copy BW")
@@ -362,6 +400,10 @@ def main():
             f"{r['B']:3d} x {r['L']:<6d}  {r['implementation']:14s}  {r['mode']:8s} {r['ms']:8.3f}  {r['device_ms']:8.3f}  "
             f"{r['GB/s']:8.1f}  {100 * r['fraction_of_copy_bw']:5.1f}"
         )
+    if result["document_ratios"]:
+        print(f"\n  packed documents (mean {a.doc_length} tokens) over plain rows, kernel time")
+        for r in result["document_ratios"]:
+            print(f"{r['B']:3d} x {r['L']:<6d}  {r['implementation']:14s}  {r['mode']:8s} {r['ratio']:.3f}")
 
 
 if __name__ == "__main__":

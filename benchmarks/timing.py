@@ -65,6 +65,44 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+DOCS = "+docs"  # an implementation name with this suffix runs on packed documents (``--doc-length``)
+
+
+def packed_starts(batch: int, length: int, align: int, mean: int, seed: int = 0) -> np.ndarray:
+    """[B, T] int32 document starts as the packer lays them out: documents of random lengths
+    (exponential, mean ``mean`` tokens) each starting at a multiple of ``align``, the padding
+    after a document belonging to it, each row's last document cut by the row's end."""
+    rng = np.random.default_rng(seed)
+    starts = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        pos = 0
+        while pos < length:
+            n = max(1, int(rng.exponential(mean)))
+            stop = min(length, -(-(pos + n) // align) * align)
+            starts[row, pos:stop] = pos
+            pos = stop
+    return starts
+
+
+def document_ratios(rows: list[dict], keys: tuple[str, ...], time_key: str) -> list[dict]:
+    """For every row of an implementation ``NAME+docs``, its ``time_key`` over that of ``NAME``'s
+    row with the same ``keys`` (the cost of packed documents, measured in the same run)."""
+    plain = {tuple(r[k] for k in keys) + (r["implementation"],): r for r in rows}
+    out = []
+    for r in rows:
+        if r["implementation"].endswith(DOCS):
+            base = plain.get(tuple(r[k] for k in keys) + (r["implementation"][: -len(DOCS)],))
+            if base:
+                out.append(
+                    {
+                        **{k: r[k] for k in keys},
+                        "implementation": base["implementation"],
+                        "ratio": r[time_key] / base[time_key],
+                    }
+                )
+    return out
+
+
 def add_kernel_bench_args(ap, *, out: str, sweep_help: str) -> None:
     """The options every kernel benchmark shares: device checks, tile sweep, interpreter, output, plot."""
     ap.add_argument("--check", action="store_true", help="first compare the kernel with the reference on the device")
