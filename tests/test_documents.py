@@ -199,3 +199,19 @@ def test_attention_documents_are_independent(impl):
         )
     )
     assert_documents_independent(run, [q, kk, v], spans)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 100])
+def test_cudnn_packed_equals_alone_on_the_device(on_gpu, window):
+    # Given packed rows of the transformer baseline's shape on cuDNN (bf16, heads of 64): documents
+    # enter jax.nn.dot_product_attention as a mask, since it takes no segment ids
+    starts, spans = packed_layout(11, 2, 1000, 1, 300)
+    ks = jax.random.split(jax.random.key(11), 3)
+    q = jax.random.normal(ks[0], (2, 1000, 8, 64)).astype(jnp.bfloat16)
+    kk, v = (jax.random.normal(key, (2, 1000, 8, 64)).astype(jnp.bfloat16) for key in ks[1:])
+    op = lambda q, k_, v, document_start: causal_attention(
+        q, k_, v, window=window, document_start=document_start, implementation="cudnn"
+    )
+    # Then each document computes as if alone, forward and gradient
+    assert_packed_equals_alone(op, [q, kk, v], [], starts, spans, 1e-2)
