@@ -28,7 +28,7 @@ print("jax", jax.__version__, jax.devices())
 print("jax.nn.dot_product_attention", inspect.signature(jax.nn.dot_product_attention))
 EOF
   log "GPU tests of packed documents"
-  python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_documents.py tests/test_pallas_ssd.py \
+  JAX_PLATFORMS=cuda,cpu python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_documents.py tests/test_pallas_ssd.py \
     tests/test_pallas_boundary_window_attention.py -k "document or packed" 2>&1 | tail -15 | tee "$OUT/pytest_documents.log"
 }
 
