@@ -105,7 +105,7 @@ def describe_packing(cfg: Config, corpus: bool = False) -> str:
     return (
         line
         + f"\n  data.train: {r['documents']:,} documents, {r['tokens']:,} tokens (mean {r['mean_document']:,.0f}); "
-        + f"padding {r['padding']:,} tokens = {100 * r['padding_share']:.2f}% of the packed stream"
+        + f"padding {r['padding']:,} tokens = {100 * r['padding_share']:.3f}% of the packed stream"
     )
 
 

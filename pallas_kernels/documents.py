@@ -75,3 +75,41 @@ def next_starts(document_start: jax.Array, positions, token_chunk: int) -> jax.A
     positions = jnp.asarray(positions, jnp.int32)
     count = jnp.sum(firsts[:, :, None] < positions, axis=1, dtype=jnp.int32)
     return jnp.minimum(count * token_chunk, length)
+
+
+@jax.custom_vjp
+def at_document_start(a: jax.Array, document_start: jax.Array) -> jax.Array:
+    """[B, T, ...] -> [B, T, ...]: each token's row of ``a`` at its document's first token.
+
+    A gather whose gradient is a scatter-add with every token of a document on one index (which
+    serialises on a GPU); its backward here sums each document's cotangents with a segmented
+    scan instead and puts the sum at the document's first token."""
+    idx = document_start.reshape(document_start.shape + (1,) * (a.ndim - 2))
+    return jnp.take_along_axis(a, idx, axis=1)
+
+
+def _at_document_start_fwd(a, document_start):
+    return at_document_start(a, document_start), document_start
+
+
+def _at_document_start_bwd(document_start, g):
+    b, t = document_start.shape
+    pos = jax.lax.broadcasted_iota(jnp.int32, (b, t), 1)
+    # A document's last token: the next token's document starts elsewhere (or the row ends).
+    last = jnp.concatenate([document_start[:, 1:] != document_start[:, :-1], jnp.ones((b, 1), bool)], axis=1)
+    expand = lambda x: x.reshape(x.shape + (1,) * (g.ndim - 2))
+
+    def combine(left, right):  # a sum that restarts at a flagged element (reversed: at each document's last token)
+        (vl, fl), (vr, fr) = left, right
+        return jnp.where(fr, vr, vl + vr), fl | fr
+
+    # Reversed, each document is a segment starting at its last token: the inclusive scan at the
+    # document's first token is the sum over the document. Other documents' values are selected
+    # away, never added, so a document's gradient does not depend on its neighbours.
+    sums, _ = jax.lax.associative_scan(combine, (g[:, ::-1], expand(last[:, ::-1])), axis=1)
+    sums = sums[:, ::-1]
+    grad = jnp.where(expand(pos == document_start), sums, jnp.zeros((), g.dtype))
+    return grad, np.zeros(document_start.shape, jax.dtypes.float0)
+
+
+at_document_start.defvjp(_at_document_start_fwd, _at_document_start_bwd)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.common import gather_boundaries
+from pallas_kernels.documents import at_document_start
 from pallas_kernels.visibility import Visibility
 
 
@@ -62,8 +63,7 @@ def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int, document_star
 
     if document_start is not None:
         # The document's first token, a boundary of its own grid.
-        at_start = lambda a: jnp.take_along_axis(a, document_start[:, :, None, None], axis=1)[:, :, None]
-        kd, vd = at_start(k), at_start(v)  # [B, T, 1, Hkv, D]
+        kd, vd = (at_document_start(a, document_start)[:, :, None] for a in (k, v))  # [B, T, 1, Hkv, D]
         s_d = jnp.einsum("btkrd,btnkd->bkrtn", qg, kd, preferred_element_type=f32) * scale
         mask_d = vis.document_key_visible(tpos[None, :, None], start)  # [B, T, 1]
         parts.append(_partial_attention(s_d, heads(mask_d), vd, "bkrtn,btnkd->bkrtd"))
