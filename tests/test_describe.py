@@ -49,4 +49,4 @@ def test_describe_reports_the_packing_and_its_padding(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "packing: each document alone (data.document_masking); documents start at multiples of 4" in out
     # Then the first two documents are padded (7 -> 8, 11 -> 12), the last one is not
-    assert "data.train: 3 documents, 24 tokens (mean 8); padding 2 tokens = 7.69% of the packed stream" in out
+    assert "data.train: 3 documents, 24 tokens (mean 8); padding 2 tokens = 7.692% of the packed stream" in out
