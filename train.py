@@ -75,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     from attamba_jax.data import DataError
     from attamba_jax.tokenizer import TokenizerError
     from attamba_jax.trainer import NonFiniteLossError, train
+    from attamba_jax.workdir_lock import WorkdirLockError
 
     workdir = pathlib.Path(args.workdir or pathlib.Path("runs") / pathlib.Path(args.config).stem)
     try:
         cfg = load_config(args.config, args.overrides)
         print(f"config {args.config}; workdir {workdir}", flush=True)
         result = train(cfg, workdir, progress=not args.no_progress)
-    except (ConfigError, DataError, TokenizerError, CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, DataError, TokenizerError, CheckpointError, NonFiniteLossError, WorkdirLockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
     if result.status == "already_done":

@@ -465,6 +465,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         _check(
             isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} must be a number, got {value!r}"
         )
+        _check(math.isfinite(value), f"{where} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         _check(isinstance(value, str), f"{where} must be a string, got {value!r}")

@@ -16,8 +16,9 @@ the last.
 Invariants:
   * Step metrics stay on the device until a hook asks for them, so the host waits for the
     device only at the steps that log or save, and dispatches the next step meanwhile.
-  * Every fetch of step metrics checks them: a NaN/inf loss or gradient norm raises
-    ``NonFiniteLossError`` before any hook logs it or saves the state that followed it.
+  * Every fetch of step metrics checks them: a NaN/inf loss or gradient norm, or a step whose
+    updated parameters or optimizer state hold a NaN/inf (``state_finite``, computed inside the
+    jitted step), raises ``NonFiniteLossError`` before any hook logs it or saves that state.
   * tokens/s and MFU count the time spent stepping only: not the first step of a run (it
     compiles), not evaluation, not saving.
   * SIGTERM/SIGINT do not interrupt a step: the step in flight is logged and saved, then the
@@ -46,7 +47,7 @@ from attamba_jax.metrics import MetricsLog
 if TYPE_CHECKING:
     from attamba_jax.trainer import Trainer
 
-# One step's metrics on the host: {"loss", "grad_norm", "lr"}.
+# One step's metrics on the host: {"loss", "grad_norm", "lr", "state_finite"}.
 Metrics = dict[str, float]
 
 
@@ -55,9 +56,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_finite(fetched: list[tuple[int, Metrics]], checkpointer: Checkpointer):
-    """Raise NonFiniteLossError at the first step whose loss or gradient norm is not finite."""
+    """Raise NonFiniteLossError at the first step whose loss, gradient norm or updated state
+    (parameters and optimizer state) is not finite."""
     for step, m in fetched:
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+        loss_ok = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
+        if not loss_ok or m["state_finite"] != 1.0:
             checkpointer.wait()
             good = checkpointer.latest_step()
             where = (
@@ -65,8 +68,9 @@ def check_finite(fetched: list[tuple[int, Metrics]], checkpointer: Checkpointer)
                 if good is not None
                 else "no checkpoint was saved before it"
             )
+            what = "loss" if not loss_ok else "parameters or optimizer state after the update"
             raise NonFiniteLossError(
-                f"non-finite loss at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}); "
+                f"non-finite {what} at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}); "
                 f"stopped without saving it: {where}. Lower optim.lr or check the data."
             )
 

@@ -47,8 +47,17 @@ def _nll_sum(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
     return mean * jnp.maximum(total, 1.0), total
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point value of ``tree`` is finite: one bool scalar (XLA fuses the
+    reductions into the ops that produce the arrays)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, param_shardings=None):
-    """``(state, batch) -> (state, metrics)``; batch arrays are [microbatches, b, T].
+    """``(state, batch) -> (state, metrics)``; batch arrays are [microbatches, b, T]. Metrics:
+    ``loss``, ``grad_norm`` (of the gradient the update used), ``lr``, and ``state_finite`` (1
+    when every updated parameter and optimizer value is finite, else 0).
 
     ``param_shardings``: keep the accumulated gradients sharded like the parameters (under
     fsdp XLA then reduce-scatters them instead of all-reducing full copies).
@@ -72,7 +81,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-        metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        metrics = {
+            "loss": nll / denom,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state["step"]),
+            # The updated state itself: an update can overflow though the loss and gradient were finite.
+            "state_finite": all_finite((new_state["params"], new_state["opt_state"])).astype(jnp.float32),
+        }
         return new_state, metrics
 
     return step_fn

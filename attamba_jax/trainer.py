@@ -46,6 +46,7 @@ from attamba_jax.train_step import (
     mesh_from_config,
     train_batch_sharding,
 )
+from attamba_jax.workdir_lock import WorkdirLock
 
 
 @dataclasses.dataclass
@@ -124,7 +125,9 @@ class Trainer:
         peak = peak_flops_per_device(self.devices[0].device_kind, mcfg.dtype, cfg.train.peak_tflops)
         self.peak_flops = None if peak is None else peak * len(self.devices)
 
-        # Checkpoints: resume from the latest one when its config allows it.
+        # One writer per workdir (process 0 holds the lock for all); then checkpoints: resume
+        # from the latest one when its config allows it.
+        self.lock = WorkdirLock.acquire(self.workdir) if self.process_index == 0 else None
         self.checkpointer = Checkpointer(
             self.workdir / "checkpoints", keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every
         )
@@ -159,10 +162,15 @@ class Trainer:
         return latest
 
     def close(self):
-        """Finish pending saves and stop the checkpoint manager and the data reader threads."""
-        self.checkpointer.wait()
-        self.checkpointer.close()
-        self.train_iter.close()
+        """Finish pending saves, stop the checkpoint manager and the data reader threads, and
+        release the workdir."""
+        try:
+            self.checkpointer.wait()
+            self.checkpointer.close()
+            self.train_iter.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     # --- helpers ---------------------------------------------------------------------------
 

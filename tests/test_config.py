@@ -388,3 +388,9 @@ def test_a_dump_is_flat_and_a_saved_config_names_no_base(tmp_path):
     dumped.write_text("base: ../recipe.yaml\n" + dumped.read_text())
     with pytest.raises(ConfigError, match="a saved config is complete in itself; base: has no place in it"):
         load_saved_config(dumped)
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "-inf", "nan", ".nan", "1e999"])
+def test_number_keys_refuse_inf_and_nan(value):
+    with pytest.raises(ConfigError, match=r"optim.lr must be a finite number, got "):
+        load_config(CONFIGS / "tiny.yaml", [f"optim.lr={value}"])

@@ -169,10 +169,12 @@ def test_flops_count_what_attamba_attends_to():
     assert train_flops_per_token(cfg, n, 1024) == pytest.approx(expected)
 
 
-def test_config_differences_allow_optim_and_train_changes_only():
+def test_config_differences_allow_optim_train_and_implementation_changes_only():
     cfg = load_config(TINY)
     a = json.loads(json.dumps(cfg.to_dict()))
-    b = json.loads(json.dumps(load_config(TINY, ["train.steps=999", "optim.lr=1e-4", "data.threads=3"]).to_dict()))
+    changes = ["train.steps=999", "optim.lr=1e-4", "data.threads=3"]
+    changes += ["model.ssm_implementation=chunked", "model.attention_implementation=dense"]  # the same function
+    b = json.loads(json.dumps(load_config(TINY, changes).to_dict()))
     assert config_differences(a, b) == []
     c = json.loads(json.dumps(load_config(TINY, ["model.dim=64", "data.seq_len=128", "seed=5"]).to_dict()))
     diffs = config_differences(a, c)
@@ -204,7 +206,12 @@ def _scheduled_calls(stop_at=None) -> dict[str, list[tuple[int, list[int]]]]:
     hooks.add(recorder("every3"), every=3)
     hooks.add(recorder("every4_not_on_stop"), every=4, on_stop=False)
     for step in range(3, 12):
-        metrics = {"loss": jnp.float32(step), "grad_norm": jnp.float32(1.0), "lr": jnp.float32(0.1)}
+        metrics = {
+            "loss": jnp.float32(step),
+            "grad_norm": jnp.float32(1.0),
+            "lr": jnp.float32(0.1),
+            "state_finite": 1.0,
+        }
         hooks.run(step, metrics, stopping=step == stop_at)
         if step == stop_at:
             break
@@ -378,6 +385,26 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good
     assert resumed.start_step == 4
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(resumed.state["params"]))
     resumed.close()
+
+
+def test_an_update_that_overflows_stops_the_run_before_its_state_is_saved(trained, tmp_path):
+    # Given a resumed run whose optimizer moments hold inf after step 5: step 6's loss and gradient
+    # are finite, but the parameters it updates are not (as when an extreme lr overflows the update)
+    run = _copy(trained, tmp_path)
+    longer = with_overrides(trained.overrides, "train.steps=8")
+    trainer = Trainer(load_config(TINY, longer), run, progress=False)
+
+    def poison(step):
+        if step == 5:
+            inf = lambda x: x * jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim else x
+            trainer.state["opt_state"] = jax.tree.map(inf, trainer.state["opt_state"])
+
+    # Then the step is named, step 6 (a checkpoint step) is not saved, and the last checkpoint is good
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite parameters or optimizer state after the update at step 6 "
+    ):
+        trainer.run(poison)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
 
 def test_restoring_a_workdir_gives_the_parameters_the_trainer_saved_on_one_device(trained):
