@@ -15,6 +15,12 @@ A checkpoint written with a different model or data config cannot continue this 
 ``config_differences`` names what differs. A checkpoint that cannot be read (truncated,
 corrupt) raises ``CheckpointError`` naming its folder; nothing is deleted.
 
+Checksums: meta holds a checksum of every saved array (two 32-bit sums of the array's bits,
+one weighted by position, computed on the device in one jitted call) and a SHA-256 of the
+data iterator's state; restoring recomputes them and refuses a checkpoint whose values differ,
+naming the array, like any damaged checkpoint. Checkpoints written before checksums existed
+restore unverified.
+
 ``restore_workdir`` reads what evaluation and generation need of a workdir: its config and
 one checkpoint's parameters (the "params" subtree of "state" only; the optimizer state is
 neither read nor built).
@@ -22,11 +28,15 @@ neither read nor built).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 from typing import Any, NamedTuple
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -71,6 +81,37 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
+def _bits(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 (one element per value; 16-bit and 8-bit types widened)."""
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width) if x.dtype != jnp.bool_ else x
+    return bits.astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _array_checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+    def one(x):
+        bits = _bits(x)
+        weights = 2 * jax.lax.iota(jnp.uint32, bits.shape[0]) + 1  # odd: any one changed value shows
+        return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+    return [one(x) for x in leaves]
+
+
+def state_checksums(tree: Any) -> dict[str, str]:
+    """``{array path: checksum}`` of every array of ``tree`` (computed on its devices)."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0]) if jax.tree.leaves(tree) else ((), ())
+    sums = jax.device_get(_array_checksums(list(leaves)))
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): f"{int(a):08x}{int(b):08x}"
+        for path, (a, b) in zip(paths, np.asarray(sums).reshape(-1, 2) if sums else [])
+    }
+
+
+def iterator_checksum(data_iterator: grain.DatasetIterator) -> str:
+    return hashlib.sha256(json.dumps(data_iterator.get_state(), sort_keys=True, default=str).encode()).hexdigest()
+
+
 class Checkpointer:
     """Saves and restores (state, data iterator, meta) under ``directory``."""
 
@@ -100,6 +141,9 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None, meta: dict):
+        meta = {**meta, "checksums": state_checksums(state)}
+        if data_iterator is not None:
+            meta["iterator_checksum"] = iterator_checksum(data_iterator)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -108,13 +152,14 @@ class Checkpointer:
     def _folder(self, step: int) -> pathlib.Path:
         return self.directory / str(step)
 
-    def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
+    def _hint(self, step: int) -> str:
         others = [s for s in self.all_steps() if s != step]
-        hint = (
-            f"; move {self._folder(step)} aside to resume from step {others[-1]}"
-            if others
-            else "; move it aside to start afresh"
-        )
+        if others:
+            return f"; move {self._folder(step)} aside to resume from step {others[-1]}"
+        return "; move it aside to start afresh"
+
+    def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
+        hint = self._hint(step)
         # The first line of the reader's message; TensorStore appends its whole spec after it.
         detail = (str(error).splitlines() or [""])[0].split(". See full")[0][:300]
         return CheckpointError(
@@ -141,7 +186,28 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise self._unreadable(step, "state" if data_iterator is None else "state or data iterator", e) from e
+        meta = self.read_meta(step)
+        self._verify(step, meta, restored.state)
+        if data_iterator is not None and "iterator_checksum" in meta:
+            if iterator_checksum(data_iterator) != meta["iterator_checksum"]:
+                raise self._damaged(step, "the data iterator's state")
         return restored.state
+
+    def _damaged(self, step: int, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {self._folder(step)} is damaged: {what} does not match the checksum saved with it"
+            + self._hint(step)
+        )
+
+    def _verify(self, step: int, meta: dict, tree: Any, prefix: str = ""):
+        """Refuse ``tree`` (restored from ``step``; its paths under ``prefix``) unless every array
+        matches the checksum saved with it."""
+        saved = meta.get("checksums")
+        if saved is None:
+            return  # written before checksums existed
+        for path, checksum in state_checksums(tree).items():
+            if saved.get(prefix + path) != checksum:
+                raise self._damaged(step, f"array {prefix + path}")
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of checkpoint ``step``, shaped and sharded like ``abstract_params``."""
@@ -153,6 +219,7 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
         except Exception as e:
             raise self._unreadable(step, "state", e) from e
+        self._verify(step, self.read_meta(step), restored.state["params"], prefix="params/")
         return restored.state["params"]
 
     def wait(self):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -366,6 +367,69 @@ def test_a_truncated_checkpoint_is_an_error_naming_the_folder_and_the_previous_s
         Trainer(load_config(TINY, trained.overrides), damaged, progress=False)
     assert (damaged / "checkpoints" / "2").is_dir() and (damaged / "checkpoints" / "4").is_dir()
     gc.collect()  # the dropped reader coroutines go now, under this test's warning filter
+
+
+def _flip_bytes(path: pathlib.Path, n: int):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
+    path.write_bytes(bytes(data))  # same size: only the values differ
+
+
+def test_flipped_bytes_in_a_checkpoint_are_refused_on_the_command_line_with_the_message_alone(trained, tmp_path):
+    # Given one byte flipped in the middle of checkpoint 4's largest data file (its size unchanged)
+    damaged = _copy(trained, tmp_path)
+    state_dir = damaged / "checkpoints" / "4" / "state"
+    _flip_bytes(max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size), 1)
+    # When train.py resumes the workdir
+    cmd = [sys.executable, "train.py", "--no-progress", "--config", TINY, "--workdir", str(damaged), *trained.overrides]
+    run = subprocess.run(cmd, env=_subprocess_env(tmp_path / "cache"), cwd=REPO, capture_output=True, text=True)
+    # Then it exits 2, stderr holding the message alone: the array, the checkpoint, the way out
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: checkpoint \S+/checkpoints/4 is damaged: array \S+ does not match the checksum saved with it; "
+        r"move \S+/checkpoints/4 aside to resume from step 2",
+        lines[0],
+    ), lines[0]
+    assert (damaged / "checkpoints" / "4").is_dir()  # nothing deleted
+
+
+def _edit_meta(run: pathlib.Path, step: int, edit):
+    path = run / "checkpoints" / str(step) / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_parameters_that_differ_from_their_checksum_are_refused_by_readers(trained, tmp_path):
+    damaged = _copy(trained, tmp_path)
+    name = next(
+        k
+        for k in json.loads((damaged / "checkpoints/4/meta/metadata").read_text())["checksums"]
+        if k.startswith("params/")
+    )
+    _edit_meta(damaged, 4, lambda m: m["checksums"].update({name: "0" * 16}))
+    with pytest.raises(CheckpointError, match=rf"checkpoints/4 is damaged: array {re.escape(name)} does not match"):
+        restore_workdir(damaged)
+    restore_workdir(damaged, step=2)  # the other checkpoint is sound
+
+
+def test_a_data_iterator_state_that_differs_from_its_checksum_is_refused(trained, tmp_path):
+    damaged = _copy(trained, tmp_path)
+    (state,) = (damaged / "checkpoints" / "4" / "data").glob("process_0*.json")
+    record = json.loads(state.read_text())
+    record["next_index"] += 1
+    state.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"checkpoints/4 is damaged: the data iterator's state does not match"):
+        Trainer(load_config(TINY, trained.overrides), damaged, progress=False)
+
+
+def test_checkpoints_without_checksums_restore_unverified(trained, tmp_path):
+    old = _copy(trained, tmp_path)
+    _edit_meta(old, 4, lambda m: (m.pop("checksums"), m.pop("iterator_checksum")))
+    chex.assert_trees_all_equal(jax.device_get(restore_workdir(old).params), trained.params)
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(trained, tmp_path):
