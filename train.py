@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="checkpoints, metrics, plots (default: runs/<config name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     parser.add_argument(
+        "--resume-step",
+        type=int,
+        metavar="N",
+        help="resume from checkpoint N instead of the latest (later checkpoints move to WORKDIR/superseded/)",
+    )
+    parser.add_argument(
         "--distributed",
         action="store_true",
         help="one process per host: join the others through jax.distributed (implied by JAX_COORDINATOR_ADDRESS)",
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         print(f"config {args.config}; workdir {workdir}", flush=True)
-        result = train(cfg, workdir, progress=not args.no_progress)
+        result = train(cfg, workdir, progress=not args.no_progress, resume_step=args.resume_step)
     except (ConfigError, DataError, TokenizerError, CheckpointError, NonFiniteLossError, WorkdirLockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, NonFiniteLossError) else 3

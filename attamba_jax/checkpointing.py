@@ -153,9 +153,9 @@ class Checkpointer:
         return self.directory / str(step)
 
     def _hint(self, step: int) -> str:
-        others = [s for s in self.all_steps() if s != step]
+        others = [s for s in self.all_steps() if s < step]
         if others:
-            return f"; move {self._folder(step)} aside to resume from step {others[-1]}"
+            return f"; to resume from step {others[-1]}, pass --resume-step {others[-1]} (nothing is deleted)"
         return "; move it aside to start afresh"
 
     def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
@@ -221,6 +221,10 @@ class Checkpointer:
             raise self._unreadable(step, "state", e) from e
         self._verify(step, self.read_meta(step), restored.state["params"], prefix="params/")
         return restored.state["params"]
+
+    def reload(self):
+        """Read the steps on disk again (after folders were moved)."""
+        self.manager.reload()
 
     def wait(self):
         """Block until every started save is on disk."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -64,8 +65,18 @@ class RunResult:
 class Trainer:
     """Everything one run needs, built once; ``run()`` trains from the latest checkpoint on."""
 
-    def __init__(self, cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True, devices=None):
-        """``devices``: the mesh's devices (default: every device of every process)."""
+    def __init__(
+        self,
+        cfg: Config,
+        workdir: str | pathlib.Path,
+        *,
+        progress: bool = True,
+        devices=None,
+        resume_step: int | None = None,
+    ):
+        """``devices``: the mesh's devices (default: every device of every process).
+        ``resume_step``: resume from this checkpoint instead of the latest; the checkpoints after
+        it move to ``WORKDIR/superseded/`` (kept, out of this run's way)."""
         self.cfg = cfg.validate()
         self.workdir = pathlib.Path(workdir)
         self.progress = progress
@@ -134,7 +145,7 @@ class Trainer:
         self.start_step = 0
         self.train_iter = iter(self.train_data)
         try:
-            latest = self._restore_latest()
+            latest = self._restore(resume_step)
         except BaseException:
             self.close()
             raise
@@ -142,10 +153,19 @@ class Trainer:
         (self.workdir / "config.yaml").write_text(dump_config(cfg))
         self.last_saved_step = latest
 
-    def _restore_latest(self) -> int | None:
-        """Load the newest checkpoint into ``state`` and the data iterator; its step, or None."""
+    def _restore(self, resume_step: int | None) -> int | None:
+        """Load checkpoint ``resume_step`` (default: the newest) into ``state`` and the data
+        iterator; its step, or None."""
         cfg = self.cfg
         latest = self.checkpointer.latest_step()
+        if resume_step is not None:
+            steps = self.checkpointer.all_steps()
+            if resume_step not in steps:
+                raise CheckpointError(
+                    f"--resume-step {resume_step}: no checkpoint step {resume_step} in {self.checkpointer.directory} "
+                    f"(it has {steps})"
+                )
+            latest = resume_step
         if latest is not None:
             meta = self.checkpointer.read_meta(latest)
             current = json.loads(json.dumps(cfg.to_dict()))
@@ -159,7 +179,23 @@ class Trainer:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
             self.state = self.checkpointer.restore(latest, abstract, self.train_iter)
             self.start_step = latest
+            if self.process_index == 0:
+                self._supersede_after(latest)
         return latest
+
+    def _supersede_after(self, step: int):
+        """Move the checkpoints after ``step`` to ``WORKDIR/superseded/<step>-<time>/``: this run
+        writes its own from ``step`` on."""
+        later = [s for s in self.checkpointer.all_steps() if s > step]
+        if not later:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for s in later:
+            target = self.workdir / "superseded" / f"{s}-{stamp}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.checkpointer.directory / str(s)).rename(target)
+        self.checkpointer.reload()
+        print(f"resuming from step {step}: moved the later checkpoints {later} to {self.workdir / 'superseded'}")
 
     def close(self):
         """Finish pending saves, stop the checkpoint manager and the data reader threads, and
@@ -237,6 +273,11 @@ def grain_read_options(cfg: Config) -> grain.ReadOptions:
 
 
 def train(
-    cfg: Config, workdir: str | pathlib.Path, *, progress: bool = True, callback: Callable[[int], None] | None = None
+    cfg: Config,
+    workdir: str | pathlib.Path,
+    *,
+    progress: bool = True,
+    callback: Callable[[int], None] | None = None,
+    resume_step: int | None = None,
 ) -> RunResult:
-    return Trainer(cfg, workdir, progress=progress).run(callback)
+    return Trainer(cfg, workdir, progress=progress, resume_step=resume_step).run(callback)

@@ -390,10 +390,29 @@ def test_flipped_bytes_in_a_checkpoint_are_refused_on_the_command_line_with_the_
     assert len(lines) == 1, run.stderr[-3000:]
     assert re.fullmatch(
         r"error: checkpoint \S+/checkpoints/4 is damaged: array \S+ does not match the checksum saved with it; "
-        r"move \S+/checkpoints/4 aside to resume from step 2",
+        r"to resume from step 2, pass --resume-step 2 \(nothing is deleted\)",
         lines[0],
     ), lines[0]
     assert (damaged / "checkpoints" / "4").is_dir()  # nothing deleted
+
+
+def test_resume_step_resumes_from_an_older_checkpoint_and_keeps_the_later_ones(trained, tmp_path):
+    # Given a workdir whose checkpoint 4 is damaged
+    run = _copy(trained, tmp_path)
+    _flip_bytes(
+        max((p for p in (run / "checkpoints/4/state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size), 1
+    )
+    with pytest.raises(CheckpointError, match=r"no checkpoint step 3 in \S+ \(it has \[2, 4\]\)"):
+        Trainer(load_config(TINY, trained.overrides), run, progress=False, resume_step=3)
+    # When the run resumes from step 2
+    trainer = Trainer(load_config(TINY, trained.overrides), run, progress=False, resume_step=2)
+    assert trainer.start_step == 2
+    (moved,) = (run / "superseded").iterdir()
+    assert moved.name.startswith("4-") and (moved / "state").is_dir()  # kept, out of the way
+    trainer.run()
+    # Then it trains steps 3 and 4 again, exactly as the first time
+    chex.assert_trees_all_equal(jax.device_get(trainer.state["params"]), trained.params)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
 
 def _edit_meta(run: pathlib.Path, step: int, edit):
