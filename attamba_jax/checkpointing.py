@@ -28,9 +28,11 @@ neither read nor built).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import pathlib
+import sys
 from typing import Any, NamedTuple
 
 import grain
@@ -112,6 +114,33 @@ def iterator_checksum(data_iterator: grain.DatasetIterator) -> str:
     return hashlib.sha256(json.dumps(data_iterator.get_state(), sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _quiet_orbax_readers(hook):
+    """``sys.unraisablehook`` that drops the reports of Orbax coroutines and passes the rest on."""
+
+    def quiet(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or "orbax" not in code.co_filename:
+            hook(unraisable)
+
+    quiet.orbax_readers_quiet = True
+    return quiet
+
+
+def _drop_failed_reads(error: BaseException):
+    """Let go of a failed restore. Orbax's reader coroutines for the other arrays are dropped
+    after the first error, and Python reports each one ("Exception ignored in", a TensorStore
+    spec long) when it is collected, now or at exit. The CheckpointError says what failed, so
+    from here on those reports are dropped; anything else unraisable is still reported."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+    if not getattr(sys.unraisablehook, "orbax_readers_quiet", False):
+        sys.unraisablehook = _quiet_orbax_readers(sys.unraisablehook)
+    gc.collect()
+
+
 class Checkpointer:
     """Saves and restores (state, data iterator, meta) under ``directory``."""
 
@@ -159,6 +188,8 @@ class Checkpointer:
         return "; move it aside to start afresh"
 
     def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
+        """The CheckpointError for a reader's ``error``, which is dropped with what it holds."""
+        _drop_failed_reads(error)
         hint = self._hint(step)
         # The first line of the reader's message; TensorStore appends its whole spec after it.
         detail = (str(error).splitlines() or [""])[0].split(". See full")[0][:300]
@@ -170,7 +201,11 @@ class Checkpointer:
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
-            raise self._unreadable(step, "meta", e) from e
+            error = self._unreadable(step, "meta", e)
+        else:
+            error = None
+        if error is not None:
+            raise error
         if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
             raise CheckpointError(
                 f"checkpoint {self._folder(step)}: meta holds no config and step; it was not written by this trainer"
@@ -185,7 +220,11 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            raise self._unreadable(step, "state" if data_iterator is None else "state or data iterator", e) from e
+            error = self._unreadable(step, "state" if data_iterator is None else "state or data iterator", e)
+        else:
+            error = None
+        if error is not None:
+            raise error
         meta = self.read_meta(step)
         self._verify(step, meta, restored.state)
         if data_iterator is not None and "iterator_checksum" in meta:
@@ -218,7 +257,11 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
         except Exception as e:
-            raise self._unreadable(step, "state", e) from e
+            error = self._unreadable(step, "state", e)
+        else:
+            error = None
+        if error is not None:
+            raise error
         self._verify(step, self.read_meta(step), restored.state["params"], prefix="params/")
         return restored.state["params"]
 
