@@ -14,12 +14,19 @@ The public surface, for notebooks and scripts:
     aj.train(cfg, "runs/tiny")                              # the trainer, as ``python train.py`` runs it
 """
 
-from attamba_jax.checkpointing import Restored, restore_workdir
-from attamba_jax.config import Config, ConfigError, ModelConfig, load_config, load_saved_config
-from attamba_jax.evaluate import Scorer, load_scorer
-from attamba_jax.generate import Generated, decode_step, generate, make_decode_step, make_prefill, prefill
-from attamba_jax.model import LanguageModel, apply_model, count_params, init_model, make_forward
-from attamba_jax.trainer import Trainer, train
+import warnings
+
+# ``python -m attamba_jax.generate`` (and evaluate, describe, ...) runs a module that this package
+# already imported for its public surface; runpy then warns that it runs it a second time, as
+# __main__. Nothing here acts on import, so that is harmless, and the warning is noise for users.
+warnings.filterwarnings("ignore", r"'attamba_jax\.\w+' found in sys\.modules", RuntimeWarning, "runpy")
+
+from attamba_jax.checkpointing import Restored, restore_workdir  # noqa: E402
+from attamba_jax.config import Config, ConfigError, ModelConfig, load_config, load_saved_config  # noqa: E402
+from attamba_jax.evaluate import Scorer, load_scorer  # noqa: E402
+from attamba_jax.generate import Generated, decode_step, generate, make_decode_step, make_prefill, prefill  # noqa: E402
+from attamba_jax.model import LanguageModel, apply_model, count_params, init_model, make_forward  # noqa: E402
+from attamba_jax.trainer import Trainer, train  # noqa: E402
 
 __all__ = [
     "Config",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import pathlib
 import sys
 from typing import Any, NamedTuple
@@ -160,8 +161,17 @@ class Checkpointer:
             # not: it may be a save in progress).
             cleanup_tmp_directories=not read_only,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            save_interval_steps=0 if read_only else 1,  # a reader saves nothing
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Orbax warns through absl that a read-only manager's directory is read only: that is the point.
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if read_only:
+            absl.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -121,10 +121,28 @@ def is_heldout(key: str, fraction: float) -> bool:
     return h < fraction * 2.0**64
 
 
+# A text file may hold a few bytes that are not UTF-8 (they read as U+FFFD); above this share of
+# its characters it is refused as not text (a binary file named by mistake).
+MAX_UNDECODABLE = 0.01
+
+
+def decode_text(raw: bytes, name: str) -> str:
+    """UTF-8 text of a file's bytes, invalid bytes as U+FFFD; DataError when more than
+    ``MAX_UNDECODABLE`` of the characters are, naming the file."""
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if text and bad > MAX_UNDECODABLE * len(text):
+        raise DataError(
+            f"{name} is not UTF-8 text: {bad:,} of its {len(text):,} characters are undecodable bytes "
+            f"(more than {MAX_UNDECODABLE:.0%}); is it a binary file?"
+        )
+    return text
+
+
 def iter_documents(source: Source) -> Iterator[tuple[str, str]]:
     """(key, text) for each non-empty document of a text or JSONL file."""
     if source.kind == "text":
-        text = source.path.read_bytes().decode("utf-8", errors="replace")
+        text = decode_text(source.path.read_bytes(), str(source.path))
         if text:
             yield source.key, text
         return

@@ -32,6 +32,7 @@ import numpy as np
 
 from attamba_jax.checkpointing import CheckpointError, restore_workdir
 from attamba_jax.config import Config, ConfigError
+from attamba_jax.data import DataError, decode_text
 from attamba_jax.model import apply_model, cross_entropy
 from attamba_jax.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
 
@@ -124,6 +125,8 @@ class Scorer:
             raise TokenizerError(
                 f"token id {int(ids.max())} is outside the model's vocabulary ({self.cfg.model.vocab_size})"
             )
+        if ids.size == 0:
+            raise ValueError("the text is empty: there is nothing to score")
         tokens = np.concatenate([[self.tokenizer.bos_id], ids]).astype(np.int32)
         nll, n = self.score_tokens(tokens, stride)
         return Score(nll, n, len(text.split()), len(text.encode("utf-8")))
@@ -167,9 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             p = pathlib.Path(path)
             if not p.is_file():
                 raise FileNotFoundError(f"--text {path}: no such file")
-            score = scorer.score_text(p.read_bytes().decode("utf-8", errors="replace"), stride)
+            text = decode_text(p.read_bytes(), f"--text {path}")
+            if not text:
+                raise ValueError(f"--text {path} is empty: there is nothing to score")
+            score = scorer.score_text(text, stride)
             results[path], total = score.report(), total + score
-    except (ConfigError, CheckpointError, TokenizerError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, TokenizerError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results["total"] = total.report()

@@ -102,6 +102,17 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> Sampling:
     return Sampling(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
 
+def check_request(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, token_chunk: int | None
+) -> Sampling:
+    """``generate``'s arguments checked (before any model is loaded, in the CLI); the Sampling."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if token_chunk is not None and token_chunk < 1:
+        raise ValueError(f"token_chunk must be >= 1, got {token_chunk}")
+    return check_sampling(temperature, top_k, top_p)
+
+
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """logits [B, V] -> token ids [B] int32 (top-k, then top-p, on logits / temperature)."""
     logits = logits.astype(jnp.float32)
@@ -185,8 +196,7 @@ def generate(
       token_chunk: decode an Attamba model at chunk size K' (the trained K if None).
       pad_id: fills each row after its end.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = check_request(max_new_tokens, temperature, top_k, top_p, token_chunk)
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     if lengths.size == 0 or lengths.min() < 1:
         raise ValueError("generate: every prompt needs at least one token")
@@ -205,7 +215,7 @@ def generate(
         jnp.asarray(tokens),
         jnp.asarray(lengths),
         jax.random.key(seed),
-        check_sampling(temperature, top_k, top_p),
+        sampling,
         jnp.asarray(stop_mask),
         jnp.int32(pad_id),
         graphdef=graphdef,
@@ -251,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("override", nargs="*", help="with --config: section.key=value overrides")
     args = parser.parse_args(argv)
     try:
+        # The flags first: a bad one is named before any checkpoint is read.
+        check_request(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.token_chunk)
         if args.workdir is not None:
             if args.override:
                 raise ConfigError("overrides apply to --config only; a workdir's config is the one it was trained with")
@@ -277,8 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for prompt, tokens, n in zip(args.prompt, out.tokens, out.lengths):
+    many = len(args.prompt) > 1
+    for i, (prompt, tokens, n) in enumerate(zip(args.prompt, out.tokens, out.lengths)):
         ids = [int(t) for t in tokens[:n] if t != tokenizer.eos_id]
+        if many:  # samples may hold newlines: each starts on a line of its own
+            print(f"--- sample {i + 1} of {len(args.prompt)} ---")
         print(prompt + tokenizer.decode(ids))
     return 0
 

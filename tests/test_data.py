@@ -316,3 +316,14 @@ def test_eval_batches_are_full_and_padded(tmp_path):
     full = _stream_of(texts)
     assert counted == (full[1:] != BOS).sum()
     assert len(data.eval_dataset(cfg, stream, bos_id=BOS, vocab_size=VOCAB, max_batches=1)) == 1
+
+
+def test_a_binary_file_named_as_text_is_refused_and_a_few_bad_bytes_are_not(tmp_path):
+    binary = tmp_path / "model.bin.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 40)
+    with pytest.raises(data.DataError, match=r"model.bin.txt is not UTF-8 text: 5,120 of its 5,120 characters"):
+        list(data.iter_documents(data.Source("text", binary, binary.name)))
+    mostly = tmp_path / "mostly.txt"
+    mostly.write_bytes(b"plain text " * 100 + b"\xff")
+    ((_, text),) = data.iter_documents(data.Source("text", mostly, mostly.name))
+    assert text.endswith("\ufffd") and text.count("\ufffd") == 1

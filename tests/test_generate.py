@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +157,25 @@ def test_cli_generates_from_a_config(capsys):
     ]
     assert main(argv + SMALL_TINY) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("ab") and lines[1].startswith("xyz")
+    assert lines[0] == "--- sample 1 of 2 ---" and lines[1].startswith("ab")
+    second = lines.index("--- sample 2 of 2 ---")
+    assert lines[second + 1].startswith("xyz")
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["--top-p", "0"], "top_p must be in \\(0, 1\\]"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--token-chunk", "0"], "token_chunk must be >= 1"),
+    ],
+)
+def test_cli_checks_its_flags_before_loading_anything(tmp_path, capsys, flag, message):
+    # The workdir does not exist: the flag's error comes first
+    assert main(["--workdir", str(tmp_path / "missing"), "--prompt", "ab", *flag]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"error: {message}.*\n", err), err
 
 
 def test_cli_loads_a_training_workdir(tmp_path, capsys):

@@ -27,6 +27,7 @@ from attamba_jax.checkpointing import Checkpointer, CheckpointError, config_diff
 from attamba_jax.config import ConfigError, load_config
 from attamba_jax.data import DataError
 from attamba_jax.evaluate import load_scorer, sliding_windows
+from attamba_jax.evaluate import main as evaluate_main
 from attamba_jax.flops import attention_flops_per_token, mean_keys_per_query, train_flops_per_token
 from attamba_jax.hooks import Hooks
 from attamba_jax.model import LanguageModel, apply_model, init_model
@@ -604,3 +605,30 @@ def test_tokenizer_beyond_the_model_vocab_and_empty_corpus_are_errors(tmp_path, 
     with pytest.raises(error, match=match):
         Trainer(load_config(TINY, overrides(tmp_path)), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_an_empty_file_and_a_binary_one(trained, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "weights.txt").write_bytes(bytes(range(256)) * 8)
+    for name, message in (("empty.txt", "is empty: there is nothing to score"), ("weights.txt", "is not UTF-8 text")):
+        assert evaluate_main(["--workdir", str(trained.run), "--text", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --text {tmp_path / name} {message}") and err.count("\n") == 1, err
+
+
+def test_generate_and_evaluate_on_a_workdir_print_no_library_warnings(trained, tmp_path):
+    # Orbax's absl warnings about a read-only manager, runpy's about a module run twice: none
+    (tmp_path / "t.txt").write_text(TEXT)
+    env = _subprocess_env(tmp_path / "cache")
+    for cmd, expected in (
+        (["attamba_jax.generate", "--prompt", "ab", "--max-new-tokens", "3"], f"checkpoint step 4 of {trained.run}\n"),
+        (["attamba_jax.evaluate", "--text", str(tmp_path / "t.txt")], ""),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", *cmd[:1], "--workdir", str(trained.run), *cmd[1:]],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0 and run.stderr == expected, run.stderr
