@@ -92,22 +92,26 @@ def _bits(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _array_checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+def _array_checksums(leaves: list[jax.Array]) -> jax.Array:
+    """[len(leaves), 2] uint32: one transfer for all."""
+
     def one(x):
         bits = _bits(x)
         weights = 2 * jax.lax.iota(jnp.uint32, bits.shape[0]) + 1  # odd: any one changed value shows
         return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
-    return [one(x) for x in leaves]
+    return jnp.stack([one(x) for x in leaves])
 
 
 def state_checksums(tree: Any) -> dict[str, str]:
     """``{array path: checksum}`` of every array of ``tree`` (computed on its devices)."""
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0]) if jax.tree.leaves(tree) else ((), ())
-    sums = jax.device_get(_array_checksums(list(leaves)))
+    if not leaves:
+        return {}
+    sums = np.asarray(jax.device_get(_array_checksums(list(leaves))))
     return {
         jax.tree_util.keystr(path, simple=True, separator="/"): f"{int(a):08x}{int(b):08x}"
-        for path, (a, b) in zip(paths, np.asarray(sums).reshape(-1, 2) if sums else [])
+        for path, (a, b) in zip(paths, sums)
     }
 
 
