@@ -47,11 +47,14 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import io
 import json
 import math
 import os
 import pathlib
 import sysconfig
+import tokenize
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -121,21 +124,35 @@ def is_heldout(key: str, fraction: float) -> bool:
     return h < fraction * 2.0**64
 
 
-# A text file may hold a few bytes that are not UTF-8 (they read as U+FFFD); above this share of
-# its characters it is refused as not text (a binary file named by mistake).
+# A text file may hold bytes that are not UTF-8 (they read as U+FFFD); above this share of its
+# characters, and at least MIN_UNDECODABLE of them, a warning names it. A NUL byte marks a
+# binary file, which is refused.
 MAX_UNDECODABLE = 0.01
+MIN_UNDECODABLE = 64
+
+
+class DataWarning(UserWarning):
+    """Data that is read, though probably not as meant (named in the message)."""
 
 
 def decode_text(raw: bytes, name: str) -> str:
-    """UTF-8 text of a file's bytes, invalid bytes as U+FFFD; DataError when more than
-    ``MAX_UNDECODABLE`` of the characters are, naming the file."""
-    text = raw.decode("utf-8", errors="replace")
+    """A text file's bytes as text: Python source (``.py``) in the encoding it declares (PEP 263),
+    anything else as UTF-8, invalid bytes as U+FFFD (a DataWarning when more than
+    ``MAX_UNDECODABLE`` of the characters, and ``MIN_UNDECODABLE`` at least, are). DataError for
+    a binary file (a NUL byte)."""
+    if b"\x00" in raw:
+        raise DataError(f"{name} is not text: it holds NUL bytes (a binary file?)")
+    encoding = "utf-8"
+    if name.endswith(".py"):
+        try:
+            encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+        except SyntaxError:  # an unknown or inconsistent declaration: read as UTF-8
+            pass
+    text = raw.decode(encoding, errors="replace")
     bad = text.count("\ufffd")
-    if text and bad > MAX_UNDECODABLE * len(text):
-        raise DataError(
-            f"{name} is not UTF-8 text: {bad:,} of its {len(text):,} characters are undecodable bytes "
-            f"(more than {MAX_UNDECODABLE:.0%}); is it a binary file?"
-        )
+    if bad > MAX_UNDECODABLE * len(text) and bad >= MIN_UNDECODABLE:
+        message = f"{name}: {bad:,} of its {len(text):,} characters are not {encoding} and read as U+FFFD"
+        warnings.warn(message, DataWarning, stacklevel=2)
     return text
 
 

@@ -610,7 +610,10 @@ def test_tokenizer_beyond_the_model_vocab_and_empty_corpus_are_errors(tmp_path, 
 def test_evaluate_refuses_an_empty_file_and_a_binary_one(trained, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "weights.txt").write_bytes(bytes(range(256)) * 8)
-    for name, message in (("empty.txt", "is empty: there is nothing to score"), ("weights.txt", "is not UTF-8 text")):
+    for name, message in (
+        ("empty.txt", "is empty: there is nothing to score"),
+        ("weights.txt", "is not text: it holds NUL bytes"),
+    ):
         assert evaluate_main(["--workdir", str(trained.run), "--text", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --text {tmp_path / name} {message}") and err.count("\n") == 1, err
