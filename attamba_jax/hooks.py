@@ -124,6 +124,11 @@ class Hooks:
         self._on_device = [(s, m) for s, m in self._on_device if s > oldest]
         self._fetched = [(s, m) for s, m in self._fetched if s > oldest]
 
+    def metrics_after(self, step: int) -> list[tuple[int, Metrics]]:
+        """(step, metrics) of the steps after ``step`` that some hook has not yet been called
+        since, checked finite."""
+        return self._metrics_after(step)
+
     def _metrics_after(self, step: int) -> list[tuple[int, Metrics]]:
         if self._on_device:
             fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(self._on_device)]
@@ -197,12 +202,18 @@ class LogMetrics:
     norm of the steps since the previous record, the last step's lr, tokens/s, MFU and epoch;
     the loss and tokens/s beside the progress bar."""
 
-    def __init__(self, log: MetricsLog, clock: StepClock, bar: ProgressBar):
+    def __init__(self, trainer: Trainer, log: MetricsLog, clock: StepClock, bar: ProgressBar):
         self.log, self.clock, self.bar = log, clock, bar
+        # A resumed run's first record also averages the steps before its checkpoint that no
+        # record covered: a stop does not change the records.
+        self.carried = list(trainer.log_window)
+        self.last_step = trainer.start_step  # the step of the last record
 
     def __call__(self, info: StepInfo):
         t = info.trainer
-        fetched = info.metrics()
+        fetched = self.carried + info.metrics()
+        self.carried = []
+        self.last_step = info.step
         steps, seconds = self.clock.lap()  # after the fetch: the wait for the device is stepping time
         tps = steps * t.tokens_per_step / seconds if steps and seconds > 0 else None
         mfu = None if tps is None or t.peak_flops is None else tps / t.tokens_per_step * t.flops_per_step / t.peak_flops
@@ -243,15 +254,17 @@ class Evaluate:
 
 class SaveCheckpoint:
     """Save the state, the data position and the config (asynchronously), once the metrics of
-    every step since the previous save are known to be finite."""
+    every step since the previous save are known to be finite; with them the metrics of the
+    steps since the last log record (``LogMetrics`` runs before, so at a log step there are none)."""
 
-    def __init__(self, clock: StepClock):
-        self.clock = clock
+    def __init__(self, clock: StepClock, hooks: Hooks, log: LogMetrics):
+        self.clock, self.hooks, self.log = clock, hooks, log
 
     def __call__(self, info: StepInfo):
         with self.clock.pause():
             info.metrics()  # raises NonFiniteLossError rather than save a state that followed a NaN
-            info.trainer.save(info.step)
+            window = self.log.carried + self.hooks.metrics_after(self.log.last_step)
+            info.trainer.save(info.step, window)
 
 
 class StopSignals:
@@ -284,7 +297,7 @@ class RunHooks:
         progress bar      every step
         callback(step)    every step, when given
         step clock        every step (waits for the first: it compiles)
-        LogMetrics        every train.log_every steps, after the last and at a stop signal
+        LogMetrics        every train.log_every steps and after the last
         Evaluate          every train.eval_every steps and after the last, when there is a held-out set
         SaveCheckpoint    every train.checkpoint_every steps, after the last and at a stop signal
 
@@ -323,11 +336,14 @@ class RunHooks:
             if self.callback is not None:
                 self.hooks.add(lambda info: self.callback(info.step), every=1)
             self.hooks.add(clock, every=1)
-            self.hooks.add(LogMetrics(self.log, clock, bar), every=tcfg.log_every)
+            # Not at a stop signal either: the records of a stopped and resumed run are those of a
+            # run that did not stop (the unlogged steps travel in the checkpoint).
+            log_metrics = LogMetrics(t, self.log, clock, bar)
+            self.hooks.add(log_metrics, every=tcfg.log_every, on_stop=False)
             if t.eval_data is not None:
                 # Not at a stop signal: it asks the run to end soon (a preemption's grace period is short).
                 self.hooks.add(self.evaluate, every=tcfg.eval_every, on_stop=False)
-            self.hooks.add(SaveCheckpoint(clock), every=tcfg.checkpoint_every)
+            self.hooks.add(SaveCheckpoint(clock, self.hooks, log_metrics), every=tcfg.checkpoint_every)
 
             if t.start_step == 0 and t.eval_data is not None:
                 self.evaluate.before_first_step()

@@ -143,6 +143,7 @@ class Trainer:
             self.workdir / "checkpoints", keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every
         )
         self.start_step = 0
+        self.log_window: list[tuple[int, dict[str, float]]] = []
         self.train_iter = iter(self.train_data)
         try:
             latest = self._restore(resume_step)
@@ -179,6 +180,8 @@ class Trainer:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
             self.state = self.checkpointer.restore(latest, abstract, self.train_iter)
             self.start_step = latest
+            # The metrics of the steps after the checkpoint's last log record, for the next one.
+            self.log_window = [(int(s), m) for s, m in meta.get("log_window", [])]
             if self.process_index == 0:
                 self._supersede_after(latest)
         return latest
@@ -238,9 +241,15 @@ class Trainer:
             nll, weight = nll + float(s), weight + float(w)
         return nll / max(weight, 1.0)
 
-    def save(self, step: int):
-        """Save the state, the data iterator's position and the config as checkpoint ``step`` (asynchronously)."""
-        meta = {"step": step, "config": json.loads(json.dumps(self.cfg.to_dict()))}
+    def save(self, step: int, log_window: list[tuple[int, dict[str, float]]] = ()):
+        """Save the state, the data iterator's position and the config as checkpoint ``step``
+        (asynchronously), with ``log_window``: the metrics of the steps not yet in a log record,
+        which a resumed run averages into its next one."""
+        meta = {
+            "step": step,
+            "config": json.loads(json.dumps(self.cfg.to_dict())),
+            "log_window": [[s, m] for s, m in log_window],
+        }
         self.checkpointer.save(step, self.state, self.train_iter, meta)
         self.last_saved_step = step
 

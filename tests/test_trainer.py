@@ -635,3 +635,29 @@ def test_generate_and_evaluate_on_a_workdir_print_no_library_warnings(trained, t
             text=True,
         )
         assert run.returncode == 0 and run.stderr == expected, run.stderr
+
+
+def test_a_run_stopped_by_a_signal_mid_window_logs_the_records_of_a_run_that_did_not_stop(tmp_path):
+    # Given the same 8 steps logged every 4, once straight and once stopped by SIGTERM after step 6
+    # (checkpoint at the signal: steps 5 and 6 are in no record yet) and resumed
+    import signal
+
+    corpus = _corpus(tmp_path / "corpus")
+    args = _overrides(corpus, steps=8, **{"train.log_every": 4, "train.checkpoint_every": 100})
+    Trainer(load_config(TINY, args), tmp_path / "a", progress=False).run()
+
+    def stop(step):
+        if step == 5:  # read after step 6
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = Trainer(load_config(TINY, args), tmp_path / "b", progress=False).run(stop)
+    assert stopped.status == "signal" and stopped.step == 6
+    Trainer(load_config(TINY, args), tmp_path / "b", progress=False).run()
+    # Then metrics.jsonl holds the same records, value for value (timings aside)
+    timing = ("tokens_per_s", "mfu")
+    records = lambda run: [
+        {k: v for k, v in json.loads(line).items() if k not in timing}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert records(tmp_path / "b") == records(tmp_path / "a")
+    assert [r["step"] for r in records(tmp_path / "a") if r["kind"] == "train"] == [4, 8]
