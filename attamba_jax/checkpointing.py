@@ -105,9 +105,10 @@ def _array_checksums(leaves: list[jax.Array]) -> jax.Array:
 
 def state_checksums(tree: Any) -> dict[str, str]:
     """``{array path: checksum}`` of every array of ``tree`` (computed on its devices)."""
-    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0]) if jax.tree.leaves(tree) else ((), ())
-    if not leaves:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
         return {}
+    paths, leaves = zip(*flat)
     sums = np.asarray(jax.device_get(_array_checksums(list(leaves))))
     return {
         jax.tree_util.keystr(path, simple=True, separator="/"): f"{int(a):08x}{int(b):08x}"
@@ -226,8 +227,11 @@ class Checkpointer:
             )
         return meta
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
-        """The state at ``step`` (shaped and sharded like ``abstract_state``); moves ``data_iterator`` there."""
+    def restore(
+        self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None, meta: dict | None = None
+    ) -> Any:
+        """The state at ``step`` (shaped and sharded like ``abstract_state``); moves ``data_iterator``
+        there. ``meta``: the step's, when the caller has read it already."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -239,7 +243,7 @@ class Checkpointer:
             error = None
         if error is not None:
             raise error
-        meta = self.read_meta(step)
+        meta = self.read_meta(step) if meta is None else meta
         self._verify(step, meta, restored.state)
         if data_iterator is not None and "iterator_checksum" in meta:
             if iterator_checksum(data_iterator) != meta["iterator_checksum"]:

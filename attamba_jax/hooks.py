@@ -117,7 +117,7 @@ class Hooks:
         last = step == self.trainer.cfg.train.steps
         for entry in self._entries:
             if step % entry.every == 0 or last or (stopping and entry.on_stop):
-                entry.hook(StepInfo(step, self.trainer, functools.partial(self._metrics_after, entry.last_call)))
+                entry.hook(StepInfo(step, self.trainer, functools.partial(self.metrics_after, entry.last_call)))
                 entry.last_call = step
         # Steps that every hook has been called since can no longer be asked for.
         oldest = min((entry.last_call for entry in self._entries), default=step)
@@ -127,9 +127,6 @@ class Hooks:
     def metrics_after(self, step: int) -> list[tuple[int, Metrics]]:
         """(step, metrics) of the steps after ``step`` that some hook has not yet been called
         since, checked finite."""
-        return self._metrics_after(step)
-
-    def _metrics_after(self, step: int) -> list[tuple[int, Metrics]]:
         if self._on_device:
             fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(self._on_device)]
             self._on_device = []

@@ -178,7 +178,7 @@ class Trainer:
                     + f"\nUse another --workdir, or the config that run used ({self.workdir / 'config.yaml'})."
                 )
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-            self.state = self.checkpointer.restore(latest, abstract, self.train_iter)
+            self.state = self.checkpointer.restore(latest, abstract, self.train_iter, meta)
             self.start_step = latest
             # The metrics of the steps after the checkpoint's last log record, for the next one.
             self.log_window = [(int(s), m) for s, m in meta.get("log_window", [])]
