@@ -295,6 +295,84 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     chex.assert_trees_all_equal(_final_state(tmp_path / "a", 8), _final_state(tmp_path / "b", 8))
 
 
+# --- preemption soak: five SIGTERMs and a SIGKILL during an asynchronous save ---------------
+
+_KILL_DURING_SAVE = """
+import os, signal, sys
+from attamba_jax import checkpointing
+from attamba_jax.config import load_config
+from attamba_jax.trainer import Trainer
+config, workdir, kill_step, *overrides = sys.argv[1:]
+save = checkpointing.Checkpointer.save
+def save_then_die(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)  # returns with the write in flight (in <step>.orbax-checkpoint-tmp)
+    if step == int(kill_step):
+        assert (self.directory / f"{step}.orbax-checkpoint-tmp").is_dir(), "the write is in flight"
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpointing.Checkpointer.save = save_then_die
+Trainer(load_config(config, overrides), workdir, progress=False).run()
+"""
+
+
+def _records(workdir: pathlib.Path) -> list[dict]:
+    """metrics.jsonl's records without their timings."""
+    timing = ("tokens_per_s", "mfu")
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+
+
+def _stop_at(step: int):
+    """A callback that sends SIGTERM after ``step``; the loop sees it after the next step."""
+    import signal
+
+    def callback(s):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return callback
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # the comparison reads checkpoints without a target
+def test_a_run_through_five_sigterms_and_a_sigkill_during_a_save_ends_as_an_uninterrupted_run(tmp_path):
+    # Given 60 steps (logged every 4, evaluated every 20, saved every 10) run straight through, and
+    # the same run stopped by SIGTERM at 5 random steps and killed once while a save is in flight
+    corpus = _corpus(tmp_path / "corpus")
+    args = _overrides(corpus, steps=60, **{"train.log_every": 4, "train.eval_every": 20, "train.checkpoint_every": 10})
+    Trainer(load_config(TINY, args), tmp_path / "a", progress=False).run()
+
+    rng = np.random.default_rng(22)
+    kill_save = int(rng.choice([30, 40]))  # the periodic save the SIGKILL lands in
+    before = sorted(int(s) for s in rng.choice(np.arange(1, kill_save - 12), size=3, replace=False))
+    after = sorted(int(s) for s in rng.choice(np.arange(kill_save + 1, 58), size=2, replace=False))
+    schedule = f"SIGTERM after steps {before}, SIGKILL in the save of {kill_save}, SIGTERM after {after}"
+    run_b = lambda callback=None: Trainer(load_config(TINY, args), tmp_path / "b", progress=False).run(callback)
+    for s in before:
+        result = run_b(_stop_at(s))
+        assert (result.status, result.step) == ("signal", s + 1), schedule
+
+    # the killed run computes as this process does: the same devices, the same matmul precision
+    env = _subprocess_env(tmp_path / "jax_cache")
+    env["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
+    env["JAX_DEFAULT_MATMUL_PRECISION"] = str(jax.config.jax_default_matmul_precision)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_DURING_SAVE, TINY, str(tmp_path / "b"), str(kill_save), *args],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (tmp_path / "b" / "checkpoints" / str(kill_save)).exists(), f"{schedule}: the save was not in flight"
+
+    for s in after:
+        result = run_b(_stop_at(s))
+        assert (result.status, result.step) == ("signal", s + 1), schedule
+    assert run_b().status == "finished"
+
+    # Then every record of metrics.jsonl (losses, gradient norms, held-out losses) and the final
+    # state equal the uninterrupted run's
+    assert _records(tmp_path / "b") == _records(tmp_path / "a"), schedule
+    assert [r["step"] for r in _records(tmp_path / "a") if r["kind"] == "train"] == list(range(4, 61, 4))
+    chex.assert_trees_all_equal(_final_state(tmp_path / "a", 60), _final_state(tmp_path / "b", 60))
+
+
 # --- one trained workdir, many checks (trained once per test process) ----------------------
 
 
