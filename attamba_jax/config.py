@@ -325,11 +325,17 @@ class TrainConfig:
     keep_every: int | None = 10000
     # Peak dense FLOP/s of one device in TFLOP/s, for MFU; null = detect from the device kind.
     peak_tflops: float | None = None
+    # What the backward recomputes of each block to save memory: none; block (keep only each
+    # block's input); block_save_dots (keep the matmul outputs too, recompute the rest).
+    remat: Literal["none", "block", "block_save_dots"] = "none"
+    # Positions per slice of the LM head and loss, forward and backward, so that the
+    # [batch, seq_len, vocab] logits never exist at once; null = the whole length at once.
+    loss_slice: int | None = None
 
     def validate(self):
         for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_last"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_batches", "keep_every"):
+        for key in ("eval_batches", "keep_every", "loss_slice"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"train.{key} must be null or >= 1, got {value}")
         _check(

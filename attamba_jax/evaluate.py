@@ -33,7 +33,8 @@ import numpy as np
 from attamba_jax.checkpointing import CheckpointError, restore_workdir
 from attamba_jax.config import Config, ConfigError
 from attamba_jax.data import DataError, decode_text
-from attamba_jax.model import apply_model, cross_entropy
+from attamba_jax.loss import cross_entropy
+from attamba_jax.model import apply_model
 from attamba_jax.tokenizer import Tokenizer, TokenizerError, check_fits, load_tokenizer
 
 

@@ -30,6 +30,15 @@ from attamba_jax.sharding import constrain
 from pallas_kernels import documents
 from pallas_kernels.chunk_grid import ChunkGrid
 
+# What the backward of a block recomputes (``jax.checkpoint`` policies): ``none`` keeps every
+# activation; ``block`` keeps each block's input and recomputes the rest of it; ``block_save_dots``
+# keeps the matmul outputs as well and recomputes the elementwise ops, norms, SSMs and attention.
+REMAT = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "block_save_dots": jax.checkpoint_policies.dots_saveable,
+}
+
 
 class FeedForward(nnx.Module):
     """SwiGLU: W2(silu(W1 x) * W3 x)."""
@@ -66,6 +75,11 @@ class Block(nnx.Module):
         return h + self.ffn(self.ffn_norm(h)), cache
 
 
+def _block_forward(positions, grid, document_start):
+    """``(block, h) -> h``: a block's training forward, for ``nnx.remat``."""
+    return lambda block, h: block(h, positions, grid, document_start=document_start)[0]
+
+
 class LanguageModel(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         cfg.validate()
@@ -84,16 +98,30 @@ class LanguageModel(nnx.Module):
         k = cfg.token_chunk if token_chunk is None else token_chunk
         return [ChunkGrid.for_layer(layer, k, cfg.n_layers) for layer in range(cfg.n_layers)]
 
-    def _run(self, tokens, positions, token_chunk, caches, lengths=None, document_start=None):
-        """Embedding, every block, the head: (logits [B, T, vocab], the layers' caches)."""
+    def _trunk(self, tokens, positions, token_chunk, caches, lengths=None, document_start=None, remat="none"):
+        """Embedding, every block, the final norm: (h [B, T, dim], the layers' caches).
+
+        ``remat`` (training forward only, see ``REMAT``): what the backward recomputes of each block.
+        """
         # Logical names of the main activations (no-ops unless a mesh is active; see sharding.py).
         h = constrain(self.embed(tokens), ("batch", "length", "embed"))
         out_caches = []
         for block, grid, cache in zip(self.blocks, self.grids(token_chunk), caches):
-            h, cache = block(h, positions, grid, cache, lengths=lengths, document_start=document_start)
+            if remat == "none":
+                h, cache = block(h, positions, grid, cache, lengths=lengths, document_start=document_start)
+            else:
+                h = nnx.remat(_block_forward(positions, grid, document_start), policy=REMAT[remat])(block, h)
             h = constrain(h, ("batch", "length", "embed"))
             out_caches.append(cache)
-        return constrain(self.head(self.norm(h)), ("batch", "length", "vocab")), tuple(out_caches)
+        return self.norm(h), tuple(out_caches)
+
+    def _logits(self, h):
+        return constrain(self.head(h), ("batch", "length", "vocab"))
+
+    def _run(self, tokens, positions, token_chunk, caches, lengths=None):
+        """The trunk and the head: (logits [B, T, vocab], the layers' caches)."""
+        h, caches = self._trunk(tokens, positions, token_chunk, caches, lengths)
+        return self._logits(h), caches
 
     def __call__(
         self, tokens: jax.Array, *, segment_ids: jax.Array | None = None, token_chunk: int | None = None
@@ -103,6 +131,24 @@ class LanguageModel(nnx.Module):
         ``segment_ids`` [B, T] (the data pipeline's): the rows are packed documents, and every
         document's logits are those it gets alone from position 0. None: each row is one sequence.
         """
+        return self._logits(self.features(tokens, segment_ids=segment_ids, token_chunk=token_chunk))
+
+    def features(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        token_chunk: int | None = None,
+        remat: str = "none",
+    ) -> jax.Array:
+        """tokens: [B, T] int -> the final hidden states [B, T, dim], before the head
+        (``self.head.kernel``), which ``loss.sliced_nll_sum`` applies a slice at a time.
+
+        ``remat``: what the backward recomputes of each block (``REMAT``); ``segment_ids`` as in
+        ``__call__``.
+        """
+        if remat not in REMAT:
+            raise ValueError(f"remat must be one of {sorted(REMAT)}, got {remat!r}")
         starts = None
         positions = jnp.arange(tokens.shape[1])
         if segment_ids is not None:
@@ -112,7 +158,8 @@ class LanguageModel(nnx.Module):
             # RoPE at positions within the document: relative in exact arithmetic either way, and
             # then the rotations are the document's own, rounding included (bf16).
             positions = positions - starts
-        return self._run(tokens, positions, token_chunk, [None] * len(self.blocks), document_start=starts)[0]
+        caches = [None] * len(self.blocks)
+        return self._trunk(tokens, positions, token_chunk, caches, document_start=starts, remat=remat)[0]
 
     # --- inference (attamba_jax.cache) -------------------------------------------------------
 
@@ -165,46 +212,3 @@ def make_forward(graphdef: nnx.GraphDef, *, token_chunk: int | None = None):
 
 def count_params(params: nnx.State) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
-
-
-@jax.custom_vjp
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target] per token, in float32.
-
-    logits [..., V] (any float dtype), targets [...] int -> [...] float32. The gradient
-    (softmax - onehot) comes back in logits' dtype from one fused elementwise pass: automatic
-    differentiation of the same formula scatters into a float32 [..., V] buffer and converts it
-    afterwards, which at B·T = 16k tokens and V = 32k moves 3 GB more per step.
-    """
-    return _token_nll_fwd(logits, targets)[0]
-
-
-def _token_nll_fwd(logits, targets):
-    f = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(f, axis=-1)
-    nll = lse - jnp.take_along_axis(f, targets[..., None], axis=-1)[..., 0]
-    return nll, (logits, targets, lse)
-
-
-def _token_nll_bwd(res, g):
-    logits, targets, lse = res
-    vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
-    softmax = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-    dlogits = (softmax - (vocab == targets[..., None]).astype(jnp.float32)) * g[..., None]
-    return dlogits.astype(logits.dtype), None
-
-
-token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
-
-
-def cross_entropy(
-    logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Mean token cross-entropy in float32 (``token_nll``).
-
-    Returns (mean loss over weighted tokens, total weight).
-    """
-    nll = token_nll(logits, targets)
-    weights = jnp.ones_like(nll) if weights is None else weights.astype(jnp.float32)
-    total = jnp.sum(weights)
-    return jnp.sum(nll * weights) / jnp.maximum(total, 1.0), total

@@ -26,11 +26,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attamba_jax.config import Config, ConfigError, MeshConfig
-from attamba_jax.model import apply_model, cross_entropy, init_model
+from attamba_jax.loss import cross_entropy, sliced_nll_sum
+from attamba_jax.model import init_model
 from attamba_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, tree_shardings, use_mesh
 
 
@@ -39,11 +41,18 @@ def batch_keys(cfg: Config) -> tuple[str, ...]:
     return ("inputs", "targets", "weights") + (("segment_ids",) if cfg.data.document_masking else ())
 
 
-def _nll_sum(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
+def nll_sum(graphdef, params, batch, *, remat: str = "none", loss_slice: int | None = None):
     """(sum of weighted token NLL, sum of weights) of one [b, T] batch, in float32; the rows are
-    packed documents kept apart when the batch holds ``segment_ids``."""
-    logits = apply_model(graphdef, params, batch["inputs"], segment_ids=batch.get("segment_ids"))
-    mean, total = cross_entropy(logits, batch["targets"], batch["weights"])
+    packed documents kept apart when the batch holds ``segment_ids``.
+
+    ``remat``: what the backward recomputes of each block (``model.REMAT``). ``loss_slice``:
+    positions per slice of the head and loss (``loss.sliced_nll_sum``); None = all at once.
+    """
+    model = nnx.merge(graphdef, params)
+    h = model.features(batch["inputs"], segment_ids=batch.get("segment_ids"), remat=remat)
+    if loss_slice is not None:
+        return sliced_nll_sum(h, model.head.kernel[...], batch["targets"], batch["weights"], slice_length=loss_slice)
+    mean, total = cross_entropy(model.head(h), batch["targets"], batch["weights"])
     return mean * jnp.maximum(total, 1.0), total
 
 
@@ -54,13 +63,22 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, param_shardings=None):
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    param_shardings=None,
+    *,
+    remat: str = "none",
+    loss_slice: int | None = None,
+):
     """``(state, batch) -> (state, metrics)``; batch arrays are [microbatches, b, T]. Metrics:
     ``loss``, ``grad_norm`` (of the gradient the update used), ``lr``, and ``state_finite`` (1
     when every updated parameter and optimizer value is finite, else 0).
 
     ``param_shardings``: keep the accumulated gradients sharded like the parameters (under
-    fsdp XLA then reduce-scatters them instead of all-reducing full copies).
+    fsdp XLA then reduce-scatters them instead of all-reducing full copies). ``remat``,
+    ``loss_slice``: as in ``nll_sum`` (``train.remat``, ``train.loss_slice``).
     """
 
     def shard_like_params(tree):
@@ -68,7 +86,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
     def step_fn(state, batch):
         params = state["params"]
-        grad_fn = jax.value_and_grad(lambda p, mb: _nll_sum(graphdef, p, mb), has_aux=True)
+        grad_fn = jax.value_and_grad(
+            lambda p, mb: nll_sum(graphdef, p, mb, remat=remat, loss_slice=loss_slice), has_aux=True
+        )
 
         def micro(carry, mb):
             grads, nll, weight = carry
@@ -120,14 +140,15 @@ def init_train_state(cfg: Config, mesh: jax.sharding.Mesh, tx: optax.GradientTra
     return graphdef, state, {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
 
 
-def jit_train_step(graphdef, tx, schedule, shardings, batch_sharding: NamedSharding):
-    """The train step jitted with the state's and the batch's shardings in and out, state donated.
+def jit_train_step(graphdef, tx, schedule, shardings, batch_sharding: NamedSharding, **options):
+    """The train step jitted with the state's and the batch's shardings in and out, state donated;
+    ``options``: ``remat``, ``loss_slice`` of ``make_train_step``.
 
     Call it inside ``use_mesh(mesh)`` so that the model's activation constraints apply.
     """
     replicated = NamedSharding(batch_sharding.mesh, P())
     return jax.jit(
-        make_train_step(graphdef, tx, schedule, param_shardings=shardings["params"]),
+        make_train_step(graphdef, tx, schedule, param_shardings=shardings["params"], **options),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
@@ -145,8 +166,10 @@ def train_batch_sharding(mesh: jax.sharding.Mesh, microbatch: int) -> NamedShard
     return NamedSharding(mesh, logical_to_spec((None, "batch", "length"), (1, microbatch, 1), mesh, DEFAULT_RULES))
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, *, loss_slice: int | None = None):
+    """``(params, batch) -> (sum of weighted token NLL, sum of weights)`` of a [b, T] batch."""
+
     def eval_fn(params, batch):
-        return _nll_sum(graphdef, params, batch)
+        return nll_sum(graphdef, params, batch, loss_slice=loss_slice)
 
     return eval_fn

@@ -123,11 +123,18 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
         self.graphdef, self.state, self.state_shardings = init_train_state(cfg, self.mesh, self.tx)
         self.num_params = count_params(self.state["params"])
+        tcfg = cfg.train
         self._train_step = jit_train_step(
-            self.graphdef, self.tx, self.schedule, self.state_shardings, self.batch_sharding
+            self.graphdef,
+            self.tx,
+            self.schedule,
+            self.state_shardings,
+            self.batch_sharding,
+            remat=tcfg.remat,
+            loss_slice=tcfg.loss_slice,
         )
         self._eval_step = jax.jit(
-            make_eval_step(self.graphdef),
+            make_eval_step(self.graphdef, loss_slice=tcfg.loss_slice),
             in_shardings=(self.state_shardings["params"], self.eval_sharding),
             out_shardings=self.replicated,
         )

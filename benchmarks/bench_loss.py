@@ -1,4 +1,4 @@
-"""The LM head and loss, forward and backward: ``model.cross_entropy`` (its own backward, one
+"""The LM head and loss, forward and backward: ``loss.cross_entropy`` (its own backward, one
 fused pass back to the logits' dtype) against automatic differentiation of the same formula
 (optax's integer-label softmax cross-entropy on float32 logits), in one run.
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from attamba_jax.model import cross_entropy
+from attamba_jax.loss import cross_entropy
 from benchmarks.timing import rel_err, save, stamp, time_calls
 
 

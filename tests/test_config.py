@@ -217,6 +217,8 @@ def test_an_override_given_twice_is_an_error():
         ("data.document_align=6", "data.document_align \\(6\\) must be a multiple of model.token_chunk \\(4\\)"),
         ("data.document_align=512", "data.seq_len \\(256\\) must be a multiple of data.document_align \\(512\\)"),
         ("data.document_masking=3", "data.document_masking must be true or false"),
+        ("train.remat=all", "train.remat must be one of"),
+        ("train.loss_slice=0", "train.loss_slice must be null or >= 1"),
     ],
 )
 def test_bad_values_name_the_problem(override, message):

@@ -127,7 +127,7 @@ def test_schedule_warms_up_linearly_then_decays_to_min_ratio():
     np.testing.assert_allclose(schedule(110), 1e-5, rtol=1e-5)
 
 
-def test_grad_accumulation_gives_the_same_step():
+def test_grad_accumulation_remat_and_the_sliced_loss_give_the_same_step():
     cfg = load_config(TINY, MODEL + ["data.seq_len=16", "data.batch_size=4", "optim.warmup_steps=0", "train.steps=1"])
     graphdef, params = init_model(cfg.model)
     # Plain SGD with lr 1: the step moves each parameter by exactly its (accumulated) gradient,
@@ -140,17 +140,18 @@ def test_grad_accumulation_gives_the_same_step():
         "targets": rng.integers(0, 256, (4, 16)).astype(np.int32),
         "weights": (rng.random((4, 16)) > 0.3).astype(np.float32),
     }
-    step = jax.jit(make_train_step(graphdef, tx, lambda count: 1.0))
     results = []
-    for accum in (1, 2):
+    for accum, options in ((1, {}), (2, {}), (1, {"remat": "block", "loss_slice": 5})):
+        step = jax.jit(make_train_step(graphdef, tx, lambda count: 1.0, **options))
         state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
         split = {k: v.reshape(accum, 4 // accum, 16) for k, v in batch.items()}
         results.append(step(state, split))
-    (s1, m1), (s2, m2) = results
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-    # float32 rounding of the two summation orders, relative to the parameters' scale (some sit near 0)
-    assert_close(s1["params"], s2["params"], 1e-5)
+    (s1, m1), *others = results
+    for s2, m2 in others:
+        np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+        np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+        # float32 rounding of the two summation orders, relative to the parameters' scale (some sit near 0)
+        assert_close(s1["params"], s2["params"], 1e-5)
 
 
 def test_flops_count_what_attamba_attends_to():
@@ -337,7 +338,9 @@ def test_a_run_through_five_sigterms_and_a_sigkill_during_a_save_ends_as_an_unin
     # Given 60 steps (logged every 4, evaluated every 20, saved every 10) run straight through, and
     # the same run stopped by SIGTERM at 5 random steps and killed once while a save is in flight
     corpus = _corpus(tmp_path / "corpus")
-    args = _overrides(corpus, steps=60, **{"train.log_every": 4, "train.eval_every": 20, "train.checkpoint_every": 10})
+    options = {"train.remat": "block", "train.loss_slice": 8}  # the memory savers, through a whole run
+    cadence = {"train.log_every": 4, "train.eval_every": 20, "train.checkpoint_every": 10}
+    args = _overrides(corpus, steps=60, **cadence, **options)
     Trainer(load_config(TINY, args), tmp_path / "a", progress=False).run()
 
     rng = np.random.default_rng(22)
