@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from attamba_jax.config import ModelConfig
-from attamba_jax.model import apply_model, init_model, token_nll
+from attamba_jax.loss import token_nll
+from attamba_jax.model import apply_model, init_model
 from tests.helpers import FAST_COMPILE, alone_rows, assert_close, packed_layout, span_weights
 
 BASE = ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, multiple_of=16, ssm_hidden_dim=48, ssm_heads=2)
