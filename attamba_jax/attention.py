@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attamba_jax import sharding
+from attamba_jax import context_parallel, sharding
 from attamba_jax.cache import AttambaLayerCache, KeySet, TransformerLayerCache
 from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, apply_rope
@@ -126,6 +126,8 @@ class AttambaAttention(nnx.Module):
         decode = cache is not None and lengths is None
         if document_start is not None and cache is not None:
             raise ValueError("document_start is for the training forward; a prompt is one document")
+        if cache is None and context_parallel.context_shards() > 1:
+            return self._context_parallel(xn, positions, grid, document_start), None
         if cache is None:
             kv_ssm, ssm_state = self.ssm(xn, grid, document_start), None
         elif decode:
@@ -143,6 +145,27 @@ class AttambaAttention(nnx.Module):
                 o = _boundary_window(q, k, v, grid, self.window, self.implementation, document_start)
             cache = None if cache is None else cache.fill(grid, k, v, lengths, ssm_state)
         return self.wo(o.reshape(b, t, -1)), cache
+
+    def _context_parallel(self, xn, positions, grid: ChunkGrid, document_start):
+        """The training forward with the length split over the mesh's ``context`` axis: each shard
+        and its halo as one row (``context_parallel``)."""
+        b, t, _ = xn.shape
+        rows = context_parallel.ContextRows.plan(t, context_parallel.context_shards(), grid, self.window)
+        starts = jnp.zeros((b, t), jnp.int32) if document_start is None else document_start
+        xr = rows.to_rows(xn)
+        kv_ssm = self.ssm(xr, grid, rows.row_starts(starts))  # [c·B, halo + T/c, 2, dim]
+        positions = rows.to_rows(jnp.broadcast_to(positions, (b, t)))
+        q, k, v = self._qkv(xr, kv_ssm, positions)
+        if self.pseudo_chunk:  # every earlier key: the whole rows' keys, as the transformer has them
+            q, k, v = (rows.shards_of(a) for a in (q, k, v))
+            o = causal_attention(q, k, v, document_start=document_start)
+        else:
+            q = q[:, rows.halo :]
+            o = context_parallel.boundary_window_attention(
+                q, k, v, rows, grid=grid, window=self.window, document_start=starts
+            )
+            o = rows.join(o)
+        return self.wo(o.reshape(b, t, -1))
 
     def _qkv(self, xn, kv_ssm, positions):
         """q [B,T,H,D], k, v [B,T,Hkv,D] from xn and the SSM outputs kv_ssm [B,T,2,dim]; q, k rotated at ``positions``."""

@@ -348,16 +348,19 @@ class TrainConfig:
 class MeshConfig:
     """How the devices of all processes are laid out; -1 = the devices the other axes leave.
 
-    The batch is split over data x fsdp; parameters and optimizer moments are split over
-    fsdp (their embed dimension) and tensor (heads, kv, mlp, vocab, ssm_inner), by the
-    logical-axis rules of ``attamba_jax.sharding``. data*fsdp*tensor must equal the number
-    of devices. A checkpoint restores onto any mesh.
+    The batch is split over data x fsdp and the length over context; parameters and optimizer
+    moments are split over fsdp (their embed dimension) and tensor (heads, kv, mlp, vocab,
+    ssm_inner), by the logical-axis rules of ``attamba_jax.sharding``. data*fsdp*context*tensor
+    must equal the number of devices. A checkpoint restores onto any mesh.
     """
 
     # Data parallelism: a full copy of the state per group, gradients all-reduced.
     data: int = -1
     # Fully sharded data parallelism: state split, gathered per layer as it is used.
     fsdp: int = 1
+    # Context parallelism: the length of every activation split into contiguous slices, one per
+    # device; Attamba's layers exchange only halos and boundary keys (attamba_jax/context_parallel.py).
+    context: int = 1
     # Tensor parallelism: heads and hidden widths split (where they divide).
     tensor: int = 1
 
@@ -365,7 +368,9 @@ class MeshConfig:
         sizes = dataclasses.asdict(self)
         for key, size in sizes.items():
             _check(size >= 1 or size == -1, f"mesh.{key} must be >= 1 or -1 (= the remaining devices), got {size}")
-        _check(list(sizes.values()).count(-1) <= 1, f"at most one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+        _check(
+            list(sizes.values()).count(-1) <= 1, f"at most one of mesh.data/fsdp/context/tensor may be -1, got {sizes}"
+        )
 
     def shape(self) -> dict[str, int]:
         return dataclasses.asdict(self)

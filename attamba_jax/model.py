@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attamba_jax import context_parallel
 from attamba_jax.attention import AttambaAttention, CausalSelfAttention
 from attamba_jax.cache import Cache
 from attamba_jax.config import ModelConfig
@@ -149,17 +150,26 @@ class LanguageModel(nnx.Module):
         """
         if remat not in REMAT:
             raise ValueError(f"remat must be one of {sorted(REMAT)}, got {remat!r}")
+        if segment_ids is not None and segment_ids.shape != tokens.shape:
+            raise ValueError(f"segment_ids must have the shape of tokens {tokens.shape}, got {segment_ids.shape}")
+        length = tokens.shape[1]
+        shards = context_parallel.context_shards()
+        if shards > 1 and self.cfg.arch == "attamba":
+            # The length splits into shards of whole chunks: pad the end (no real token sees it).
+            k = self.cfg.token_chunk if token_chunk is None else token_chunk
+            pad = context_parallel.padded_length(length, shards, k) - length
+            tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
+            if segment_ids is not None:
+                segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))  # id 0 continues the last document
         starts = None
         positions = jnp.arange(tokens.shape[1])
         if segment_ids is not None:
-            if segment_ids.shape != tokens.shape:
-                raise ValueError(f"segment_ids must have the shape of tokens {tokens.shape}, got {segment_ids.shape}")
-            starts = documents.from_segment_ids(segment_ids)
+            starts = documents.from_segment_ids(segment_ids, slices=shards if self.cfg.arch == "attamba" else 1)
             # RoPE at positions within the document: relative in exact arithmetic either way, and
             # then the rotations are the document's own, rounding included (bf16).
             positions = positions - starts
         caches = [None] * len(self.blocks)
-        return self._trunk(tokens, positions, token_chunk, caches, document_start=starts, remat=remat)[0]
+        return self._trunk(tokens, positions, token_chunk, caches, document_start=starts, remat=remat)[0][:, :length]
 
     # --- inference (attamba_jax.cache) -------------------------------------------------------
 

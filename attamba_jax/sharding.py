@@ -3,7 +3,8 @@
 Parameters carry logical axis names (``logical_axes`` metadata: embed, heads, kv, mlp,
 vocab, ssm_inner, ssm_heads) and activations are constrained with logical names (batch,
 length, embed, ...). A table of rules maps logical names to the mesh axes
-``data``, ``fsdp`` and ``tensor``; the model code never names a mesh axis.
+``data``, ``fsdp``, ``context`` (the length of activations) and ``tensor``; the model code never
+names a mesh axis.
 
     mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     with use_mesh(mesh, DEFAULT_RULES):
@@ -28,13 +29,14 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # logical name -> mesh axes (a name, a tuple of names, or None = replicated)
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),
+    ("context_rows", ("context", "data", "fsdp")),  # context shards as rows (context_parallel.py)
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv", "tensor"),
@@ -71,7 +73,7 @@ def resolve_mesh_shape(shape: dict[str, int], n_devices: int) -> tuple[int, ...]
 
 
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices of all processes)."""
+    """A (data, fsdp, context, tensor) mesh over ``devices`` (default: all devices of all processes)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(shape, len(devices))
     try:

@@ -29,18 +29,29 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def from_segment_ids(segment_ids: jax.Array) -> jax.Array:
+def from_segment_ids(segment_ids: jax.Array, slices: int = 1) -> jax.Array:
     """[B, T] segment ids -> [B, T] int32 document starts.
 
     A document starts at position 0 and wherever the id changes to a non-zero value. Id 0 is
     padding: it continues the document before it (padding after a document's last token is
     never seen by that document, and nothing after it sees the padding).
+
+    ``slices``: the same result, computed on that many equal slices of the length, each from its
+    own ids plus the last id and the last start of the slices before it — what each device needs
+    when the length is split over devices (a row is never gathered whole).
     """
     seg = jnp.asarray(segment_ids)
-    pos = jax.lax.broadcasted_iota(jnp.int32, seg.shape, seg.ndim - 1)
-    prev = jnp.concatenate([seg[..., :1], seg[..., :-1]], axis=-1)
+    b, t = seg.shape
+    if t % slices:
+        raise ValueError(f"from_segment_ids: {slices} slices do not divide the length {t}")
+    seg = seg.reshape(b, slices, t // slices)
+    pos = jnp.arange(t, dtype=jnp.int32).reshape(slices, t // slices)
+    before = jnp.roll(seg[:, :, -1:], 1, axis=1)  # each slice's previous id (the first slice: unread)
+    prev = jnp.concatenate([before, seg[:, :, :-1]], axis=2)
     starts = (pos == 0) | ((seg != prev) & (seg != 0))
-    return jax.lax.cummax(jnp.where(starts, pos, 0), axis=seg.ndim - 1)
+    own = jax.lax.cummax(jnp.where(starts, pos, 0), axis=2)  # [B, S, T/S]
+    carried = jax.lax.cummax(jnp.pad(own[:, :-1, -1], ((0, 0), (1, 0))), axis=1)  # the starts before each slice
+    return jnp.maximum(own, carried[:, :, None]).reshape(b, t)
 
 
 def check_aligned(document_start, token_chunk: int) -> None:

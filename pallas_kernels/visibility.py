@@ -85,7 +85,11 @@ class Visibility:
 
     def boundary_visible(self, t, n, start=None):
         """The ``n``-th boundary is in query ``t``'s boundary part (needs a grid)."""
-        p = self.grid.position(n)
+        return self.before_window(t, self.grid.position(n), start)
+
+    def before_window(self, t, p, start=None):
+        """A boundary at position ``p`` is in query ``t``'s boundary part: before its window (and
+        after its document's first token, which is ``document_key_visible``)."""
         visible = p < t - self.window
         return visible if start is None else visible & (p > start)
 

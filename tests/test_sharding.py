@@ -1,4 +1,4 @@
-"""Meshes: a train step on any (data, fsdp, tensor) mesh equals the one-device step, fsdp keeps
+"""Meshes: a train step on any (data, fsdp, context, tensor) mesh equals the one-device step, fsdp keeps
 the state sharded in the compiled step, checkpoints restore onto another mesh, and mesh config
 errors say what is wrong. CPU, 8 virtual devices (conftest.py)."""
 
@@ -80,12 +80,12 @@ def one_device_run():
     return cfg, batches, losses, params
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)])
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 1, 2), (1, 8, 1, 1), (2, 1, 2, 2), (1, 2, 2, 2)])
 def test_train_step_on_a_mesh_equals_one_device(one_device_run, shape):
     # Given the losses and parameters after two steps on one device
     cfg, batches, ref_losses, ref_params = one_device_run
-    # When the same two steps run on a (data, fsdp, tensor) mesh of 8 devices
-    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), cpu_devices(8))
+    # When the same two steps run on a (data, fsdp, context, tensor) mesh of 8 devices
+    mesh = make_mesh(dict(zip(("data", "fsdp", "context", "tensor"), shape)), cpu_devices(8))
     losses, params, *_ = _train(cfg, mesh, batches)
     # Then losses and updated parameters agree to float32 rounding
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -218,7 +218,7 @@ def test_a_mesh_that_does_not_fit_the_devices_is_refused(override, message):
     [
         ("mesh.pipeline=2", r"unknown config key mesh\.pipeline"),
         ("mesh.tensor=0", r"mesh\.tensor must be >= 1 or -1"),
-        ("mesh.fsdp=-1", r"at most one of mesh\.data/fsdp/tensor may be -1"),
+        ("mesh.fsdp=-1", r"at most one of mesh\.data/fsdp/context/tensor may be -1"),
     ],
 )
 def test_bad_mesh_keys_are_refused(override, message):

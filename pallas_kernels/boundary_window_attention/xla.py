@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.chunk_grid import ChunkGrid
-from pallas_kernels.common import gather_boundaries
+from pallas_kernels.common import boundary_positions, gather_boundaries
 from pallas_kernels.documents import at_document_start
 from pallas_kernels.visibility import Visibility
 
@@ -44,6 +44,37 @@ def window_block_size(window: int) -> int:
 
 def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int, document_start=None):
     """Same contract as ``reference.attention_dense``."""
+    t = q.shape[1]
+    kb, vb = gather_boundaries(grid, k, v)  # [B, NB, Hkv, D]
+    documents = None
+    if document_start is not None:
+        documents = (at_document_start(k, document_start), at_document_start(v, document_start), document_start)
+    # Q zero keys before position 0 (masked), so that every query block has a block before it.
+    front = lambda a: jnp.pad(a, [(0, 0), (window_block_size(window), 0), (0, 0), (0, 0)])
+    boundaries = (kb, vb, boundary_positions(grid, t))
+    return attention_of_rows(q, front(k), front(v), boundaries, documents, grid=grid, window=window, row_offset=0)
+
+
+def attention_of_rows(q, k, v, boundaries, documents, *, grid: ChunkGrid, window: int, row_offset):
+    """Boundary + window attention of rows whose queries sit at ``row_offset`` + 0..T-1 of their
+    sequence, with the boundary and document keys given: the body of ``attention_compressed``, and
+    of a context shard's attention (its row is a slice of a longer sequence).
+
+    Args:
+      q: [R, T, H, D]; query t of row r is at position ``row_offset[r] + t`` (an int or [R]).
+      grid: the layer's chunk grid (the positions of ``boundaries`` are on it).
+      k, v: [R, Q + T, Hkv, D], Q = ``window_block_size(window)``: the keys at positions
+        ``row_offset - Q`` .. ``row_offset + T - 1`` (the window part reads them; positions
+        below 0 are masked).
+      boundaries: (kb, vb [R, NB, Hkv, D], positions [NB] or [R, NB]): the keys a query sees
+        when they lie before its window (and after its document's first token).
+      documents: None (every row is one sequence from position 0), or (kd, vd [R, T, Hkv, D],
+        starts [R, T]): each query's document start and the key and value there, seen once
+        the start has left the window.
+
+    Returns:
+      [R, T, H, D] in q.dtype.
+    """
     b, t, h, d = q.shape
     hkv = k.shape[2]
     r = h // hkv
@@ -51,38 +82,42 @@ def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int, document_star
     scale = d**-0.5
     qg = q.reshape(b, t, hkv, r, d)
     vis = Visibility(grid, window)
-    tpos = jnp.arange(t)
-    start = None if document_start is None else document_start[:, :, None]  # [B, T, 1]
-    heads = lambda mask: mask if start is None else mask[:, None, None]  # [B, ...] -> [B, 1, 1, ...]
+    offset = jnp.asarray(row_offset, jnp.int32).reshape(-1, 1)  # [R or 1, 1]
+    tpos = offset + jnp.arange(t)  # [R or 1, T]
+    start = None if documents is None else documents[2][:, :, None]  # [R, T, 1]
+    heads = lambda mask: mask[:, None, None]  # [R, ...] -> [R, 1, 1, ...]
 
     # Boundary keys strictly before each query's window (and after its document's first token).
-    kb, vb = gather_boundaries(grid, k, v)  # [B, NB, Hkv, D]
+    kb, vb, bpos = boundaries
+    bpos = jnp.asarray(bpos, jnp.int32)
     s_b = jnp.einsum("btkrd,bnkd->bkrtn", qg, kb, preferred_element_type=f32) * scale
-    mask_b = vis.boundary_visible(tpos[:, None], jnp.arange(kb.shape[1])[None, :], start)  # [(B,) T, NB]
+    mask_b = vis.before_window(tpos[:, :, None], bpos.reshape(-1, 1, bpos.shape[-1]), start)  # [R, T, NB]
     parts = [_partial_attention(s_b, heads(mask_b), vb, "bkrtn,bnkd->bkrtd")]
 
-    if document_start is not None:
+    if documents is not None:
         # The document's first token, a boundary of its own grid.
-        kd, vd = (at_document_start(a, document_start)[:, :, None] for a in (k, v))  # [B, T, 1, Hkv, D]
+        kd, vd = (a[:, :, None] for a in documents[:2])  # [R, T, 1, Hkv, D]
         s_d = jnp.einsum("btkrd,btnkd->bkrtn", qg, kd, preferred_element_type=f32) * scale
-        mask_d = vis.document_key_visible(tpos[None, :, None], start)  # [B, T, 1]
+        mask_d = vis.document_key_visible(tpos[:, :, None], start)  # [R, T, 1]
         parts.append(_partial_attention(s_d, heads(mask_d), vd, "bkrtn,btnkd->bkrtd"))
 
-    # Sliding window on blocks: block i's queries see blocks i-1 and i.
+    # Sliding window on blocks of Q queries: block i sees the Q keys before it and its own.
     qb = window_block_size(window)
+    if k.shape[1] != qb + t:
+        raise ValueError(f"attention_of_rows: k must hold the {qb} keys before the queries and one per query")
     nblk = -(-t // qb)
     pad = nblk * qb - t
     padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
     qw = padt(qg).reshape(b, nblk, qb, hkv, r, d)
-    kw, vw = (padt(a).reshape(b, nblk, qb, hkv, d) for a in (k, v))
-    prev = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)
-    kw2 = jnp.concatenate([prev(kw), kw], axis=2)  # [B, NBLK, 2Q, Hkv, D]
-    vw2 = jnp.concatenate([prev(vw), vw], axis=2)
+    kw, vw = (padt(a).reshape(b, nblk + 1, qb, hkv, d) for a in (k, v))
+    kw2 = jnp.concatenate([kw[:, :-1], kw[:, 1:]], axis=2)  # [R, NBLK, 2Q, Hkv, D]
+    vw2 = jnp.concatenate([vw[:, :-1], vw[:, 1:]], axis=2)
     s_w = jnp.einsum("bnqkrd,bnskd->bkrnqs", qw, kw2, preferred_element_type=f32) * scale
-    qpos = jnp.arange(nblk * qb).reshape(nblk, qb)[:, :, None]  # [NBLK, Q, 1]
-    kpos = qpos[:, :1, :] - qb + jnp.arange(2 * qb)[None, None, :]  # [NBLK, 1, 2Q]
+    local = jnp.arange(nblk * qb).reshape(nblk, qb)
+    qpos = offset[:, :, None, None] + local[None, :, :, None]  # [R or 1, NBLK, Q, 1]
+    kpos = qpos[:, :, :1, :] - qb + jnp.arange(2 * qb)  # [R or 1, NBLK, 1, 2Q]
     start_w = None if start is None else padt(start).reshape(b, nblk, qb, 1)
-    mask_w = vis.window_visible(qpos, kpos, start_w) & (kpos >= 0)  # [(B,) NBLK, Q, 2Q]
+    mask_w = vis.window_visible(qpos, kpos, start_w) & (kpos >= 0)  # [R or 1, NBLK, Q, 2Q]
     acc_w, max_w, sum_w = _partial_attention(s_w, heads(mask_w), vw2, "bkrnqs,bnskd->bkrnqd")
     unblock = lambda a: a.reshape(a.shape[:3] + (nblk * qb,) + a.shape[5:])[:, :, :, :t]
     parts.append((unblock(acc_w), unblock(max_w), unblock(sum_w)))
@@ -92,5 +127,5 @@ def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int, document_star
     weights = [jnp.exp(row_max - m) for _, row_max, _ in parts]
     num = sum(acc * w for (acc, _, _), w in zip(parts, weights))
     den = sum(row_sum * w for (_, _, row_sum), w in zip(parts, weights))
-    out = num / den  # [B, Hkv, R, T, D]
+    out = num / den  # [R, Hkv, H/Hkv, T, D]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q.dtype)

@@ -1,0 +1,130 @@
+"""Context parallelism: the length split over the mesh's ``context`` axis gives the one-device
+loss and gradients, and moves only halos and boundary keys. CPU, 8 virtual devices."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attamba_jax.config import ModelConfig
+from attamba_jax.context_parallel import ContextRows
+from attamba_jax.model import init_model
+from attamba_jax.sharding import make_mesh, tree_shardings, use_mesh
+from attamba_jax.train_step import nll_sum
+from pallas_kernels import documents
+from pallas_kernels.chunk_grid import ChunkGrid
+from tests.helpers import assert_close, cpu_devices
+
+# Three layers: grid offsets 0, 1 and 2 at K = 4; a window longer than K.
+MODEL = ModelConfig(
+    vocab_size=61, dim=32, n_layers=3, n_heads=4, multiple_of=16, ssm_hidden_dim=48, ssm_heads=2,
+    ssm_state_dim=4, token_chunk=4, window=6,
+)  # fmt: skip
+
+
+def _batch(seed: int, length: int, packed: bool, rows: int = 2):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, MODEL.vocab_size, (rows, length + 1))
+    batch = {
+        "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+        "weights": jnp.asarray(rng.random((rows, length)) > 0.1, jnp.float32),
+    }
+    if packed:  # documents at multiples of K, of random lengths, crossing the shard edges
+        seg = np.zeros((rows, length), np.int32)
+        for r in range(rows):
+            cuts = np.sort(rng.choice(np.arange(1, length // 4), size=4, replace=False)) * 4
+            seg[r] = np.searchsorted(cuts, np.arange(length), side="right") + 1
+        batch["segment_ids"] = jnp.asarray(seg)
+    return batch
+
+
+def _loss_and_grads(cfg, batch, mesh=None):
+    graphdef, params = init_model(cfg, seed=3)
+    fn = jax.jit(jax.value_and_grad(lambda p: nll_sum(graphdef, p, batch)[0]))
+    if mesh is None:
+        return fn(params)
+    with use_mesh(mesh):
+        return fn(jax.device_put(params, tree_shardings(params, mesh)))
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, length, packed, change",
+    [
+        ({"context": 2, "data": 2, "tensor": 2}, 200, True, {}),  # 200 = 12.5 x (2 shards x K): padded
+        ({"context": 4, "fsdp": 2}, 256, True, {}),
+        ({"context": 8}, 203, True, {}),
+        ({"context": 8}, 256, False, {}),
+        ({"context": 4, "data": 2}, 192, False, {"n_heads": 8, "n_kv_heads": 4, "head_dim": 8}),  # GQA
+        ({"context": 2, "tensor": 4}, 96, True, {"window": 13, "token_chunk": 8}),
+        ({"context": 4, "data": 2}, 160, True, {"pseudo_chunk": True}),
+    ],
+)
+def test_loss_and_gradients_with_the_length_split_over_context_equal_one_device(mesh_shape, length, packed, change):
+    # Given a model and a batch of fresh random tokens (packed documents crossing shard edges where packed)
+    cfg = dataclasses.replace(MODEL, **change)
+    batch = _batch(len(mesh_shape) * 7 + length, length, packed)
+    # When the loss and its gradient are taken on one device and with the length split over the context axis
+    ref, ref_grads = _loss_and_grads(cfg, batch)
+    value, grads = _loss_and_grads(cfg, batch, make_mesh(mesh_shape, cpu_devices(8)))
+    # Then they agree to float32 rounding
+    assert_close(value, ref, 1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert_close(g, r, 1e-4)
+
+
+def test_shards_shorter_than_their_halo_are_refused_naming_the_sizes():
+    with pytest.raises(ValueError, match=r"context shards of 8 positions \(64 / 8\) are shorter than the 12"):
+        ContextRows.plan(64, 8, ChunkGrid(4, 1), window=4)
+
+
+@pytest.mark.parametrize("slices", [2, 4, 8])
+def test_document_starts_computed_slice_by_slice_equal_the_whole_row(slices):
+    rng = np.random.default_rng(slices)
+    seg = np.cumsum(rng.random((3, 64)) < 0.1, axis=1) + 1
+    seg[rng.random((3, 64)) < 0.1] = 0  # padding continues the document before it
+    seg[1, 16:40] = 5  # a document across several slices
+    whole = documents.from_segment_ids(jnp.asarray(seg))
+    np.testing.assert_array_equal(documents.from_segment_ids(jnp.asarray(seg), slices=slices), whole)
+
+
+_COLLECTIVE = re.compile(
+    r"= (\w+)\[([\d,]*)\]\S* (all-gather|collective-permute|all-reduce|reduce-scatter|all-to-all)(-start)?\("
+)
+_BYTES = {"f32": 4, "s32": 4, "bf16": 2, "pred": 1}
+
+
+def _collective_bytes(hlo: str) -> int:
+    """Bytes every device receives from the collectives of compiled ``hlo`` (their outputs' sizes)."""
+    total = 0
+    for dtype, dims, *_ in _COLLECTIVE.findall(hlo):
+        total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+    return total
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_context_axis_moves_the_boundary_keys_and_the_halos_only(packed):
+    # Given a one-layer model at K = 8, rows of 4096 tokens split over 8 context shards
+    cfg = dataclasses.replace(MODEL, n_layers=1, token_chunk=8, window=8)
+    b, length, shards = 2, 4096, 8
+    batch = _batch(0, length, packed, rows=b)
+    graphdef, params = init_model(cfg, seed=0)
+    mesh = make_mesh({"context": shards}, cpu_devices(8))
+    with use_mesh(mesh):
+        placed = jax.device_put(params, tree_shardings(params, mesh))
+        hlo = jax.jit(lambda p: nll_sum(graphdef, p, batch)[0]).lower(placed).compile().as_text()
+    # When the bytes its collectives deliver to a device are added up
+    moved = _collective_bytes(hlo)
+    # Then they are the boundary keys and values of the whole rows plus each shard's halo, within 10%
+    kv_width = cfg.resolved_kv_heads * cfg.resolved_head_dim
+    halo = ContextRows.plan(length, shards, ChunkGrid(8), cfg.window).halo
+    boundaries = b * -(-length // 8) * 2 * kv_width * 4
+    halos = b * halo * cfg.dim * 4
+    assert abs(moved / (boundaries + halos) - 1) < 0.1, (moved, boundaries, halos)
+    # ... about 1/K of gathering every key and value
+    full = b * length * 2 * kv_width * 4
+    print(f"context axis moves {moved} bytes per device, {moved / full:.4f} of all-gathering full K/V (1/K = 0.125)")
+    assert moved / full < 0.15
