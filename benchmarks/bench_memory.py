@@ -4,7 +4,8 @@ sliced loss cost in step time.
     python -m benchmarks.bench_memory --out memory.json [--lengths 16384,...] [--time-at 16384,131072]
 
 For each model (paper configs, bfloat16 compute, batch 1) and each variant (``plain``: no remat,
-whole loss; ``saver``: ``train.remat=block`` + ``train.loss_slice``), the trainer's own step
+whole loss; ``remat``: ``train.remat=block``; ``slice``: ``train.loss_slice=2048``; ``saver``:
+both), the trainer's own step
 (``train_step.make_train_step``, donated state) is compiled at doubling lengths; XLA's buffer
 assignment (``memory_analysis``: arguments + outputs - aliased + temporaries) says whether it
 fits the device (``bytes_limit`` of its memory stats). A length that fits also runs one step, so
@@ -36,7 +37,12 @@ MODELS = {
     "transformer": "configs/paper/transformer_isoparam.yaml",
     "attamba-350m": "configs/scale/attamba_350m.yaml",
 }
-VARIANTS = {"plain": {}, "saver": {"remat": "block", "loss_slice": 2048}}
+VARIANTS = {
+    "plain": {},
+    "remat": {"remat": "block"},
+    "slice": {"loss_slice": 2048},
+    "saver": {"remat": "block", "loss_slice": 2048},
+}
 
 
 def one_case(model: str, variant: str, length: int, time_it: bool, reps: int) -> dict:
@@ -81,7 +87,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="memory.json")
     parser.add_argument("--models", default="attamba,transformer")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="plain,saver")
     parser.add_argument("--lengths", default=",".join(str(2**i) for i in range(14, 21)))
     parser.add_argument("--time-at", default="16384,131072")
     parser.add_argument("--reps", type=int, default=5)
