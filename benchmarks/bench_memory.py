@@ -17,7 +17,6 @@ within this run: ``saver`` against ``plain``, Attamba against the transformer.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import time
