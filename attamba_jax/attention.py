@@ -153,7 +153,7 @@ class AttambaAttention(nnx.Module):
         rows = context_parallel.ContextRows.plan(t, context_parallel.context_shards(), grid, self.window)
         starts = jnp.zeros((b, t), jnp.int32) if document_start is None else document_start
         xr = rows.to_rows(xn)
-        kv_ssm = self.ssm(xr, grid, rows.row_starts(starts))  # [c·B, halo + T/c, 2, dim]
+        kv_ssm = self.ssm(xr, grid, rows.row_starts(starts), rows="context_rows")  # [c·B, halo + T/c, 2, dim]
         positions = rows.to_rows(jnp.broadcast_to(positions, (b, t)))
         q, k, v = self._qkv(xr, kv_ssm, positions)
         if self.pseudo_chunk:  # every earlier key: the whole rows' keys, as the transformer has them

@@ -106,13 +106,16 @@ class StackedMamba2(nnx.Module):
         self.dtype = dtype
         self.implementation = cfg.ssm_implementation
 
-    def __call__(self, u: jax.Array, grid: ChunkGrid, document_start: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, u: jax.Array, grid: ChunkGrid, document_start: jax.Array | None = None, *, rows: str = "batch"
+    ) -> jax.Array:
         """u: [B, T, dim] -> [B, T, streams, dim], restarting at every chunk start of ``grid`` (and,
         in a packed row, at each document's first token and then on that document's grid:
-        ``document_start`` [B, T], see ``pallas_kernels.documents``)."""
-        return self._forward(u, grid, document_start)[0]
+        ``document_start`` [B, T], see ``pallas_kernels.documents``). ``rows``: the logical axis of
+        the rows under a mesh (``context_rows`` for context shards)."""
+        return self._forward(u, grid, document_start, rows)[0]
 
-    def _forward(self, u: jax.Array, grid: ChunkGrid, document_start: jax.Array | None = None):
+    def _forward(self, u: jax.Array, grid: ChunkGrid, document_start: jax.Array | None = None, rows: str = "batch"):
         """The parallel forward; also returns the intermediates that prefill reads its state from."""
         t = u.shape[1]
         z, xbc, dt = self._in_projection(u)
@@ -122,8 +125,8 @@ class StackedMamba2(nnx.Module):
         else:
             position = pos - grid.chunk_start_in_document(jnp.asarray(pos, jnp.int32), document_start)
         x, B, C = self._conv(xbc, position)
-        # Under a mesh a named kernel runs per device on its batch rows.
-        rows = ("batch", None, None, None)
+        # Under a mesh a named kernel runs per device on its rows.
+        rows = (rows, None, None, None)
         args, axes = (x, dt, self._A(), B, C, self.D[...]), (rows, rows[:3], None, rows, rows, None)
         op = ssd
         if document_start is not None:

@@ -61,6 +61,7 @@ def _loss_and_grads(cfg, batch, mesh=None):
         ({"context": 4, "data": 2}, 192, False, {"n_heads": 8, "n_kv_heads": 4, "head_dim": 8}),  # GQA
         ({"context": 2, "tensor": 4}, 96, True, {"window": 13, "token_chunk": 8}),
         ({"context": 4, "data": 2}, 160, True, {"pseudo_chunk": True}),
+        ({"context": 2, "data": 2, "tensor": 2}, 64, True, {"ssm_implementation": "pallas_gpu_interpret"}),
     ],
 )
 def test_loss_and_gradients_with_the_length_split_over_context_equal_one_device(mesh_shape, length, packed, change):
