@@ -480,15 +480,23 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.IterDataset:
-    """This process's endless, shuffled stream of training batches (reshuffled every epoch)."""
+    """This process's endless, shuffled stream of training batches (reshuffled every epoch).
+
+    The windows are shuffled as one sequence for all processes and dealt out in turn, so global
+    batch i holds windows i·B .. (i+1)·B - 1 of that order whatever the number of processes: a
+    run on several processes trains on the batches of a run on one.
+    """
     local = _local_batch(cfg, process_count)
-    windows = grain.MapDataset.source(PackedWindows(stream, cfg.seq_len))[process_index::process_count]
-    if len(windows) < local:
+    windows = grain.MapDataset.source(PackedWindows(stream, cfg.seq_len))
+    if len(windows) < cfg.batch_size:
         raise DataError(
-            f"data.train: {len(stream)} tokens make {len(windows)} windows of seq_len {cfg.seq_len} for this process, "
-            f"fewer than one batch ({local}); add data or lower data.seq_len / data.batch_size"
+            f"data.train: {len(stream)} tokens make {len(windows)} windows of seq_len {cfg.seq_len}, "
+            f"fewer than one batch ({cfg.batch_size}); add data or lower data.seq_len / data.batch_size"
         )
-    ds = windows.shuffle(seed=seed).repeat(None).batch(local, drop_remainder=True)
+    ds = windows.shuffle(seed=seed).repeat(None)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    ds = ds.batch(local, drop_remainder=True)
     ds = ds.map(functools.partial(_batch_from_windows, bos_id=bos_id, vocab_size=vocab_size, align=stream.align))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.threads, prefetch_buffer_size=cfg.prefetch))
 
@@ -497,7 +505,7 @@ def epoch_windows(
     cfg: DataConfig, stream: TokenStream | AlignedStream, *, process_index: int = 0, process_count: int = 1
 ) -> int:
     """Windows per epoch on this process (to turn a step count into epochs)."""
-    return len(grain.MapDataset.source(PackedWindows(stream, cfg.seq_len))[process_index::process_count])
+    return len(PackedWindows(stream, cfg.seq_len)) // process_count
 
 
 def eval_dataset(

@@ -113,8 +113,10 @@ PAPER_RECIPE = {
         "keep_last": 3,
         "keep_every": 10000,
         "peak_tflops": None,
+        "remat": "none",
+        "loss_slice": None,
     },
-    "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+    "mesh": {"data": -1, "fsdp": 1, "context": 1, "tensor": 1},
     "seed": 777,
 }
 ATTAMBA_K8_W8_MODEL = {

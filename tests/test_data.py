@@ -153,27 +153,21 @@ def test_shuffled_epochs_are_permutations_and_differ(tmp_path):
     assert _epoch_rows(other_seed, per_epoch) != first
 
 
-def test_two_processes_get_disjoint_shards_that_cover_the_epoch(tmp_path):
+def test_two_processes_read_between_them_the_batches_of_one(tmp_path):
+    # Given one process's batches of 4 and two processes' batches of 2, same seed
     texts = _write_docs(tmp_path, n=16)
     stream = data.TokenStream([_stream_of(texts)])
     cfg = _cfg(tmp_path, batch_size=4)
-    windows = data.PackedWindows(stream, 16)
-    all_ids = set(range(len(windows)))
-    seen = []
-    for p in range(2):
-        n_local = data.epoch_windows(cfg, stream, process_index=p, process_count=2)
-        local = cfg.batch_size // 2
-        it = iter(
-            data.train_dataset(cfg, stream, seed=0, bos_id=BOS, vocab_size=VOCAB, process_index=p, process_count=2)
-        )
-        rows = _epoch_rows(it, n_local // local)
-        # Identify windows by content (all windows of this corpus differ).
-        lookup = {tuple(np.maximum(windows[i][:-1], 0)): i for i in range(len(windows))}
-        seen.append({lookup[r] for r in rows})
-        assert len(seen[-1]) == len(rows) == n_local // local * local
-    assert not seen[0] & seen[1]
-    # Whole batches only: at most (local batch - 1) windows per process are left for the next epoch.
-    assert len(all_ids - seen[0] - seen[1]) <= 2 * (cfg.batch_size // 2 - 1)
+    make = lambda **shard: iter(data.train_dataset(cfg, stream, seed=0, bos_id=BOS, vocab_size=VOCAB, **shard))
+    one = make()
+    two = [make(process_index=p, process_count=2) for p in range(2)]
+    rows = lambda it: [tuple(r) for r in next(it)["inputs"]]
+    # Then, batch by batch over two epochs, the two processes hold disjoint halves of the one batch
+    batches = 2 * data.epoch_windows(cfg, stream) // 4 + 1
+    for _ in range(batches):
+        whole, first, second = rows(one), rows(two[0]), rows(two[1])
+        assert len(first) == len(second) == 2
+        assert sorted(first + second) == sorted(whole)
 
 
 def test_iterator_state_round_trips(tmp_path):

@@ -96,8 +96,15 @@ MODEL = ModelConfig(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", ["attamba", "transformer"])
-@pytest.mark.parametrize("remat, loss_slice", [("block", None), ("block_save_dots", 5), ("none", 8), ("block", 3)])
+@pytest.mark.parametrize(
+    "arch, remat, loss_slice",
+    [
+        ("attamba", "block", None),
+        ("attamba", "block_save_dots", 5),
+        ("transformer", "block", 3),
+        ("transformer", "none", 8),
+    ],
+)
 def test_remat_and_the_sliced_loss_leave_the_loss_and_gradients_unchanged(arch, remat, loss_slice):
     # Given a model and a packed batch of fresh random tokens (documents of different lengths)
     cfg = MODEL if arch == "attamba" else dataclasses.replace(MODEL, arch="transformer", token_chunk=8, window=8)

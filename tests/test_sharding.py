@@ -80,7 +80,7 @@ def one_device_run():
     return cfg, batches, losses, params
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 1, 2), (1, 8, 1, 1), (2, 1, 2, 2), (1, 2, 2, 2)])
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 1, 2), (1, 8, 1, 1), (2, 1, 2, 2)])
 def test_train_step_on_a_mesh_equals_one_device(one_device_run, shape):
     # Given the losses and parameters after two steps on one device
     cfg, batches, ref_losses, ref_params = one_device_run
