@@ -288,6 +288,10 @@ class StopSignals:
 # --- the trainer's set -----------------------------------------------------------------------
 
 
+def _silent(*_):
+    """``say`` on every process but the first."""
+
+
 class RunHooks:
     """The trainer's hooks for one run, in the order they run after a step:
 
@@ -311,8 +315,10 @@ class RunHooks:
     def __enter__(self) -> RunHooks:
         t, tcfg = self.trainer, self.trainer.cfg.train
         with contextlib.ExitStack() as stack:
-            self.log = stack.enter_context(contextlib.closing(MetricsLog(t.workdir, resume_step=t.last_saved_step)))
-            self.say = tqdm.write if t.progress else print  # tqdm.write keeps the bar below the line
+            main = t.process_index == 0  # of several processes, the first writes the log and prints
+            log = MetricsLog(t.workdir, resume_step=t.last_saved_step, writer=main)
+            self.log = stack.enter_context(contextlib.closing(log))
+            self.say = (tqdm.write if t.progress else print) if main else _silent  # tqdm.write: the bar stays below
             self.say(
                 f"workdir {t.workdir.absolute()}\n"
                 f"model {t.cfg.model.arch}: {t.num_params:,} parameters, "

@@ -19,11 +19,17 @@ from tensorboardX import SummaryWriter  # noqa: E402
 
 
 class MetricsLog:
-    def __init__(self, workdir: str | pathlib.Path, resume_step: int | None):
+    """``writer``: whether this process writes the files (process 0 of a multi-process run); the
+    others keep the records in memory only."""
+
+    def __init__(self, workdir: str | pathlib.Path, resume_step: int | None, *, writer: bool = True):
         workdir = pathlib.Path(workdir)
         self.jsonl_path = workdir / "metrics.jsonl"
         self.plot_path = workdir / "loss.png"
         self.records: list[dict] = []
+        self.writer = writer
+        if not writer:
+            return
         if resume_step is not None and self.jsonl_path.exists():
             for line in self.jsonl_path.read_text().splitlines():
                 try:
@@ -40,6 +46,8 @@ class MetricsLog:
     def write(self, kind: str, step: int, values: dict[str, float | None]):
         record = {"kind": kind, "step": step, **values}
         self.records.append(record)
+        if not self.writer:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for name, value in values.items():
@@ -49,6 +57,8 @@ class MetricsLog:
 
     def plot(self):
         """Training and held-out loss against step, into ``loss.png``."""
+        if not self.writer:
+            return
         train = [(r["step"], r["loss"]) for r in self.records if r["kind"] == "train" and math.isfinite(r["loss"])]
         heldout = [(r["step"], r["loss"]) for r in self.records if r["kind"] == "eval"]
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -66,5 +76,7 @@ class MetricsLog:
         plt.close(fig)
 
     def close(self):
+        if not self.writer:
+            return
         self._file.close()
         self.tensorboard.close()
