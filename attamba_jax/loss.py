@@ -130,15 +130,13 @@ def _sliced_fwd(h, head, targets, weights, slice_length):
         return total + jnp.sum(nll * w_slice), lse
 
     nll_sum, lse = jax.lax.scan(one, jnp.float32(0), (hs, ts, ws))
-    return (nll_sum, jnp.sum(weights)), (h, head, targets, weights, lse)
+    return (nll_sum, jnp.sum(weights)), (hs, head, ts, ws, lse, h.shape[1])
 
 
 def _sliced_bwd(slice_length, res, cotangents):
-    h, head, targets, weights, lse = res
+    hs, head, ts, ws, lse, length = res  # the forward's slices, kept rather than cut again
     g = cotangents[0]  # the weight total has no gradient
-    n = _slice_count(h.shape[1], slice_length)
-    hs, ts, ws = _to_slices(h, n), _to_slices(targets, n), _to_slices(weights, n)
-    w = head.astype(h.dtype)
+    w = head.astype(hs.dtype)
 
     def one(dhead, xs):
         h_slice, t_slice, w_slice, lse_slice = xs
@@ -148,7 +146,7 @@ def _sliced_bwd(slice_length, res, cotangents):
         return dhead, dh
 
     dhead, dhs = jax.lax.scan(one, jnp.zeros(head.shape, jnp.float32), (hs, ts, ws, lse))
-    return _from_slices(dhs, h.shape[1]), dhead.astype(head.dtype), None, None
+    return _from_slices(dhs, length), dhead.astype(head.dtype), None, None
 
 
 _sliced.defvjp(_sliced_fwd, _sliced_bwd)

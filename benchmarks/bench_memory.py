@@ -29,6 +29,7 @@ from attamba_jax.config import load_config
 from attamba_jax.model import init_model
 from attamba_jax.optimizer import make_optimizer
 from attamba_jax.train_step import make_train_step
+from benchmarks.timing import time_steps
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = {
@@ -69,13 +70,8 @@ def one_case(model: str, variant: str, length: int, time_it: bool, reps: int) ->
         jax.block_until_ready(metrics)
         case["fits"] = bool(np.isfinite(float(metrics["loss"])))
         if time_it:
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                state, metrics = compiled(state, batch)
-                jax.block_until_ready(metrics)
-                times.append(time.perf_counter() - t0)
-            case["step_ms"] = 1e3 * float(np.median(times))
+            seconds, state, metrics = time_steps(compiled, state, batch, reps)
+            case["step_ms"] = 1e3 * seconds
             case["tokens_per_s"] = length / (case["step_ms"] / 1e3)
     except Exception as e:  # out of memory at run time although the analysis said it fits
         case.update(fits=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")

@@ -44,6 +44,7 @@ from attamba_jax.model import count_params, init_model
 from attamba_jax.optimizer import make_optimizer
 from attamba_jax.train_step import make_train_step
 from benchmarks import trace_summary
+from benchmarks.timing import time_steps
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = {
@@ -114,13 +115,8 @@ def time_case(
     for _ in range(warmup):
         state, metrics = step(state, data)
     jax.block_until_ready(metrics)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, data)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    synced_ms = 1e3 * float(np.median(times))
+    seconds, state, metrics = time_steps(step, state, data, reps)
+    synced_ms = 1e3 * seconds
     # As the trainer runs: steps dispatched back to back, waited on once per log interval.
     trials = []
     for _ in range(3):

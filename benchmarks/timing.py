@@ -113,3 +113,16 @@ def add_kernel_bench_args(ap, *, out: str, sweep_help: str) -> None:
     ap.add_argument("--out", default=out)
     ap.add_argument("--png", default="")
     ap.add_argument("--plot", default="", help="only redraw the PNG from this JSON")
+
+
+def time_steps(step, state, batch, reps: int):
+    """(median seconds of ``reps`` calls of ``step(state, batch) -> (state, metrics)``, each waited
+    on, the last state, its metrics): for steps that donate and return their state."""
+    times = []
+    metrics = None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), state, metrics
