@@ -11,7 +11,13 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+    flags += " --xla_force_host_platform_device_count=8"
+# On a CPU-only run the tests are bound by compiling, not by computing: LLVM's optimisation of the
+# CPU code is off (XLA's own passes, and so every HLO and its numerics, are unchanged). Subprocesses
+# of the tests inherit it. A run with an accelerator keeps the default.
+if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in flags:
+    flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = flags.strip()
 
 # The tests of a run share their compiled programs (many build the same trainer): a compilation
 # cache for this run, removed at its end by the process that made it (xdist workers inherit it).

@@ -186,3 +186,12 @@ def assert_documents_independent(run, per_token, spans, seed: int = 9):
         keep[row, start:stop] = False
         np.testing.assert_array_equal(out[keep], base[keep])
         assert not np.array_equal(out[row, start:stop], base[row, start:stop])
+
+
+def subprocess_xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess of a test: this run's flags, with ``devices`` CPU devices."""
+    import os
+    import re
+
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return " ".join(flags.split() + ([f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else []))

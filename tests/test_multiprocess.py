@@ -13,6 +13,7 @@ import numpy as np
 
 from attamba_jax.config import load_config
 from attamba_jax.trainer import Trainer
+from tests.helpers import subprocess_xla_flags
 from tests.test_trainer import MODEL, TINY, _corpus
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def _two_processes(command: list[str], cache: pathlib.Path) -> list[subprocess.C
     for rank in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache))
         env |= {
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "XLA_FLAGS": subprocess_xla_flags(4),
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",  # collectives between CPU processes
             "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
             "JAX_NUM_PROCESSES": "2",

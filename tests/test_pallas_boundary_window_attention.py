@@ -283,8 +283,11 @@ def _blocks(kernel, blocks):
     return None if blocks == "default" else TPU_BLOCKS
 
 
-@pytest.mark.parametrize("kernel", sorted(KERNELS))
-@pytest.mark.parametrize("k, offset, window, t, h, hkv, blocks", PACKED)
+@pytest.mark.parametrize(
+    "kernel, k, offset, window, t, h, hkv, blocks",
+    # ("splits" cuts the GPU kernel's walk; on the TPU kernel it is the tiles of the first cases)
+    [(kernel, *case) for case in PACKED for kernel in sorted(KERNELS) if (kernel, case[-1]) != ("tpu", "splits")],
+)
 def test_kernel_packed_equals_alone(kernel, k, offset, window, t, h, hkv, blocks):
     # Given a packed batch and each of its documents alone from position 0
     starts, spans = packed_layout(k + t, 2, t, k, window)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+from tests.helpers import subprocess_xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The default config with a smaller model and batch, so that CI compiles little.
 SMALL = [
@@ -30,7 +32,7 @@ SMALL = [
 
 
 def _env(tmp_path) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=subprocess_xla_flags(1))
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env

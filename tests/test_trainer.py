@@ -35,7 +35,7 @@ from attamba_jax.optimizer import decay_mask, make_schedule
 from attamba_jax.tokenizer import TokenizerError, train_sentencepiece
 from attamba_jax.train_step import make_train_step
 from attamba_jax.trainer import NonFiniteLossError, RunResult, Trainer
-from tests.helpers import assert_close, cpu_devices, with_overrides
+from tests.helpers import assert_close, cpu_devices, subprocess_xla_flags, with_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -83,7 +83,7 @@ def _overrides(corpus: str, steps=4, **extra) -> list[str]:
 
 def _subprocess_env(cache_dir) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = ""  # one CPU device: the subprocesses compile less
+    env["XLA_FLAGS"] = subprocess_xla_flags(1)  # one CPU device: the subprocesses compile less
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)  # the three runs share compiled steps
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
