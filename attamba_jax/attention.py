@@ -148,32 +148,38 @@ class AttambaAttention(nnx.Module):
 
     def _context_parallel(self, xn, positions, grid: ChunkGrid, document_start):
         """The training forward with the length split over the mesh's ``context`` axis: each shard
-        and its halo as one row (``context_parallel``)."""
+        and its halo as one row (``context_parallel``); the queries of the shard alone."""
         b, t, _ = xn.shape
         rows = context_parallel.ContextRows.plan(t, context_parallel.context_shards(), grid, self.window)
         starts = jnp.zeros((b, t), jnp.int32) if document_start is None else document_start
+        positions = jnp.broadcast_to(positions, (b, t))
         xr = rows.to_rows(xn)
         kv_ssm = self.ssm(xr, grid, rows.row_starts(starts), rows="context_rows")  # [c·B, halo + T/c, 2, dim]
-        positions = rows.to_rows(jnp.broadcast_to(positions, (b, t)))
-        q, k, v = self._qkv(xr, kv_ssm, positions)
+        k, v = self._kv(xr, kv_ssm, rows.to_rows(positions))
+        q = self._q(xn, positions)
         if self.pseudo_chunk:  # every earlier key: the whole rows' keys, as the transformer has them
-            q, k, v = (rows.shards_of(a) for a in (q, k, v))
-            o = causal_attention(q, k, v, document_start=document_start)
+            k, v = rows.shards_of(k), rows.shards_of(v)
+            o = causal_attention(q, k, v, document_start=document_start, partitioned=True)
         else:
-            q = q[:, rows.halo :]
             o = context_parallel.boundary_window_attention(
-                q, k, v, rows, grid=grid, window=self.window, document_start=starts
+                rows.split(q), k, v, rows, grid=grid, window=self.window, document_start=starts
             )
             o = rows.join(o)
         return self.wo(o.reshape(b, t, -1))
 
     def _qkv(self, xn, kv_ssm, positions):
         """q [B,T,H,D], k, v [B,T,Hkv,D] from xn and the SSM outputs kv_ssm [B,T,2,dim]; q, k rotated at ``positions``."""
+        return self._q(xn, positions), *self._kv(xn, kv_ssm, positions)
+
+    def _q(self, xn, positions):
         b, t, _ = xn.shape
-        q = self.wq(xn).reshape(b, t, self.n_heads, self.head_dim)
+        return apply_rope(self.wq(xn).reshape(b, t, self.n_heads, self.head_dim), positions, self.rope_theta)
+
+    def _kv(self, xn, kv_ssm, positions):
+        b, t, _ = xn.shape
         k = (kv_ssm[:, :, 0] + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = (kv_ssm[:, :, 1] + xn).reshape(b, t, self.n_kv_heads, self.head_dim)
-        return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
+        return apply_rope(k, positions, self.rope_theta), v
 
 
 class CausalSelfAttention(nnx.Module):
@@ -215,8 +221,17 @@ class CausalSelfAttention(nnx.Module):
             cache = cache.append(positions[:, 0], k[:, 0], v[:, 0])
             o = cached_attention(q, cache.key_sets(positions[:, 0]))
         else:
+            split = cache is None and context_parallel.context_shards() > 1
+            if split:  # context parallelism, the plain form: every shard gathers all keys and values
+                k, v = (sharding.constrain(a, ("batch", None, "kv", None)) for a in (k, v))
             o = causal_attention(
-                q, k, v, window=self.window, document_start=document_start, implementation=self.implementation
+                q,
+                k,
+                v,
+                window=self.window,
+                document_start=document_start,
+                implementation=self.implementation,
+                partitioned=split,
             )
             cache = None if cache is None else cache.fill(k, v, lengths)
         return self.wo(o.reshape(b, t, -1)), cache

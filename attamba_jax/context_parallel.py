@@ -86,6 +86,13 @@ class ContextRows:
         rows = jnp.concatenate([halo, rows], axis=2).reshape(c * b, self.row_length, *x.shape[2:])
         return sharding.constrain(rows, ("context_rows", None) + (None,) * (x.ndim - 2))
 
+    def split(self, x: jax.Array) -> jax.Array:
+        """[B, T, ...] -> [c·B, T/c, ...]: each row's shards as rows, without halos (``join``'s inverse)."""
+        b = x.shape[0]
+        own = jnp.swapaxes(x.reshape(b, self.shards, self.shard_length, *x.shape[2:]), 0, 1)
+        own = own.reshape(self.shards * b, self.shard_length, *x.shape[2:])
+        return sharding.constrain(own, ("context_rows", None) + (None,) * (x.ndim - 2))
+
     def shards_of(self, rows: jax.Array) -> jax.Array:
         """[c·B, halo + T/c, ...] -> [B, T, ...]: each row's own shard, its halo dropped."""
         return self.join(rows[:, self.halo :])

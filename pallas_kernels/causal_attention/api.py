@@ -34,6 +34,8 @@ def _cudnn_unsupported(target, q, k, v, *, window, document_start=None):
     d = q.shape[-1]
     if target.backend != "gpu":
         return f"it runs on gpu, not on {target.backend}"
+    if target.partitioned:
+        return "the query length is split over devices (context parallelism), which XLA's own attention partitions"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"it takes 16-bit inputs, not {q.dtype}"
     if d % 8 or d > 256:
@@ -57,6 +59,7 @@ def causal_attention(
     window: int | None = None,
     document_start: jax.Array | None = None,
     implementation: CausalImplementation | Literal["auto"] = "auto",
+    partitioned: bool = False,
 ) -> jax.Array:
     """Query t attends to keys t-W .. t (``window`` W; None: every earlier key).
 
@@ -66,6 +69,9 @@ def causal_attention(
         (``pallas_kernels.documents``; any layout): a query sees only keys of its own document.
       implementation: ``auto`` (cuDNN flash attention on a GPU where it applies: 16-bit inputs,
         head_dim a multiple of 8 up to 256; XLA otherwise) or one name of ``CausalImplementation``.
+      partitioned: the query length is split over devices and XLA partitions this call (context
+        parallelism: q holds a shard of the length per device, k and v every position); ``auto``
+        then takes XLA.
 
     Returns:
       [B, T, H, D] in q.dtype.
@@ -73,5 +79,7 @@ def causal_attention(
     if document_start is not None:
         check_layout(document_start, *q.shape[:2])
     kw = dict(window=window, document_start=document_start)
-    name = dispatch.choose("causal_attention", IMPLEMENTATIONS, implementation, dispatch.Target.here(), q, k, v, **kw)
+    name = dispatch.choose(
+        "causal_attention", IMPLEMENTATIONS, implementation, dispatch.Target.here(partitioned), q, k, v, **kw
+    )
     return IMPLEMENTATIONS[name].run(q, k, v, **kw)
