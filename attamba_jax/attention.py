@@ -147,19 +147,23 @@ class AttambaAttention(nnx.Module):
         return self.wo(o.reshape(b, t, -1)), cache
 
     def _context_parallel(self, xn, positions, grid: ChunkGrid, document_start):
-        """The training forward with the length split over the mesh's ``context`` axis: each shard
-        and its halo as one row (``context_parallel``); the queries of the shard alone."""
+        """The training forward with the length split over the mesh's ``context`` axis, in context
+        order (``context_parallel``): each piece and its halo as one row; the queries of the
+        pieces alone. ``positions`` [T] or [B, T] and ``document_start`` are in context order too."""
         b, t, _ = xn.shape
         rows = context_parallel.ContextRows.plan(t, context_parallel.context_shards(), grid, self.window)
         starts = jnp.zeros((b, t), jnp.int32) if document_start is None else document_start
         positions = jnp.broadcast_to(positions, (b, t))
         xr = rows.to_rows(xn)
-        kv_ssm = self.ssm(xr, grid, rows.row_starts(starts), rows="context_rows")  # [c·B, halo + T/c, 2, dim]
+        kv_ssm = self.ssm(xr, grid, rows.row_starts(starts), rows="context_rows")  # [2c·B, halo + P, 2, dim]
         k, v = self._kv(xr, kv_ssm, rows.to_rows(positions))
         q = self._q(xn, positions)
-        if self.pseudo_chunk:  # every earlier key: the whole rows' keys, as the transformer has them
-            k, v = rows.shards_of(k), rows.shards_of(v)
-            o = causal_attention(q, k, v, document_start=document_start, partitioned=True)
+        if self.pseudo_chunk:  # every earlier key: the whole rows' keys in their order, as the transformer has them
+            q, k, v = rows.natural(q), rows.natural(rows.shards_of(k)), rows.natural(rows.shards_of(v))
+            ds = None if document_start is None else rows.natural(document_start)
+            o = context_parallel.in_context_order(
+                causal_attention(q, k, v, document_start=ds, partitioned=True), rows.order
+            )
         else:
             o = context_parallel.boundary_window_attention(
                 rows.split(q), k, v, rows, grid=grid, window=self.window, document_start=starts

@@ -358,9 +358,10 @@ class MeshConfig:
     data: int = -1
     # Fully sharded data parallelism: state split, gathered per layer as it is used.
     fsdp: int = 1
-    # Context parallelism: the length of every activation split into contiguous slices, one per
-    # device; Attamba's layers exchange only halos and boundary keys (attamba_jax/context_parallel.py),
-    # the transformer's gather every key and value.
+    # Context parallelism: the length of every activation split over the devices (Attamba: 2c
+    # pieces, device i holding pieces i and 2c-1-i, which balances causal attention); Attamba's
+    # layers exchange only halos and boundary keys (attamba_jax/context_parallel.py), the
+    # transformer's (contiguous slices) gather every key and value.
     context: int = 1
     # Tensor parallelism: heads and hidden widths split (where they divide).
     tensor: int = 1

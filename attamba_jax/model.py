@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attamba_jax import context_parallel
@@ -148,28 +149,53 @@ class LanguageModel(nnx.Module):
         ``remat``: what the backward recomputes of each block (``REMAT``); ``segment_ids`` as in
         ``__call__``.
         """
+        h, order = self.features_in_context_order(tokens, segment_ids=segment_ids, token_chunk=token_chunk, remat=remat)
+        if order is not None:
+            h = jnp.take(h, jnp.asarray(np.argsort(order)), axis=1)
+        return h[:, : tokens.shape[1]]
+
+    def features_in_context_order(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        token_chunk: int | None = None,
+        remat: str = "none",
+    ) -> tuple[jax.Array, np.ndarray | None]:
+        """``features`` in the order the devices of the mesh's ``context`` axis hold them, for a
+        loss that needs no particular order: (h [B, T', dim], order [T'] or None), h[:, i] the
+        state at position order[i]; T' >= T (positions >= T are padding). ``order`` is None where
+        the positions are in their order (no context axis, or the transformer): h is then
+        ``features``. Attamba under a context axis pads the length to a multiple of 2c·K and runs
+        in the balanced context order (``context_parallel``).
+        """
         if remat not in REMAT:
             raise ValueError(f"remat must be one of {sorted(REMAT)}, got {remat!r}")
         if segment_ids is not None and segment_ids.shape != tokens.shape:
             raise ValueError(f"segment_ids must have the shape of tokens {tokens.shape}, got {segment_ids.shape}")
-        length = tokens.shape[1]
         shards = context_parallel.context_shards()
-        if shards > 1 and self.cfg.arch == "attamba":
-            # The length splits into shards of whole chunks: pad the end (no real token sees it).
+        split = shards > 1 and self.cfg.arch == "attamba"
+        order = None
+        if split:
+            # The length splits into 2c pieces of whole chunks: pad the end (no real token sees it).
             k = self.cfg.token_chunk if token_chunk is None else token_chunk
-            pad = context_parallel.padded_length(length, shards, k) - length
+            pad = context_parallel.padded_length(tokens.shape[1], shards, k) - tokens.shape[1]
             tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
             if segment_ids is not None:
                 segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))  # id 0 continues the last document
+            order = context_parallel.context_order(tokens.shape[1], shards)
         starts = None
         positions = jnp.arange(tokens.shape[1])
         if segment_ids is not None:
-            starts = documents.from_segment_ids(segment_ids, slices=shards if self.cfg.arch == "attamba" else 1)
+            starts = documents.from_segment_ids(segment_ids, slices=2 * shards if split else 1)
             # RoPE at positions within the document: relative in exact arithmetic either way, and
             # then the rotations are the document's own, rounding included (bf16).
             positions = positions - starts
+        if split:
+            tokens, positions = (jnp.take(a, jnp.asarray(order), axis=-1) for a in (tokens, positions))
+            starts = None if starts is None else jnp.take(starts, jnp.asarray(order), axis=1)
         caches = [None] * len(self.blocks)
-        return self._trunk(tokens, positions, token_chunk, caches, document_start=starts, remat=remat)[0][:, :length]
+        return self._trunk(tokens, positions, token_chunk, caches, document_start=starts, remat=remat)[0], order
 
     # --- inference (attamba_jax.cache) -------------------------------------------------------
 

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attamba_jax.config import Config, ConfigError, MeshConfig
+from attamba_jax.context_parallel import in_context_order
 from attamba_jax.loss import cross_entropy, sliced_nll_sum
 from attamba_jax.model import init_model
 from attamba_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, tree_shardings, use_mesh
@@ -49,10 +50,13 @@ def nll_sum(graphdef, params, batch, *, remat: str = "none", loss_slice: int | N
     positions per slice of the head and loss (``loss.sliced_nll_sum``); None = all at once.
     """
     model = nnx.merge(graphdef, params)
-    h = model.features(batch["inputs"], segment_ids=batch.get("segment_ids"), remat=remat)
+    h, order = model.features_in_context_order(batch["inputs"], segment_ids=batch.get("segment_ids"), remat=remat)
+    targets, weights = batch["targets"], batch["weights"]
+    if order is not None:  # the states in the context axis's order: the targets follow them
+        targets, weights = (in_context_order(a, order) for a in (targets, weights))
     if loss_slice is not None:
-        return sliced_nll_sum(h, model.head.kernel[...], batch["targets"], batch["weights"], slice_length=loss_slice)
-    mean, total = cross_entropy(model.head(h), batch["targets"], batch["weights"])
+        return sliced_nll_sum(h, model.head.kernel[...], targets, weights, slice_length=loss_slice)
+    mean, total = cross_entropy(model.head(h), targets, weights)
     return mean * jnp.maximum(total, 1.0), total
 
 

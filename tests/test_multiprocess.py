@@ -68,7 +68,7 @@ def test_two_processes_train_on_a_data_by_context_mesh_resume_and_match_one_proc
     # Given a run of 6 steps on one process of 8 devices, mesh data 2 x context 4
     corpus = _corpus(tmp_path / "corpus")
     overrides = MODEL + [
-        f"data.train=[{corpus}]", "data.heldout_fraction=0.2", "data.seq_len=64", "data.batch_size=8",
+        f"data.train=[{corpus}]", "data.heldout_fraction=0.2", "data.seq_len=96", "data.batch_size=8",
         "data.threads=1", "optim.warmup_steps=2", "train.steps=6", "train.log_every=1", "train.eval_every=100",
         "train.eval_batches=2", "train.checkpoint_every=3", "mesh.data=2", "mesh.context=4",
     ]  # fmt: skip
