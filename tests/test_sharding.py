@@ -35,7 +35,7 @@ MODEL = [
     "model.token_chunk=4",
     "model.window=4",
 ]
-BATCH, LENGTH = 8, 32
+BATCH, LENGTH = 8, 48  # at context 2: pieces of 12, the halo K + the query block
 
 
 def _cfg(*extra):
