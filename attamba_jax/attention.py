@@ -166,7 +166,14 @@ class AttambaAttention(nnx.Module):
             )
         else:
             o = context_parallel.boundary_window_attention(
-                rows.split(q), k, v, rows, grid=grid, window=self.window, document_start=starts
+                rows.split(q),
+                k,
+                v,
+                rows,
+                grid=grid,
+                window=self.window,
+                document_start=starts,
+                implementation=self.implementation,
             )
             o = rows.join(o)
         return self.wo(o.reshape(b, t, -1))

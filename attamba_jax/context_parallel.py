@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from attamba_jax import sharding
-from pallas_kernels.boundary_window_attention.xla import attention_of_rows, window_block_size
+from pallas_kernels.boundary_window_attention import ROW_IMPLEMENTATIONS, boundary_window_attention_of_rows
+from pallas_kernels.boundary_window_attention.xla import window_block_size
 from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.documents import at_document_start
 
 
 def context_shards() -> int:
@@ -183,7 +185,14 @@ class ContextRows:
         return jnp.take(x, jnp.asarray(np.argsort(self.order)), axis=1)
 
 
-def boundary_window_attention(q, k, v, rows: ContextRows, *, grid: ChunkGrid, window: int, document_start):
+def _attention_of_rows(q, k, v, kb, vb, kd, vd, starts, offsets, **kw):
+    """``boundary_window_attention_of_rows`` with flat array arguments (``sharding.call_op`` shards each)."""
+    return boundary_window_attention_of_rows(q, k, v, (kb, vb), (kd, vd, starts), row_offset=offsets, **kw)
+
+
+def boundary_window_attention(
+    q, k, v, rows: ContextRows, *, grid: ChunkGrid, window: int, document_start, implementation: str = "auto"
+):
     """Boundary + window attention of context piece rows.
 
     Args:
@@ -191,6 +200,8 @@ def boundary_window_attention(q, k, v, rows: ContextRows, *, grid: ChunkGrid, wi
         the halo and of the piece (after RoPE), right from position K of the row on.
       document_start: [B, T] int (context order), each token's document start in its row
         (zeros: one document).
+      implementation: ``boundary_window_attention_of_rows``'s: a kernel named here runs on each
+        device's rows (and heads over ``tensor``); ``auto`` takes the XLA path under a mesh.
 
     Returns:
       [2c·B, P, H, D]: ``boundary_window_attention`` of the whole rows, piece by piece.
@@ -198,42 +209,52 @@ def boundary_window_attention(q, k, v, rows: ContextRows, *, grid: ChunkGrid, wi
     b = q.shape[0] // (2 * rows.shards)
     kk = grid.token_chunk
     own = lambda a: a[:, rows.halo :]
-    # The row's boundaries after token 0 are f + jK: K-periodic, P/K per piece (P is a multiple
-    # of K), one strided slice of each piece, gathered whole for every piece, in context order.
-    # (Position 0, a grid point when f = 0, is never seen there: it is every row's first document start.)
-    kb, vb = (rows.join(own(a)[:, grid.first :: kk]) for a in (k, v))  # [B, NB, Hkv, D]
+    # The row's grid points f + jK: K-periodic, P/K per piece (P is a multiple of K), one strided
+    # slice of each piece, gathered whole for every piece and put in the row's order: its
+    # boundaries in arrival order, after token 0 when that is apart from the grid (f > 0), which
+    # is never seen there (it is every row's first document start) and held as zeros.
+    natural = jnp.asarray(np.argsort(rows.piece_of_slot))
+    kb, vb = (jnp.take(rows.by_row(own(a)[:, grid.first :: kk]), natural, axis=1) for a in (k, v))
+    kb, vb = (a.reshape(b, -1, *a.shape[3:]) for a in (kb, vb))  # [B, T/K, Hkv, D]
+    if grid.first:
+        kb, vb = (jnp.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0))) for a in (kb, vb))
     kb, vb = (sharding.constrain(a, ("batch", None, None, None)) for a in (kb, vb))
-    bpos = jnp.asarray(rows.order[grid.first :: kk], jnp.int32)
     per_row = rows.per_row
 
     # Each query's document-first key: from its own row when the document starts in the row's
-    # piece or halo, else from the piece that holds the start (its last document is this one).
+    # piece, else (the piece's first document, begun before it) from the piece that holds the
+    # start, whose last document it is. Both are taken so that no two queries' gradients meet in
+    # a scatter: within the row by ``at_document_start`` on the row's own layout, and from the
+    # holder once per row, broadcast over the row's queries.
     offset = rows.offsets(b)
     st = own(rows.to_rows(document_start))  # [2c·B, P], positions in the whole row
-    local = st - offset[:, None]
-    in_row = local >= rows.halo
-    take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+    in_row = st - offset[:, None] >= rows.halo
+    local_starts = rows.row_starts(document_start)
     last_start = st[:, -1] - offset - rows.halo  # in the piece's own positions
     has_start = last_start >= 0  # the piece's last document starts in the piece
+    take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
     exported = [take(own(a), jnp.maximum(last_start, 0)[:, None])[:, 0] for a in (k, v)]  # [2c·B, Hkv, D]
     exported = [jnp.where(has_start[:, None, None], a, 0) for a in exported]
     exported = [sharding.constrain(a, (None, None, None)) for a in exported]  # every row's, on every device
-    holder = rows.row_of(st // rows.piece_length, rows.per_row(jnp.arange(b, dtype=jnp.int32))[:, None], b)
+    holder = rows.row_of(st[:, 0] // rows.piece_length, rows.per_row(jnp.arange(b, dtype=jnp.int32)), b)
     kd, vd = (
-        jnp.where(in_row[..., None, None], take(a, jnp.clip(local, 0, rows.row_length - 1)), e[holder])
+        jnp.where(in_row[..., None, None], own(at_document_start(a, local_starts)), e[holder][:, None])
         for a, e in zip((k, v), exported)
     )
 
     # The window part reads the Q keys before each piece's first query from the halo.
-    qb = window_block_size(window)
-    keys = lambda a: a[:, rows.halo - qb :]
-    return attention_of_rows(
-        q,
-        keys(k),
-        keys(v),
-        (per_row(kb), per_row(vb), bpos),
-        (kd, vd, st),
+    keys = lambda a: a[:, rows.halo - window_block_size(window) :]
+    heads = "kv" if sharding.splits("kv", k.shape[2]) else None
+    axes = ("context_rows", None, heads, None)
+    args = (q, keys(k), keys(v), per_row(kb), per_row(vb), kd, vd, st, offset + rows.halo)
+    arg_axes = (axes,) * 7 + (("context_rows", None), ("context_rows",))
+    return sharding.call_op(
+        _attention_of_rows,
+        ROW_IMPLEMENTATIONS,
+        implementation,
+        args,
+        arg_axes,
+        axes,
         grid=grid,
         window=window,
-        row_offset=offset + rows.halo,
     )

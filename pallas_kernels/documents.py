@@ -74,18 +74,21 @@ def check_layout(document_start: jax.Array, batch: int, length: int) -> None:
         raise ValueError(f"document_start must be integer, got {document_start.dtype}")
 
 
-def next_starts(document_start: jax.Array, positions, token_chunk: int) -> jax.Array:
-    """[B, T] document starts at multiples of K, [J] positions p -> [B, J] int32: the first document
-    start at or after p (T when none), for kernels' walks that stop at a document's end.
+def next_starts(document_start: jax.Array, positions, token_chunk: int, row_offset=None) -> jax.Array:
+    """[B, T] document starts at multiples of K, [J] positions p -> [B, J] int32: the first token at
+    or after p whose document starts at or after p (T when none), for kernels' walks that stop at a
+    document's end. ``row_offset`` [B] (multiples of K): the rows' tokens are at positions
+    ``row_offset + 0..T-1`` of longer sequences (the result is a position, ``row_offset + T`` when none).
 
-    The first start at or after p is the number of tokens whose document starts before p; for
-    aligned documents it is K times that count over the multiples of K (capped at T).
+    Every K-block lies in one document, and the blocks whose document starts before p come first:
+    the token sought is the first of the first block that is not one of them.
     """
     length = document_start.shape[1]
     firsts = document_start[:, ::token_chunk]  # [B, ceil(T/K)]: whole K-blocks lie in one document
     positions = jnp.asarray(positions, jnp.int32)
     count = jnp.sum(firsts[:, :, None] < positions, axis=1, dtype=jnp.int32)
-    return jnp.minimum(count * token_chunk, length)
+    found = jnp.minimum(count * token_chunk, length)
+    return found if row_offset is None else found + jnp.asarray(row_offset, jnp.int32)[:, None]
 
 
 @jax.custom_vjp

@@ -63,7 +63,13 @@ def _loss_and_grads(cfg, batch, mesh=None, **options):
         ({"context": 4, "data": 2}, 192, False, {"n_heads": 8, "n_kv_heads": 4, "head_dim": 8}),  # GQA
         ({"context": 2, "tensor": 4}, 96, True, {"window": 13, "token_chunk": 8}),
         ({"context": 4, "data": 2}, 160, True, {"pseudo_chunk": True}),
-        ({"context": 2, "data": 2, "tensor": 2}, 48, False, {"ssm_implementation": "pallas_gpu_interpret"}),
+        # both kernels on each device's pieces (the attention's with the boundary and document keys given)
+        (
+            {"context": 2, "data": 2, "tensor": 2},
+            48,
+            True,
+            {"ssm_implementation": "pallas_gpu_interpret", "attention_implementation": "pallas_gpu_interpret"},
+        ),
         # the transformer's plain form: every shard gathers all keys and values
         ({"context": 4, "data": 2}, 96, True, {"arch": "transformer"}),
         ({"context": 2, "tensor": 2, "fsdp": 2}, 64, False, {"arch": "transformer", "sliding_window": 5}),

@@ -2,8 +2,16 @@
 
 from pallas_kernels.boundary_window_attention.api import (
     IMPLEMENTATIONS,
+    ROW_IMPLEMENTATIONS,
     AttentionImplementation,
     boundary_window_attention,
+    boundary_window_attention_of_rows,
 )
 
-__all__ = ["IMPLEMENTATIONS", "AttentionImplementation", "boundary_window_attention"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "ROW_IMPLEMENTATIONS",
+    "AttentionImplementation",
+    "boundary_window_attention",
+    "boundary_window_attention_of_rows",
+]

@@ -91,3 +91,80 @@ def boundary_window_attention(
     kw = dict(grid=grid, window=window, document_start=document_start)
     name = dispatch.choose("attention", IMPLEMENTATIONS, implementation, target, q, k, v, **kw)
     return IMPLEMENTATIONS[name].run(q, k, v, **kw)
+
+
+def _whole_rows_only(what: str):
+    return lambda target, *args, **kwargs: (
+        f"{what} takes whole rows only (not rows that are slices of longer sequences)"
+    )
+
+
+# The same names, for rows that are slices of longer sequences (in ``auto``'s order).
+ROW_IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
+    "pallas_gpu": dispatch.Implementation(
+        pallas_gpu.attention_of_rows_pallas_gpu, dispatch.pallas_kernel("gpu"), single_device=True
+    ),
+    "pallas_tpu": dispatch.Implementation(None, _whole_rows_only("the TPU kernel"), single_device=True),
+    "compressed": dispatch.Implementation(xla.attention_of_rows),
+    "dense": dispatch.Implementation(None, _whole_rows_only("the dense reference"), in_auto=False),
+    "pallas_gpu_interpret": dispatch.Implementation(
+        functools.partial(pallas_gpu.attention_of_rows_pallas_gpu, interpret=True),
+        dispatch.pallas_kernel(None),
+        single_device=True,
+        in_auto=False,
+    ),
+    "pallas_tpu_interpret": dispatch.Implementation(
+        None, _whole_rows_only("the TPU kernel"), single_device=True, in_auto=False
+    ),
+}
+assert tuple(ROW_IMPLEMENTATIONS) == typing.get_args(AttentionImplementation)
+
+
+def boundary_window_attention_of_rows(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    boundaries: tuple[jax.Array, jax.Array],
+    documents: tuple[jax.Array, jax.Array, jax.Array],
+    *,
+    grid: ChunkGrid,
+    window: int,
+    row_offset: jax.Array,
+    implementation: AttentionImplementation | Literal["auto"] = "auto",
+    partitioned: bool = False,
+) -> jax.Array:
+    """``boundary_window_attention`` of rows that are slices of longer sequences (a context
+    shard's pieces), with the keys from outside the slices given.
+
+    Args:
+      q: [R, T, H, D]; query t of row r is at position ``row_offset[r] + t`` of its sequence
+        (``row_offset`` [R] int, multiples of K).
+      k, v: [R, Q + T, Hkv, D], Q >= W: the keys at positions ``row_offset - Q`` ..
+        ``row_offset + T - 1`` (positions below 0 are never seen). ``xla.attention_of_rows``
+        needs Q = ``xla.window_block_size(W)``; the kernels take any Q >= W.
+      boundaries: (kb, vb [R, NB, Hkv, D]): the sequence's first NB boundaries in arrival order
+        (``kb[:, n]`` is the key at ``grid.position(n)``), NB at least those before the last
+        query's window.
+      documents: (kd, vd [R, T, Hkv, D], starts [R, T] int): each query's document start in its
+        sequence (a multiple of K) and the key and value there.
+      implementation, partitioned: as ``boundary_window_attention``.
+
+    Returns:
+      [R, T, H, D] in q.dtype.
+    """
+    kb, vb = boundaries
+    kd, vd, starts = documents
+    if q.ndim != 4 or k.shape != v.shape or kb.shape != vb.shape or kd.shape != vd.shape:
+        raise ValueError(f"attention of rows: q {q.shape}, k {k.shape}, v {v.shape}, kb {kb.shape}, kd {kd.shape}")
+    r, t = q.shape[:2]
+    if k.shape[0] != r or k.shape[1] < t + window or kb.shape[0] != r or kd.shape[:2] != (r, t):
+        raise ValueError(
+            f"attention of rows: for q {q.shape}, k and v need [{r}, >= {t} + W={window}, Hkv, D], kb [{r}, NB, Hkv, D] "
+            f"and kd [{r}, {t}, Hkv, D]; got k {k.shape}, kb {kb.shape}, kd {kd.shape}"
+        )
+    check_layout(starts, r, t)
+    target = dispatch.Target.here(partitioned)
+    kw = dict(grid=grid, window=window, row_offset=jnp.asarray(row_offset, jnp.int32))
+    args = (q, k, v, boundaries, (kd, vd, starts.astype(jnp.int32)))
+    name = dispatch.choose("attention of rows", ROW_IMPLEMENTATIONS, implementation, target, *args, **kw)
+    return ROW_IMPLEMENTATIONS[name].run(*args, **kw)

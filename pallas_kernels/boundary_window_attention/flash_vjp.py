@@ -9,25 +9,27 @@ import jax
 
 
 def flash_vjp(forward, backward):
-    """A differentiable ``attention(st, q, k, v, documents, interpret) -> o``.
+    """A differentiable ``attention(st, inputs, layout, interpret) -> o``.
 
     Args:
-      forward: ``(st, q, k, v, documents, interpret) -> (o, lse)``.
-      backward: ``(st, q, k, v, documents, o, lse, do, interpret) -> (dq, dk, dv)``.
-      ``st`` (hashable) and ``interpret`` are static; ``documents`` (the [B, T] int32 document
-      starts, or None) is not differentiated.
+      forward: ``(st, inputs, layout, interpret) -> (o, lse)``.
+      backward: ``(st, inputs, layout, o, lse, do, interpret) -> gradients of inputs``.
+      ``inputs`` is the tuple of differentiated arrays (q, k, v first); ``layout`` (integer arrays:
+      the document starts and the like, or None) is not differentiated; ``st`` (hashable) and
+      ``interpret`` are static.
     """
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-    def attention(st, q, k, v, documents, interpret):
-        return forward(st, q, k, v, documents, interpret)[0]
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+    def attention(st, inputs, layout, interpret):
+        return forward(st, inputs, layout, interpret)[0]
 
-    def attention_fwd(st, q, k, v, documents, interpret):
-        o, lse = forward(st, q, k, v, documents, interpret)
-        return o, (q, k, v, documents, o, lse)
+    def attention_fwd(st, inputs, layout, interpret):
+        o, lse = forward(st, inputs, layout, interpret)
+        return o, (inputs, layout, o, lse)
 
     def attention_bwd(st, interpret, res, do):
-        return (*backward(st, *res, do, interpret), None)
+        inputs, layout, o, lse = res
+        return tuple(backward(st, inputs, layout, o, lse, do, interpret)), None
 
     attention.defvjp(attention_fwd, attention_bwd)
     return attention

@@ -524,7 +524,10 @@ def _query_ends(st: _Static, documents) -> jax.Array:
     return jnp.concatenate([boundary.astype(jnp.int32), window], axis=1)
 
 
-_attention = flash_vjp(_forward, _backward)
+_attention = flash_vjp(
+    lambda st, inputs, documents, interpret: _forward(st, *inputs, documents, interpret),
+    lambda st, inputs, documents, o, lse, do, interpret: _backward(st, *inputs, documents, o, lse, do, interpret),
+)
 
 
 def make_static(q, grid: ChunkGrid, window: int, blocks: TpuBlocks | None = None, documents: bool = False) -> _Static:
@@ -560,4 +563,4 @@ def attention_pallas_tpu(
     """
     st = make_static(q, grid, window, blocks, documents=document_start is not None)
     documents = None if document_start is None else jnp.asarray(document_start, jnp.int32)
-    return _attention(st, q, k, v, documents, interpret)
+    return _attention(st, (q, k, v), documents, interpret)

@@ -16,9 +16,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.chunk_grid import ChunkGrid
-from pallas_kernels.common import boundary_positions, gather_boundaries
+from pallas_kernels.common import gather_boundaries
 from pallas_kernels.documents import at_document_start
 from pallas_kernels.visibility import Visibility
 
@@ -44,15 +45,13 @@ def window_block_size(window: int) -> int:
 
 def attention_compressed(q, k, v, *, grid: ChunkGrid, window: int, document_start=None):
     """Same contract as ``reference.attention_dense``."""
-    t = q.shape[1]
     kb, vb = gather_boundaries(grid, k, v)  # [B, NB, Hkv, D]
     documents = None
     if document_start is not None:
         documents = (at_document_start(k, document_start), at_document_start(v, document_start), document_start)
     # Q zero keys before position 0 (masked), so that every query block has a block before it.
     front = lambda a: jnp.pad(a, [(0, 0), (window_block_size(window), 0), (0, 0), (0, 0)])
-    boundaries = (kb, vb, boundary_positions(grid, t))
-    return attention_of_rows(q, front(k), front(v), boundaries, documents, grid=grid, window=window, row_offset=0)
+    return attention_of_rows(q, front(k), front(v), (kb, vb), documents, grid=grid, window=window, row_offset=0)
 
 
 def attention_of_rows(q, k, v, boundaries, documents, *, grid: ChunkGrid, window: int, row_offset):
@@ -66,8 +65,9 @@ def attention_of_rows(q, k, v, boundaries, documents, *, grid: ChunkGrid, window
       k, v: [R, Q + T, Hkv, D], Q = ``window_block_size(window)``: the keys at positions
         ``row_offset - Q`` .. ``row_offset + T - 1`` (the window part reads them; positions
         below 0 are masked).
-      boundaries: (kb, vb [R, NB, Hkv, D], positions [NB] or [R, NB]): the keys a query sees
-        when they lie before its window (and after its document's first token).
+      boundaries: (kb, vb [R, NB, Hkv, D]): the grid's first NB boundaries in arrival order
+        (``kb[:, n]`` is the key at ``grid.position(n)``), NB at least those before the last
+        query's window; a query sees those before its window (and after its document's first token).
       documents: None (every row is one sequence from position 0), or (kd, vd [R, T, Hkv, D],
         starts [R, T]): each query's document start and the key and value there, seen once
         the start has left the window.
@@ -88,8 +88,8 @@ def attention_of_rows(q, k, v, boundaries, documents, *, grid: ChunkGrid, window
     heads = lambda mask: mask[:, None, None]  # [R, ...] -> [R, 1, 1, ...]
 
     # Boundary keys strictly before each query's window (and after its document's first token).
-    kb, vb, bpos = boundaries
-    bpos = jnp.asarray(bpos, jnp.int32)
+    kb, vb = boundaries
+    bpos = jnp.asarray(grid.position(np.arange(kb.shape[1])), jnp.int32)
     s_b = jnp.einsum("btkrd,bnkd->bkrtn", qg, kb, preferred_element_type=f32) * scale
     mask_b = vis.before_window(tpos[:, :, None], bpos.reshape(-1, 1, bpos.shape[-1]), start)  # [R, T, NB]
     parts = [_partial_attention(s_b, heads(mask_b), vb, "bkrtn,bnkd->bkrtd")]
