@@ -105,7 +105,8 @@ class ModelConfig:
     # (*_interpret: the kernel in the Pallas interpreter; a named kernel runs per device under a mesh).
     # (attamba) ssm: auto | chunked | associative | sequential | pallas_gpu | pallas_tpu.
     ssm_implementation: Literal["auto", SsdImplementation] = "auto"
-    # attamba: auto | compressed | dense | pallas_gpu | pallas_tpu; transformer: auto | xla | cudnn.
+    # attamba: auto | compressed | dense | pallas_gpu | pallas_tpu (with mesh.context > 1, a kernel runs on
+    # each device's pieces; dense, which needs whole rows, is refused); transformer: auto | xla | cudnn.
     attention_implementation: Literal["auto", AttentionImplementation, CausalImplementation] = "auto"
 
     # --- derived sizes ---------------------------------------------------------------
@@ -402,6 +403,15 @@ class Config:
         _check(
             self.optim.warmup_steps <= self.train.steps,
             f"optim.warmup_steps ({self.optim.warmup_steps}) must not exceed train.steps ({self.train.steps})",
+        )
+        _check(
+            not (
+                self.model.arch == "attamba"
+                and self.mesh.context != 1
+                and self.model.attention_implementation == "dense"
+            ),
+            "model.attention_implementation=dense needs whole rows; with mesh.context > 1 a device holds pieces "
+            "of a row: choose auto, compressed or a kernel",
         )
         align = self.document_align
         if self.model.arch == "attamba" and self.data.document_masking:

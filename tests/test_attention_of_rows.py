@@ -11,11 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.boundary_window_attention import boundary_window_attention_of_rows, pallas_gpu, reference
-from pallas_kernels.boundary_window_attention.block_sizes import GpuBlocks
+from pallas_kernels.boundary_window_attention import (
+    boundary_window_attention_of_rows,
+    pallas_gpu,
+    pallas_tpu,
+    reference,
+)
+from pallas_kernels.boundary_window_attention.block_sizes import GpuBlocks, TpuBlocks
 from pallas_kernels.boundary_window_attention.xla import window_block_size
 from pallas_kernels.chunk_grid import ChunkGrid
-from pallas_kernels.common import gather_boundaries
+from pallas_kernels.common import gather_boundaries, tpu_interpret_params
 from pallas_kernels.documents import at_document_start
 from tests.helpers import assert_close, grads_of, lower_for, packed_layout, value_and_grads
 
@@ -26,6 +31,11 @@ IMPLEMENTATIONS = {
     # Small tiles: a piece spans several query and key blocks; poisoned outputs show any unwritten element.
     "pallas_gpu_small": lambda *a, **kw: pallas_gpu.attention_of_rows_pallas_gpu(
         *a, **kw, interpret=True, blocks=SMALL, poison=True
+    ),
+    "pallas_tpu_interpret": functools.partial(boundary_window_attention_of_rows, implementation="pallas_tpu_interpret"),
+    # (the TPU interpreter starts every buffer as NaN: an unwritten element shows)
+    "pallas_tpu_small": lambda *a, **kw: pallas_tpu.attention_of_rows_pallas_tpu(
+        *a, **kw, interpret=tpu_interpret_params(), blocks=TpuBlocks(block_q=16, block_k=8)
     ),
 }
 
@@ -80,10 +90,14 @@ def _case(k, offset, window, length, h, hkv, dtype_name, seed=0, d=16):
     return grid, (q, kk, v), starts, cot, value_and_grads(dense, (q, kk, v), cot)
 
 
-@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
-@pytest.mark.parametrize(
-    "case, dtype_name, tol", [(c, "float32", 1e-5) for c in CASES] + [(CASES[0], "bfloat16", 2e-2)]
-)
+# The XLA path and the kernels at small tiles on every case; the public entry's kernels (default
+# tiles: one block per slice) on one.
+RUNS = [(name, c, "float32", 1e-5) for c in CASES for name in ("compressed", "pallas_gpu_small", "pallas_tpu_small")]
+RUNS += [(name, CASES[0], "bfloat16", 2e-2) for name in ("compressed", "pallas_gpu_small", "pallas_tpu_small")]
+RUNS += [(name, CASES[0], "float32", 1e-5) for name in ("pallas_gpu_interpret", "pallas_tpu_interpret")]
+
+
+@pytest.mark.parametrize("name, case, dtype_name, tol", RUNS)
 def test_attention_of_slices_equals_the_whole_rows(name, case, dtype_name, tol):
     # Given whole packed rows and the dense reference of the whole rows
     k, offset, window, length, pieces, h, hkv = case
@@ -110,7 +124,7 @@ def test_bad_rows_are_refused_naming_the_shapes():
         boundary_window_attention_of_rows(
             rq, rk[:, 4:], rv[:, 4:], boundaries, documents, grid=grid, window=6, row_offset=offsets
         )
-    with pytest.raises(ValueError, match="takes whole rows only"):
+    with pytest.raises(ValueError, match="unknown implementation 'dense'"):
         boundary_window_attention_of_rows(
             rq, rk, rv, boundaries, documents, grid=grid, window=6, row_offset=offsets, implementation="dense"
         )
@@ -138,6 +152,23 @@ def test_kernel_of_rows_lowers_through_triton():
     text = lower_for("cuda", grads_of(kernel), *rows[:3], *rows[3], *rows[4][:2])
     assert text.count("__gpu$xla.gpu.triton") == 4
     assert text.count("output_operand_alias<") == 9
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_kernel_of_rows_lowers_through_mosaic(dtype):
+    # Given slices of packed rows of the paper's shape, at the TPU kernel's default tiles
+    grid, (q, kk, v), starts, _, _, pieces = _paper_rows(dtype)
+    rows = _slices(q, kk, v, starts, grid, 8, pieces, 8)
+
+    def kernel(rq, rk, rv, kb, vb, kd, vd):
+        boundaries, documents = (kb, vb), (kd, vd, rows[4][2])
+        return pallas_tpu.attention_of_rows_pallas_tpu(
+            rq, rk, rv, boundaries, documents, grid=grid, window=8, row_offset=rows[5]
+        )
+
+    # Then its forward and backward lower through Mosaic: the forward, dq and dk/dv kernels
+    text = lower_for("tpu", grads_of(kernel), *rows[:3], *rows[3], *rows[4][:2])
+    assert text.count("tpu_custom_call") >= 3
 
 
 @pytest.mark.gpu

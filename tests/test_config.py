@@ -228,6 +228,11 @@ def test_bad_values_name_the_problem(override, message):
         load_config(CONFIGS / "tiny.yaml", [override])
 
 
+def test_the_dense_attention_is_refused_under_context_parallelism():
+    with pytest.raises(ConfigError, match="attention_implementation=dense needs whole rows; with mesh.context > 1"):
+        load_config(CONFIGS / "tiny.yaml", ["mesh.context=2", "model.attention_implementation=dense"])
+
+
 def test_arch_specific_keys_are_rejected_for_the_other_arch():
     with pytest.raises(ConfigError, match="model.token_chunk does not apply to arch=transformer"):
         load_config(CONFIGS / "paper" / "transformer_isoparam.yaml", ["model.token_chunk=4"])

@@ -93,20 +93,16 @@ def boundary_window_attention(
     return IMPLEMENTATIONS[name].run(q, k, v, **kw)
 
 
-def _whole_rows_only(what: str):
-    return lambda target, *args, **kwargs: (
-        f"{what} takes whole rows only (not rows that are slices of longer sequences)"
-    )
-
-
-# The same names, for rows that are slices of longer sequences (in ``auto``'s order).
+# For rows that are slices of longer sequences (in ``auto``'s order): the same names but ``dense``,
+# whose mask is that of whole sequences.
 ROW_IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
     "pallas_gpu": dispatch.Implementation(
         pallas_gpu.attention_of_rows_pallas_gpu, dispatch.pallas_kernel("gpu"), single_device=True
     ),
-    "pallas_tpu": dispatch.Implementation(None, _whole_rows_only("the TPU kernel"), single_device=True),
+    "pallas_tpu": dispatch.Implementation(
+        pallas_tpu.attention_of_rows_pallas_tpu, dispatch.pallas_kernel("tpu"), single_device=True
+    ),
     "compressed": dispatch.Implementation(xla.attention_of_rows),
-    "dense": dispatch.Implementation(None, _whole_rows_only("the dense reference"), in_auto=False),
     "pallas_gpu_interpret": dispatch.Implementation(
         functools.partial(pallas_gpu.attention_of_rows_pallas_gpu, interpret=True),
         dispatch.pallas_kernel(None),
@@ -114,10 +110,13 @@ ROW_IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
         in_auto=False,
     ),
     "pallas_tpu_interpret": dispatch.Implementation(
-        None, _whole_rows_only("the TPU kernel"), single_device=True, in_auto=False
+        lambda *a, **kw: pallas_tpu.attention_of_rows_pallas_tpu(*a, **kw, interpret=tpu_interpret_params()),
+        dispatch.pallas_kernel(None),
+        single_device=True,
+        in_auto=False,
     ),
 }
-assert tuple(ROW_IMPLEMENTATIONS) == typing.get_args(AttentionImplementation)
+assert tuple(ROW_IMPLEMENTATIONS) == tuple(n for n in typing.get_args(AttentionImplementation) if n != "dense")
 
 
 def boundary_window_attention_of_rows(

@@ -27,6 +27,14 @@ rule in full). The tables stay host-side and static; the layout enters as scalar
     needed query block (no DMA) and are skipped.
 With ``document_start=None`` none of this is traced.
 
+Rows that are slices of longer sequences (``attention_of_rows_pallas_tpu``: a context shard's
+pieces) run the packed-documents kernels with the row's offset as one more scalar prefetch. The
+window blocks lie in the row's own key rows (k, v hold ``key_lead`` >= W keys before the queries),
+so their tables stay static; which boundary blocks a query block sees, and which query blocks a
+boundary block needs, depend on the offset: the tables list them all and the index maps skip the
+others as they skip those of earlier documents (no DMA, no compute). The boundary keys and each
+query block's first document key come in as inputs, and the backward returns their gradients.
+
 Layout is head-major ([B, H, T, D]) because Mosaic tiles the last two dims.
 """
 
@@ -66,6 +74,15 @@ class _Static:
     block_k: int
     precision: jax.lax.Precision | None  # exact float32 matmuls for float32 inputs
     documents: bool = False  # packed rows: the kernels take the document starts
+    # Rows that are slices of longer sequences (``attention_of_rows_pallas_tpu``; needs ``documents``):
+    # each row's queries start at its offset, k, v hold ``key_lead`` keys before them, and the boundary
+    # keys and each query's document-first key come in as inputs.
+    rows: bool = False
+    key_lead: int = 0
+
+    @property
+    def keys(self) -> int:  # key rows of k, v
+        return self.key_lead + self.length
 
     @property
     def q_padded(self) -> int:
@@ -77,7 +94,7 @@ class _Static:
 
     @property
     def k_padded(self) -> int:
-        return pl.cdiv(self.length, self.block_k) * self.block_k
+        return pl.cdiv(self.keys, self.block_k) * self.block_k
 
 
 # --- host-side block tables (static shapes, NumPy) -----------------------------------
@@ -95,15 +112,23 @@ def _pack(lists):
 
 
 def query_tables(st: _Static):
-    """For each query block: the stacked-key blocks it sees (boundary blocks, then window blocks)."""
+    """For each query block: the stacked-key blocks it sees (boundary blocks, then window blocks).
+
+    Rows of longer sequences: every boundary block (which ones a row's query block sees depends on
+    the row's offset: ``_document_key_block`` skips the others), then the window blocks, which in
+    the row's own key rows do not depend on it."""
     bq, bk, t, vis = st.block_q, st.block_k, st.length, st.vis
     first_window = st.kb_padded // bk
     lists = []
     for q0 in range(0, st.q_padded, bq):
         last = min(q0 + bq, t) - 1
-        blocks = list(range(pl.cdiv(int(vis.boundaries_seen(last)), bk)))  # boundaries the last query sees
-        blocks += [first_window + c for c in range(int(vis.window_start(q0)) // bk, last // bk + 1)]
-        lists.append(blocks)
+        if st.rows:
+            blocks = list(range(first_window))
+            window_rows = range((st.key_lead + q0 - vis.window) // bk, (st.key_lead + last) // bk + 1)
+        else:
+            blocks = list(range(pl.cdiv(int(vis.boundaries_seen(last)), bk)))  # boundaries the last query sees
+            window_rows = range(int(vis.window_start(q0)) // bk, last // bk + 1)
+        lists.append(blocks + [first_window + c for c in window_rows])
     return _pack(lists)
 
 
@@ -113,28 +138,35 @@ def key_tables(st: _Static):
     nq = st.q_padded // bq
     lists = []
     for n0 in range(0, st.kb_padded, bk):
+        if st.rows:  # which queries of a row see it depends on the row's offset: ``_query_span``
+            lists.append(list(range(nq)) if n0 < st.num_boundaries else [])
+            continue
         first = int(vis.first_query_seeing(n0)) if n0 < st.num_boundaries else t
         lists.append(list(range(first // bq, nq)) if first < t else [])
     for s0 in range(0, st.k_padded, bk):
-        last = min(s0 + bk - 1 + vis.window, t - 1)  # the last query whose window holds key s0 + bk - 1
-        lists.append(list(range(s0 // bq, last // bq + 1)) if s0 < t else [])
+        first = s0 - st.key_lead  # the key row s0 as a query row (the same position)
+        last = min(first + bk - 1 + vis.window, t - 1)  # the last query whose window holds key row s0 + bk - 1
+        seen = s0 < st.keys and last >= max(first, 0)
+        lists.append(list(range(max(first, 0) // bq, last // bq + 1)) if seen else [])
     return _pack(lists)
 
 
 # --- kernels ------------------------------------------------------------------------
 
 
-def _visible(st: _Static, q0, u0, start=None):
+def _visible(st: _Static, q0, u0, start=None, off=0):
     """[BQ, BK] mask of query rows q0.. against stacked-key rows u0.. (boundary or window rows);
-    ``start`` [BQ, 1]: each query's document start (packed rows)."""
-    tq = q0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 0)
+    ``start`` [BQ, 1]: each query's document start (packed rows); ``off``: the row's offset (rows of
+    longer sequences: query row i is at position off + i, key row s at off - key_lead + s)."""
+    tq = off + q0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 0)
     u = u0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, st.block_k), 1)
     boundary = (u < st.num_boundaries) & st.vis.boundary_visible(tq, u, start)
-    s = u - st.kb_padded
-    window = st.vis.window_visible(tq, s, start) & (s < st.length)
+    row = u - st.kb_padded
+    s = row - st.key_lead + off if st.rows else row
+    window = st.vis.window_visible(tq, s, start) & (row < st.keys)
     if start is not None:
         # The first token of a document that starts inside the query block (after q0): in the window rows.
-        window = window | ((s == start) & (start > q0) & st.vis.document_key_visible(tq, start))
+        window = window | ((s == start) & (start > off + q0) & st.vis.document_key_visible(tq, start))
     return jnp.where(u0 < st.kb_padded, boundary, window)
 
 
@@ -146,40 +178,56 @@ def _mm(st, a, b):
     return dot(a, b, st.precision)
 
 
-def _document_key_block(st: _Static, entry, i, first):
+def _document_key_block(st: _Static, entry, i, first, off=0):
     """The stacked-key block that step (i, j) of a packed row fetches, for the table's ``entry``;
-    ``first``: the document start of query block i's first query.
+    ``first``: the document start of query block i's first query; ``off``: the row's offset.
 
     The entry where the block's documents need it; before the document's first boundary block,
     and before its first window block, the next block they do need: a block the walk fetches
-    anyway, so a skipped step starts no DMA (and its compute is skipped: mapped != entry).
+    anyway, so a skipped step starts no DMA (and its compute is skipped: mapped != entry). Rows of
+    longer sequences list every boundary block: those past the query block's skip to its window.
     """
     bk = st.block_k
-    q0 = i * st.block_q
-    last = jnp.minimum(q0 + st.block_q, st.length) - 1
+    q0 = off + i * st.block_q
+    last = off + jnp.minimum(i * st.block_q + st.block_q, st.length) - 1
     first_window = st.kb_padded // bk
     lo = _div(st.vis.first_boundary(first), bk)  # the document's first boundary block
     boundary_blocks = pl.cdiv(st.vis.boundaries_seen(last), bk)  # in the table (query_tables)
-    window_lo = first_window + _div(st.vis.window_start(q0, first), bk)
+    window_lo = first_window + _div(st.vis.window_start(q0, first) - off + st.key_lead, bk)
     needed_first = jnp.where(lo < boundary_blocks, lo, window_lo)
-    return jnp.where(entry < first_window, jnp.where(entry < lo, needed_first, entry), jnp.maximum(entry, window_lo))
+    boundary = jnp.where(entry < lo, needed_first, entry)
+    if st.rows:
+        boundary = jnp.where(entry < boundary_blocks, boundary, window_lo)
+    return jnp.where(entry < first_window, boundary, jnp.maximum(entry, window_lo))
 
 
-def _document_key(st: _Static, q, kd, q0, first, start):
+def _document_key(st: _Static, q, kd, q0, first, start, off=0):
     """The first token of query block q0's first document (at ``first``, its k row ``kd`` [1, D]) for the
     queries of that document once it has left their window: (scores [BQ, 1], visible [BQ, 1])."""
-    tq = q0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, 1), 0)
+    rows = q0 + jax.lax.broadcasted_iota(jnp.int32, (st.block_q, 1), 0)
     scores = jnp.sum(q.astype(jnp.float32) * kd.astype(jnp.float32), axis=1, keepdims=True) * st.scale
-    visible = (start <= q0) & st.vis.document_key_visible(tq, first) & (tq < st.length)
+    visible = (start <= off + q0) & st.vis.document_key_visible(off + rows, first) & (rows < st.length)
     return scores, visible
+
+
+def _prefetched_layout(st: _Static, refs):
+    """The forward's and dq's scalar-prefetched layout after table and count: (firsts or None, the
+    row's offset (0 for whole rows), the remaining refs)."""
+    if not st.documents:
+        return None, 0, refs
+    if not st.rows:
+        return refs[0], 0, refs[1:]
+    return refs[0], refs[1][pl.program_id(0)], refs[2:]
 
 
 def _fwd_kernel(table, count, *refs, st: _Static):
     """Refs: q, o [BQ, D]; k, v [BK, D] (one stacked-key block); lse [BQ, 1]; scratch m, l [BQ, 1], acc [BQ, D].
-    Packed rows: firsts [B, NQ] (scalar prefetch: each query block's first document start), and after
-    k, v: doc [BQ, 1] (the queries' document starts), kd, vd [1, D] (the first document's first token)."""
+    Packed rows: firsts [B, NQ] (scalar prefetch: each query block's first document start; rows of
+    longer sequences then offsets [B]), and after k, v: doc [BQ, 1] (the queries' document starts),
+    kd, vd [1, D] (the first document's first token)."""
+    firsts, off, refs = _prefetched_layout(st, refs)
     if st.documents:
-        firsts, q_ref, k_ref, v_ref, doc_ref, kd_ref, vd_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+        q_ref, k_ref, v_ref, doc_ref, kd_ref, vd_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     i, j = pl.program_id(2), pl.program_id(3)
@@ -188,7 +236,7 @@ def _fwd_kernel(table, count, *refs, st: _Static):
     def _init():
         if st.documents:  # the softmax state starts from the document's first token, where visible
             first = firsts[pl.program_id(0), i]
-            s_d, visible_d = _document_key(st, q_ref[...], kd_ref[...], i * st.block_q, first, doc_ref[...])
+            s_d, visible_d = _document_key(st, q_ref[...], kd_ref[...], i * st.block_q, first, doc_ref[...], off)
             m_sc[...] = jnp.where(visible_d, s_d, _NEG)
             l_sc[...] = visible_d.astype(jnp.float32)
             acc_sc[...] = jnp.where(visible_d, vd_ref[...].astype(jnp.float32), 0.0)
@@ -199,12 +247,12 @@ def _fwd_kernel(table, count, *refs, st: _Static):
 
     run = j < count[i]
     if st.documents:  # a step before the documents' blocks fetched the next needed block: skip it
-        run = run & (_document_key_block(st, table[i, j], i, firsts[pl.program_id(0), i]) == table[i, j])
+        run = run & (_document_key_block(st, table[i, j], i, firsts[pl.program_id(0), i], off) == table[i, j])
 
     @pl.when(run)
     def _step():
         start = doc_ref[...] if st.documents else None
-        visible = _visible(st, i * st.block_q, table[i, j] * st.block_k, start)
+        visible = _visible(st, i * st.block_q, table[i, j] * st.block_k, start, off)
         s = jnp.where(visible, _scores(st, q_ref[...], k_ref[...]), _NEG)  # [BQ, BK]
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -225,10 +273,9 @@ def _fwd_kernel(table, count, *refs, st: _Static):
 def _dq_kernel(table, count, *refs, st: _Static):
     """Packed rows as in the forward, plus pdk, pdv [1, D] outputs (after dq): the first-token term's
     dk, dv of this query block and head, summed over the block's first document."""
+    firsts, off, refs = _prefetched_layout(st, refs)
     if st.documents:
-        firsts, q_ref, k_ref, v_ref, doc_ref, kd_ref, vd_ref, do_ref, lse_ref, delta_ref, dq_ref, pdk_ref, pdv_ref = (
-            refs[:-1]
-        )
+        q_ref, k_ref, v_ref, doc_ref, kd_ref, vd_ref, do_ref, lse_ref, delta_ref, dq_ref, pdk_ref, pdv_ref = refs[:-1]
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs[:-1]
     dq_sc = refs[-1]
@@ -239,7 +286,7 @@ def _dq_kernel(table, count, *refs, st: _Static):
         if st.documents:
             first = firsts[pl.program_id(0), i]
             q, do, kd = q_ref[...], do_ref[...], kd_ref[...].astype(jnp.float32)
-            s_d, visible_d = _document_key(st, q, kd, i * st.block_q, first, doc_ref[...])
+            s_d, visible_d = _document_key(st, q, kd, i * st.block_q, first, doc_ref[...], off)
             p_d = jnp.where(visible_d, jnp.exp(s_d - lse_ref[...]), 0.0)  # [BQ, 1]
             dp_d = jnp.sum(do.astype(jnp.float32) * vd_ref[...].astype(jnp.float32), axis=1, keepdims=True)
             ds_d = p_d * (dp_d - delta_ref[...])
@@ -251,12 +298,12 @@ def _dq_kernel(table, count, *refs, st: _Static):
 
     run = j < count[i]
     if st.documents:  # a step before the documents' blocks fetched the next needed block: skip it
-        run = run & (_document_key_block(st, table[i, j], i, firsts[pl.program_id(0), i]) == table[i, j])
+        run = run & (_document_key_block(st, table[i, j], i, firsts[pl.program_id(0), i], off) == table[i, j])
 
     @pl.when(run)
     def _step():
         start = doc_ref[...] if st.documents else None
-        visible = _visible(st, i * st.block_q, table[i, j] * st.block_k, start)
+        visible = _visible(st, i * st.block_q, table[i, j] * st.block_k, start, off)
         k = k_ref[...]
         p = jnp.where(visible, jnp.exp(_scores(st, q_ref[...], k) - lse_ref[...]), 0.0)
         dp = dot(do_ref[...], v_ref[...], st.precision, trans_b=True)
@@ -275,7 +322,13 @@ def _dkv_kernel(table, count, *refs, st: _Static, steps: int):
     query_end [B, NKB] (scalar prefetch: per key block, the query blocks after the end of the last
     document holding its keys are skipped), and doc [BQ, 1] (the queries' document starts) after delta.
     """
-    if st.documents:
+    off = 0
+    if st.rows:
+        query_end, offsets, q_ref, do_ref, lse_ref, delta_ref, doc_ref, k_ref, v_ref, dk_ref, dv_ref, dk_sc, dv_sc = (
+            refs
+        )
+        off = offsets[pl.program_id(0)]
+    elif st.documents:
         query_end, q_ref, do_ref, lse_ref, delta_ref, doc_ref, k_ref, v_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     else:
         q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
@@ -288,13 +341,16 @@ def _dkv_kernel(table, count, *refs, st: _Static, steps: int):
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
     run = step < count[c]
-    if st.documents:
+    if st.rows:
+        begin, end = _query_span(st, c, query_end[pl.program_id(0), c], off)
+        run = run & (table[c, step] >= begin) & (table[c, step] < end)
+    elif st.documents:
         run = run & (table[c, step] < query_end[pl.program_id(0), c])
 
     @pl.when(run)
     def _step():
         start = doc_ref[...] if st.documents else None
-        visible = _visible(st, table[c, step] * st.block_q, c * st.block_k, start)  # [BQ, BK]
+        visible = _visible(st, table[c, step] * st.block_q, c * st.block_k, start, off)  # [BQ, BK]
         q, do = q_ref[...], do_ref[...]
         p = jnp.where(visible, jnp.exp(_scores(st, q, k_ref[...]) - lse_ref[...]), 0.0)
         dv_sc[...] += _mm(st, p.T.astype(do.dtype), do)
@@ -308,6 +364,17 @@ def _dkv_kernel(table, count, *refs, st: _Static, steps: int):
         dv_ref[...] = dv_sc[...]
 
 
+def _query_span(st: _Static, c, query_end, off):
+    """Rows of longer sequences: the query blocks [begin, end) that stacked-key block ``c`` needs
+    (``key_tables`` lists every query block for a boundary block): for a boundary block, from the
+    first query that sees its first boundary to ``query_end``; a window block's table is exact."""
+    nq = st.q_padded // st.block_q
+    first_seeing = st.vis.first_query_seeing(jnp.minimum(c, st.kb_padded // st.block_k) * st.block_k)
+    begin = jnp.minimum(_div(jnp.maximum(first_seeing - off, 0), st.block_q), nq)
+    boundary = c < st.kb_padded // st.block_k
+    return jnp.where(boundary, begin, 0), jnp.where(boundary, query_end, nq)
+
+
 # --- launches ------------------------------------------------------------------------
 
 
@@ -319,16 +386,18 @@ def _head_major(a, length):
     return jnp.pad(jnp.swapaxes(a, 1, 2), ((0, 0), (0, 0), (0, length - a.shape[1]), (0, 0)))
 
 
-def _stacked_keys(st: _Static, k):
-    """[B, T, Hkv, D] -> [B, Hkv, NBp + Tkp, D]: boundary rows, then the sequence."""
-    (kb,) = gather_boundaries(st.vis.grid, k)
+def _stacked_keys(st: _Static, k, kb=None):
+    """[B, T, Hkv, D] -> [B, Hkv, NBp + Tkp, D]: boundary rows, then the sequence (``kb`` [B, NB, Hkv,
+    D]: the boundary keys given, for rows of longer sequences; else gathered from k)."""
+    if kb is None:
+        (kb,) = gather_boundaries(st.vis.grid, k)
     return jnp.concatenate([_head_major(kb, st.kb_padded), _head_major(k, st.k_padded)], axis=2)
 
 
 def _query_grid_specs(st: _Static, d: int, r: int):
     """BlockSpecs of the forward and dq grids (bi, hi, i, j; scalar prefetch table, count and, for
-    packed rows, firsts): query rows, stacked-key blocks (packed rows: ``_document_key_block``),
-    query columns."""
+    packed rows, firsts, then for rows of longer sequences offsets): query rows, stacked-key blocks
+    (packed rows: ``_document_key_block``), query columns."""
     qs = pl.BlockSpec((None, None, st.block_q, d), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
     ks = pl.BlockSpec(
         (None, None, st.block_k, d), lambda bi, hi, i, j, tab, cnt: (bi, jax.lax.div(hi, jnp.int32(r)), tab[i, j], 0)
@@ -336,54 +405,66 @@ def _query_grid_specs(st: _Static, d: int, r: int):
     col = pl.BlockSpec((None, None, st.block_q, 1), lambda bi, hi, i, j, tab, cnt: (bi, hi, i, 0))
     if not st.documents:
         return qs, ks, col
-    ignore_firsts = lambda spec: pl.BlockSpec(spec.block_shape, lambda *ix, f=spec.index_map: f(*ix[:-1]))
+    extra = 2 if st.rows else 1
+    ignore_layout = lambda spec: pl.BlockSpec(spec.block_shape, lambda *ix, f=spec.index_map: f(*ix[:-extra]))
     ks = pl.BlockSpec(
         (None, None, st.block_k, d),
-        lambda bi, hi, i, j, tab, cnt, fi: (
+        lambda bi, hi, i, j, tab, cnt, fi, *offs: (
             bi,
             jax.lax.div(hi, jnp.int32(r)),
-            _document_key_block(st, tab[i, j], i, fi[bi, i]),
+            _document_key_block(st, tab[i, j], i, fi[bi, i], offs[0][bi] if offs else 0),
             0,
         ),
     )
-    return ignore_firsts(qs), ks, ignore_firsts(col)
+    return ignore_layout(qs), ks, ignore_layout(col)
 
 
-def _document_inputs(st: _Static, documents, k, v, r):
-    """Packed rows, for the forward and dq grids: the scalar-prefetched first document start of each
-    query block, firsts [B, NQ]; the inputs after k, v: the queries' document starts [B, Tp, 1] (padded
-    rows continue the last document), and the keys and values at the multiples of K, where documents
-    start, [B, Hkv, ceil(T/K), 1, D] (the block of query block i's first document); their BlockSpecs."""
-    t, kk = st.length, st.vis.grid.token_chunk
-    firsts = documents[:, :: st.block_q]
+def _document_inputs(st: _Static, layout, inputs, r):
+    """Packed rows, for the forward and dq grids: the scalar prefetch (the first document start of each
+    query block, firsts [B, NQ]; rows of longer sequences then their offsets [B]); the inputs after k,
+    v: the queries' document starts [B, Tp, 1] (padded rows continue the last document), and the first
+    document keys and values: at the multiples of K, where documents start, [B, Hkv, ceil(T/K), 1, D]
+    (the block of query block i's first document), or given per query for rows of longer sequences
+    (that of each query block's first query, [B, Hkv, NQ, 1, D]); their BlockSpecs."""
+    t, kk, bq = st.length, st.vis.grid.token_chunk, st.block_q
+    documents, offsets = layout if st.rows else (layout, None)
+    k, v = inputs[5:7] if st.rows else inputs[1:3]
+    firsts = documents[:, ::bq]
     column = jnp.pad(documents, ((0, 0), (0, st.q_padded - t)), mode="edge")[..., None]
-    at_starts = lambda a: jnp.swapaxes(a[:, ::kk], 1, 2)[:, :, :, None, :]
-    column_spec = pl.BlockSpec((None, st.block_q, 1), lambda bi, hi, i, j, tab, cnt, fi: (bi, i, 0))
+    step = bq if st.rows else kk
+    at_starts = lambda a: jnp.swapaxes(a[:, ::step], 1, 2)[:, :, :, None, :]
+    column_spec = pl.BlockSpec((None, st.block_q, 1), lambda bi, hi, i, j, tab, cnt, fi, *_: (bi, i, 0))
+    key_block = (lambda bi, i, fi: i) if st.rows else (lambda bi, i, fi: jax.lax.div(fi[bi, i], jnp.int32(kk)))
     key_spec = pl.BlockSpec(
         (None, None, None, 1, k.shape[-1]),
-        lambda bi, hi, i, j, tab, cnt, fi: (
-            bi,
-            jax.lax.div(hi, jnp.int32(r)),
-            jax.lax.div(fi[bi, i], jnp.int32(kk)),
-            0,
-            0,
-        ),
+        lambda bi, hi, i, j, tab, cnt, fi, *_: (bi, jax.lax.div(hi, jnp.int32(r)), key_block(bi, i, fi), 0, 0),
     )
-    return firsts, (column, at_starts(k), at_starts(v)), [column_spec, key_spec, key_spec]
+    prefetch = (firsts,) if offsets is None else (firsts, offsets)
+    return prefetch, (column, at_starts(k), at_starts(v)), [column_spec, key_spec, key_spec]
 
 
-def _forward(st: _Static, q, k, v, documents, interpret):
-    """-> o [B, T, H, D], lse [B, H, Tp, 1] (natural log); ``documents``: [B, T] int32 document starts or None."""
+def _keys(st: _Static, inputs):
+    """The stacked keys and values of the inputs."""
+    q, k, v = inputs[:3]
+    kb, vb = inputs[3:5] if st.rows else (None, None)
+    return _stacked_keys(st, k, kb), _stacked_keys(st, v, vb)
+
+
+def _forward(st: _Static, inputs, layout, interpret):
+    """-> o [B, T, H, D], lse [B, H, Tp, 1] (natural log). ``inputs``: (q, k, v), or for rows of longer
+    sequences (q, k, v, kb, vb, kd, vd); ``layout``: None, the [B, T] int32 document starts, or
+    (starts, offsets [B]) for such rows."""
+    q = inputs[0]
     b, t, h, d = q.shape
-    r = h // k.shape[2]
+    r = h // inputs[1].shape[2]
     table, count = query_tables(st)
     qs, ks, col = _query_grid_specs(st, d, r)
     f32 = jnp.float32
     prefetch, in_specs = (jnp.asarray(table), jnp.asarray(count)), [qs, ks, ks]
-    inputs = (_head_major(q, st.q_padded), _stacked_keys(st, k), _stacked_keys(st, v))
+    kernel_inputs = (_head_major(q, st.q_padded), *_keys(st, inputs))
     if st.documents:
-        firsts, doc_inputs, doc_specs = _document_inputs(st, documents, k, v, r)
-        prefetch, in_specs, inputs = prefetch + (firsts,), in_specs + doc_specs, inputs + doc_inputs
+        doc_prefetch, doc_inputs, doc_specs = _document_inputs(st, layout, inputs, r)
+        prefetch, in_specs, kernel_inputs = prefetch + doc_prefetch, in_specs + doc_specs, kernel_inputs + doc_inputs
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=len(prefetch),
         grid=(b, h, table.shape[0], table.shape[1]),
@@ -405,31 +486,33 @@ def _forward(st: _Static, q, k, v, documents, interpret):
         compiler_params=_PARAMS,
         interpret=interpret,
         name="boundary_window_attention_fwd",
-    )(*prefetch, *inputs)
+    )(*prefetch, *kernel_inputs)
     return jnp.swapaxes(o[:, :, :t], 1, 2), lse
 
 
-def _backward(st: _Static, q, k, v, documents, o, lse, do, interpret):
+def _backward(st: _Static, inputs, layout, o, lse, do, interpret):
+    """The gradients of ``_forward``'s ``inputs``."""
+    q, k = inputs[:2]
     b, t, h, d = q.shape
     hkv = k.shape[2]
     r = h // hkv
     f32 = jnp.float32
     qh, doh = _head_major(q, st.q_padded), _head_major(do, st.q_padded)
-    kst, vst = _stacked_keys(st, k), _stacked_keys(st, v)
+    kst, vst = _keys(st, inputs)
     delta = jnp.einsum("bthd,bthd->bht", o.astype(f32), do.astype(f32))
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, st.q_padded - t)))[..., None]  # [B, H, Tp, 1]
 
     table, count = query_tables(st)
     qs, ks, col = _query_grid_specs(st, d, r)
     if st.documents:
-        firsts, doc_inputs, doc_specs = _document_inputs(st, documents, k, v, r)
+        doc_prefetch, doc_inputs, doc_specs = _document_inputs(st, layout, inputs, r)
         nq = table.shape[0]
         partial = jax.ShapeDtypeStruct((b, h, nq, 1, d), f32)
-        partial_spec = pl.BlockSpec((None, None, None, 1, d), lambda bi, hi, i, j, tab, cnt, fi: (bi, hi, i, 0, 0))
+        partial_spec = pl.BlockSpec((None, None, None, 1, d), lambda bi, hi, i, j, tab, cnt, fi, *_: (bi, hi, i, 0, 0))
         dq, pdk, pdv = pl.pallas_call(
             functools.partial(_dq_kernel, st=st),
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=3,
+                num_scalar_prefetch=2 + len(doc_prefetch),
                 grid=(b, h, table.shape[0], table.shape[1]),
                 in_specs=[qs, ks, ks, *doc_specs, qs, col, col],
                 out_specs=(qs, partial_spec, partial_spec),
@@ -439,7 +522,7 @@ def _backward(st: _Static, q, k, v, documents, o, lse, do, interpret):
             compiler_params=_PARAMS,
             interpret=interpret,
             name="boundary_window_attention_dq",
-        )(jnp.asarray(table), jnp.asarray(count), firsts, qh, kst, vst, *doc_inputs, doh, lse, delta)
+        )(jnp.asarray(table), jnp.asarray(count), *doc_prefetch, qh, kst, vst, *doc_inputs, doh, lse, delta)
     else:
         dq = pl.pallas_call(
             functools.partial(_dq_kernel, st=st),
@@ -460,16 +543,26 @@ def _backward(st: _Static, q, k, v, documents, o, lse, do, interpret):
     steps = ktab.shape[1]
 
     # Last grid axis: (query head of the kv group) x (query block step).
-    def q_of(bi, j_, c, s, tab, cnt, *query_end):
+    def q_of(bi, j_, c, s, tab, cnt, *layout_refs):
         head, step = jax.lax.div(s, jnp.int32(steps)), jax.lax.rem(s, jnp.int32(steps))
-        if query_end:  # packed rows: past the last needed query block, stay on it (no new DMA)
-            return bi, j_ * r + head, jnp.maximum(jnp.minimum(tab[c, step], query_end[0][bi, c] - 1), tab[c, 0]), 0
+        if st.rows:  # outside the needed query blocks, stay on the nearest one (no new DMA)
+            query_end, offsets = layout_refs
+            begin, end = _query_span(st, c, query_end[bi, c], offsets[bi])
+            last = jnp.minimum(jnp.maximum(end - 1, begin), st.q_padded // st.block_q - 1)
+            return bi, j_ * r + head, jnp.minimum(jnp.maximum(tab[c, step], begin), last), 0
+        if layout_refs:  # packed rows: past the last needed query block, stay on it (no new DMA)
+            query_end = layout_refs[0]
+            return bi, j_ * r + head, jnp.maximum(jnp.minimum(tab[c, step], query_end[bi, c] - 1), tab[c, 0]), 0
         return bi, j_ * r + head, tab[c, step], 0
 
     qg = pl.BlockSpec((None, None, st.block_q, d), q_of)
     colg = pl.BlockSpec((None, None, st.block_q, 1), q_of)
     own = pl.BlockSpec((None, None, st.block_k, d), lambda bi, j_, c, s, tab, cnt, *_: (bi, j_, c, 0))
-    prefetch, in_specs, inputs = (jnp.asarray(ktab), jnp.asarray(kcount)), [qg, qg, colg, colg], (qh, doh, lse, delta)
+    prefetch, in_specs, kernel_inputs = (
+        (jnp.asarray(ktab), jnp.asarray(kcount)),
+        [qg, qg, colg, colg],
+        (qh, doh, lse, delta),
+    )
     if st.documents:
 
         def doc_of(*ix):
@@ -477,9 +570,9 @@ def _backward(st: _Static, q, k, v, documents, o, lse, do, interpret):
             return bi, block, 0
 
         doc_g = pl.BlockSpec((None, st.block_q, 1), doc_of)
-        prefetch += (_query_ends(st, documents),)
+        prefetch += (_query_ends(st, layout),) + ((layout[1],) if st.rows else ())
         in_specs.append(doc_g)
-        inputs += doc_inputs[:1]  # the queries' document starts
+        kernel_inputs += doc_inputs[:1]  # the queries' document starts
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, steps=steps),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -493,41 +586,46 @@ def _backward(st: _Static, q, k, v, documents, o, lse, do, interpret):
         compiler_params=_PARAMS,
         interpret=interpret,
         name="boundary_window_attention_dkv",
-    )(*prefetch, *inputs, kst, vst)
+    )(*prefetch, *kernel_inputs, kst, vst)
 
     nb, nbp = st.num_boundaries, st.kb_padded
+    seq = lambda g: jnp.swapaxes(g[:, :, nbp : nbp + st.keys], 1, 2)  # [B, keys, Hkv, D]
+    boundaries = lambda g: jnp.swapaxes(g[:, :, :nb], 1, 2)  # [B, NB, Hkv, D]
+    # The first-token terms of the query blocks' first documents, per kv head [B, NQ, Hkv, D].
+    per_block = lambda partial: jnp.swapaxes(jnp.sum(partial[:, :, :, 0].reshape(b, hkv, r, -1, d), axis=2), 1, 2)
+    dq = jnp.swapaxes(dq[:, :, :t], 1, 2)
+    if st.rows:  # the given keys' gradients: boundary rows, and each query block's first document key
+        firsts_rows = lambda partial: jnp.zeros((b, t, hkv, d), f32).at[:, :: st.block_q].set(per_block(partial))
+        grads = (dq, seq(dk), seq(dv), boundaries(dk), boundaries(dv), firsts_rows(pdk), firsts_rows(pdv))
+        return tuple(g.astype(x.dtype) for g, x in zip(grads, inputs))
 
     def unstack(g, like, partial=None):
-        seq = add_at_boundaries(
-            st.vis.grid, jnp.swapaxes(g[:, :, nbp : nbp + t], 1, 2), jnp.swapaxes(g[:, :, :nb], 1, 2)
-        )
+        folded = add_at_boundaries(st.vis.grid, seq(g), boundaries(g))
         if partial is not None:  # the first-token terms of the query blocks' first documents
-            per_block = jnp.sum(partial[:, :, :, 0].reshape(b, hkv, r, -1, d), axis=2)  # [B, Hkv, NQ, D]
-            rows = jnp.arange(b)[:, None]
-            seq = seq.at[rows, firsts].add(jnp.swapaxes(per_block, 1, 2))
-        return seq.astype(like.dtype)  # [B, T, Hkv, D]
+            folded = folded.at[jnp.arange(b)[:, None], doc_prefetch[0]].add(per_block(partial))
+        return folded.astype(like.dtype)  # [B, T, Hkv, D]
 
     if st.documents:
-        return jnp.swapaxes(dq[:, :, :t], 1, 2), unstack(dk, k, pdk), unstack(dv, v, pdv)
-    return jnp.swapaxes(dq[:, :, :t], 1, 2), unstack(dk, k), unstack(dv, v)
+        return dq, unstack(dk, k, pdk), unstack(dv, inputs[2], pdv)
+    return dq, unstack(dk, k), unstack(dv, inputs[2])
 
 
-def _query_ends(st: _Static, documents) -> jax.Array:
+def _query_ends(st: _Static, layout) -> jax.Array:
     """[B, NKB] int32: per stacked-key block, the query blocks it needs end before this one: for a
     boundary block, the block after the end of the last document holding its boundaries; for a
-    window block, all of them (its table is short)."""
+    window block, all of them (its table is short). ``layout`` as ``_forward``'s."""
+    documents, offsets = layout if st.rows else (layout, None)
     nq, bk = st.q_padded // st.block_q, st.block_k
     n_last = np.minimum(np.arange(0, st.kb_padded, bk) + bk, st.num_boundaries) - 1  # every block holds one
-    ends = next_starts(documents, st.vis.grid.position(n_last) + 1, st.vis.grid.token_chunk)
+    ends = next_starts(documents, st.vis.grid.position(n_last) + 1, st.vis.grid.token_chunk, offsets)
+    if offsets is not None:  # positions -> the row's query rows
+        ends = ends - offsets[:, None]
     boundary = pl.cdiv(ends, st.block_q)
     window = jnp.full((documents.shape[0], st.k_padded // bk), nq, jnp.int32)
     return jnp.concatenate([boundary.astype(jnp.int32), window], axis=1)
 
 
-_attention = flash_vjp(
-    lambda st, inputs, documents, interpret: _forward(st, *inputs, documents, interpret),
-    lambda st, inputs, documents, o, lse, do, interpret: _backward(st, *inputs, documents, o, lse, do, interpret),
-)
+_attention = flash_vjp(_forward, _backward)
 
 
 def make_static(q, grid: ChunkGrid, window: int, blocks: TpuBlocks | None = None, documents: bool = False) -> _Static:
@@ -564,3 +662,27 @@ def attention_pallas_tpu(
     st = make_static(q, grid, window, blocks, documents=document_start is not None)
     documents = None if document_start is None else jnp.asarray(document_start, jnp.int32)
     return _attention(st, (q, k, v), documents, interpret)
+
+
+def attention_of_rows_pallas_tpu(
+    q, k, v, boundaries, documents, *, grid: ChunkGrid, window: int, row_offset, interpret=False, blocks=None
+):
+    """Same contract as ``xla.attention_of_rows`` (rows that are slices of longer sequences, with
+    their boundary and document-first keys given), ``documents`` required; differentiable in q, k,
+    v and the given keys. Each row's queries start at its offset, a multiple of K.
+
+    Args:
+      interpret, blocks: as ``attention_pallas_tpu``.
+    """
+    if documents is None:
+        raise ValueError("attention_of_rows_pallas_tpu: the rows' documents (kd, vd, starts) are required")
+    kb, vb = boundaries
+    kd, vd, starts = documents
+    lead = k.shape[1] - q.shape[1]
+    if lead < window:
+        raise ValueError(f"attention_of_rows_pallas_tpu: k holds {lead} keys before the queries, fewer than W={window}")
+    st = dataclasses.replace(
+        make_static(q, grid, window, blocks, documents=True), num_boundaries=kb.shape[1], rows=True, key_lead=lead
+    )
+    offsets = jnp.broadcast_to(jnp.asarray(row_offset, jnp.int32), (q.shape[0],))
+    return _attention(st, (q, k, v, kb, vb, kd, vd), (jnp.asarray(starts, jnp.int32), offsets), interpret)
