@@ -17,7 +17,9 @@ sees only boundary keys and its window:
   boundaries  the ⌈T/K⌉ boundary keys and values of the whole row, gathered from every device;
   documents   the key and value of each document's first token, one per piece.
 
-That is about K times less than gathering every key and value. Each piece and its halo become one
+That is about K times less than gathering every key and value. (An all-gather, not a ring: a
+piece needs the boundaries of every piece before it, and the gathered array, 1/K of the keys, is
+small enough to hold whole; a ring would move the same bytes in c-1 dependent steps.) Each piece and its halo become one
 row of a [2c·B, halo + P] array (``ContextRows``, rows ordered device, batch row, piece), whose
 rows are split over (context, data, fsdp), so that every device already holds its rows: the halo
 is then the end of another row, and every op that runs on independent rows runs unchanged. XLA

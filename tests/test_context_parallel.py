@@ -70,7 +70,6 @@ def _loss_and_grads(cfg, batch, mesh=None, **options):
             True,
             {"ssm_implementation": "pallas_gpu_interpret", "attention_implementation": "pallas_gpu_interpret"},
         ),
-        ({"context": 2, "fsdp": 4}, 48, True, {"attention_implementation": "pallas_tpu_interpret"}),
         # the transformer's plain form: every shard gathers all keys and values
         ({"context": 4, "data": 2}, 96, True, {"arch": "transformer"}),
         ({"context": 2, "tensor": 2, "fsdp": 2}, 64, False, {"arch": "transformer", "sliding_window": 5}),

@@ -1,0 +1,1 @@
+"""Synthetic tasks that measure what a model can do, beyond its loss: recall under compression (``mqar``)."""

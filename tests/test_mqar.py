@@ -1,0 +1,105 @@
+"""The MQAR recall task: its sequences follow the protocol, the accuracy counts the queried
+positions only, and the tiny preset runs, its full-attention model learning a 4-pair task."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from attamba_jax.tasks import mqar
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_sequences_hold_the_pairs_and_ask_for_each_key_once():
+    # Given fresh MQAR sequences of 128 tokens with 8 pairs over a vocabulary of 256
+    setting, vocab = mqar.Setting(128, 8), 256
+    batch = mqar.sequences(setting, 16, vocab, np.random.default_rng(0))
+    inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
+    assert inputs.shape == targets.shape == weights.shape == (16, 128)
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])  # next-token targets
+    for row in range(16):
+        keys, values = inputs[row, 0:16:2], inputs[row, 1:16:2]
+        # Then the context holds distinct keys from the lower half (not 0) and distinct values from the upper half
+        assert len(set(keys)) == 8 and keys.min() >= 1 and keys.max() < vocab // 2
+        assert len(set(values)) == 8 and values.min() >= vocab // 2
+        # and each key is queried once after the context, its target the value it came with
+        queried = np.flatnonzero(weights[row])
+        assert len(queried) == 8 and queried.min() >= 16
+        assert np.all(np.diff(queried) >= 2)  # a query and its value never overlap another query
+        answer = dict(zip(keys, values))
+        assert sorted(inputs[row, queried]) == sorted(keys)
+        assert all(targets[row, q] == answer[inputs[row, q]] for q in queried)
+
+
+def test_the_gaps_follow_the_power_law_most_queries_early():
+    batch = mqar.sequences(mqar.Setting(1024, 16), 64, 8192, np.random.default_rng(1))
+    offsets = np.flatnonzero(batch["weights"].reshape(-1)) % 1024 - 32
+    assert np.median(offsets) < 1024 / 4  # p(g) ∝ g^(a-1): a long tail, mass at small gaps
+
+
+def test_accuracy_counts_the_queried_positions_only():
+    batch = mqar.sequences(mqar.Setting(64, 4), 8, 128, np.random.default_rng(2))
+    queried = batch["weights"] > 0
+    # Right at every queried position and wrong everywhere else: all correct
+    right_at_queries = np.where(queried, batch["targets"], (batch["targets"] + 1) % 128)
+    assert mqar.accuracy(right_at_queries, batch) == (32.0, 32.0)
+    # Wrong at every queried position and right everywhere else: none
+    wrong_at_queries = np.where(queried, (batch["targets"] + 1) % 128, batch["targets"])
+    assert mqar.accuracy(wrong_at_queries, batch) == (0.0, 32.0)
+
+
+def test_mixture_rows_lay_each_setting_out_in_the_longest_row():
+    settings = (mqar.Setting(64, 4), mqar.Setting(128, 8))
+    batch = mqar.mixture(settings, 6, 128, np.random.default_rng(3))
+    assert batch["inputs"].shape == (6, 128)
+    counts = batch["weights"].sum(axis=1)
+    np.testing.assert_array_equal(counts, [4, 8, 4, 8, 4, 8])
+    assert not batch["weights"][0::2, 64:].any()  # nothing counted past a shorter sequence
+
+
+def test_settings_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError, match="8 pairs do not fit 20 tokens"):
+        mqar.Setting(20, 8)
+
+
+def test_the_grid_holds_every_family_and_isokv_is_narrower():
+    grid = mqar.model_grid(8192, 64, 2, (4, 8, 16), (8, 32), longest=1024)
+    families = {family for family, _ in grid.values()}
+    assert families == {"attamba", "transformer", "isoKV", "sliding window"}
+    assert len([n for n in grid if n.startswith("attamba")]) == 6
+    full, iso = grid["transformer"][1], grid["isokv_k8"][1]
+    assert iso.n_heads * iso.resolved_head_dim == 64 // 8
+    # At 1024 tokens Attamba K8/W8 keeps about 1/8 of the transformer's KV bytes, and so does isoKV K8
+    att = grid["attamba_k8_w8"][1]
+    ratio = mqar.kv_bytes_per_token(att, 1024) / mqar.kv_bytes_per_token(full, 1024)
+    assert 0.1 < ratio < 0.25, ratio
+    assert mqar.kv_bytes_per_token(iso, 1024) == mqar.kv_bytes_per_token(full, 1024) / 8
+
+
+def test_the_tiny_preset_runs_and_full_attention_learns_four_pairs(tmp_path):
+    # When the tiny preset runs as a user runs it (its own process: XLA's default optimisation, one CPU device)
+    out = tmp_path / "mqar.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "attamba_jax.tasks.mqar", "--preset", "tiny", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| transformer | 64 |" in done.stdout  # the table
+    result = json.loads(out.read_text())
+    best = {r["model"]: r for r in result["best"]}
+    assert set(best) == {"transformer", "attamba_k4_w8"}
+    # Then the full transformer answers the 4-pair task well above chance (2 / vocabulary), and so does Attamba
+    chance = 2 / mqar.PRESETS["tiny"].vocab_size
+    for name in best:
+        assert best[name]["accuracy"]["32/4"] > 3 * chance, best[name]
+    # and a second run with the same output resumes: nothing is trained again
+    assert mqar.run("tiny", str(out))["runs"] == result["runs"]
