@@ -4,6 +4,7 @@ document-first keys gathered from the whole rows, every implementation equals th
 of the whole rows, forward and gradient, in float32 and bfloat16, for packed documents crossing
 the slices, GQA, grid offsets and windows longer than K; the kernel writes every element."""
 
+import dataclasses
 import functools
 
 import jax
@@ -22,6 +23,7 @@ from pallas_kernels.boundary_window_attention.xla import window_block_size
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.common import gather_boundaries, tpu_interpret_params
 from pallas_kernels.documents import at_document_start
+from pallas_kernels.visibility import Visibility
 from tests.helpers import assert_close, grads_of, lower_for, packed_layout, value_and_grads
 
 SMALL = GpuBlocks(block_q=16, block_kb=16, block_kw=16, block_q_bwd=16, block_kb_bwd=16, block_kw_bwd=16)
@@ -192,3 +194,80 @@ def test_kernel_of_rows_on_the_device_equals_the_whole_rows(on_gpu, dtype_name, 
     # Then it gives the whole rows' outputs and gradients, every element written
     assert_close(o, o_ref, tol)
     assert_close(grads, grads_ref, tol)
+
+
+@pytest.mark.parametrize("k, offset, window, length, pieces", [(4, 1, 6, 96, 3), (8, 7, 20, 256, 4), (8, 3, 3, 160, 2)])
+def test_tpu_kernel_of_rows_computes_every_visible_block_and_no_masked_one(k, offset, window, length, pieces):
+    # Given the TPU kernel's static tables for slices of one document (the whole row's boundaries
+    # given) and, for each slice, its dense mask laid out like the stacked keys
+    grid, vis = ChunkGrid(k, offset), Visibility(ChunkGrid(k, offset), window)
+    p, lead, blocks = length // pieces, window_block_size(window), TpuBlocks(block_q=16, block_k=8)
+    static = pallas_tpu.make_static(jnp.zeros((1, p, 1, 16)), grid, window, blocks, documents=True)
+    st = dataclasses.replace(static, num_boundaries=grid.num_boundaries(length), rows=True, key_lead=lead)
+    table, count = pallas_tpu.query_tables(st)
+    ktable, kcount = pallas_tpu.key_tables(st)
+    bq, bk = st.block_q, st.block_k
+    bpos = grid.boundaries(length)
+    for off in range(0, length, p):
+        tq = off + np.arange(p)[:, None]
+        stacked = np.zeros((st.q_padded, st.kb_padded + st.k_padded), bool)
+        stacked[:p, : len(bpos)] = vis.before_window(tq, bpos[None, :], 0)  # one document from 0: not token 0
+        s = off - lead + np.arange(st.keys)[None, :]
+        stacked[:p, st.kb_padded : st.kb_padded + st.keys] = vis.window_visible(tq, s, 0)
+        needed = stacked.reshape(st.q_padded // bq, bq, -1, bk).any(axis=(1, 3))  # [query block, key block]
+        # When the index maps choose, per step, the block to fetch and whether to compute it
+        ran = np.zeros_like(needed)
+        for i in range(table.shape[0]):
+            for j in range(count[i]):
+                entry = int(table[i, j])
+                if int(pallas_tpu._document_key_block(st, jnp.int32(entry), i, jnp.int32(0), jnp.int32(off))) == entry:
+                    ran[i, entry] = True
+        # Then the forward and dq compute exactly the key blocks holding a visible key
+        np.testing.assert_array_equal(ran, needed, err_msg=f"slice at {off}")
+        ran_t = np.zeros_like(needed.T)
+        ends = pallas_tpu._query_ends(st, (jnp.zeros((1, p), jnp.int32), jnp.asarray([off], jnp.int32)))[0]
+        for c in range(ktable.shape[0]):
+            begin, end = (int(v) for v in pallas_tpu._query_span(st, jnp.int32(c), ends[c], jnp.int32(off)))
+            for step in range(kcount[c]):
+                if begin <= ktable[c, step] < end:
+                    ran_t[c, ktable[c, step]] = True
+        # and the dk/dv pass the query blocks that see each key block
+        np.testing.assert_array_equal(ran_t, needed.T, err_msg=f"slice at {off}")
+
+
+@pytest.mark.parametrize(
+    "k, offset, window, length, pieces", [(4, 1, 6, 96, 3), (8, 7, 20, 256, 4), (8, 3, 8, 3000, 4)]
+)
+def test_gpu_walk_of_rows_visits_every_visible_block_and_no_masked_one(k, offset, window, length, pieces):
+    # Given slices of one document, the whole row's boundaries given, and each slice's two parts of the mask
+    grid, vis = ChunkGrid(k, offset), Visibility(ChunkGrid(k, offset), window)
+    p, lead = length // pieces, window_block_size(window)
+    blocks = SMALL if length < 1000 else GpuBlocks()
+    static = pallas_gpu.make_static(jnp.zeros((1, p, 1, 16)), grid, window, blocks, documents=True)
+    st = dataclasses.replace(static, num_boundaries=grid.num_boundaries(length), rows=True, key_lead=lead)
+    bpos = grid.boundaries(length)
+    bq, bkb, bkw = blocks.block_q, blocks.block_kb, blocks.block_kw
+    for off in range(0, length, p):
+        tq = off + np.arange(p)[:, None]
+        boundary_part = vis.before_window(tq, bpos[None, :], 0)  # [P, NB] (one document from 0)
+        keys = off - lead + np.arange(lead + p)[None, :]  # the slice's key rows' positions
+        window_part = vis.window_visible(tq, keys, 0)  # [P, lead + P]
+        for q0 in range(0, p, bq):
+            # When the forward / dq walk of one query block is laid out
+            walk = pallas_gpu.document_key_blocks(st, jnp.int32(off + q0), jnp.int32(0), jnp.bool_(False), off)
+            a, u0, u1, end, s0, window_blocks = (int(v) for v in walk)
+            sees_b, sees_w = boundary_part[q0 : q0 + bq], window_part[q0 : q0 + bq]
+            visited_b = np.zeros(len(bpos), bool)
+            visited_b[a * bkb : end * bkb] = True
+            row0 = s0 - off + lead  # the walk's first key row
+            visited_w = np.zeros(lead + p, bool)
+            visited_w[row0 : row0 + window_blocks * bkw] = True
+            # Then every visible key lies in a visited block, the unmasked blocks are visible to every
+            # query of the block, and every visited block holds a key some query sees
+            assert not (sees_b.any(axis=0) & ~visited_b).any(), (off, q0)
+            assert not (sees_w.any(axis=0) & ~visited_w).any(), (off, q0)
+            assert sees_b[:, u0 * bkb : u1 * bkb].all(), (off, q0)
+            for j in range(a, end):
+                assert sees_b[:, j * bkb : (j + 1) * bkb].any(), (off, q0, "boundary block", j)
+            for j in range(window_blocks):
+                assert sees_w[:, row0 + j * bkw : row0 + (j + 1) * bkw].any(), (off, q0, "window block", j)

@@ -254,8 +254,9 @@ def train_and_score(cfg: ModelConfig, preset: Preset, lr: float, seed: int = 0) 
     return {"loss": loss, "accuracy": scores, "seconds": time.perf_counter() - start}
 
 
-def run(preset_name: str, out: str, models: Sequence[str] | None = None) -> dict:
-    """Trains and scores the preset's grid (resuming ``out``), writing ``out`` after every run."""
+def run(preset_name: str, out: str, models: Sequence[str] | None = None, dims: Sequence[int] | None = None) -> dict:
+    """Trains and scores the preset's grid (resuming ``out``), writing ``out`` after every run;
+    ``models``, ``dims``: a part of the grid (names of ``model_grid``, widths of the preset)."""
     preset = PRESETS[preset_name]
     result = {"preset": preset_name, "runs": []}
     if os.path.exists(out):
@@ -268,7 +269,11 @@ def run(preset_name: str, out: str, models: Sequence[str] | None = None) -> dict
     done = {(r["model"], r["dim"], r["lr"]) for r in result["runs"]}
     longest = max(s.length for s in preset.test)
     wanted = models or preset.models
-    for dim in preset.dims:
+    known = model_grid(preset.vocab_size, preset.dims[0], preset.n_layers, preset.chunks, preset.windows, longest)
+    unknown = sorted(set(wanted or ()) - set(known))
+    if unknown:
+        raise ValueError(f"MQAR: no models {unknown} in the {preset_name} grid; it has {sorted(known)}")
+    for dim in dims or preset.dims:
         grid = model_grid(preset.vocab_size, dim, preset.n_layers, preset.chunks, preset.windows, longest)
         for name, (family, cfg) in grid.items():
             if wanted is not None and name not in wanted:
@@ -349,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--models", default=None, help="comma-separated model names of the grid (default: the preset's)")
+    ap.add_argument("--dims", default=None, help="comma-separated widths of the preset (default: all)")
     ap.add_argument("--out", default="mqar.json")
     ap.add_argument("--plot", metavar="JSON", help="only draw the plot (next to the JSON) of an earlier run")
     args = ap.parse_args(argv)
@@ -359,7 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(result))
         return 0
     models = args.models.split(",") if args.models else None
-    result = run(args.preset, args.out, models)
+    dims = [int(d) for d in args.dims.split(",")] if args.dims else None
+    preset = PRESETS[args.preset]
+    if dims and not set(dims) <= set(preset.dims):
+        ap.error(f"--dims {dims}: the {args.preset} preset's widths are {list(preset.dims)}")
+    result = run(args.preset, args.out, models, dims)
     print(table(result))
     return 0
 

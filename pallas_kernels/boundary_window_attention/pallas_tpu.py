@@ -367,12 +367,14 @@ def _dkv_kernel(table, count, *refs, st: _Static, steps: int):
 def _query_span(st: _Static, c, query_end, off):
     """Rows of longer sequences: the query blocks [begin, end) that stacked-key block ``c`` needs
     (``key_tables`` lists every query block for a boundary block): for a boundary block, from the
-    first query that sees its first boundary to ``query_end``; a window block's table is exact."""
-    nq = st.q_padded // st.block_q
-    first_seeing = st.vis.first_query_seeing(jnp.minimum(c, st.kb_padded // st.block_k) * st.block_k)
+    first query that sees its first boundary to ``query_end``; a window block's table is exact but
+    for blocks of keys below position 0 (the first slice's), which none sees."""
+    nq, nbb = st.q_padded // st.block_q, st.kb_padded // st.block_k
+    first_seeing = st.vis.first_query_seeing(jnp.minimum(c, nbb) * st.block_k)
     begin = jnp.minimum(_div(jnp.maximum(first_seeing - off, 0), st.block_q), nq)
-    boundary = c < st.kb_padded // st.block_k
-    return jnp.where(boundary, begin, 0), jnp.where(boundary, query_end, nq)
+    last_key = off - st.key_lead + (c - nbb + 1) * st.block_k - 1  # of a window block
+    boundary = c < nbb
+    return jnp.where(boundary, begin, jnp.where(last_key < 0, nq, 0)), jnp.where(boundary, query_end, nq)
 
 
 # --- launches ------------------------------------------------------------------------
