@@ -21,30 +21,39 @@ AttentionImplementation = Literal[
 ]
 
 
-# In auto's order: the backend's kernel, then the XLA path.
-IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
-    "pallas_gpu": dispatch.Implementation(
-        pallas_gpu.attention_pallas_gpu, dispatch.pallas_kernel("gpu"), single_device=True
-    ),
-    "pallas_tpu": dispatch.Implementation(
-        pallas_tpu.attention_pallas_tpu, dispatch.pallas_kernel("tpu"), single_device=True
-    ),
-    "compressed": dispatch.Implementation(xla.attention_compressed),
-    "dense": dispatch.Implementation(reference.attention_dense),
-    "pallas_gpu_interpret": dispatch.Implementation(
-        functools.partial(pallas_gpu.attention_pallas_gpu, interpret=True),
-        dispatch.pallas_kernel(None),
-        single_device=True,
-        in_auto=False,
-    ),
-    "pallas_tpu_interpret": dispatch.Implementation(
-        lambda *a, **kw: pallas_tpu.attention_pallas_tpu(*a, **kw, interpret=tpu_interpret_params()),
-        dispatch.pallas_kernel(None),
-        single_device=True,
-        in_auto=False,
-    ),
-}
+def _table(gpu, tpu, compressed, dense=None) -> dict[str, dispatch.Implementation]:
+    """An op's implementations in auto's order: the backend's kernel, then the XLA path (then the
+    dense reference, and the kernels in the Pallas interpreter, which auto never takes)."""
+    table = {
+        "pallas_gpu": dispatch.Implementation(gpu, dispatch.pallas_kernel("gpu"), single_device=True),
+        "pallas_tpu": dispatch.Implementation(tpu, dispatch.pallas_kernel("tpu"), single_device=True),
+        "compressed": dispatch.Implementation(compressed),
+    }
+    if dense is not None:
+        table["dense"] = dispatch.Implementation(dense)
+    interpreted = dict(single_device=True, in_auto=False)
+    table["pallas_gpu_interpret"] = dispatch.Implementation(
+        functools.partial(gpu, interpret=True), dispatch.pallas_kernel(None), **interpreted
+    )
+    table["pallas_tpu_interpret"] = dispatch.Implementation(
+        lambda *a, **kw: tpu(*a, **kw, interpret=tpu_interpret_params()), dispatch.pallas_kernel(None), **interpreted
+    )
+    return table
+
+
+IMPLEMENTATIONS = _table(
+    pallas_gpu.attention_pallas_gpu,
+    pallas_tpu.attention_pallas_tpu,
+    xla.attention_compressed,
+    reference.attention_dense,
+)
+# For rows that are slices of longer sequences: the same names but ``dense``, whose mask is that of
+# whole sequences.
+ROW_IMPLEMENTATIONS = _table(
+    pallas_gpu.attention_of_rows_pallas_gpu, pallas_tpu.attention_of_rows_pallas_tpu, xla.attention_of_rows
+)
 assert tuple(IMPLEMENTATIONS) == typing.get_args(AttentionImplementation)
+assert tuple(ROW_IMPLEMENTATIONS) == tuple(n for n in typing.get_args(AttentionImplementation) if n != "dense")
 
 
 def boundary_window_attention(
@@ -91,32 +100,6 @@ def boundary_window_attention(
     kw = dict(grid=grid, window=window, document_start=document_start)
     name = dispatch.choose("attention", IMPLEMENTATIONS, implementation, target, q, k, v, **kw)
     return IMPLEMENTATIONS[name].run(q, k, v, **kw)
-
-
-# For rows that are slices of longer sequences (in ``auto``'s order): the same names but ``dense``,
-# whose mask is that of whole sequences.
-ROW_IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
-    "pallas_gpu": dispatch.Implementation(
-        pallas_gpu.attention_of_rows_pallas_gpu, dispatch.pallas_kernel("gpu"), single_device=True
-    ),
-    "pallas_tpu": dispatch.Implementation(
-        pallas_tpu.attention_of_rows_pallas_tpu, dispatch.pallas_kernel("tpu"), single_device=True
-    ),
-    "compressed": dispatch.Implementation(xla.attention_of_rows),
-    "pallas_gpu_interpret": dispatch.Implementation(
-        functools.partial(pallas_gpu.attention_of_rows_pallas_gpu, interpret=True),
-        dispatch.pallas_kernel(None),
-        single_device=True,
-        in_auto=False,
-    ),
-    "pallas_tpu_interpret": dispatch.Implementation(
-        lambda *a, **kw: pallas_tpu.attention_of_rows_pallas_tpu(*a, **kw, interpret=tpu_interpret_params()),
-        dispatch.pallas_kernel(None),
-        single_device=True,
-        in_auto=False,
-    ),
-}
-assert tuple(ROW_IMPLEMENTATIONS) == tuple(n for n in typing.get_args(AttentionImplementation) if n != "dense")
 
 
 def boundary_window_attention_of_rows(
