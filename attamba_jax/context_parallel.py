@@ -19,10 +19,11 @@ sees only boundary keys and its window:
 
 That is about K times less than gathering every key and value. (An all-gather, not a ring: a
 piece needs the boundaries of every piece before it, and the gathered array, 1/K of the keys, is
-small enough to hold whole; a ring would move the same bytes in c-1 dependent steps.) Each piece and its halo become one
-row of a [2c·B, halo + P] array (``ContextRows``, rows ordered device, batch row, piece), whose
-rows are split over (context, data, fsdp), so that every device already holds its rows: the halo
-is then the end of another row, and every op that runs on independent rows runs unchanged. XLA
+small enough to hold whole; a ring would move the same bytes in c-1 dependent steps.) Each piece
+and its halo become one row of a [2c·B, halo + P] array (``ContextRows``, rows ordered device,
+batch row, piece), whose rows are split over (context, data, fsdp), so that every device already
+holds its rows: the halo is then the end of another row, and every op that runs on independent
+rows runs unchanged. XLA
 turns the halos into collective permutes and the boundaries into one all-gather.
 
 A piece row reads the SSM on the layer's grid from its first position, which is a multiple of K

@@ -30,61 +30,44 @@ import jax
 import jax.numpy as jnp
 
 from attamba_jax import context_parallel
+from benchmarks.bench_attention import HEADS, _fwd_bwd, _inputs
 from benchmarks.timing import packed_starts, rel_err, save, stamp, time_calls
 from pallas_kernels.boundary_window_attention import pallas_gpu
 from pallas_kernels.chunk_grid import ChunkGrid
 
-HEADS, KV_HEADS, HEAD_DIM = 8, 8, 64
 
-
-def _inputs(length: int, dtype):
-    ks = jax.random.split(jax.random.key(length), 4)
-    q = jax.random.normal(ks[0], (1, length, HEADS, HEAD_DIM), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (1, length, KV_HEADS, HEAD_DIM), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (1, length, KV_HEADS, HEAD_DIM), jnp.float32).astype(dtype)
-    return q, k, v, ks[3]
-
-
-def _pieces(q, k, v, starts, shards: int, grid: ChunkGrid, window: int):
-    """The whole row in context order cut as context parallelism cuts it: (q rows, k rows, v rows,
-    the split, the starts in context order)."""
+def _pieces(q, k, v, do, starts, shards: int, grid: ChunkGrid, window: int):
+    """The whole row in context order cut as context parallelism cuts it: ((q rows, k rows, v rows,
+    output-gradient rows), the split, the starts in context order)."""
     rows = context_parallel.ContextRows.plan(q.shape[1], shards, grid, window)
-    order = rows.order
-    q, k, v, starts = (context_parallel.in_context_order(a, order) for a in (q, k, v, starts))
-    return rows.split(q), rows.to_rows(k), rows.to_rows(v), rows, starts
-
-
-def _fwd_bwd(fn):
-    def run(*args):
-        o, vjp = jax.vjp(fn, *args[:3])
-        do = jnp.cos(jnp.arange(o.size, dtype=jnp.float32)).reshape(o.shape).astype(o.dtype)
-        return o, vjp(do)
-
-    return run
+    q, k, v, do, starts = (context_parallel.in_context_order(a, rows.order) for a in (q, k, v, do, starts))
+    return (rows.split(q), rows.to_rows(k), rows.to_rows(v), rows.split(do)), rows, starts
 
 
 def bench(record, lengths, shards_list, kc, window, implementations, reps, trials, check, docs, interpret, xla_max_gb):
     grid = ChunkGrid(kc)
     dtype = jnp.bfloat16
     for length in lengths:
-        q, k, v, _ = _inputs(length, dtype)
+        q, k, v, do = _inputs(jax.random.key(length), 1, length, dtype)
         starts = jnp.asarray(packed_starts(1, length, kc, docs)) if docs else jnp.zeros((1, length), jnp.int32)
         whole = functools.partial(
             pallas_gpu.attention_pallas_gpu, grid=grid, window=window, document_start=starts, interpret=interpret
         )
+        pieces = {}
+        for shards in shards_list:
+            try:
+                pieces[shards] = _pieces(q, k, v, do, starts, shards, grid, window)
+            except ValueError as e:  # pieces shorter than their halo
+                print(f"skip L={length} c={shards}: {e}", flush=True)
         times = {}
-        for mode, wrap in (("fwd", lambda f: f), ("fwd+bwd", _fwd_bwd)):
-            sec, whole_out = time_calls(jax.jit(wrap(whole)), [(q, k, v)], reps, trials)
+        # (forward alone: q, k, v; forward and backward: the output's gradient too)
+        for mode, wrap, n_args in (("fwd", lambda f: f, 3), ("fwd+bwd", _fwd_bwd, 4)):
+            sec, whole_out = time_calls(jax.jit(wrap(whole)), [(q, k, v, do)[:n_args]], reps, trials)
             times["whole", mode] = sec
             print(f"{stamp()} L={length} whole-row kernel {mode}: {sec * 1e3:.3f} ms", flush=True)
             whole_o = jax.device_get(whole_out if mode == "fwd" else whole_out[0])
             del whole_out
-            for shards in shards_list:
-                try:
-                    qr, kr, vr, rows, st = _pieces(q, k, v, starts, shards, grid, window)
-                except ValueError as e:  # pieces shorter than their halo
-                    print(f"skip L={length} c={shards}: {e}", flush=True)
-                    continue
+            for shards, (arrays, rows, st) in pieces.items():
                 for name in implementations:
                     p = rows.piece_length
                     if name == "compressed" and 2 * shards * HEADS * p * (length // kc + 1) * 4 > xla_max_gb * 2**30:
@@ -94,7 +77,7 @@ def bench(record, lengths, shards_list, kc, window, implementations, reps, trial
                         qr, kr, vr, rows, grid=grid, window=window, document_start=st, implementation=impl
                     )
                     try:
-                        sec, out = time_calls(jax.jit(wrap(fn)), [(qr, kr, vr)], reps, trials)
+                        sec, out = time_calls(jax.jit(wrap(fn)), [arrays[:n_args]], reps, trials)
                     except Exception as e:  # out of memory
                         print(f"skip {name} L={length} c={shards} {mode}: {type(e).__name__}: {str(e)[:200]}")
                         continue

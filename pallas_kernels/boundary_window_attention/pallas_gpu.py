@@ -103,6 +103,15 @@ class _Static:
     key_lead: int = 0
 
     @property
+    def keys(self) -> int:  # key rows of k, v
+        return self.key_lead + self.length
+
+    @property
+    def layout_refs(self) -> int:
+        """Refs after kb, vb that the forward and dq kernels take for the layout: doc (and off, kd, vd)."""
+        return (4 if self.rows else 1) if self.documents else 0
+
+    @property
     def qk_scale(self) -> float:
         return self.scale * _LOG2E
 
@@ -224,7 +233,7 @@ def _walk_document_keys(st: _Static, q0, tq, docs, kb_ref, vb_ref, k_ref, v_ref,
     query block's documents only, masked by each query's document start. ``q0`` and ``tq`` are
     positions; the row's queries start at ``off`` (its key rows at ``off - key_lead``)."""
     bkb, bkw = st.blocks.block_kb, st.blocks.block_kw
-    keys, nb = st.key_lead + st.length, st.num_boundaries
+    keys, nb = st.keys, st.num_boundaries
     first, start, inner = docs
     a, u0, u1, end, s0, window_blocks = document_key_blocks(st, q0, first, inner, off)
 
@@ -295,8 +304,7 @@ def _first_key(st: _Static, q0, docs, k_ref, v_ref, refs):
 def _fwd_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, *refs, st: _Static):
     """Refs: q, o [T, D]; k, v [key_lead + T, D]; kb, vb [NB, D]; (documents: doc [T], the document
     starts; rows: off [1], kd, vd [T, D]); lse [Tp] (base-2 log-sum-exp)."""
-    n_layout = (4 if st.rows else 1) if st.documents else 0
-    layout, (o_ref, lse_ref) = refs[:n_layout], refs[n_layout:]
+    layout, (o_ref, lse_ref) = refs[: st.layout_refs], refs[st.layout_refs :]
     bq, d = st.blocks.block_q, st.head_dim
     q0, tq = _query_block(st, pl.program_id(0))
     valid = tq < st.length
@@ -341,8 +349,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, kb_ref, vb_ref, *refs, st: _Static):
     the forward's layout refs (after vb) and pdk, pdv [NQ, D] (after dq): per query block, the
     first-token term's dk, dv (unscaled) summed over the block's first document.
     """
-    n_layout = (4 if st.rows else 1) if st.documents else 0
-    layout, refs = refs[:n_layout], refs[n_layout:]
+    layout, refs = refs[: st.layout_refs], refs[st.layout_refs :]
     if st.documents:
         do_ref, lse_ref, delta_ref, dq_ref, pdk_ref, pdv_ref = refs
     else:
@@ -572,7 +579,7 @@ def _dkv_window_documents_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref
         (doc_ref, ns_ref, firsts_ref, pdk_ref, pdv_ref, dk_ref, dv_ref), off = refs, 0
     bk, bq, d = st.blocks.block_kw_bwd, st.blocks.block_q_bwd, st.head_dim
     bqf = st.blocks.block_q  # the dq pass's query blocks
-    t, w, keys = st.length, st.vis.window, st.key_lead + st.length
+    t, w, keys = st.length, st.vis.window, st.keys
     c = pl.program_id(0)
     s0 = c * bk  # the block's first key row
     r0 = s0 - st.key_lead  # ... as a query row (the same position)
@@ -669,7 +676,7 @@ def _forward(st: _Static, inputs, layout, interpret):
     kb, vb = _boundary_keys(st, k, v, inputs)  # [B, NB, Hkv, D]
     nq = pl.cdiv(t, st.blocks.block_q)
     tp = _padded_length(st)
-    keys = st.key_lead + t
+    keys = st.keys
     seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     kv_seq = lambda n: pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi // r, 0))
     lse_spec = pl.BlockSpec((None, None, tp), lambda i, bi, hi: (bi, hi, 0))
@@ -700,7 +707,7 @@ def _backward(st: _Static, inputs, layout, o, lse, do, interpret):
     r = h // hkv
     nb = st.num_boundaries
     tp = _padded_length(st)
-    keys = st.key_lead + t
+    keys = st.keys
     kb, vb = _boundary_keys(st, k, v, inputs)  # [B, NB, Hkv, D]
     documents = None if layout is None else (layout[0] if st.rows else layout)
     f32 = jnp.float32
