@@ -9,8 +9,14 @@
 #      and recipe with warmup scaled to STEPS/12;
 #   3. evaluate every model on the held-out books and on WikiText-2 raw test (token / word
 #      perplexity, bits per byte), and Attamba K=8 also at K=4 and K=16 (test-time chunk sweep);
-#   4. pack metrics, evaluations and configs into $OUT/replication.tar.gz for
+#   4. with PASSKEY=1, passkey retrieval on every model (`attamba_jax.tasks.passkey`, filler from
+#      the held-out books, docs/recall.md), the models at once;
+#   5. pack metrics, evaluations, passkey results and configs into $OUT/replication.tar.gz for
 #      `python experiments/summarize.py` (docs/results.md).
+#
+# EXTRA: overrides for every model; EXTRA_<model>: for that model only (e.g.
+# EXTRA_transformer_isoparam="optim.lr=1e-3"). CHUNK_SWEEP: the test-time chunk sizes Attamba K8 is
+# also evaluated at (default "4 16"; empty: none).
 #
 # Run from the repository root with .whl, .data/gutenberg.tar.xz, .data/gutenberg-32k.model and
 # .data/wiki.test.raw in place (carried). A CPU dry run: STEPS=4 EXTRA="model.dim=64 ..." .
@@ -25,6 +31,9 @@ PER_GPU=${PER_GPU:-1}              # models trained at once on one GPU (they sha
 HELDOUT=${HELDOUT:-0.02}
 TRAIN_LIMIT=${TRAIN_LIMIT:-420}   # seconds a training run may take before it is stopped (SIGTERM saves)
 EXTRA=${EXTRA:-}
+CHUNK_SWEEP=${CHUNK_SWEEP-4 16}
+PASSKEY=${PASSKEY:-0}
+PASSKEY_ARGS=${PASSKEY_ARGS:-}   # e.g. "--lengths 256 --trials 2" for a dry run
 mkdir -p "$OUT" "$WORK/runs"
 export PYTHONUNBUFFERED=1
 log() { echo "[+${SECONDS}s] $*"; }
@@ -57,12 +66,13 @@ i=0
 pids=()
 for m in $MODELS; do
   gpu=$(( NGPU > 0 ? i % NGPU : 0 ))
+  own="EXTRA_$m"
   ( export CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION
     start=$SECONDS
     timeout -s TERM "$TRAIN_LIMIT" python3 train.py --no-progress --config "configs/paper/$m.yaml" --workdir "$WORK/runs/$m" \
       "data.train=[$WORK/gut.train.bin]" "data.eval=[$WORK/gut.heldout.bin]" "data.tokenizer=$TOKENIZER" \
       "train.steps=$STEPS" "optim.warmup_steps=$WARMUP" "train.log_every=$(( STEPS / 60 > 1 ? STEPS / 60 : 1 ))" \
-      "train.eval_every=$(( STEPS / 6 > 1 ? STEPS / 6 : 1 ))" "train.checkpoint_every=$STEPS" $EXTRA > "$WORK/runs/$m.train.log" 2>&1
+      "train.eval_every=$(( STEPS / 6 > 1 ? STEPS / 6 : 1 ))" "train.checkpoint_every=$STEPS" $EXTRA ${!own:-} > "$WORK/runs/$m.train.log" 2>&1
     echo "{\"model\": \"$m\", \"exit\": $?, \"wall_s\": $(( SECONDS - start )), \"gpus\": $NGPU, \"per_gpu\": $PER_GPU}" > "$WORK/runs/$m.wall.json" ) &
   pids+=($!)
   i=$((i + 1))
@@ -86,7 +96,7 @@ for m in $MODELS; do
   evaluate "$m" $(( NGPU > 0 ? i % NGPU : 0 )) heldout --text "${BOOKS[@]}"; i=$((i + 1))
   evaluate "$m" $(( NGPU > 0 ? i % NGPU : 0 )) wiki --text "$WIKI"; i=$((i + 1))
   if [ "$m" = attamba_k8_w8 ]; then
-    for k in 4 16; do
+    for k in $CHUNK_SWEEP; do
       evaluate "$m" $(( NGPU > 0 ? i % NGPU : 0 )) heldout.k$k --text "${BOOKS[@]}" --token-chunk $k; i=$((i + 1))
       evaluate "$m" $(( NGPU > 0 ? i % NGPU : 0 )) wiki.k$k --text "$WIKI" --token-chunk $k; i=$((i + 1))
     done
@@ -95,6 +105,21 @@ for m in $MODELS; do
 done
 wait "${pids[@]}"
 for f in "$WORK"/runs/*.eval.*.log; do echo "== $(basename "$f")"; grep -v Warning "$f" | tail -2; done
+
+if [ "$PASSKEY" = 1 ]; then
+  log "passkey retrieval (every model at once)"
+  i=0
+  pids=()
+  for m in $MODELS; do
+    CUDA_VISIBLE_DEVICES=$(( NGPU > 0 ? i % NGPU : 0 )) XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION \
+      python3 -m attamba_jax.tasks.passkey --workdir "$WORK/runs/$m" --books "${BOOKS[@]}" \
+      --out "$WORK/runs/$m.passkey.json" $PASSKEY_ARGS > "$WORK/runs/$m.passkey.log" 2>&1 &
+    pids+=($!)
+    i=$((i + 1))
+  done
+  wait "${pids[@]}"
+  for m in $MODELS; do echo "== $m passkey"; grep '^|' "$WORK/runs/$m.passkey.log" | head -3; done
+fi
 
 log "pack"
 (cd "$WORK/runs" && tar -czf "$OUT/replication.tar.gz" ./*.json ./*.log ./*/metrics.jsonl ./*/config.yaml ./*/loss.png 2>/dev/null)

@@ -1,13 +1,18 @@
 """The MQAR recall task: its sequences follow the protocol, the accuracy counts the queried
 positions only, and the tiny preset runs, its full-attention model learning a 4-pair task."""
 
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from attamba_jax.tasks import mqar
@@ -18,8 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_sequences_hold_the_pairs_and_ask_for_each_key_once():
     # Given fresh MQAR sequences of 128 tokens with 8 pairs over a vocabulary of 256
     setting, vocab = mqar.Setting(128, 8), 256
-    batch = mqar.sequences(setting, 16, vocab, np.random.default_rng(0))
-    inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
+    batch = mqar.sequences(setting, 16, vocab, jax.random.key(0))
+    inputs, targets, weights = (np.asarray(batch[k]) for k in ("inputs", "targets", "weights"))
     assert inputs.shape == targets.shape == weights.shape == (16, 128)
     np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])  # next-token targets
     for row in range(16):
@@ -37,13 +42,13 @@ def test_sequences_hold_the_pairs_and_ask_for_each_key_once():
 
 
 def test_the_gaps_follow_the_power_law_most_queries_early():
-    batch = mqar.sequences(mqar.Setting(1024, 16), 64, 8192, np.random.default_rng(1))
-    offsets = np.flatnonzero(batch["weights"].reshape(-1)) % 1024 - 32
+    batch = mqar.sequences(mqar.Setting(1024, 16), 64, 8192, jax.random.key(1))
+    offsets = np.flatnonzero(np.asarray(batch["weights"]).reshape(-1)) % 1024 - 32
     assert np.median(offsets) < 1024 / 4  # p(g) ∝ g^(a-1): a long tail, mass at small gaps
 
 
 def test_accuracy_counts_the_queried_positions_only():
-    batch = mqar.sequences(mqar.Setting(64, 4), 8, 128, np.random.default_rng(2))
+    batch = jax.tree.map(np.asarray, mqar.sequences(mqar.Setting(64, 4), 8, 128, jax.random.key(2)))
     queried = batch["weights"] > 0
     # Right at every queried position and wrong everywhere else: all correct
     right_at_queries = np.where(queried, batch["targets"], (batch["targets"] + 1) % 128)
@@ -55,11 +60,60 @@ def test_accuracy_counts_the_queried_positions_only():
 
 def test_mixture_rows_lay_each_setting_out_in_the_longest_row():
     settings = (mqar.Setting(64, 4), mqar.Setting(128, 8))
-    batch = mqar.mixture(settings, 6, 128, np.random.default_rng(3))
+    batch = jax.tree.map(np.asarray, mqar.mixture(settings, 6, 128, jax.random.key(3)))
     assert batch["inputs"].shape == (6, 128)
     counts = batch["weights"].sum(axis=1)
     np.testing.assert_array_equal(counts, [4, 8, 4, 8, 4, 8])
     assert not batch["weights"][0::2, 64:].any()  # nothing counted past a shorter sequence
+    # and test rows lay a setting out in a longer row; too short a row is refused
+    assert mqar.mixture(settings[:1], 2, 128, jax.random.key(4), length=256)["inputs"].shape == (2, 256)
+    with pytest.raises(ValueError, match="rows of 100 tokens cannot hold"):
+        mqar.mixture(settings, 2, 128, jax.random.key(4), length=100)
+
+
+def test_sequences_jit_and_vary_with_the_key():
+    setting = mqar.Setting(64, 8)
+    draw = jax.jit(lambda key: mqar.sequences(setting, 4, 64, key))
+    a, b = draw(jax.random.key(5)), draw(jax.random.key(6))
+    chex.assert_trees_all_equal(a, mqar.sequences(setting, 4, 64, jax.random.key(5)))
+    assert not np.array_equal(a["inputs"], b["inputs"])
+
+
+def test_the_unit_rate_optimizer_scaled_is_the_optimizer_at_that_rate():
+    # The grid trains its learning rates at once: AdamW at peak 1, then optax.scale(lr)
+    from attamba_jax.config import OptimConfig
+    from attamba_jax.optimizer import make_optimizer
+
+    preset = mqar.PRESETS["tiny"]
+    unit, _ = mqar._unit_optimizer(preset)
+    params = {"w": jax.random.normal(jax.random.key(7), (8, 8)), "bias": jnp.ones((8,))}
+    grads = jax.tree.map(lambda x: 0.3 * jnp.cos(x), params)
+    for lr in (1e-3, 3e-2):
+        direct, _ = make_optimizer(
+            OptimConfig(lr=lr, warmup_steps=preset.steps // 10, min_lr_ratio=0.1, weight_decay=0.1), preset.steps
+        )
+        scaled = optax.chain(unit, optax.scale(lr))
+        s_direct, s_scaled = direct.init(params), scaled.init(params)
+        for _ in range(3):  # through the warmup, with decay on the matrix
+            u_direct, s_direct = direct.update(grads, s_direct, params)
+            u_scaled, s_scaled = scaled.update(grads, s_scaled, params)
+            chex.assert_trees_all_close(u_scaled, u_direct, rtol=1e-6, atol=1e-9)
+
+
+def test_rates_trained_at_once_equal_each_trained_alone():
+    # Given the tiny preset shortened to 6 steps
+    preset = mqar.PRESETS["tiny"]
+    short = dataclasses.replace(preset, steps=6)
+    _, cfg = mqar._grid(preset, 64)["attamba_k4_w8"]
+    # When two learning rates train at once under vmap, and each alone
+    _, both, losses = mqar.train(cfg, short, [1e-3, 1e-2])
+    for i, lr in [(1, 1e-2)]:  # the larger rate, the one rounding moves most
+        _, alone, loss = mqar.train(cfg, short, [lr])
+        # Then each is the run it would have been alone
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x, i=i: x[i], both), jax.tree.map(lambda x: x[0], alone), rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(losses[i], loss[0], rtol=1e-5)
 
 
 def test_settings_that_do_not_fit_are_refused():

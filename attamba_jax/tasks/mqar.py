@@ -28,9 +28,11 @@ A run writes its JSON after every model and takes up where an earlier run with t
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import time
@@ -39,13 +41,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from attamba_jax.cache import formula_bytes
-from attamba_jax.config import Config, ModelConfig, OptimConfig, TrainConfig
-from attamba_jax.model import make_forward
+from attamba_jax.config import ModelConfig, OptimConfig
+from attamba_jax.model import init_model
 from attamba_jax.optimizer import make_optimizer
-from attamba_jax.sharding import make_mesh, use_mesh
-from attamba_jax.train_step import init_train_state, jit_train_step, train_batch_sharding
+from attamba_jax.train_step import make_train_step
 
 POWER_A = 0.01  # the gaps' power law: p(g) ∝ g^(a-1)
 
@@ -65,47 +68,57 @@ class Setting:
             )
 
 
-def sequences(setting: Setting, rows: int, vocab_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _distinct(key: jax.Array, rows: int, n: int, low: int, high: int) -> jax.Array:
+    """[rows, n] distinct integers of [low, high) per row, every n-subset and order equally likely
+    (the n largest of i.i.d. uniforms)."""
+    return jax.lax.top_k(jax.random.uniform(key, (rows, high - low)), n)[1] + low
+
+
+def sequences(setting: Setting, rows: int, vocab_size: int, key: jax.Array) -> dict[str, jax.Array]:
     """``rows`` MQAR sequences of ``setting``: inputs, targets [rows, L] int32 (next-token targets)
-    and weights [rows, L] float32, 1 at the N queried positions (their targets are the values)."""
+    and weights [rows, L] float32, 1 at the N queried positions (their targets are the values).
+
+    Jittable (the setting, rows and vocabulary are static): training draws every batch on the
+    device. The gaps are drawn without replacement with probability ∝ (g + 1)^(a-1) as the top N
+    of log p + Gumbel noise, which is sampling one gap after another from what is left.
+    """
     n, length = setting.pairs, setting.length
     half = vocab_size // 2
     if half - 1 < n:
         raise ValueError(f"MQAR: a vocabulary of {vocab_size} holds fewer than {n} distinct keys")
-    keys = np.stack([rng.choice(np.arange(1, half), n, replace=False) for _ in range(rows)])
-    values = np.stack([rng.choice(np.arange(half, vocab_size), n, replace=False) for _ in range(rows)])
-    tokens = rng.integers(0, vocab_size, (rows, length + 1))  # the random filler
-    tokens[:, 0 : 2 * n : 2], tokens[:, 1 : 2 * n : 2] = keys, values
-    space = np.arange((length - 2 * n) // 2)  # gaps g: the query at 2N + 2g, its value at 2N + 2g + 1 <= L
-    p = POWER_A * (space + 1.0) ** (POWER_A - 1.0)
-    gaps = np.stack([rng.choice(space, n, replace=False, p=p / p.sum()) for _ in range(rows)])
+    k_keys, k_values, k_gaps, k_filler = jax.random.split(key, 4)
+    keys = _distinct(k_keys, rows, n, 1, half)
+    values = _distinct(k_values, rows, n, half, vocab_size)
+    space = (length - 2 * n) // 2  # gaps g: the query at 2N + 2g, its value at 2N + 2g + 1 <= L
+    log_p = (POWER_A - 1.0) * jnp.log(jnp.arange(space, dtype=jnp.float32) + 1.0)
+    gaps = jax.lax.top_k(log_p + jax.random.gumbel(k_gaps, (rows, space)), n)[1]
     at = 2 * n + 2 * gaps  # the query's position (its target, the value, is the next token)
-    row = np.arange(rows)[:, None]
-    tokens[row, at] = keys
-    tokens[row, at + 1] = values
-    weights = np.zeros((rows, length), np.float32)
-    weights[row, at] = 1.0
-    return {
-        "inputs": tokens[:, :-1].astype(np.int32),
-        "targets": tokens[:, 1:].astype(np.int32),
-        "weights": weights,
-    }
+    row = jnp.arange(rows)[:, None]
+    tokens = jax.random.randint(k_filler, (rows, length + 1), 0, vocab_size)  # the random filler
+    tokens = tokens.at[:, 0 : 2 * n : 2].set(keys).at[:, 1 : 2 * n : 2].set(values)
+    tokens = tokens.at[row, at].set(keys).at[row, at + 1].set(values)
+    weights = jnp.zeros((rows, length), jnp.float32).at[row, at].set(1.0)
+    return {"inputs": tokens[:, :-1].astype(jnp.int32), "targets": tokens[:, 1:].astype(jnp.int32), "weights": weights}
 
 
-def mixture(settings: Sequence[Setting], rows: int, vocab_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A training batch: each row one of ``settings`` (in turn), in a row of the longest length
-    whose positions after the sequence are random tokens of weight 0."""
-    length = max(s.length for s in settings)
+def mixture(
+    settings: Sequence[Setting], rows: int, vocab_size: int, key: jax.Array, length: int | None = None
+) -> dict[str, jax.Array]:
+    """A batch: each row one of ``settings`` (in turn), in a row of ``length`` tokens (default the
+    longest setting's) whose positions after the sequence are random tokens of weight 0."""
+    length = max(s.length for s in settings) if length is None else length
+    if length < max(s.length for s in settings):
+        raise ValueError(f"MQAR: rows of {length} tokens cannot hold settings {[s.length for s in settings]}")
+    k_inputs, k_targets, *k_parts = jax.random.split(key, 2 + len(settings))
     out = {
-        "inputs": rng.integers(0, vocab_size, (rows, length)).astype(np.int32),
-        "targets": rng.integers(0, vocab_size, (rows, length)).astype(np.int32),
-        "weights": np.zeros((rows, length), np.float32),
+        "inputs": jax.random.randint(k_inputs, (rows, length), 0, vocab_size, jnp.int32),
+        "targets": jax.random.randint(k_targets, (rows, length), 0, vocab_size, jnp.int32),
+        "weights": jnp.zeros((rows, length), jnp.float32),
     }
-    for i, setting in enumerate(settings):
+    for i, (setting, k_part) in enumerate(zip(settings, k_parts)):
         picked = np.arange(i, rows, len(settings))
-        part = sequences(setting, len(picked), vocab_size, rng)
-        for key, value in part.items():
-            out[key][picked, : setting.length] = value
+        part = sequences(setting, len(picked), vocab_size, k_part)
+        out = {name: value.at[picked, : setting.length].set(part[name]) for name, value in out.items()}
     return out
 
 
@@ -123,6 +136,12 @@ def _base(vocab_size: int, dim: int, n_layers: int) -> dict:
     return dict(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=max(1, dim // 32), multiple_of=16)
 
 
+# Every model trains its learning rates at once under jax.vmap, on the XLA paths of its ops (the
+# suite holds the Pallas kernels equal to them; at these sizes a step is many small ops either way).
+_ATTAMBA_PATHS = dict(ssm_implementation="chunked", attention_implementation="compressed")
+_TRANSFORMER_PATHS = dict(attention_implementation="xla")
+
+
 def model_grid(
     vocab_size: int, dim: int, n_layers: int, chunks, windows, longest: int
 ) -> dict[str, tuple[str, ModelConfig]]:
@@ -130,7 +149,7 @@ def model_grid(
     shrunk to Attamba's KV width (isoKV: attention width dim / K) and the sliding-window transformer
     whose cache holds as many tokens as Attamba's at the ``longest`` test length (⌈L/K⌉ + W)."""
     base = _base(vocab_size, dim, n_layers)
-    grid = {"transformer": ("transformer", ModelConfig(arch="transformer", **base))}
+    grid = {"transformer": ("transformer", ModelConfig(arch="transformer", **_TRANSFORMER_PATHS, **base))}
     for k in chunks:
         for w in windows:
             grid[f"attamba_k{k}_w{w}"] = (
@@ -142,15 +161,18 @@ def model_grid(
                     ssm_state_dim=16,
                     ssm_hidden_dim=dim,
                     ssm_heads=max(1, dim // 32),
+                    **_ATTAMBA_PATHS,
                     **base,
                 ),
             )
         width = max(2, dim // k)
         heads = max(1, min(base["n_heads"], width // 2))
         iso = dict(base, n_heads=heads)
-        grid[f"isokv_k{k}"] = ("isoKV", ModelConfig(arch="transformer", head_dim=width // heads, **iso))
+        iso_cfg = ModelConfig(arch="transformer", head_dim=width // heads, **_TRANSFORMER_PATHS, **iso)
+        grid[f"isokv_k{k}"] = ("isoKV", iso_cfg)
         window = -(-longest // k) + min(windows)
-        grid[f"sliding_w{window}"] = ("sliding window", ModelConfig(arch="transformer", sliding_window=window, **base))
+        sliding = ModelConfig(arch="transformer", sliding_window=window, **_TRANSFORMER_PATHS, **base)
+        grid[f"sliding_w{window}"] = ("sliding window", sliding)
     return grid
 
 
@@ -217,46 +239,123 @@ def kv_bytes_per_token(cfg: ModelConfig, length: int) -> float:
 # --- training and scoring -------------------------------------------------------------------
 
 
-def train_and_score(cfg: ModelConfig, preset: Preset, lr: float, seed: int = 0) -> dict:
-    """Trains ``cfg`` on the preset's mixture at ``lr`` on one device and scores every test setting:
-    {"loss": final training loss, "accuracy": {"L/N": accuracy}, "seconds": wall time}."""
-    start = time.perf_counter()
-    full = Config(
-        model=cfg,
-        optim=OptimConfig(lr=lr, warmup_steps=max(1, preset.steps // 10), min_lr_ratio=0.1, weight_decay=0.1),
-        train=TrainConfig(steps=preset.steps),
-        seed=seed,
-    )
+def _chunk(steps: int, most: int = 250) -> int:
+    """The steps per jitted call: the largest divisor of ``steps`` up to ``most``."""
+    return max(d for d in range(1, min(steps, most) + 1) if steps % d == 0)
+
+
+def _unit_optimizer(preset: Preset) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The project's AdamW (``make_optimizer``) at peak learning rate 1: warmup over a tenth of the
+    steps, cosine to a tenth, weight decay 0.1. Its update is linear in the peak rate (the
+    schedule is, and the decoupled decay is scaled by it), so ``optax.scale(lr)`` after it is
+    the same optimizer at peak ``lr``: one compiled step serves every learning rate."""
+    optim = OptimConfig(lr=1.0, warmup_steps=max(1, preset.steps // 10), min_lr_ratio=0.1, weight_decay=0.1)
+    optim.validate()
+    return make_optimizer(optim, preset.steps)
+
+
+def train(cfg: ModelConfig, preset: Preset, lrs: Sequence[float], seed: int = 0):
+    """Trains ``cfg`` on the preset's mixture at every learning rate of ``lrs`` at once (one stacked
+    train state under ``jax.vmap``; the same initial parameters and batches for all), on the
+    default device. Returns (graphdef, the stacked parameters [len(lrs), ...], final losses)."""
     cfg.validate()
-    full.optim.validate()
-    mesh = make_mesh({"data": 1, "fsdp": 1, "context": 1, "tensor": 1}, jax.devices()[:1])
-    tx, schedule = make_optimizer(full.optim, preset.steps)
-    graphdef, state, shardings = init_train_state(full, mesh, tx)
-    step = jit_train_step(graphdef, tx, schedule, shardings, train_batch_sharding(mesh, preset.batch))
-    rng = np.random.default_rng(seed)
-    loss = float("nan")
-    with use_mesh(mesh):
-        for _ in range(preset.steps):
-            batch = mixture(preset.train, preset.batch, preset.vocab_size, rng)
-            state, metrics = step(state, {key: value[None] for key, value in batch.items()})
-        loss = float(metrics["loss"])
-    forward = make_forward(graphdef)
-    predict = jax.jit(lambda params, tokens: jnp.argmax(forward(params, tokens), axis=-1))
-    scores = {}
-    test_rng = np.random.default_rng(seed + 1)
-    for setting in preset.test:
-        correct = counted = 0.0
-        for first in range(0, preset.test_rows, preset.batch):
-            batch = sequences(setting, min(preset.batch, preset.test_rows - first), preset.vocab_size, test_rng)
-            c, n = accuracy(predict(state["params"], jnp.asarray(batch["inputs"])), batch)
-            correct, counted = correct + c, counted + n
-        scores[f"{setting.length}/{setting.pairs}"] = correct / counted
-    return {"loss": loss, "accuracy": scores, "seconds": time.perf_counter() - start}
+    graphdef, params = init_model(cfg, seed=seed)
+    unit_tx, schedule = _unit_optimizer(preset)
+
+    def at_rate(lr):
+        return optax.chain(unit_tx, optax.scale(lr))
+
+    one = {"params": params, "opt_state": at_rate(1.0).init(params), "step": jnp.int32(0)}
+    states = jax.tree.map(lambda x: jnp.stack([x] * len(lrs)), one)
+    rates = jnp.asarray(lrs, jnp.float32)
+
+    def step(state, batch, lr):
+        return make_train_step(graphdef, at_rate(lr), schedule)(state, batch)
+
+    def steps(states, key):
+        def body(states, key):
+            batch = mixture(preset.train, preset.batch, preset.vocab_size, key)
+            batch = {name: value[None] for name, value in batch.items()}  # one microbatch
+            states, metrics = jax.vmap(step, in_axes=(0, None, 0))(states, batch, rates)
+            return states, metrics["loss"]
+
+        return jax.lax.scan(body, states, jax.random.split(key, chunk))
+
+    chunk = _chunk(preset.steps)
+    run_chunk = jax.jit(steps, donate_argnums=0)
+    key = jax.random.key(seed)
+    for i in range(preset.steps // chunk):
+        states, losses = run_chunk(states, jax.random.fold_in(key, i))
+    return graphdef, states["params"], [float(x) for x in losses[-1]]
 
 
-def run(preset_name: str, out: str, models: Sequence[str] | None = None, dims: Sequence[int] | None = None) -> dict:
-    """Trains and scores the preset's grid (resuming ``out``), writing ``out`` after every run;
-    ``models``, ``dims``: a part of the grid (names of ``model_grid``, widths of the preset)."""
+def score(graphdef, stacked_params, preset: Preset, seed: int = 0, rows: int = 32) -> list[dict[str, float]]:
+    """Per parameter set of ``stacked_params``, the accuracy on every test setting: {"L/N": acc},
+    over ``preset.test_rows`` fresh sequences per setting (the same for every model), each laid
+    out in a row of the longest test length (causal models: what follows a sequence is never seen)."""
+    longest = max(s.length for s in preset.test)
+    most = max(s.pairs for s in preset.test)
+
+    def predictions(params, tokens, at):
+        model = nnx.merge(graphdef, params)
+        h = jnp.take_along_axis(model.features(tokens), at[..., None], axis=1)
+        return jnp.argmax(model.head(h), axis=-1)
+
+    predict = jax.jit(jax.vmap(predictions, in_axes=(0, None, None)))
+    test_key = jax.random.key(seed + 1)
+    sets = jax.tree.leaves(stacked_params)[0].shape[0]
+    correct = np.zeros((sets, len(preset.test)))
+    counted = np.zeros(len(preset.test))
+    for s, setting in enumerate(preset.test):
+        for first in range(0, preset.test_rows, rows):
+            n = min(rows, preset.test_rows - first)
+            key = jax.random.fold_in(jax.random.fold_in(test_key, s), first)
+            batch = jax.tree.map(np.asarray, mixture((setting,), n, preset.vocab_size, key, length=longest))
+            at = np.nonzero(batch["weights"])[1].reshape(n, setting.pairs)  # every row: its N queries
+            at = np.pad(at, ((0, rows - n), (0, most - setting.pairs)))
+            tokens = np.pad(batch["inputs"], ((0, rows - n), (0, 0)))
+            got = np.asarray(predict(stacked_params, tokens, at))[:, :n, : setting.pairs]
+            want = np.take_along_axis(batch["targets"], at[:n, : setting.pairs], axis=1)
+            correct[:, s] += (got == want[None]).sum(axis=(1, 2))
+            counted[s] += n * setting.pairs
+    names = [f"{s.length}/{s.pairs}" for s in preset.test]
+    return [dict(zip(names, (c / counted).tolist())) for c in correct]
+
+
+def train_and_score(preset_name: str, name: str, dim: int, lrs: Sequence[float], seed: int = 0) -> list[dict]:
+    """One model of the grid at one width, trained at every rate of ``lrs`` and scored: a run
+    record per rate (the JSON's "runs")."""
+    preset = PRESETS[preset_name]
+    start = time.perf_counter()
+    family, cfg = _grid(preset, dim)[name]
+    graphdef, params, losses = train(cfg, preset, lrs, seed)
+    scores = score(graphdef, params, preset, seed)
+    seconds = time.perf_counter() - start
+    kv = {f"{s.length}/{s.pairs}": kv_bytes_per_token(cfg, s.length) for s in preset.test}
+    device = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, python=platform.python_version())
+    return [
+        dict(model=name, family=family, dim=dim, lr=lr, kv_bytes_per_token=kv, loss=loss, accuracy=acc, **device)
+        | {"seconds": seconds, "rates_at_once": len(lrs)}
+        for lr, loss, acc in zip(lrs, losses, scores)
+    ]
+
+
+def _grid(preset: Preset, dim: int) -> dict[str, tuple[str, ModelConfig]]:
+    longest = max(s.length for s in preset.test)
+    return model_grid(preset.vocab_size, dim, preset.n_layers, preset.chunks, preset.windows, longest)
+
+
+def run(
+    preset_name: str,
+    out: str,
+    models: Sequence[str] | None = None,
+    dims: Sequence[int] | None = None,
+    jobs: int = 1,
+) -> dict:
+    """Trains and scores the preset's grid (resuming ``out``), writing ``out`` after every model;
+    ``models``, ``dims``: a part of the grid (names of ``model_grid``, widths of the preset);
+    ``jobs`` > 1: that many worker processes at once (each its own JAX client: set
+    XLA_PYTHON_CLIENT_MEM_FRACTION for a GPU they share), the widest models first."""
     preset = PRESETS[preset_name]
     result = {"preset": preset_name, "runs": []}
     if os.path.exists(out):
@@ -264,33 +363,39 @@ def run(preset_name: str, out: str, models: Sequence[str] | None = None, dims: S
             result = json.load(f)
         if result.get("preset") != preset_name:
             raise ValueError(f"{out} holds a run of preset {result.get('preset')!r}, not {preset_name!r}")
-    result.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__, python=platform.python_version())
     result["preset_settings"] = dataclasses.asdict(preset)
     done = {(r["model"], r["dim"], r["lr"]) for r in result["runs"]}
-    longest = max(s.length for s in preset.test)
     wanted = models or preset.models
-    known = model_grid(preset.vocab_size, preset.dims[0], preset.n_layers, preset.chunks, preset.windows, longest)
-    unknown = sorted(set(wanted or ()) - set(known))
+    unknown = sorted(set(wanted or ()) - set(_grid(preset, preset.dims[0])))
     if unknown:
-        raise ValueError(f"MQAR: no models {unknown} in the {preset_name} grid; it has {sorted(known)}")
-    for dim in dims or preset.dims:
-        grid = model_grid(preset.vocab_size, dim, preset.n_layers, preset.chunks, preset.windows, longest)
-        for name, (family, cfg) in grid.items():
-            if wanted is not None and name not in wanted:
-                continue
-            for lr in preset.lrs:
-                if (name, dim, lr) in done:
-                    continue
-                scored = train_and_score(cfg, preset, lr)
-                kv = {f"{s.length}/{s.pairs}": kv_bytes_per_token(cfg, s.length) for s in preset.test}
-                result["runs"].append(dict(model=name, family=family, dim=dim, lr=lr, kv_bytes_per_token=kv, **scored))
-                print(
-                    f"{name:18s} d={dim:4d} lr={lr:.1e} loss {scored['loss']:.3f} "
-                    + " ".join(f"{key}:{acc:.3f}" for key, acc in scored["accuracy"].items())
-                    + f"  ({scored['seconds']:.0f} s)",
-                    flush=True,
-                )
-                _save(result, out)
+        raise ValueError(
+            f"MQAR: no models {unknown} in the {preset_name} grid; it has {sorted(_grid(preset, preset.dims[0]))}"
+        )
+    todo = []
+    for dim in sorted(dims or preset.dims, reverse=True):
+        for name in _grid(preset, dim):
+            lrs = [lr for lr in preset.lrs if (name, dim, lr) not in done]
+            if (wanted is None or name in wanted) and lrs:
+                todo.append((preset_name, name, dim, lrs))
+
+    def record(runs):
+        result["runs"].extend(runs)
+        for r in runs:
+            print(
+                f"{r['model']:18s} d={r['dim']:4d} lr={r['lr']:.1e} loss {r['loss']:.3f} "
+                + " ".join(f"{key}:{acc:.3f}" for key, acc in r["accuracy"].items())
+                + f"  ({r['seconds']:.0f} s for {r['rates_at_once']} rates)",
+                flush=True,
+            )
+        _save(result, out)
+
+    if jobs <= 1:
+        for job in todo:
+            record(train_and_score(*job))
+    else:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done_job in concurrent.futures.as_completed([pool.submit(train_and_score, *job) for job in todo]):
+                record(done_job.result())
     result["best"] = best_runs(result["runs"])
     _save(result, out)
     return result
@@ -356,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated model names of the grid (default: the preset's)")
     ap.add_argument("--dims", default=None, help="comma-separated widths of the preset (default: all)")
     ap.add_argument("--out", default="mqar.json")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes training models at once (default 1)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the plot (next to the JSON) of an earlier run")
     args = ap.parse_args(argv)
     if args.plot:
@@ -369,7 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     if dims and not set(dims) <= set(preset.dims):
         ap.error(f"--dims {dims}: the {args.preset} preset's widths are {list(preset.dims)}")
-    result = run(args.preset, args.out, models, dims)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
+    result = run(args.preset, args.out, models, dims, args.jobs)
     print(table(result))
     return 0
 
