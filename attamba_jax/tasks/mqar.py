@@ -327,6 +327,7 @@ def train_and_score(preset_name: str, name: str, dim: int, lrs: Sequence[float],
     record per rate (the JSON's "runs")."""
     preset = PRESETS[preset_name]
     start = time.perf_counter()
+    print(f"{name} d={dim}: training at {len(lrs)} learning rates", flush=True)
     family, cfg = _grid(preset, dim)[name]
     graphdef, params, losses = train(cfg, preset, lrs, seed)
     scores = score(graphdef, params, preset, seed)
