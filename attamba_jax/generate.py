@@ -185,6 +185,7 @@ def generate(
     seed: int = 0,
     token_chunk: int | None = None,
     pad_id: int = 0,
+    pad_to: int | None = None,
 ) -> Generated:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -195,12 +196,18 @@ def generate(
       seed: the sampling key; the same seed gives the same tokens.
       token_chunk: decode an Attamba model at chunk size K' (the trained K if None).
       pad_id: fills each row after its end.
+      pad_to: right-pad the prompts to this many tokens (at least the longest prompt): batches of
+        different prompt lengths then share one compiled program. None: the longest prompt.
     """
     sampling = check_request(max_new_tokens, temperature, top_k, top_p, token_chunk)
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     if lengths.size == 0 or lengths.min() < 1:
         raise ValueError("generate: every prompt needs at least one token")
     width = int(lengths.max())
+    if pad_to is not None:
+        if pad_to < width:
+            raise ValueError(f"generate: pad_to={pad_to} is shorter than the longest prompt ({width} tokens)")
+        width = pad_to
     tokens = np.zeros((len(prompts), width), np.int32)  # right padding: causal, never seen by the prompt
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt

@@ -69,6 +69,13 @@ def _run(model, **kw):
     return generate(graphdef, params, PROMPTS, max_new_tokens=NEW, **kw)
 
 
+def test_padding_prompts_further_changes_nothing(attamba):
+    # pad_to: one compiled shape for batches of different prompt lengths, the same tokens
+    np.testing.assert_array_equal(_run(attamba, pad_to=16).tokens, _run(attamba).tokens)
+    with pytest.raises(ValueError, match="pad_to=5 is shorter than the longest prompt"):
+        _run(attamba, pad_to=5)
+
+
 def test_greedy_is_deterministic_and_ignores_the_seed(attamba):
     a, b = _run(attamba, seed=0), _run(attamba, seed=7)
     np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -91,26 +91,26 @@ def _oracle_scores(trials, rows):
     calls = []
 
     def oracle(prompts):  # reads the passkey off the prompt
-        calls.append(("greedy", len(prompts[0]), len(prompts)))
+        calls.append(("greedy", len(prompts)))
         return [" " + re.search(r"The pass key is (\d+)", TOK.decode(p)).group(1) + "." for p in prompts]
 
     def forced(prompts, answers):  # log p 0 and every token right for the prompt's key, nothing for others
-        calls.append(("forced", len(prompts[0]), len(prompts)))
+        calls.append(("forced", len(prompts)))
         keys = [re.search(r"The pass key is (\d+)", TOK.decode(p)).group(1) for p in prompts]
         return [(0.0, len(a)) if TOK.decode(a).strip() == k else (-9.0, 0) for k, a in zip(keys, answers)]
 
-    return passkey.score(trials, oracle, forced, rows_for=lambda length: rows[length]), calls
+    return passkey.score(trials, oracle, forced, rows=rows), calls
 
 
-def test_scoring_follows_the_model_in_batches_of_one_length():
+def test_scoring_follows_the_model_in_batches_of_one_shape():
     trials = _trials()
-    results, calls = _oracle_scores(trials, {512: 5, 768: 7})
+    results, calls = _oracle_scores(trials, rows=5)
     assert [r["right"] for r in results] == [True] * len(trials)
     assert all(r["answer_tokens_right"] == 6 and r["decoy_tokens_right"] == 0 for r in results)
     assert all(r["answer_logprob"] == 0.0 and r["decoy_logprob"] == -9.0 for r in results)
-    # 12 trials per length: 512 in 3 batches of 5 rows (the last filled up), 768 in 2 of 7; the
-    # teacher-forced batch holds the answers and then the decoys
-    assert calls == [("greedy", 512, 5), ("forced", 512, 10)] * 3 + [("greedy", 768, 7), ("forced", 768, 14)] * 2
+    # 24 trials in 5 batches of 5 rows (the last filled up); the teacher-forced batch holds the
+    # answers and then the decoys
+    assert calls == [("greedy", 5), ("forced", 10)] * 5
 
 
 def test_teacher_forcing_is_the_full_forward_pass_scored_at_the_answer():
@@ -119,7 +119,7 @@ def test_teacher_forcing_is_the_full_forward_pass_scored_at_the_answer():
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, 256, 40)), list(rng.integers(3, 256, 40))]
     answers = [tuple(rng.integers(3, 256, 6)), tuple(rng.integers(3, 256, 6))]
-    got = passkey.teacher_forcing(graphdef, params)(prompts, answers)
+    got = passkey.teacher_forcing(graphdef, params, pad_to=48)(prompts, answers)  # padded further
     # the reference: the whole model's logits, float64 log-softmax, at the positions before the answer
     logits = np.asarray(apply_model(graphdef, params, np.asarray([p + list(a) for p, a in zip(prompts, answers)])))
     logits = logits.astype(np.float64)[:, len(prompts[0]) - 1 : -1]
@@ -132,7 +132,7 @@ def test_teacher_forcing_is_the_full_forward_pass_scored_at_the_answer():
 
 def test_summary_splits_by_depth_length_and_grid_position():
     trials = _trials()
-    results, _ = _oracle_scores(trials, {512: 12, 768: 12})
+    results, _ = _oracle_scores(trials, rows=24)
     for t, r in zip(trials, results):  # right at depth 0 only
         r["right"] = t.depth == 0.0
     model = dict(name="m", step=1, arch="attamba", token_chunk=4, window=8, offsets=[0, 1])

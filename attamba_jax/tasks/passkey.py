@@ -150,43 +150,43 @@ def score(
     trials: Sequence[Trial],
     continue_prompts: Callable[[list[list[int]]], list[str]],
     teacher_force: Callable[[list[list[int]], list[tuple[int, ...]]], list[tuple[float, int]]],
-    rows_for: Callable[[int], int],
+    rows: int,
 ) -> list[dict]:
     """Per trial: ``right`` (the greedy continuation's first number is the key), and under teacher
     forcing the answer's and the decoy's log-probability (nats) and tokens the model's argmax gets
     right. ``continue_prompts`` continues a batch of prompts (text out); ``teacher_force`` scores
-    answers after prompts: (log p, tokens right) per row. Trials go in batches of one length,
-    ``rows_for(length)`` rows, the last batch filled up with copies of its last trial: one shape
-    per length."""
-    results = [None] * len(trials)
-    for length in sorted({t.length for t in trials}):
-        index = [i for i, t in enumerate(trials) if t.length == length]
-        rows = rows_for(length)
-        for first in range(0, len(index), rows):
-            part = [trials[i] for i in index[first : first + rows]]
-            part = part + [part[-1]] * (rows - len(part))
-            prompts = [list(t.tokens) for t in part]
-            texts = continue_prompts(prompts)
-            forced = teacher_force(prompts + prompts, [t.answer for t in part] + [t.decoy for t in part])
-            for j, i in enumerate(index[first : first + rows]):
-                t = trials[i]
-                (logp, hits), (decoy_logp, decoy_hits) = forced[j], forced[rows + j]
-                results[i] = dict(
+    answers after prompts: (log p, tokens right) per row. Trials go in batches of ``rows``, the
+    last filled up with copies of its last trial."""
+    results = []
+    for first in range(0, len(trials), rows):
+        part = list(trials[first : first + rows])
+        filled = part + [part[-1]] * (rows - len(part))
+        prompts = [list(t.tokens) for t in filled]
+        texts = continue_prompts(prompts)
+        forced = teacher_force(prompts + prompts, [t.answer for t in filled] + [t.decoy for t in filled])
+        for j, t in enumerate(part):
+            (logp, hits), (decoy_logp, decoy_hits) = forced[j], forced[rows + j]
+            results.append(
+                dict(
                     right=answered(texts[j], t.key),
                     answer_logprob=logp,
                     answer_tokens_right=hits,
                     decoy_logprob=decoy_logp,
                     decoy_tokens_right=decoy_hits,
                 )
+            )
     return results
 
 
-def greedy(graphdef, params, tokenizer) -> Callable[[list[list[int]]], list[str]]:
-    """Greedy continuation of a batch through ``generate`` (prefill, then decode with the cache)."""
+def greedy(graphdef, params, tokenizer, pad_to: int) -> Callable[[list[list[int]]], list[str]]:
+    """Greedy continuation of a batch through ``generate`` (prefill, then decode with the cache),
+    the prompts right-padded to ``pad_to`` tokens: one compiled shape for every length."""
     from attamba_jax.generate import generate
 
     def continue_prompts(prompts):
-        out = generate(graphdef, params, prompts, max_new_tokens=NEW_TOKENS, stop_tokens=[tokenizer.eos_id])
+        out = generate(
+            graphdef, params, prompts, max_new_tokens=NEW_TOKENS, stop_tokens=[tokenizer.eos_id], pad_to=pad_to
+        )
         return [
             tokenizer.decode([int(t) for t in row[:n] if t != tokenizer.eos_id])
             for row, n in zip(out.tokens, out.lengths)
@@ -195,10 +195,13 @@ def greedy(graphdef, params, tokenizer) -> Callable[[list[list[int]]], list[str]
     return continue_prompts
 
 
-def teacher_forcing(graphdef, params) -> Callable[[list[list[int]], list[tuple[int, ...]]], list[tuple[float, int]]]:
-    """Scores ``answer`` after ``prompt`` in one forward pass of ``prompt + answer`` (right-padded
-    by ``ANSWER_ROOM``): the answer's summed log-probability and how many of its tokens are the
-    argmax given the ones before."""
+def teacher_forcing(
+    graphdef, params, pad_to: int
+) -> Callable[[list[list[int]], list[tuple[int, ...]]], list[tuple[float, int]]]:
+    """Scores ``answer`` after ``prompt`` in one forward pass of ``prompt + answer``, right-padded
+    to ``pad_to + ANSWER_ROOM`` tokens (one compiled shape for prompts up to ``pad_to``): the
+    answer's summed log-probability and how many of its tokens are the argmax given the ones
+    before."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -213,7 +216,9 @@ def teacher_forcing(graphdef, params) -> Callable[[list[list[int]], list[tuple[i
         return jnp.sum(jnp.where(valid, logp, 0.0), axis=1), jnp.sum(hits & valid, axis=1)
 
     def teacher_force(prompts, answers):
-        width = max(len(p) for p in prompts) + ANSWER_ROOM
+        width = pad_to + ANSWER_ROOM
+        if max(len(p) for p in prompts) > pad_to:
+            raise ValueError(f"passkey: a prompt is longer than pad_to={pad_to}")
         b = len(prompts)
         tokens = np.zeros((b, width), np.int32)
         at = np.zeros((b, ANSWER_ROOM), np.int32)
@@ -222,7 +227,7 @@ def teacher_forcing(graphdef, params) -> Callable[[list[list[int]], list[tuple[i
         for row, (prompt, answer) in enumerate(zip(prompts, answers)):
             n = len(prompt)
             tokens[row, : n + len(answer)] = [*prompt, *answer]
-            at[row] = np.minimum(n - 1 + np.arange(ANSWER_ROOM), width - 1)  # position i predicts token i + 1
+            at[row] = n - 1 + np.arange(ANSWER_ROOM)  # position i predicts token i + 1
             targets[row, : len(answer)] = answer
             valid[row, : len(answer)] = True
         logp, hits = jax.device_get(forward(params, tokens, at, targets, valid))
@@ -314,11 +319,14 @@ def run(
         with open(path, encoding="utf-8") as f:
             texts.append(f.read())
     prompts = make_trials(tokenizer, filler_tokens(tokenizer, texts), lengths, depths, trials, seed)
+    # Every batch one shape (the longest prompt's): two compiled programs in all, which costs less
+    # than compiling per length where the model's kernels take long to compile.
+    longest = max(lengths)
     results = score(
         prompts,
-        greedy(graphdef, params, tokenizer),
-        teacher_forcing(graphdef, params),
-        rows_for=lambda length: max(1, tokens_per_call // length),
+        greedy(graphdef, params, tokenizer, longest),
+        teacher_forcing(graphdef, params, longest),
+        rows=max(1, tokens_per_call // longest),
     )
     model = _model_summary(cfg, os.path.basename(os.path.normpath(workdir)), step)
     result = summarize(model, prompts, results)
