@@ -269,7 +269,7 @@ def test_kernel_with_documents_matches_reference(kernel, case, dtype_name, tol):
 # dk/dv walk cut into query shares.
 PACKED = [
     (4, 0, 6, 48, 2, 2, None),
-    (8, 5, 3, 64, 4, 2, None),
+    (8, 5, 3, 64, 2, 1, None),
     (8, 7, 8, 150, 2, 1, "default"),
     (4, 1, 2, 70, 2, 1, "splits"),
 ]
