@@ -154,6 +154,12 @@ class LanguageModel(nnx.Module):
             h = jnp.take(h, jnp.asarray(np.argsort(order)), axis=1)
         return h[:, : tokens.shape[1]]
 
+    def logits_at(self, tokens: jax.Array, at: jax.Array, *, token_chunk: int | None = None) -> jax.Array:
+        """tokens [B, T], at [B, A] int positions -> the logits [B, A, vocab] there only (the
+        head applied to A positions per row, not T)."""
+        h = jnp.take_along_axis(self.features(tokens, token_chunk=token_chunk), at[..., None], axis=1)
+        return self.head(h)
+
     def features_in_context_order(
         self,
         tokens: jax.Array,

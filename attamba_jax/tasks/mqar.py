@@ -297,9 +297,7 @@ def score(graphdef, stacked_params, preset: Preset, seed: int = 0, rows: int = 3
     most = max(s.pairs for s in preset.test)
 
     def predictions(params, tokens, at):
-        model = nnx.merge(graphdef, params)
-        h = jnp.take_along_axis(model.features(tokens), at[..., None], axis=1)
-        return jnp.argmax(model.head(h), axis=-1)
+        return jnp.argmax(nnx.merge(graphdef, params).logits_at(tokens, at), axis=-1)
 
     predict = jax.jit(jax.vmap(predictions, in_axes=(0, None, None)))
     test_key = jax.random.key(seed + 1)
@@ -316,8 +314,11 @@ def score(graphdef, stacked_params, preset: Preset, seed: int = 0, rows: int = 3
             tokens = np.pad(batch["inputs"], ((0, rows - n), (0, 0)))
             got = np.asarray(predict(stacked_params, tokens, at))[:, :n, : setting.pairs]
             want = np.take_along_axis(batch["targets"], at[:n, : setting.pairs], axis=1)
-            correct[:, s] += (got == want[None]).sum(axis=(1, 2))
-            counted[s] += n * setting.pairs
+            queried = {"targets": want, "weights": np.ones_like(want)}  # every gathered position is a query
+            for i in range(sets):
+                c, counted_here = accuracy(got[i], queried)
+                correct[i, s] += c
+            counted[s] += counted_here
     names = [f"{s.length}/{s.pairs}" for s in preset.test]
     return [dict(zip(names, (c / counted).tolist())) for c in correct]
 

@@ -206,12 +206,12 @@ def teacher_forcing(
     import jax.numpy as jnp
     from flax import nnx
 
+    from attamba_jax.loss import token_nll
+
     @jax.jit
     def forward(params, tokens, at, targets, valid):
-        model = nnx.merge(graphdef, params)
-        h = model.features(tokens)  # [B, T, dim]
-        logits = model.head(jnp.take_along_axis(h, at[..., None], axis=1)).astype(jnp.float32)  # [B, A, vocab]
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+        logits = nnx.merge(graphdef, params).logits_at(tokens, at)  # [B, A, vocab]
+        logp = -token_nll(logits, targets)
         hits = jnp.argmax(logits, axis=-1) == targets
         return jnp.sum(jnp.where(valid, logp, 0.0), axis=1), jnp.sum(hits & valid, axis=1)
 
