@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 import json
 import logging
 import pathlib
@@ -120,30 +121,78 @@ def iterator_checksum(data_iterator: grain.DatasetIterator) -> str:
     return hashlib.sha256(json.dumps(data_iterator.get_state(), sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _frames(traceback) -> list:
+    out = []
+    while traceback is not None:
+        out.append(traceback.tb_frame.f_code)
+        traceback = traceback.tb_next
+    return out
+
+
+def _late_read(unraisable) -> bool:
+    """A TensorStore read that finished after Orbax closed the restore's event loop: its
+    callback found the loop closed."""
+    return (
+        unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and any(
+            c.co_name == "call_soon_threadsafe" and "asyncio" in c.co_filename
+            for c in _frames(unraisable.exc_traceback)
+        )
+    )
+
+
 def _quiet_orbax_readers(hook):
-    """``sys.unraisablehook`` that drops the reports of Orbax coroutines and passes the rest on."""
+    """``sys.unraisablehook`` that drops the reports of Orbax coroutines and of late TensorStore
+    reads, and passes the rest on."""
 
     def quiet(unraisable):
         code = getattr(unraisable.object, "cr_code", None)
-        if code is None or "orbax" not in code.co_filename:
+        orbax = code is not None and "orbax" in code.co_filename
+        if not (orbax or _late_read(unraisable)):
             hook(unraisable)
 
     quiet.orbax_readers_quiet = True
     return quiet
 
 
+class _UnretrievedReads(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" for the reads of a failed restore (an
+    Orbax reader task, or a TensorStore read future): the CheckpointError reported the failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or "exception was never retrieved" not in record.getMessage():
+            return True
+        orbax = any("orbax" in c.co_filename for c in _frames(error.__traceback__))
+        return not (orbax or "Error reading" in str(error))
+
+
+def _quiet_failed_reads():
+    """Before a restore: a read that fails makes Orbax close its event loop with the other reads
+    in flight, which then report the failure again, each its own way (an unraisable exception,
+    asyncio's log, a closed loop), now or at exit. The CheckpointError says what failed, so
+    those reports are dropped; anything else is still reported."""
+    if not getattr(sys.unraisablehook, "orbax_readers_quiet", False):
+        sys.unraisablehook = _quiet_orbax_readers(sys.unraisablehook)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReads())
+
+
 def _drop_failed_reads(error: BaseException):
-    """Let go of a failed restore. Orbax's reader coroutines for the other arrays are dropped
-    after the first error, and Python reports each one ("Exception ignored in", a TensorStore
-    spec long) when it is collected, now or at exit. The CheckpointError says what failed, so
-    from here on those reports are dropped; anything else unraisable is still reported."""
+    """Let go of a failed restore: the readers its error's traceback holds are collected now."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         error.__traceback__ = None
         error = error.__cause__ or error.__context__
-    if not getattr(sys.unraisablehook, "orbax_readers_quiet", False):
-        sys.unraisablehook = _quiet_orbax_readers(sys.unraisablehook)
+    # The reads the failure cancelled before they started: closed, they are not reported as
+    # never awaited when they are collected (now or at exit).
+    for obj in gc.get_objects():
+        if inspect.iscoroutine(obj) and "orbax" in obj.cr_code.co_filename:
+            if inspect.getcoroutinestate(obj) == inspect.CORO_CREATED:
+                obj.close()
     gc.collect()
 
 
@@ -212,15 +261,17 @@ class Checkpointer:
             f"checkpoint {self._folder(step)} cannot be read ({what}: {type(error).__name__}: {detail}){hint}"
         )
 
-    def read_meta(self, step: int) -> dict:
+    def _read(self, step: int, what: str, **items):
+        """``manager.restore`` of ``items`` at ``step``; a CheckpointError naming ``what`` if it fails."""
+        _quiet_failed_reads()
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
-            error = self._unreadable(step, "meta", e)
-        else:
-            error = None
-        if error is not None:
-            raise error
+            error = self._unreadable(step, what, e)
+        raise error
+
+    def read_meta(self, step: int) -> dict:
+        meta = self._read(step, "meta", meta=ocp.args.JsonRestore()).meta
         if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
             raise CheckpointError(
                 f"checkpoint {self._folder(step)}: meta holds no config and step; it was not written by this trainer"
@@ -235,14 +286,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:
-            error = self._unreadable(step, "state" if data_iterator is None else "state or data iterator", e)
-        else:
-            error = None
-        if error is not None:
-            raise error
+        restored = self._read(step, "state" if data_iterator is None else "state or data iterator", **items)
         meta = self.read_meta(step) if meta is None else meta
         self._verify(step, meta, restored.state)
         if data_iterator is not None and "iterator_checksum" in meta:
@@ -272,14 +316,7 @@ class Checkpointer:
         # partial_restore: the saved state also holds "opt_state" and "step", which are skipped.
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
         args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
-        except Exception as e:
-            error = self._unreadable(step, "state", e)
-        else:
-            error = None
-        if error is not None:
-            raise error
+        restored = self._read(step, "state", state=args)
         self._verify(step, self.read_meta(step), restored.state["params"], prefix="params/")
         return restored.state["params"]
 

@@ -46,9 +46,9 @@ from flax import nnx
 
 from attamba_jax.cache import formula_bytes
 from attamba_jax.config import ModelConfig, OptimConfig
+from attamba_jax.loss import cross_entropy
 from attamba_jax.model import init_model
 from attamba_jax.optimizer import make_optimizer
-from attamba_jax.train_step import make_train_step
 
 POWER_A = 0.01  # the gaps' power law: p(g) ∝ g^(a-1)
 
@@ -254,30 +254,49 @@ def _unit_optimizer(preset: Preset) -> tuple[optax.GradientTransformation, optax
     return make_optimizer(optim, preset.steps)
 
 
-def train(cfg: ModelConfig, preset: Preset, lrs: Sequence[float], seed: int = 0):
+def queried(batch: dict[str, jax.Array], most: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(at, targets, weights) [rows, most]: each row's queried positions first (``most`` >= its
+    number of queries; the slots after them hold other positions at weight 0), and the targets
+    and weights there."""
+    weights, at = jax.lax.top_k(batch["weights"], most)
+    return at, jnp.take_along_axis(batch["targets"], at, axis=1), weights
+
+
+def query_loss(graphdef, params, batch: dict[str, jax.Array], most: int) -> jax.Array:
+    """The mean cross-entropy over the queried positions of a [rows, L] batch, the head applied
+    there only: the weighted mean over every position (``train_step.nll_sum``), without the
+    vocabulary-wide logits of the positions that count nothing."""
+    at, targets, weights = queried(batch, most)
+    logits = nnx.merge(graphdef, params).logits_at(batch["inputs"], at)
+    return cross_entropy(logits, targets, weights)[0]
+
+
+def train(cfg: ModelConfig, preset: Preset, lrs: Sequence[float], seed: int = 0, progress=None):
     """Trains ``cfg`` on the preset's mixture at every learning rate of ``lrs`` at once (one stacked
     train state under ``jax.vmap``; the same initial parameters and batches for all), on the
-    default device. Returns (graphdef, the stacked parameters [len(lrs), ...], final losses)."""
+    default device. Returns (graphdef, the stacked parameters [len(lrs), ...], final losses).
+    ``progress(step, losses)``: called after every jitted call of steps (``_chunk``)."""
     cfg.validate()
     graphdef, params = init_model(cfg, seed=seed)
-    unit_tx, schedule = _unit_optimizer(preset)
+    unit_tx, _ = _unit_optimizer(preset)
+    most = max(s.pairs for s in preset.train)
 
     def at_rate(lr):
         return optax.chain(unit_tx, optax.scale(lr))
 
-    one = {"params": params, "opt_state": at_rate(1.0).init(params), "step": jnp.int32(0)}
+    one = {"params": params, "opt_state": at_rate(1.0).init(params)}
     states = jax.tree.map(lambda x: jnp.stack([x] * len(lrs)), one)
     rates = jnp.asarray(lrs, jnp.float32)
 
     def step(state, batch, lr):
-        return make_train_step(graphdef, at_rate(lr), schedule)(state, batch)
+        loss, grads = jax.value_and_grad(query_loss, argnums=1)(graphdef, state["params"], batch, most)
+        updates, opt_state = at_rate(lr).update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
     def steps(states, key):
         def body(states, key):
             batch = mixture(preset.train, preset.batch, preset.vocab_size, key)
-            batch = {name: value[None] for name, value in batch.items()}  # one microbatch
-            states, metrics = jax.vmap(step, in_axes=(0, None, 0))(states, batch, rates)
-            return states, metrics["loss"]
+            return jax.vmap(step, in_axes=(0, None, 0))(states, batch, rates)
 
         return jax.lax.scan(body, states, jax.random.split(key, chunk))
 
@@ -286,6 +305,8 @@ def train(cfg: ModelConfig, preset: Preset, lrs: Sequence[float], seed: int = 0)
     key = jax.random.key(seed)
     for i in range(preset.steps // chunk):
         states, losses = run_chunk(states, jax.random.fold_in(key, i))
+        if progress is not None:
+            progress((i + 1) * chunk, [float(x) for x in losses[-1]])
     return graphdef, states["params"], [float(x) for x in losses[-1]]
 
 
@@ -308,15 +329,12 @@ def score(graphdef, stacked_params, preset: Preset, seed: int = 0, rows: int = 3
         for first in range(0, preset.test_rows, rows):
             n = min(rows, preset.test_rows - first)
             key = jax.random.fold_in(jax.random.fold_in(test_key, s), first)
-            batch = jax.tree.map(np.asarray, mixture((setting,), n, preset.vocab_size, key, length=longest))
-            at = np.nonzero(batch["weights"])[1].reshape(n, setting.pairs)  # every row: its N queries
-            at = np.pad(at, ((0, rows - n), (0, most - setting.pairs)))
-            tokens = np.pad(batch["inputs"], ((0, rows - n), (0, 0)))
-            got = np.asarray(predict(stacked_params, tokens, at))[:, :n, : setting.pairs]
-            want = np.take_along_axis(batch["targets"], at[:n, : setting.pairs], axis=1)
-            queried = {"targets": want, "weights": np.ones_like(want)}  # every gathered position is a query
+            batch = mixture((setting,), n, preset.vocab_size, key, length=longest)
+            at, targets, weights = (np.asarray(a) for a in queried(batch, most))
+            pad = ((0, rows - n), (0, 0))
+            got = np.asarray(predict(stacked_params, np.pad(batch["inputs"], pad), np.pad(at, pad)))[:, :n]
             for i in range(sets):
-                c, counted_here = accuracy(got[i], queried)
+                c, counted_here = accuracy(got[i], {"targets": targets, "weights": weights})
                 correct[i, s] += c
             counted[s] += counted_here
     names = [f"{s.length}/{s.pairs}" for s in preset.test]
@@ -330,7 +348,16 @@ def train_and_score(preset_name: str, name: str, dim: int, lrs: Sequence[float],
     start = time.perf_counter()
     print(f"{name} d={dim}: training at {len(lrs)} learning rates", flush=True)
     family, cfg = _grid(preset, dim)[name]
-    graphdef, params, losses = train(cfg, preset, lrs, seed)
+
+    def progress(step, losses):
+        print(
+            f"{name} d={dim}: step {step}/{preset.steps} loss "
+            + " ".join(f"{x:.3f}" for x in losses)
+            + f" ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+
+    graphdef, params, losses = train(cfg, preset, lrs, seed, progress)
     scores = score(graphdef, params, preset, seed)
     seconds = time.perf_counter() - start
     kv = {f"{s.length}/{s.pairs}": kv_bytes_per_token(cfg, s.length) for s in preset.test}
