@@ -179,3 +179,6 @@ def test_the_tiny_preset_runs_and_full_attention_learns_four_pairs(tmp_path):
         assert best[name]["accuracy"]["32/4"] > 3 * chance, best[name]
     # and a second run with the same output resumes: nothing is trained again
     assert mqar.run("tiny", str(out))["runs"] == result["runs"]
+    # and --plot draws the plot next to the JSON and prints the table again
+    assert mqar.main(["--plot", str(out)]) == 0
+    assert (tmp_path / "mqar.png").stat().st_size > 0

@@ -460,7 +460,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    """Accuracy against KV-state bytes per token (log x), one line per family, one panel per test setting."""
+    """Accuracy against KV-state bytes per token (log x), one line per family (its models at every
+    width, by size; the marker tells the width), one panel per test setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -468,18 +469,28 @@ def plot(result: dict, path: str) -> None:
 
     runs = result.get("best") or best_runs(result["runs"])
     settings = list(runs[0]["accuracy"])
+    markers = dict(zip(sorted({r["dim"] for r in runs}), "o^sDv"))
     cols = min(4, len(settings))
-    fig, axes = plt.subplots(math.ceil(len(settings) / cols), cols, figsize=(4 * cols, 3.2), squeeze=False)
+    rows = math.ceil(len(settings) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, s in zip(axes.flat, settings):
-        for family in sorted({r["family"] for r in runs}):
-            points = sorted((r["kv_bytes_per_token"][s], r["accuracy"][s]) for r in runs if r["family"] == family)
-            ax.plot(*zip(*points), marker="o", label=family)
+        for i, family in enumerate(sorted({r["family"] for r in runs})):
+            mine = sorted((r for r in runs if r["family"] == family), key=lambda r: r["kv_bytes_per_token"][s])
+            color = f"C{i}"
+            ax.plot(
+                [r["kv_bytes_per_token"][s] for r in mine], [r["accuracy"][s] for r in mine], color=color, label=family
+            )
+            for r in mine:
+                ax.plot(r["kv_bytes_per_token"][s], r["accuracy"][s], markers[r["dim"]], color=color)
         ax.set_xscale("log")
         ax.set_title(f"L / pairs = {s}")
         ax.set_xlabel("KV state bytes per token")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
-    axes.flat[0].legend(fontsize=7)
+    for ax in axes.flat[len(settings) :]:
+        ax.axis("off")
+    widths = ", ".join(f"{m} d={d}" for d, m in markers.items())
+    axes.flat[0].legend(fontsize=7, title=f"markers: {widths}", title_fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
