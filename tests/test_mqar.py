@@ -86,7 +86,7 @@ def test_the_unit_rate_optimizer_scaled_is_the_optimizer_at_that_rate():
     from attamba_jax.optimizer import make_optimizer
 
     preset = mqar.PRESETS["tiny"]
-    unit, _ = mqar._unit_optimizer(preset)
+    unit = mqar._unit_optimizer(preset)
     params = {"w": jax.random.normal(jax.random.key(7), (8, 8)), "bias": jnp.ones((8,))}
     grads = jax.tree.map(lambda x: 0.3 * jnp.cos(x), params)
     for lr in (1e-3, 3e-2):

@@ -244,14 +244,14 @@ def _chunk(steps: int, most: int = 250) -> int:
     return max(d for d in range(1, min(steps, most) + 1) if steps % d == 0)
 
 
-def _unit_optimizer(preset: Preset) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def _unit_optimizer(preset: Preset) -> optax.GradientTransformation:
     """The project's AdamW (``make_optimizer``) at peak learning rate 1: warmup over a tenth of the
     steps, cosine to a tenth, weight decay 0.1. Its update is linear in the peak rate (the
     schedule is, and the decoupled decay is scaled by it), so ``optax.scale(lr)`` after it is
     the same optimizer at peak ``lr``: one compiled step serves every learning rate."""
     optim = OptimConfig(lr=1.0, warmup_steps=max(1, preset.steps // 10), min_lr_ratio=0.1, weight_decay=0.1)
     optim.validate()
-    return make_optimizer(optim, preset.steps)
+    return make_optimizer(optim, preset.steps)[0]  # the schedule is inside it
 
 
 def queried(batch: dict[str, jax.Array], most: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -278,7 +278,7 @@ def train(cfg: ModelConfig, preset: Preset, lrs: Sequence[float], seed: int = 0,
     ``progress(step, losses)``: called after every jitted call of steps (``_chunk``)."""
     cfg.validate()
     graphdef, params = init_model(cfg, seed=seed)
-    unit_tx, _ = _unit_optimizer(preset)
+    unit_tx = _unit_optimizer(preset)
     most = max(s.pairs for s in preset.train)
 
     def at_rate(lr):
