@@ -1,0 +1,136 @@
+"""The one public entry point of the SSM decode step: ``ssm_step(..., sizes=, implementation=)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import dispatch
+from pallas_kernels.ssm_step import pallas_gpu, reference
+
+SsmStepImplementation = Literal["pallas_gpu", "xla", "pallas_gpu_interpret"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSizes:
+    """The static sizes of the stacked SSMs one step runs: ``streams`` SSMs side by side, each
+    of ``heads`` heads of ``head_dim`` channels (I = heads · head_dim), a state of ``state`` per
+    channel, ``groups`` B/C groups, and the gated norm's ``eps``."""
+
+    streams: int
+    heads: int
+    head_dim: int
+    state: int
+    groups: int
+    eps: float
+
+    def __post_init__(self):
+        for name in ("streams", "heads", "head_dim", "state", "groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StepSizes.{name} must be >= 1, got {getattr(self, name)}")
+        if self.heads % self.groups:
+            raise ValueError(f"StepSizes: groups ({self.groups}) must divide heads ({self.heads})")
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        """Channels of one stream's conv: x, B and C."""
+        return self.inner + 2 * self.groups * self.state
+
+    @property
+    def projection(self) -> int:
+        """Width of one stream's in-projection: z, xBC and dt."""
+        return self.inner + self.conv_channels + self.heads
+
+
+# In auto's order: the backend's kernel, then XLA.
+IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
+    "pallas_gpu": dispatch.Implementation(
+        pallas_gpu.ssm_step_pallas_gpu, dispatch.pallas_kernel("gpu"), single_device=True
+    ),
+    "xla": dispatch.Implementation(reference.ssm_step_reference),
+    "pallas_gpu_interpret": dispatch.Implementation(
+        functools.partial(pallas_gpu.ssm_step_pallas_gpu, interpret=True),
+        dispatch.pallas_kernel(None),
+        single_device=True,
+        in_auto=False,
+    ),
+}
+assert tuple(IMPLEMENTATIONS) == typing.get_args(SsmStepImplementation)
+
+
+def _check_shapes(zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk, sizes):
+    s = sizes.streams
+    b = zxbcdt.shape[0]
+    expect = {
+        "zxbcdt": (zxbcdt, (b, s * sizes.projection)),
+        "scan": (scan, (b, s * sizes.heads, sizes.head_dim, sizes.state)),
+        "conv_weight": (conv_weight, (s * sizes.conv_channels, conv_weight.shape[-1])),
+        "conv": (conv, (b, conv_weight.shape[-1] - 1, s * sizes.conv_channels)),
+        "A_log": (A_log, (s * sizes.heads,)),
+        "D": (D, (s * sizes.heads,)),
+        "dt_bias": (dt_bias, (s * sizes.heads,)),
+        "norm_weight": (norm_weight, (s * sizes.inner,)),
+        "position_in_chunk": (position_in_chunk, (b,)),
+    }
+    for name, (array, shape) in expect.items():
+        if array.shape != shape:
+            raise ValueError(f"ssm_step: {name} must have shape {shape} for {sizes}, got {array.shape}")
+    if conv_weight.shape[-1] < 2:
+        raise ValueError(f"ssm_step: the conv needs at least 2 taps, got {conv_weight.shape[-1]}")
+
+
+def ssm_step(
+    zxbcdt: jax.Array,
+    conv: jax.Array,
+    scan: jax.Array,
+    conv_weight: jax.Array,
+    A_log: jax.Array,
+    D: jax.Array,
+    dt_bias: jax.Array | None,
+    norm_weight: jax.Array,
+    position_in_chunk: jax.Array,
+    *,
+    sizes: StepSizes,
+    implementation: SsmStepImplementation | Literal["auto"] = "auto",
+    partitioned: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row through ``sizes.streams`` chunk-reset Mamba-2 SSMs, from the in-projection
+    to the gated norm (the math: ``reference``). Stream s owns the s-th block of every stacked axis.
+
+    Args:
+      zxbcdt: [B, S·(2I + 2GN + H)] the token's in-projection, per stream ``[z | x B C | dt]``
+        (dt before softplus and bias).
+      conv: [B, w-1, S·(I + 2GN)] the raw conv inputs of the last w-1 tokens of the chunk (zero
+        before it); scan: [B, S·H, P, N] float32 the scan state of the chunk.
+      conv_weight: [S·(I + 2GN), w] (last tap: the current token); A_log, D, dt_bias: [S·H]
+        (dt_bias None: no bias); norm_weight: [S·I].
+      position_in_chunk: [B] int, the token's distance from its chunk's first token (0: the
+        state and conv history restart before it).
+      implementation: ``auto`` (the GPU kernel on a GPU, else ``xla``) or a name of
+        ``SsmStepImplementation``.
+      partitioned: the arrays span several devices and XLA partitions this call (``auto``
+        takes ``xla``).
+
+    Returns:
+      (out [B, S, I] in zxbcdt.dtype: the gated, normalised SSM outputs before the out-projection;
+      the new scan state [B, S·H, P, N] float32; the new conv history, shaped and typed as ``conv``).
+
+    Inference only: the kernel has no gradient (training runs the SSD op over whole sequences).
+    """
+    if dt_bias is None:
+        dt_bias = jnp.zeros(A_log.shape, jnp.float32)
+    position_in_chunk = jnp.asarray(position_in_chunk, jnp.int32)
+    args = (zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk)
+    _check_shapes(*args, sizes)
+    target = dispatch.Target.here(partitioned)
+    name = dispatch.choose("ssm_step", IMPLEMENTATIONS, implementation, target, *args, sizes=sizes)
+    return IMPLEMENTATIONS[name].run(*args, sizes=sizes)
