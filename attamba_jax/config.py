@@ -103,7 +103,9 @@ class ModelConfig:
     # Which implementation runs each op: "auto" (the Pallas kernel on a GPU or TPU, XLA on a CPU; under a
     # mesh of several devices the XLA paths) or a name of pallas_kernels.<op>.IMPLEMENTATIONS
     # (*_interpret: the kernel in the Pallas interpreter; a named kernel runs per device under a mesh).
-    # (attamba) ssm: auto | chunked | associative | sequential | pallas_gpu | pallas_tpu.
+    # (attamba) ssm: auto | chunked | associative | sequential | pallas_gpu | pallas_tpu. It also picks
+    # the decode step: auto / pallas_gpu run the fused one-token kernel (pallas_kernels.ssm_step) on a
+    # GPU, every other name the XLA step.
     ssm_implementation: Literal["auto", SsdImplementation] = "auto"
     # attamba: auto | compressed | dense | pallas_gpu | pallas_tpu (with mesh.context > 1, a kernel runs on
     # each device's pieces; dense, which needs whole rows, is refused); transformer: auto | xla | cudnn.

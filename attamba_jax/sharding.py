@@ -135,7 +135,8 @@ def per_shard(
 
     For a single-device program (a Pallas kernel) whose work splits along some dimensions
     (batch rows, heads): ``axes`` names each argument's dimensions logically (None: the
-    argument is replicated) and ``out_axes`` the output's; ``shard_map`` hands each device
+    argument is replicated) and ``out_axes`` the output's (a tuple of them where ``fn`` returns
+    a tuple); ``shard_map`` hands each device
     its blocks, by the same rules and divisibility as ``constrain``. Outside a multi-device
     mesh it is ``fn(*args)``. Gradients flow through (a replicated argument's cotangent is
     summed over the devices).
@@ -145,7 +146,11 @@ def per_shard(
     mesh, rules = _ACTIVE.get()
     spec = lambda names, shape: PartitionSpec() if names is None else logical_to_spec(names, shape, mesh, rules)
     in_specs = tuple(spec(names, x.shape) for names, x in zip(axes, args))
-    out_spec = spec(out_axes, jax.eval_shape(fn, *args).shape)
+    shapes = jax.eval_shape(fn, *args)
+    if isinstance(shapes, tuple):
+        out_spec = tuple(spec(names, x.shape) for names, x in zip(out_axes, shapes, strict=True))
+    else:
+        out_spec = spec(out_axes, shapes.shape)
     # check_vma=False: pallas_call outputs carry no varying-axes types; every output block is
     # a function of its own devices' inputs, which the in/out specs state.
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)

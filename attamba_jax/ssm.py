@@ -33,6 +33,12 @@ from attamba_jax.sharding import call_op
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.ssd import IMPLEMENTATIONS, ssd
 from pallas_kernels.ssd.reference import ssd_sequential
+from pallas_kernels.ssm_step import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
+from pallas_kernels.ssm_step import StepSizes, ssm_step
+
+# The decode step's implementation for each ``ssm_implementation``: the fused one-token kernel where
+# the SSD runs the GPU kernel (or is left to auto), XLA otherwise.
+_STEP_IMPLEMENTATION = {"auto": "auto", "pallas_gpu": "pallas_gpu", "pallas_gpu_interpret": "pallas_gpu_interpret"}
 
 
 class SSMState(NamedTuple):
@@ -165,7 +171,10 @@ class StackedMamba2(nnx.Module):
     def _gated_output(self, y: jax.Array, z: jax.Array) -> jax.Array:
         """y [B, T, S·Hs, P], z [B, T, S·I] -> out_proj[s](RMSNorm(y * silu(z))[s]) [B, T, S, dim]."""
         b, t = z.shape[:2]
-        gated = self.norm(y.reshape(b, t, -1) * jax.nn.silu(z)).reshape(b, t, self.streams, self.inner)
+        return self._out_projection(self.norm(y.reshape(b, t, -1) * jax.nn.silu(z)).reshape(b, t, self.streams, -1))
+
+    def _out_projection(self, gated: jax.Array) -> jax.Array:
+        """[B, T, S, I] -> [B, T, S, dim]: each stream's own out_proj."""
         return jnp.einsum("btsi,sid->btsd", gated.astype(self.dtype), self.out_proj[...].astype(self.dtype))
 
     # --- inference -----------------------------------------------------------------------
@@ -205,15 +214,29 @@ class StackedMamba2(nnx.Module):
     def step(self, u: jax.Array, grid: ChunkGrid, positions: jax.Array, state: SSMState) -> tuple[jax.Array, SSMState]:
         """One token per row: u [B, 1, dim] at ``positions`` [B] -> out [B, 1, S, dim], new state.
 
-        A token that starts a chunk (t = 0 or t-1 a boundary) starts from the zero state.
+        A token that starts a chunk (t = 0 or t-1 a boundary) starts from the zero state. Between
+        the two projections the step is one op, ``pallas_kernels.ssm_step``: one fused kernel on a
+        GPU (where the SSD runs its GPU kernel or ``auto``), its XLA path otherwise.
         """
-        width = self.conv_weight.shape[1]
-        z, xbc, dt = self._in_projection(u)  # [B, 1, ...]
-        start = grid.is_chunk_start(positions)  # [B]
-        history = jnp.where(start[:, None, None], 0, state.conv)  # [B, width-1, C]
-        window = jnp.concatenate([history, xbc], axis=1)  # [B, width, C]
-        # Window positions in the chunk, so that the conv masks taps exactly as in training.
-        window_pos = grid.position_in_chunk(positions)[:, None] - (width - 1) + jnp.arange(width)
-        x, B, C = (a[:, -1:] for a in self._conv(window, window_pos))
-        y, scan = ssd_sequential(x, dt, self._A(), B, C, self.D[...], reset=start[:, None], initial_state=state.scan)
-        return self._gated_output(y, z), SSMState(scan=scan, conv=window[:, 1:])
+        sizes = StepSizes(
+            self.streams, self.heads, self.inner // self.heads, self.state, self.groups, eps=self.norm.eps
+        )
+        dt_bias = None if self.dt_bias is None else self.dt_bias[...]
+        args = (
+            self.in_proj(u)[:, 0],
+            state.conv,
+            state.scan,
+            self.conv_weight[...],
+            self.A_log[...],
+            self.D[...],
+            dt_bias,
+            self.norm.weight[...],
+            grid.position_in_chunk(positions),
+        )
+        rows = ("batch", None, None, None)
+        axes = (rows[:2], rows[:3], rows, None, None, None, None, None, rows[:1])
+        implementation = _STEP_IMPLEMENTATION.get(self.implementation, "xla")
+        gated, scan, conv = call_op(
+            ssm_step, STEP_IMPLEMENTATIONS, implementation, args, axes, (rows[:3], rows, rows[:3]), sizes=sizes
+        )
+        return self._out_projection(gated[:, None]), SSMState(scan=scan, conv=conv)

@@ -50,6 +50,19 @@ CASES = {
         None,
         [2, 8, 9, 12],
     ),
+    # the same through the GPU kernels in the interpreter: the SSD's and the decode step's (ssm_step)
+    "k8_w5_groups_kernels": (
+        _attamba(
+            token_chunk=8,
+            window=5,
+            n_layers=2,
+            ssm_groups=2,
+            ssm_dt_bias=True,
+            ssm_implementation="pallas_gpu_interpret",
+        ),
+        None,
+        [2, 8, 9, 12],
+    ),
     # every token is a boundary; window larger than some prompts
     "k1_w2": (_attamba(token_chunk=1, window=2, n_layers=1), None, [1, 3, 5, 10]),
     # trained with K=4, run at K'=6 (offsets 0,3 at K')
