@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 
 import jax
@@ -29,6 +30,7 @@ from attamba_jax.cache import Cache, cache_bytes, formula_bytes, init_cache
 from attamba_jax.config import load_config
 from attamba_jax.generate import decode_step
 from attamba_jax.model import count_params, init_model
+from benchmarks import trace_summary
 
 
 def synthetic_cache(cfg, batch: int, context: int, max_len: int, seed: int = 0) -> Cache:
@@ -57,7 +59,7 @@ def make_decode_loop(graphdef, steps: int):
     return jax.jit(run, donate_argnums=(1,))
 
 
-def bench_one(cfg, graphdef, params, batch: int, context: int, steps: int, repeats: int) -> dict:
+def bench_one(cfg, graphdef, params, batch: int, context: int, steps: int, repeats: int, profile: bool = False) -> dict:
     max_len = context + steps
     cache = synthetic_cache(cfg, batch, context, max_len)
     nbytes = cache_bytes(cache)
@@ -74,6 +76,16 @@ def bench_one(cfg, graphdef, params, batch: int, context: int, steps: int, repea
         cache, tokens = jax.block_until_ready(loop(params, cache, tokens))
         times.append(time.perf_counter() - t0)
     best = min(times)
+    kernels = None
+    if profile:  # one more run under the profiler: the kernels a step launches and their own time
+        cache = cache.replace(positions=jnp.full((batch,), context, jnp.int32))
+        with tempfile.TemporaryDirectory() as trace_dir:
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                cache, tokens = jax.block_until_ready(loop(params, cache, tokens))
+            kernels = trace_summary.kernel_table(trace_dir, steps, top=15)
+        hlo = loop.lower(params, cache, tokens).compile().as_text()
+        kernels = trace_summary.attribute(kernels, hlo)
+        kernels["calls_per_step"] = sum(r["calls_per_step"] for r in kernels["families"])
     del cache
     return {
         "batch": batch,
@@ -84,6 +96,7 @@ def bench_one(cfg, graphdef, params, batch: int, context: int, steps: int, repea
         "tokens_per_s": batch * steps / best,
         "compile_and_warmup_s": compile_s,
         "all_times_s": times,
+        **({"kernels": kernels} if kernels is not None else {}),
     }
 
 
@@ -91,12 +104,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attamba", default="configs/paper/attamba_k8_w8.yaml")
     parser.add_argument("--transformer", default="configs/paper/transformer_isoparam.yaml")
+    parser.add_argument(
+        "--attamba-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides of the Attamba config, e.g. model.ssm_implementation=chunked (the XLA decode step)",
+    )
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one run per row: the kernels a step launches, their time"
+    )
     args = parser.parse_args()
 
     device = jax.devices()[0]
@@ -106,14 +129,18 @@ def main():
         "jax": jax.__version__,
         "python": platform.python_version(),
         "dtype": args.dtype,
+        "attamba_overrides": args.attamba_set,
         "steps": args.steps,
         "prefill": "synthetic: cache entries ~ N(0,1), positions set to the context length",
     }
     print(json.dumps(header))
     models = {}
     compute = jnp.dtype(args.dtype)
-    for name, path in (("attamba", args.attamba), ("transformer", args.transformer)):
-        cfg = load_config(path, [f"model.dtype={args.dtype}"]).model
+    for name, path, overrides in (
+        ("attamba", args.attamba, args.attamba_set),
+        ("transformer", args.transformer, []),
+    ):
+        cfg = load_config(path, [f"model.dtype={args.dtype}", *overrides]).model
         graphdef, params = init_model(cfg, seed=0)
         params = jax.tree.map(lambda x: x.astype(compute) if x.ndim >= 2 else x, params)
         models[name] = (cfg, graphdef, params)
@@ -124,7 +151,7 @@ def main():
         for batch in args.batches:
             for name, (cfg, graphdef, params) in models.items():
                 try:
-                    result = bench_one(cfg, graphdef, params, batch, context, args.steps, args.repeats)
+                    result = bench_one(cfg, graphdef, params, batch, context, args.steps, args.repeats, args.profile)
                 except Exception as e:  # e.g. out of device memory at the largest sizes
                     result = {"batch": batch, "context": context, "error": f"{type(e).__name__}: {str(e)[:200]}"}
                 result["model"] = name
@@ -138,6 +165,10 @@ def main():
                         f"(compile+warm-up {result['compile_and_warmup_s']:.1f} s)",
                         flush=True,
                     )
+                    if "kernels" in result:
+                        k = result["kernels"]
+                        title = f"{name} L={context} B={batch}: {k['calls_per_step']:.0f} kernels per step"
+                        print(trace_summary.format_table(k, title), flush=True)
 
     # The comparison table: ratios are Attamba / transformer, measured in this one run.
     print(
