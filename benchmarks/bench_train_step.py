@@ -76,7 +76,7 @@ def packed_batch(cfg, batch: int, length: int, mean_doc: int, seed: int = 0) -> 
 
 
 # (batch, length): equal tokens per step (16k) where the length allows it
-SHAPES = [(16, 1024), (64, 1024), (4, 4096), (1, 16384), (1, 32768)]
+SHAPES = [(16, 1024), (64, 1024), (8, 2048), (4, 4096), (1, 16384), (1, 32768)]
 XLA_SHAPES = {(16, 1024), (1, 16384)}
 
 
