@@ -460,8 +460,9 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    """Accuracy against KV-state bytes per token (log x), one line per family (its models at every
-    width, by size; the marker tells the width), one panel per test setting."""
+    """Accuracy against KV-state bytes per token (log x), one panel per test setting: every model
+    a point (the marker tells the width), and per family and width a line through its frontier
+    (the best accuracy any of its models reaches with at most that many bytes; line style: width)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -469,19 +470,31 @@ def plot(result: dict, path: str) -> None:
 
     runs = result.get("best") or best_runs(result["runs"])
     settings = list(runs[0]["accuracy"])
-    markers = dict(zip(sorted({r["dim"] for r in runs}), "o^sDv"))
+    dims = sorted({r["dim"] for r in runs})
+    markers, styles = dict(zip(dims, "o^sDv")), dict(zip(dims, ["-", "--", ":", "-.", "-"]))
     cols = min(4, len(settings))
     rows = math.ceil(len(settings) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, s in zip(axes.flat, settings):
         for i, family in enumerate(sorted({r["family"] for r in runs})):
-            mine = sorted((r for r in runs if r["family"] == family), key=lambda r: r["kv_bytes_per_token"][s])
             color = f"C{i}"
-            ax.plot(
-                [r["kv_bytes_per_token"][s] for r in mine], [r["accuracy"][s] for r in mine], color=color, label=family
-            )
-            for r in mine:
-                ax.plot(r["kv_bytes_per_token"][s], r["accuracy"][s], markers[r["dim"]], color=color)
+            for dim in dims:
+                mine = sorted(
+                    (r for r in runs if r["family"] == family and r["dim"] == dim),
+                    key=lambda r: r["kv_bytes_per_token"][s],
+                )
+                if not mine:
+                    continue
+                frontier = np.maximum.accumulate([r["accuracy"][s] for r in mine])
+                ax.plot(
+                    [r["kv_bytes_per_token"][s] for r in mine],
+                    frontier,
+                    styles[dim],
+                    color=color,
+                    label=family if dim == dims[0] else None,
+                )
+                for r in mine:
+                    ax.plot(r["kv_bytes_per_token"][s], r["accuracy"][s], markers[dim], color=color, alpha=0.8)
         ax.set_xscale("log")
         ax.set_title(f"L / pairs = {s}")
         ax.set_xlabel("KV state bytes per token")
@@ -489,7 +502,7 @@ def plot(result: dict, path: str) -> None:
         ax.set_ylim(0, 1.02)
     for ax in axes.flat[len(settings) :]:
         ax.axis("off")
-    widths = ", ".join(f"{m} d={d}" for d, m in markers.items())
+    widths = ", ".join(f"{markers[d]}{styles[d]} d={d}" for d in dims)
     axes.flat[0].legend(fontsize=7, title=f"markers: {widths}", title_fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
