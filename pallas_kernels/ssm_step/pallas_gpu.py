@@ -1,17 +1,19 @@
-"""One SSM decode step as a single Pallas kernel for GPUs (Triton lowering).
+"""One SSM decode step as a Pallas kernel for GPUs (Triton lowering) and a grouped-norm epilogue.
 
-At batch 1 a decode step is bound by launches, not bytes: run as XLA ops, the conv, its SiLU,
-softplus, the state update, the readout and the gated norm of one token are a dozen small
-kernels per layer. Here one program per (batch row, stream) does all of it, between the
-in-projection and out-projection matmuls that XLA keeps: it reads the token's projection, the
-conv history and the scan state once, and writes the gated output, the state and the history
-(those two in place: they alias their inputs).
+At batch 1 a decode step is bound by launches and latency, not bytes: run as XLA ops, the conv,
+its SiLU, softplus, the state update, the readout and the gate of one token are a dozen small
+kernels per layer. Here one kernel does all of it, between the in-projection and out-projection
+matmuls that XLA keeps: it reads the token's projection, the conv history and the scan state
+once, and writes the gated output, the state and the history (those two in place: they alias
+their inputs). The grouped RMSNorm of the gated output is left to XLA (one small fusion), since
+its statistic spans heads that different programs own.
 
-A program owns one B/C group of one stream of one row: the group's I/G channels are also one
-group of the gated norm, so programs share nothing. It works on channel vectors: x, the
-state's rows and the gated output are laid out by channel c = head · P + p ([I/G] and
-[I/G, N]); a channel's dt, A and D are loaded at its head. Every size is padded to a power of
-two (Triton's tiles), the padding masked off.
+A program owns one head of one stream of one row (S·H programs per row: 16 for the paper's K and
+V SSMs at batch 1, each a [P, N] state), so that no program walks a whole group. It also
+convolves its group's B and C channels (each head of the group does, a few hundred
+multiply-adds); the group's first head writes their history. Every load is issued before the
+token's position is known to matter (the restart zeroes what was loaded), so loads do not wait
+on one another. Sizes are padded to powers of two (Triton's tiles), the padding masked off.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import iota, next_pow2, triton_params
 
-_NUM_WARPS = 4
+_NUM_WARPS = 1  # a program's work is one head: [P, N] of state
 
 
 def _silu(x):
@@ -36,66 +38,69 @@ def _softplus(x):
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
-def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref, nw_ref, *out_refs, sizes, width):
+def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref, *out_refs, sizes, width):
     """Refs: pos [B]; u [B, S, Wd]; conv [B, w-1, S, C]; scan [B, S, I, N]; w [S, C, w];
-    A_log, D, dt_bias [S, H]; norm weight [S, I]. Outputs: out [B, S, I], scan, conv (aliased).
-    Program (row, stream s, group g)."""
-    out_ref, scan_out_ref, conv_out_ref = out_refs[:3]
+    A_log, D, dt_bias [S, H]. Outputs: gated [B, S, I] f32, scan, conv (aliased).
+    Program (row, stream s, head h)."""
+    gated_ref, scan_out_ref, conv_out_ref = out_refs[:3]
     f32 = jnp.float32
-    row, s, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row, s, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     inner, n, p = sizes.inner, sizes.state, sizes.head_dim
-    span = inner // sizes.groups  # the group's channels
+    g = h // (sizes.heads // sizes.groups)  # the head's B/C group
+    first_of_group = h % (sizes.heads // sizes.groups) == 0  # writes the group's B/C history
+    restart = pos_ref[row] == 0
     pos = pos_ref[row]
-    restart = pos == 0
     r = iota(next_pow2(width))[:, None]  # window rows, oldest first: row r is lag w-1-r
-    taps = (r < width) & ((width - 1) - r <= pos)  # no tap reaches before the chunk
 
-    def conv_part(first: int, size: int):
-        """silu(conv) [size2] of channels [first, first + size) of the stream's x|B|C, and
-        the new history of those channels (the window shifted up one row) stored."""
+    def conv_part(first: int, size: int, owner):
+        """silu(conv) [size2] of channels [first, first + size) of the stream's x|B|C; the
+        channels' new history (the window shifted up one row) is stored where ``owner``."""
         c = iota(next_pow2(size))[None, :]
         ch = c < size
+        # Loaded whatever the position (no load waits on it), zeroed at a restart.
         hist = plgpu.load(
-            conv_ref.at[row, jnp.minimum(r, width - 2), s, first + c],
-            mask=(r < width - 1) & ch & ~restart,
-            other=0.0,
+            conv_ref.at[row, jnp.minimum(r, width - 2), s, first + c], mask=(r < width - 1) & ch, other=0.0
         )
         new = plgpu.load(u_ref.at[row, s, inner + first + c], mask=ch, other=0.0)  # [1, size2]
-        window = jnp.where(r == width - 1, new, hist)
         weight = plgpu.load(w_ref.at[s, first + c, jnp.minimum(r, width - 1)], mask=(r < width) & ch, other=0.0)
+        window = jnp.where(r == width - 1, new, jnp.where(restart, 0.0, hist))
         # Row r of the window becomes row r - 1 of the history (rows past the end: out of range, masked).
         up = jnp.where(r >= 1, r - 1, width)
         plgpu.store(
-            conv_out_ref.at[row, up, s, first + c], window.astype(conv_out_ref.dtype), mask=(r >= 1) & (r < width) & ch
+            conv_out_ref.at[row, up, s, first + c],
+            window.astype(conv_out_ref.dtype),
+            mask=(r >= 1) & (r < width) & ch & owner,
         )
+        taps = (r < width) & ((width - 1) - r <= pos)  # no tap reaches before the chunk
         conv = jnp.sum(jnp.where(taps & ch, window.astype(f32) * weight.astype(f32), 0.0), axis=0)
         return _silu(conv)
 
-    x = conv_part(g * span, span)  # [I2], zero past the group's channels
-    b = conv_part(inner + g * n, n)  # [N2]
-    cm = conv_part(inner + (sizes.groups + g) * n, n)
+    x = conv_part(h * p, p, True)  # [P2], zero past P
+    b = conv_part(inner + g * n, n, first_of_group)  # [N2]
+    cm = conv_part(inner + (sizes.groups + g) * n, n, first_of_group)
 
-    c = g * span + iota(next_pow2(span))  # the stream's channels of this group
-    ch = c < (g + 1) * span
-    head = jnp.minimum(c // p, sizes.heads - 1)
-    dt_raw = plgpu.load(u_ref.at[row, s, inner + sizes.conv_channels + head], mask=ch, other=0.0).astype(f32)
-    dt = _softplus(dt_raw + plgpu.load(bias_ref.at[s, head], mask=ch, other=0.0))
-    a = -jnp.exp(plgpu.load(alog_ref.at[s, head], mask=ch, other=0.0))
-    d = plgpu.load(d_ref.at[s, head], mask=ch, other=0.0)
-    decay = jnp.where(restart, 0.0, jnp.exp(dt * a))
+    c = iota(next_pow2(p))
+    ch = c < p
+    channel = h * p + c  # the head's channels of the stream
+    dt = _softplus(plgpu.load(u_ref.at[row, s, inner + sizes.conv_channels + h]).astype(f32) + bias_ref[s, h])
+    decay = jnp.where(restart, 0.0, jnp.exp(dt * -jnp.exp(alog_ref[s, h])))
 
     k = iota(next_pow2(n))[None, :]
     cell = ch[:, None] & (k < n)
-    state = plgpu.load(scan_ref.at[row, s, c[:, None], k], mask=cell, other=0.0)  # [I2, N2]
-    state = decay[:, None] * state + (dt * x)[:, None] * b[None, :]
-    plgpu.store(scan_out_ref.at[row, s, c[:, None], k], state, mask=cell)
-    y = jnp.sum(state * cm[None, :], axis=1) + d * x  # [I2]
+    state = plgpu.load(scan_ref.at[row, s, channel[:, None], k], mask=cell, other=0.0)  # [P2, N2]
+    state = decay * state + (dt * x)[:, None] * b[None, :]
+    plgpu.store(scan_out_ref.at[row, s, channel[:, None], k], state, mask=cell)
+    y = jnp.sum(state * cm[None, :], axis=1) + d_ref[s, h] * x  # [P2]
+    z = plgpu.load(u_ref.at[row, s, channel], mask=ch, other=0.0).astype(f32)
+    plgpu.store(gated_ref.at[row, s, channel], y * _silu(z), mask=ch)
 
-    z = plgpu.load(u_ref.at[row, s, c], mask=ch, other=0.0).astype(f32)
-    gated = y * _silu(z)  # zero past I
-    normed = gated * jax.lax.rsqrt(jnp.sum(gated * gated) / span + sizes.eps)
-    out = normed * plgpu.load(nw_ref.at[s, c], mask=ch, other=0.0)
-    plgpu.store(out_ref.at[row, s, c], out.astype(out_ref.dtype), mask=ch)
+
+def _group_norm(gated, norm_weight, sizes, dtype):
+    """The gated outputs [B, S, I] (f32) through the grouped RMSNorm (groups of I/G channels)."""
+    b, s = gated.shape[:2]
+    by_group = gated.reshape(b, s, sizes.groups, sizes.inner // sizes.groups)
+    normed = by_group * jax.lax.rsqrt(jnp.mean(jnp.square(by_group), axis=-1, keepdims=True) + sizes.eps)
+    return (normed.reshape(b, s, sizes.inner) * norm_weight.astype(jnp.float32).reshape(s, sizes.inner)).astype(dtype)
 
 
 def ssm_step_pallas_gpu(
@@ -115,20 +120,20 @@ def ssm_step_pallas_gpu(
         A_log.astype(f32).reshape(s, h),
         D.astype(f32).reshape(s, h),
         dt_bias.astype(f32).reshape(s, h),
-        norm_weight.astype(f32).reshape(s, sizes.inner),
     )
     out_shape = (
-        jax.ShapeDtypeStruct((b, s, sizes.inner), zxbcdt.dtype),
+        jax.ShapeDtypeStruct((b, s, sizes.inner), f32),
         jax.ShapeDtypeStruct(args[3].shape, f32),
         jax.ShapeDtypeStruct(args[2].shape, conv.dtype),
     )
-    out, new_scan, new_conv = pl.pallas_call(
+    gated, new_scan, new_conv = pl.pallas_call(
         functools.partial(_kernel, sizes=sizes, width=width),
         out_shape=out_shape,
-        grid=(b, s, sizes.groups),
+        grid=(b, s, h),
         input_output_aliases={3: 1, 2: 2},
         compiler_params=triton_params(_NUM_WARPS, 1),
         interpret=interpret,
         name="ssm_step",
     )(*args)
+    out = _group_norm(gated, norm_weight, sizes, zxbcdt.dtype)
     return out, new_scan.reshape(scan.shape), new_conv.reshape(conv.shape)
