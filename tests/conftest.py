@@ -2,7 +2,7 @@
 
 On a CPU-only machine everything runs on the CPU. On a machine with an accelerator
 (``JAX_PLATFORMS=cuda,cpu``) the tests compute on the CPU as CI does, except those marked
-``gpu``: they run the real kernels on the GPU (``pytest -m gpu`` is the device check) and
+``gpu``: they run the real kernels on the GPU (``JAX_PLATFORMS=cuda,cpu pytest -m gpu`` is the device check) and
 skip, with the reason, where no GPU is present.
 """
 
