@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import iota, next_pow2, triton_params
+from pallas_kernels.ssm_step import reference
 
 _NUM_WARPS = 1  # a program's work is one head: [P, N] of state
 
@@ -48,8 +49,8 @@ def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref
     inner, n, p = sizes.inner, sizes.state, sizes.head_dim
     g = h // (sizes.heads // sizes.groups)  # the head's B/C group
     first_of_group = h % (sizes.heads // sizes.groups) == 0  # writes the group's B/C history
-    restart = pos_ref[row] == 0
     pos = pos_ref[row]
+    restart = pos == 0
     r = iota(next_pow2(width))[:, None]  # window rows, oldest first: row r is lag w-1-r
 
     def conv_part(first: int, size: int, owner):
@@ -95,14 +96,6 @@ def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref
     plgpu.store(gated_ref.at[row, s, channel], y * _silu(z), mask=ch)
 
 
-def _group_norm(gated, norm_weight, sizes, dtype):
-    """The gated outputs [B, S, I] (f32) through the grouped RMSNorm (groups of I/G channels)."""
-    b, s = gated.shape[:2]
-    by_group = gated.reshape(b, s, sizes.groups, sizes.inner // sizes.groups)
-    normed = by_group * jax.lax.rsqrt(jnp.mean(jnp.square(by_group), axis=-1, keepdims=True) + sizes.eps)
-    return (normed.reshape(b, s, sizes.inner) * norm_weight.astype(jnp.float32).reshape(s, sizes.inner)).astype(dtype)
-
-
 def ssm_step_pallas_gpu(
     zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk, *, sizes, interpret=False
 ):
@@ -135,5 +128,5 @@ def ssm_step_pallas_gpu(
         interpret=interpret,
         name="ssm_step",
     )(*args)
-    out = _group_norm(gated, norm_weight, sizes, zxbcdt.dtype)
+    out = reference.group_rms_norm(gated, norm_weight, sizes).astype(zxbcdt.dtype)  # the epilogue
     return out, new_scan.reshape(scan.shape), new_conv.reshape(conv.shape)

@@ -45,10 +45,17 @@ def ssm_step_reference(zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_
     decay = jnp.exp(dt * -jnp.exp(A_log.astype(f32))) * (~start)[:, None]
     state = decay[..., None, None] * scan.astype(f32) + (dt[..., None] * x)[..., None] * B_[:, :, None, :]
     y = jnp.einsum("bkpn,bkn->bkp", state, C_, precision=_HI) + D.astype(f32)[:, None] * x
-    gated = (y.reshape(b, s, g, inner // g)) * jax.nn.silu(z.astype(f32)).reshape(b, s, g, inner // g)
-    normed = gated * jax.lax.rsqrt(jnp.mean(jnp.square(gated), axis=-1, keepdims=True) + sizes.eps)
-    out = normed.reshape(b, s, inner) * norm_weight.astype(f32).reshape(s, inner)
+    out = group_rms_norm(y.reshape(b, s, inner) * jax.nn.silu(z.astype(f32)), norm_weight, sizes)
     return out.astype(zxbcdt.dtype), state, window[:, 1:].reshape(conv.shape).astype(conv.dtype)
+
+
+def group_rms_norm(gated, norm_weight, sizes):
+    """The gated outputs [B, S, I] (float32) through the grouped RMSNorm: each group of I/G
+    channels scaled by its root mean square, then by ``norm_weight`` [S·I]. Float32."""
+    b, s = gated.shape[:2]
+    by_group = gated.reshape(b, s, sizes.groups, sizes.inner // sizes.groups)
+    normed = by_group * jax.lax.rsqrt(jnp.mean(jnp.square(by_group), axis=-1, keepdims=True) + sizes.eps)
+    return normed.reshape(b, s, sizes.inner) * norm_weight.astype(jnp.float32).reshape(s, sizes.inner)
 
 
 def random_inputs(key, batch: int, sizes, width: int, dtype=jnp.float32, dt_bias: bool = True):
