@@ -4,9 +4,10 @@ At batch 1 a decode step is bound by launches and latency, not bytes: run as XLA
 its SiLU, softplus, the state update, the readout and the gate of one token are a dozen small
 kernels per layer. Here one kernel does all of it, between the in-projection and out-projection
 matmuls that XLA keeps: it reads the token's projection, the conv history and the scan state
-once, and writes the gated output, the state and the history (those two in place: they alias
-their inputs). The grouped RMSNorm of the gated output is left to XLA (one small fusion), since
-its statistic spans heads that different programs own.
+once, and writes the gated output, the state (in place: it aliases its input) and the history
+(a new buffer: the heads of a group read their B/C history while its first head writes it, and
+programs run in no fixed order). The grouped RMSNorm of the gated output is left to XLA (one
+small fusion), since its statistic spans heads that different programs own.
 
 A program owns one head of one stream of one row (S·H programs per row: 16 for the paper's K and
 V SSMs at batch 1, each a [P, N] state), so that no program walks a whole group. It also
@@ -41,7 +42,7 @@ def _softplus(x):
 
 def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref, *out_refs, sizes, width):
     """Refs: pos [B]; u [B, S, Wd]; conv [B, w-1, S, C]; scan [B, S, I, N]; w [S, C, w];
-    A_log, D, dt_bias [S, H]. Outputs: gated [B, S, I] f32, scan, conv (aliased).
+    A_log, D, dt_bias [S, H]. Outputs: gated [B, S, I] f32, scan (aliased), conv.
     Program (row, stream s, head h)."""
     gated_ref, scan_out_ref, conv_out_ref = out_refs[:3]
     f32 = jnp.float32
@@ -123,7 +124,7 @@ def ssm_step_pallas_gpu(
         functools.partial(_kernel, sizes=sizes, width=width),
         out_shape=out_shape,
         grid=(b, s, h),
-        input_output_aliases={3: 1, 2: 2},
+        input_output_aliases={3: 1},  # not the history: see the module's docstring
         compiler_params=triton_params(_NUM_WARPS, 1),
         interpret=interpret,
         name="ssm_step",
