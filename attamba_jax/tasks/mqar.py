@@ -20,6 +20,8 @@ states), reported per token.
     python -m attamba_jax.tasks.mqar --preset tiny --out mqar_tiny.json        # a minute on a CPU
     python -m attamba_jax.tasks.mqar --preset zoology --out mqar.json          # the grid, on a GPU
     python -m attamba_jax.tasks.mqar --plot mqar.json                          # draw the plot again
+    python -m attamba_jax.tasks.mqar --preset zoology --dims 256 --models attamba_k4_w32 \
+        --lrs 7.7e-4,1.3e-3 --out mqar_probe.json                              # rates between the grid's
 
 A run writes its JSON after every model and takes up where an earlier run with the same
 ``--out`` stopped (models already there are not trained again).
@@ -380,9 +382,12 @@ def run(
     models: Sequence[str] | None = None,
     dims: Sequence[int] | None = None,
     jobs: int = 1,
+    lrs: Sequence[float] | None = None,
 ) -> dict:
     """Trains and scores the preset's grid (resuming ``out``), writing ``out`` after every model;
     ``models``, ``dims``: a part of the grid (names of ``model_grid``, widths of the preset);
+    ``lrs``: peak learning rates instead of the preset's (a finer probe: give it its own ``out``,
+    since the best run of a model is taken over every rate its file holds);
     ``jobs`` > 1: that many worker processes at once (each its own JAX client: set
     XLA_PYTHON_CLIENT_MEM_FRACTION for a GPU they share), the widest models first."""
     preset = PRESETS[preset_name]
@@ -403,9 +408,9 @@ def run(
     todo = []
     for dim in sorted(dims or preset.dims, reverse=True):
         for name in _grid(preset, dim):
-            lrs = [lr for lr in preset.lrs if (name, dim, lr) not in done]
-            if (wanted is None or name in wanted) and lrs:
-                todo.append((preset_name, name, dim, lrs))
+            left = [lr for lr in (lrs or preset.lrs) if (name, dim, lr) not in done]
+            if (wanted is None or name in wanted) and left:
+                todo.append((preset_name, name, dim, left))
 
     def record(runs):
         result["runs"].extend(runs)
@@ -515,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dims", default=None, help="comma-separated widths of the preset (default: all)")
     ap.add_argument("--out", default="mqar.json")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes training models at once (default 1)")
+    ap.add_argument("--lrs", default=None, help="comma-separated peak learning rates (default: the preset's)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the plot (next to the JSON) of an earlier run")
     args = ap.parse_args(argv)
     if args.plot:
@@ -530,7 +536,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--dims {dims}: the {args.preset} preset's widths are {list(preset.dims)}")
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1, got {args.jobs}")
-    result = run(args.preset, args.out, models, dims, args.jobs)
+    try:
+        lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
+    except ValueError:
+        ap.error(f"--lrs {args.lrs!r}: not a comma-separated list of numbers")
+    if lrs and not all(0 < lr < 1 for lr in lrs):
+        ap.error(f"--lrs {lrs}: every peak learning rate must lie in (0, 1)")
+    result = run(args.preset, args.out, models, dims, args.jobs, lrs)
     print(table(result))
     return 0
 
