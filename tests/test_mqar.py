@@ -182,3 +182,38 @@ def test_the_tiny_preset_runs_and_full_attention_learns_four_pairs(tmp_path):
     # and --plot draws the plot next to the JSON and prints the table again
     assert mqar.main(["--plot", str(out)]) == 0
     assert (tmp_path / "mqar.png").stat().st_size > 0
+
+
+def test_given_rates_replace_the_presets_and_bad_ones_are_refused(tmp_path, monkeypatch, capsys):
+    # When a run is given learning rates of its own (a finer probe), only those are trained
+    asked = []
+
+    def fake_train(preset_name, name, dim, lrs, seed=0):
+        asked.append((name, dim, tuple(lrs)))
+        return [
+            dict(
+                model=name,
+                dim=dim,
+                lr=lr,
+                family="f",
+                loss=0.0,
+                accuracy={"32/4": 0.5},
+                seconds=0.0,
+                rates_at_once=len(lrs),
+            )
+            for lr in lrs
+        ]
+
+    monkeypatch.setattr(mqar, "train_and_score", fake_train)
+    out = str(tmp_path / "probe.json")
+    mqar.run("tiny", out, models=["transformer"], lrs=[3e-3, 5e-3])
+    assert asked == [("transformer", 64, (3e-3, 5e-3))]
+    # and a second run with one rate more trains that one only
+    mqar.run("tiny", out, models=["transformer"], lrs=[3e-3, 5e-3, 7e-3])
+    assert asked[-1] == ("transformer", 64, (7e-3,))
+    # and rates that are no learning rates are refused by name before anything runs
+    for bad in ("0", "1e-3,x", "2"):
+        with pytest.raises(SystemExit):
+            mqar.main(["--preset", "tiny", "--lrs", bad, "--out", str(tmp_path / "bad.json")])
+        assert "--lrs" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
