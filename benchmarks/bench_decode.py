@@ -18,7 +18,9 @@ compute dtype, as an inference server would store them.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import pathlib
 import platform
 import tempfile
 import time
@@ -59,7 +61,21 @@ def make_decode_loop(graphdef, steps: int):
     return jax.jit(run, donate_argnums=(1,))
 
 
-def bench_one(cfg, graphdef, params, batch: int, context: int, steps: int, repeats: int, profile: bool = False) -> dict:
+def bench_one(
+    cfg,
+    graphdef,
+    params,
+    batch: int,
+    context: int,
+    steps: int,
+    repeats: int,
+    profile: bool = False,
+    *,
+    top: int = 15,
+    hlo_path: str = "",
+) -> dict:
+    """Times ``steps`` decode steps; ``profile``: also the kernels of one run (the ``top`` costliest,
+    0: all), and ``hlo_path``: the compiled program's HLO text written there (gzip)."""
     max_len = context + steps
     cache = synthetic_cache(cfg, batch, context, max_len)
     nbytes = cache_bytes(cache)
@@ -82,8 +98,12 @@ def bench_one(cfg, graphdef, params, batch: int, context: int, steps: int, repea
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 cache, tokens = jax.block_until_ready(loop(params, cache, tokens))
-            kernels = trace_summary.kernel_table(trace_dir, steps, top=15)
+            kernels = trace_summary.kernel_table(trace_dir, steps, top=top)
         hlo = loop.lower(params, cache, tokens).compile().as_text()
+        if hlo_path:
+            pathlib.Path(hlo_path).parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(hlo_path, "wt") as f:
+                f.write(hlo)
         kernels = trace_summary.attribute(kernels, hlo)
         kernels["calls_per_step"] = sum(r["calls_per_step"] for r in kernels["families"])
     del cache
@@ -120,7 +140,17 @@ def main():
     parser.add_argument(
         "--profile", action="store_true", help="also profile one run per row: the kernels a step launches, their time"
     )
+    parser.add_argument(
+        "--profile-top", type=int, default=15, help="how many of the costliest kernels a profile lists (0: all)"
+    )
+    parser.add_argument(
+        "--hlo-dir", default="", help="with --profile: also write each row's compiled HLO text here (gzip)"
+    )
     args = parser.parse_args()
+    if args.hlo_dir and not args.profile:
+        parser.error("--hlo-dir writes the programs of profiled rows: add --profile")
+    if args.profile_top < 0:
+        parser.error(f"--profile-top must be 0 (all) or more, got {args.profile_top}")
 
     device = jax.devices()[0]
     header = {
@@ -151,7 +181,19 @@ def main():
         for batch in args.batches:
             for name, (cfg, graphdef, params) in models.items():
                 try:
-                    result = bench_one(cfg, graphdef, params, batch, context, args.steps, args.repeats, args.profile)
+                    hlo_path = f"{args.hlo_dir}/{name}_{batch}x{context}.hlo.txt.gz" if args.hlo_dir else ""
+                    result = bench_one(
+                        cfg,
+                        graphdef,
+                        params,
+                        batch,
+                        context,
+                        args.steps,
+                        args.repeats,
+                        args.profile,
+                        top=args.profile_top,
+                        hlo_path=hlo_path,
+                    )
                 except Exception as e:  # e.g. out of device memory at the largest sizes
                     result = {"batch": batch, "context": context, "error": f"{type(e).__name__}: {str(e)[:200]}"}
                 result["model"] = name
