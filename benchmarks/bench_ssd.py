@@ -242,15 +242,17 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
     first = {}  # mode -> the first tile's output
     variants = (  # GpuBlocks(tokens per tile, forward GpuPass, backward GpuPass); GpuPass(warps, tiles, heads ahead, stages)
         default_gpu_blocks(grid.token_chunk),  # the default
-        GpuBlocks(16, GpuPass(2, 1, 2, 1), GpuPass(1, 1, 2)),  # one tile per program
-        GpuBlocks(16, GpuPass(2, 8, 2, 3), GpuPass(1, 1, 2)),
-        GpuBlocks(16, GpuPass(2, 8, 2, 2), GpuPass(1, 1, 2)),
-        GpuBlocks(16, GpuPass(2, 4, 2, 2), GpuPass(1, 1, 2)),  # the default before 16x1024 was swept
-        GpuBlocks(16, GpuPass(2, 4, 4, 2), GpuPass(1, 1, 2)),
-        GpuBlocks(16, GpuPass(4, 4, 2, 2), GpuPass(1, 1, 2)),
+        GpuBlocks(16, GpuPass(2, 1, 2, 1), GpuPass(1, 1, 1)),  # one tile per program
+        GpuBlocks(16, GpuPass(2, 8, 2, 3), GpuPass(1, 1, 1)),
+        GpuBlocks(16, GpuPass(2, 8, 2, 2), GpuPass(1, 1, 1)),
+        GpuBlocks(16, GpuPass(2, 4, 2, 2), GpuPass(1, 1, 1)),  # the default before 16x1024 was swept
+        GpuBlocks(16, GpuPass(2, 4, 4, 2), GpuPass(1, 1, 1)),
+        GpuBlocks(16, GpuPass(4, 4, 2, 2), GpuPass(1, 1, 1)),
         GpuBlocks(16, GpuPass(2, 1, 1, 1), GpuPass(1, 1, 1)),  # one head at a time
-        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 2, 2, 2)),  # the backward in a pipelined loop too
-        GpuBlocks(32, GpuPass(2, 1, 2, 1), GpuPass(2, 1, 2)),
+        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 2, 1, 2)),  # the backward in a pipelined loop too
+        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 1, 2)),  # the backward's loop over pairs of heads
+        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(2, 1, 1)),
+        GpuBlocks(32, GpuPass(2, 1, 2, 1), GpuPass(2, 1, 1)),
     )
     for blocks in variants:
         if blocks.block_len < grid.token_chunk:

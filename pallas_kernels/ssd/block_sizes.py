@@ -18,7 +18,8 @@ class GpuPass:
 
     num_warps: int = 4
     tiles: int = 1  # consecutive tiles each program runs, in a loop
-    heads_ahead: int = 1  # heads whose inputs a program loads before computing any of them
+    heads_ahead: int = 1  # heads whose inputs a program loads before computing any of them (the
+    # backward loops over such runs of heads; the forward unrolls them)
     num_stages: int = 1  # Triton's software-pipelining depth of the loop over tiles (needs tiles > 1)
 
     def __post_init__(self):
@@ -59,11 +60,12 @@ class TpuBlocks:
 
 def default_gpu_blocks(token_chunk: int) -> GpuBlocks:
     """16-token tiles (the smallest the tensor cores take), or K if longer; the forward runs 2
-    tiles per program in a 2-stage pipelined loop and loads 2 heads ahead, the backward 1 tile."""
+    tiles per program in a 2-stage pipelined loop and loads 2 heads ahead, the backward 1 tile and
+    its heads one at a time, in a loop."""
     return GpuBlocks(
         block_len=max(16, next_pow2(token_chunk)),
         fwd=GpuPass(num_warps=2, tiles=2, heads_ahead=2, num_stages=2),
-        bwd=GpuPass(num_warps=1, heads_ahead=2),
+        bwd=GpuPass(num_warps=1, heads_ahead=1),
     )
 
 

@@ -132,9 +132,11 @@ def _head_groups(heads: int, ahead: int):
 
 
 def _load_head(dt_ref, x_ref, rows, loaded, h):
-    """Head h's dt [L] (float32) and x [L, P] on one tile, zero past the row's end."""
-    dt = plgpu.load(dt_ref.at[rows, index(h)], mask=loaded, other=0.0).astype(jnp.float32)
-    return dt, plgpu.load(x_ref.at[rows, index(h), :], mask=loaded[:, None], other=0.0)
+    """Head h's dt [L] (float32) and x [L, P] on one tile, zero past the row's end (h: a static
+    int or a traced int32 scalar)."""
+    h = index(h) if isinstance(h, int) else h
+    dt = plgpu.load(dt_ref.at[rows, h], mask=loaded, other=0.0).astype(jnp.float32)
+    return dt, plgpu.load(x_ref.at[rows, h, :], mask=loaded[:, None], other=0.0)
 
 
 def _fwd_tile(m, ds_ref, x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, y_ref, *, geo: _Geometry, heads, ahead, precision):
@@ -163,25 +165,33 @@ def _head_forward(cb, mask, dt, a, d, x, precision):
     return dot(w.astype(x.dtype), x, precision) + d * x.astype(jnp.float32)
 
 
-def _head_backward(cb, mask, dt, a, d, x, dy, precision):
-    """Backpropagates ``dy`` [L, P] (matmul dtype; zero on rows this program does not own)
-    through ``_head_forward``.
+def _head_dx(cb, mask, dt, a, d, dy, precision):
+    """d/dx of ``_head_forward`` for ``dy`` [L, P] (matmul dtype; zero on rows this program does
+    not own): dx [L, P] f32 = wᵀ·dy + D·dy."""
+    w = cb * _decay(mask, dt * a) * dt[None, :]
+    return dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d * dy.astype(jnp.float32)
 
-    Returns (dx [L, P] f32, ddt [L] f32, dlog [L] f32: d/d(dt·A) per token, dskip [L] f32:
-    dy·x summed over P, dcb [L, L] f32: this head's share of d(C·Bᵀ)).
+
+def _head_grads(cb, mask, dt, a, x, dy, precision):
+    """The rest of ``_head_forward``'s backward: (ddt [L] f32, dlog [L] f32: d/d(dt·A) per token,
+    dskip [L] f32: dy·x summed over P, dcb [L, L] f32: this head's share of d(C·Bᵀ)).
+
+    With w_ij = cb_ij · decay_ij · dt_j and dw = dy·xᵀ, every [L, L] gradient is a factor of
+    e = dw · decay: d/dcb = e·dt_j, d/d(log decay) = e·cb·dt_j, the direct d/ddt_j = Σ_i e·cb.
+    The decay is recomputed here rather than kept from ``_head_dx``: the body is register
+    bound (``BENCHMARKS.md``), and an exp per [L, L] element is cheaper than the spills.
     """
+    f32 = jnp.float32
     decay = _decay(mask, dt * a)
-    cbe = cb * decay
-    w = cbe * dt[None, :]
-    dx = dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d * dy.astype(jnp.float32)
-    dskip = jnp.sum(dy.astype(jnp.float32) * x.astype(jnp.float32), axis=1)  # [L]
-    dw = dot(dy, x, precision, trans_b=True)  # [L, L] = dy_i · x_j
-    dcb = dw * decay * dt[None, :]
-    q = dw * w  # d(loss)/d(log decay_ij)
-    dcum = jnp.sum(q, axis=1) - jnp.sum(q, axis=0)  # [L]
+    dskip = jnp.sum(dy.astype(f32) * x.astype(f32), axis=1)  # [L]
+    e = dot(dy, x, precision, trans_b=True) * decay  # [L, L]: (dy_i · x_j) decay_ij
+    dcb = e * dt[None, :]
+    ec = e * cb
+    col = jnp.sum(ec, axis=0)  # [L]: the direct d/ddt_j
+    # d/d(log decay_ij) = ec_ij dt_j; its row sums minus its column sums give d/d(cum)
+    dcum = jnp.sum(ec * dt[None, :], axis=1) - col * dt  # [L]
     dlog = jnp.sum(jnp.where(mask, dcum[:, None], 0.0), axis=0)  # d/d(dt_k A) [L]
-    ddt = jnp.sum(dw * cbe, axis=0) + dlog * a
-    return dx, ddt, dlog, dskip, dcb
+    return col + dlog * a, dlog, dskip, dcb
 
 
 def _bwd_kernel(*refs, geo: _Geometry, heads, ahead, precision, tiles, documents):
@@ -225,23 +235,39 @@ def _bwd_tile(
     bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     cb = dot(cg, bg, precision, trans_b=True)  # [L, L]
-    dcb = jnp.zeros_like(cb)
-    for run in _head_groups(heads, ahead):
+
+    def run(first, count, dcb):
+        """Heads first .. first+count-1 (``first`` may be traced): their loads, then their gradients."""
+        heads_of_run = [first] + [first + i for i in range(1, count)]
         inputs = [
             (
                 *_load_head(dt_ref, x_ref, rows, loaded, h),
                 # Rows another program writes must not send gradient: their chunk is cut here.
-                plgpu.load(dy_ref.at[rows, index(h), :], mask=written[:, None], other=0.0),
+                plgpu.load(dy_ref.at[rows, h, :], mask=written[:, None], other=0.0),
             )
-            for h in run
+            for h in heads_of_run
         ]
-        for h, (dt, x, dy) in zip(run, inputs):
-            dx, ddt, dlog, dskip, dcb_h = _head_backward(cb, mask, dt, a_ref[h], d_ref[h], x, dy, precision)
+        for h, (dt, x, dy) in zip(heads_of_run, inputs):
+            dx = _head_dx(cb, mask, dt, a_ref[h], d_ref[h], dy, precision)
+            plgpu.store(dx_ref.at[rows, h, :], dx.astype(dx_ref.dtype), mask=written[:, None])
+            ddt, dlog, dskip, dcb_h = _head_grads(cb, mask, dt, a_ref[h], x, dy, precision)
+            plgpu.store(dskip_ref.at[rows, h], dskip, mask=written)
+            plgpu.store(dlog_ref.at[rows, h], dlog, mask=written)
+            plgpu.store(ddt_ref.at[rows, h], ddt.astype(ddt_ref.dtype), mask=written)
             dcb = dcb + dcb_h
-            plgpu.store(dx_ref.at[rows, index(h), :], dx.astype(dx_ref.dtype), mask=written[:, None])
-            plgpu.store(dskip_ref.at[rows, index(h)], dskip, mask=written)
-            plgpu.store(dlog_ref.at[rows, index(h)], dlog, mask=written)
-            plgpu.store(ddt_ref.at[rows, index(h)], ddt.astype(ddt_ref.dtype), mask=written)
+        return dcb
+
+    # The runs of heads as a loop, not unrolled: unrolled, the compiler holds several heads'
+    # temporaries at once and the body spills (255 registers, against 158 as a loop; BENCHMARKS.md).
+    # The order of the ops above is the one timed: one that took the decay after dy·xᵀ and added
+    # dcb before the stores compiled to other code and ran no faster than the unrolled body.
+    runs, rest = divmod(heads, ahead)
+    dcb = jax.lax.fori_loop(0, runs, lambda r, dcb: run(r * ahead if ahead > 1 else r, ahead, dcb), jnp.zeros_like(cb))
+    if rest:
+        dcb = run(index(runs * ahead), rest, dcb)
+    # B and C again (from L2): held across the loop they would take registers it needs.
+    bg = plgpu.load(b_ref.at[rows, :], mask=loaded[:, None], other=0.0)
+    cg = plgpu.load(c_ref.at[rows, :], mask=loaded[:, None], other=0.0)
     dc = dot(dcb.astype(bg.dtype), bg, precision)  # [L, N]
     db = dot(dcb.astype(cg.dtype), cg, precision, trans_a=True)
     plgpu.store(dc_ref.at[rows, :], dc.astype(dc_ref.dtype), mask=written[:, None])
