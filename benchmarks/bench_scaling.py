@@ -1,6 +1,7 @@
-"""Training-step throughput of one config on 1, 2 and 4 devices, data and fsdp meshes.
+"""Training-step throughput of one config on 1, 2 and 4 devices, data, fsdp and tensor meshes.
 
     python -m benchmarks.bench_scaling --out scaling.json [--deadline 200]
+    python -m benchmarks.bench_scaling --paths chunked:compressed,pallas_gpu:pallas_gpu --profile --out scaling.json
 
 Every case is its own process that sees only its devices (``CUDA_VISIBLE_DEVICES``; on CPU,
 ``--platform cpu`` gives it n virtual devices). All cases compile at once, from abstract
@@ -9,7 +10,13 @@ allocate, warm up and time, so no two timed runs share a device. Each case runs 
 trainer's own pieces: ``mesh_from_config``, ``init_train_state`` (state placed by the
 logical-axis rules) and ``jit_train_step`` (in/out shardings, donated state), on synthetic
 token batches of a fixed per-device batch. Scaling efficiency = tokens/s on n devices /
-(n x tokens/s on one), all within this run.
+(n x tokens/s on one), all within this run, for each implementation path.
+
+``--paths`` times each case once per ``ssm:attention`` pair of ``model.ssm_implementation`` and
+``model.attention_implementation`` (e.g. the XLA paths ``chunked:compressed`` against the Pallas
+kernels ``pallas_gpu:pallas_gpu``, which run per device under ``shard_map``), so both sides of the
+comparison come from one run. ``--profile`` also traces a few steps of each case and reports where
+the device time goes by kernel family (``trace_summary``), and the Pallas kernels' share of it.
 """
 
 from __future__ import annotations
@@ -21,17 +28,42 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
+from benchmarks import trace_summary
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# name -> (devices, mesh data, mesh fsdp)
+# name -> (devices, mesh data, mesh fsdp, mesh tensor)
 CASES = {
-    "1": (1, 1, 1),
-    "2-data": (2, 2, 1),
-    "2-fsdp": (2, 1, 2),
-    "4-data": (4, 4, 1),
-    "4-fsdp": (4, 1, 4),
+    "1": (1, 1, 1, 1),
+    "2-data": (2, 2, 1, 1),
+    "2-fsdp": (2, 1, 2, 1),
+    "2-tensor": (2, 1, 1, 2),
+    "4-data": (4, 4, 1, 1),
+    "4-fsdp": (4, 1, 4, 1),
+    "4-data-tensor": (4, 2, 1, 2),
 }
+# The Pallas kernels' families in ``trace_summary.CATEGORIES`` (their share of a profiled step).
+PALLAS_FAMILIES = ("SSD (Pallas)", "Attamba attention (Pallas)")
+
+
+def parse_paths(text: str) -> list[tuple[str, str]]:
+    """ "ssm:attention,..." -> [(ssm, attention), ...]; both names must be implementations of their op."""
+    from pallas_kernels.boundary_window_attention import IMPLEMENTATIONS as ATTENTION
+    from pallas_kernels.ssd import IMPLEMENTATIONS as SSD
+
+    paths = []
+    for item in text.split(","):
+        ssm, sep, attention = item.partition(":")
+        if not sep or ssm not in ("auto", *SSD) or attention not in ("auto", *ATTENTION):
+            raise ValueError(
+                f"--paths: {item!r} is not ssm:attention, ssm auto or one of {sorted(SSD)}, attention auto or one of {sorted(ATTENTION)}"
+            )
+        paths.append((ssm, attention))
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"--paths names a pair twice: {text!r}")
+    return paths
 
 
 def run_case(args) -> dict:
@@ -45,16 +77,17 @@ def run_case(args) -> dict:
     from attamba_jax.sharding import tree_shardings, use_mesh
     from attamba_jax.train_step import init_train_state, jit_train_step, mesh_from_config, train_batch_sharding
 
-    n, data, fsdp = CASES[args.case]
+    n, data, fsdp, tensor = CASES[args.case]
+    ssm, attention = parse_paths(args.path)[0]
     batch = args.per_device_batch * n
     overrides = [
         f"data.seq_len={args.length}",
         f"data.batch_size={batch}",
         f"mesh.data={data}",
         f"mesh.fsdp={fsdp}",
-        "mesh.tensor=1",
-        f"model.ssm_implementation={args.ssm}",
-        f"model.attention_implementation={args.attention}",
+        f"mesh.tensor={tensor}",
+        f"model.ssm_implementation={ssm}",
+        f"model.attention_implementation={attention}",
     ]
     cfg = load_config(ROOT / args.config, overrides)
     mesh = mesh_from_config(cfg.mesh)
@@ -108,9 +141,20 @@ def run_case(args) -> dict:
             jax.block_until_ready(metrics)
             times.append((time.perf_counter() - t) / args.steps)
         step_s = float(np.median(times))
+        profile = None
+        if args.profile:
+            with tempfile.TemporaryDirectory() as trace_dir:
+                with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                    for _ in range(args.profile_steps):
+                        state, metrics = compiled(state, device_batch)
+                    jax.block_until_ready(metrics)
+                profile = trace_summary.kernel_table(trace_dir, args.profile_steps, top=args.profile_top)
+            # Summed over the devices: ms per step of all of them together; the share is a ratio.
+            profile["pallas_share"] = sum(r["share"] for r in profile["families"] if r["name"] in PALLAS_FAMILIES)
         n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
         return {
             "case": args.case,
+            "path": args.path,
             "devices": n,
             "mesh": dict(mesh.shape),
             "device_kind": jax.devices()[0].device_kind,
@@ -124,6 +168,7 @@ def run_case(args) -> dict:
             "compile_s": compile_s,
             "waited_s": waited_s,
             "loss": float(metrics["loss"]),
+            **({"profile": profile} if profile is not None else {}),
         }
 
 
@@ -133,9 +178,10 @@ def main():
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--per-device-batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--ssm", default="chunked", help="model.ssm_implementation (default: the XLA path)")
     parser.add_argument(
-        "--attention", default="compressed", help="model.attention_implementation (default: the XLA path)"
+        "--paths",
+        default="chunked:compressed",
+        help="ssm:attention,... implementation pairs, each case timed with each (default: the XLA paths)",
     )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed run")
@@ -144,19 +190,33 @@ def main():
         "--deadline", type=float, default=240, help="seconds; unfinished cases are stopped and reported"
     )
     parser.add_argument("--platform", default="gpu", choices=("gpu", "cpu"))
+    parser.add_argument("--profile", action="store_true", help="also trace each case: kernel families, Pallas share")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-top", type=int, default=10, help="costliest kernels listed per profiled case")
     parser.add_argument("--out", default="scaling.json")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a child process
+    parser.add_argument("--path", help=argparse.SUPPRESS)  # its ssm:attention pair
     parser.add_argument("--lock", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         print("RESULT " + json.dumps(run_case(args)), flush=True)
         return
+    try:
+        paths = parse_paths(args.paths)
+    except ValueError as e:
+        parser.error(str(e))
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; known: {', '.join(CASES)}")
+    if args.profile_steps < 1:
+        parser.error(f"--profile-steps must be >= 1, got {args.profile_steps}")
 
     out = pathlib.Path(args.out)
     lock = out.with_suffix(".lock")
     start = time.perf_counter()
     children = {}
-    for name in args.cases.split(","):
+    runs = [(name, f"{ssm}:{attention}") for name in args.cases.split(",") for ssm, attention in paths]
+    for name, path in runs:
         n = CASES[name][0]
         env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
         env["PYTHONPATH"] = f"{ROOT}:{env.get('PYTHONPATH', '')}"
@@ -165,44 +225,54 @@ def main():
         else:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
         child_args = [a for a in sys.argv[1:]]
-        cmd = [sys.executable, "-m", "benchmarks.bench_scaling", *child_args, "--case", name, "--lock", str(lock)]
-        children[name] = subprocess.Popen(
+        cmd = [sys.executable, "-m", "benchmarks.bench_scaling", *child_args]
+        cmd += ["--case", name, "--path", path, "--lock", str(lock)]
+        children[name, path] = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
     results = {
         "config": args.config,
         "per_device_batch": args.per_device_batch,
         "length": args.length,
-        "ssm": args.ssm,
-        "attention": args.attention,
+        "paths": [f"{ssm}:{attention}" for ssm, attention in paths],
         "cases": [],
     }
-    for name, proc in children.items():
+    for (name, path), proc in children.items():
         try:
             text, _ = proc.communicate(timeout=max(1.0, args.deadline - (time.perf_counter() - start)))
         except subprocess.TimeoutExpired:
             proc.kill()
             text, _ = proc.communicate()
-            results["cases"].append({"case": name, "error": f"deadline {args.deadline:.0f}s reached"})
-            print(f"{name}: stopped at the deadline", flush=True)
+            results["cases"].append({"case": name, "path": path, "error": f"deadline {args.deadline:.0f}s reached"})
+            print(f"{name} {path}: stopped at the deadline", flush=True)
             continue
         found = [line[len("RESULT ") :] for line in text.splitlines() if line.startswith("RESULT ")]
         if found:
             results["cases"].append(json.loads(found[-1]))
         else:
-            results["cases"].append({"case": name, "error": text[-2000:]})
-            print(f"{name}: failed\n{text[-2000:]}", flush=True)
-    done = {c["case"]: c for c in results["cases"] if "error" not in c}
-    base = done.get("1")
-    print(f"{'case':<8} {'devices':>7} {'step ms':>9} {'tokens/s':>11} {'per device':>11} {'efficiency':>10}")
-    for name in args.cases.split(","):
-        c = done.get(name)
+            results["cases"].append({"case": name, "path": path, "error": text[-2000:]})
+            print(f"{name} {path}: failed\n{text[-2000:]}", flush=True)
+    done = {(c["case"], c["path"]): c for c in results["cases"] if "error" not in c}
+    first = results["paths"][0]
+    width = max(len(p) for p in results["paths"])
+    print(
+        f"{'case':<14} {'path':<{width}} {'devices':>7} {'step ms':>9} {'tokens/s':>11} {'per device':>11} "
+        f"{'efficiency':>10} {'vs ' + first:>{width + 3}} {'Pallas share':>12}"
+    )
+    for name, path in runs:
+        c = done.get((name, path))
         if c is None:
             continue
+        base = done.get(("1", path))
         c["efficiency"] = c["tokens_per_s"] / (c["devices"] * base["tokens_per_s"]) if base else None
+        ref = done.get((name, first))
+        c["speedup_vs_first_path"] = c["tokens_per_s"] / ref["tokens_per_s"] if ref else None
         eff = "-" if c["efficiency"] is None else f"{100 * c['efficiency']:.1f}%"
+        speed = "-" if c["speedup_vs_first_path"] is None else f"{c['speedup_vs_first_path']:.2f}x"
+        share = f"{100 * c['profile']['pallas_share']:.1f}%" if "profile" in c else "-"
         print(
-            f"{name:<8} {c['devices']:>7} {c['step_ms']:>9.1f} {c['tokens_per_s']:>11,.0f} {c['tokens_per_s'] / c['devices']:>11,.0f} {eff:>10}"
+            f"{name:<14} {path:<{width}} {c['devices']:>7} {c['step_ms']:>9.1f} {c['tokens_per_s']:>11,.0f} "
+            f"{c['tokens_per_s'] / c['devices']:>11,.0f} {eff:>10} {speed:>{width + 3}} {share:>12}"
         )
     results["wall_s"] = time.perf_counter() - start
     out.write_text(json.dumps(results, indent=1))

@@ -1,0 +1,57 @@
+"""benchmarks/bench_scaling.py: cases on meshes of virtual CPU devices, paths side by side, profiles."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import bench_scaling
+
+ROOT = bench_scaling.ROOT
+
+
+def test_paths_parse_and_refuse_names_that_are_no_implementation():
+    assert bench_scaling.parse_paths("chunked:compressed,auto:pallas_gpu") == [
+        ("chunked", "compressed"),
+        ("auto", "pallas_gpu"),
+    ]
+    with pytest.raises(ValueError, match="'chunked' is not ssm:attention"):
+        bench_scaling.parse_paths("chunked")
+    with pytest.raises(ValueError, match="'pallas_gpu:flash' is not ssm:attention"):
+        bench_scaling.parse_paths("pallas_gpu:flash")
+    with pytest.raises(ValueError, match="names a pair twice"):
+        bench_scaling.parse_paths("chunked:compressed,chunked:compressed")
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_scaling", "--platform", "cpu", "--config", "configs/tiny.yaml"]
+    cmd += ["--length", "32", "--per-device-batch", "2", "--warmup", "1", "--steps", "1", "--repeats", "1"]
+    cmd += ["--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def test_bad_options_are_refused_before_any_case_starts(tmp_path):
+    proc, out = _run(tmp_path, "--cases", "1,3-data")
+    assert proc.returncode == 2 and "--cases: unknown ['3-data']" in proc.stderr
+    proc, out = _run(tmp_path, "--paths", "xla:xla")
+    assert proc.returncode == 2 and "'xla:xla' is not ssm:attention" in proc.stderr
+    assert not out.exists()
+
+
+def test_a_tensor_mesh_case_and_its_profile_against_one_device(tmp_path):
+    # Given one device and a 2-way tensor mesh (virtual CPU devices), each traced
+    proc, out = _run(tmp_path, "--cases", "1,2-tensor", "--profile", "--profile-steps", "1", "--deadline", "400")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    cases = {c["case"]: c for c in result["cases"]}
+    # Then both ran on their meshes, with efficiency against one device and a kernel profile
+    assert "error" not in cases["1"] and "error" not in cases["2-tensor"], result
+    assert cases["2-tensor"]["mesh"]["tensor"] == 2 and cases["2-tensor"]["devices"] == 2
+    assert cases["1"]["efficiency"] == pytest.approx(1.0)
+    assert cases["2-tensor"]["speedup_vs_first_path"] == pytest.approx(1.0)
+    for c in cases.values():
+        assert c["path"] == "chunked:compressed" and c["tokens_per_s"] > 0
+        assert c["profile"]["device_ms_per_step"] > 0 and 0.0 <= c["profile"]["pallas_share"] <= 1.0
