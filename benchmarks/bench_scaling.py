@@ -44,12 +44,10 @@ CASES = {
     "4-fsdp": (4, 1, 4, 1),
     "4-data-tensor": (4, 2, 1, 2),
 }
-# The Pallas kernels' families in ``trace_summary.CATEGORIES`` (their share of a profiled step).
-PALLAS_FAMILIES = ("SSD (Pallas)", "Attamba attention (Pallas)")
 
 
 def parse_paths(text: str) -> list[tuple[str, str]]:
-    """ "ssm:attention,..." -> [(ssm, attention), ...]; both names must be implementations of their op."""
+    """``--paths`` text "ssm:attention,..." -> [(ssm, attention), ...]: auto or an implementation of each op."""
     from pallas_kernels.boundary_window_attention import IMPLEMENTATIONS as ATTENTION
     from pallas_kernels.ssd import IMPLEMENTATIONS as SSD
 
@@ -150,7 +148,9 @@ def run_case(args) -> dict:
                     jax.block_until_ready(metrics)
                 profile = trace_summary.kernel_table(trace_dir, args.profile_steps, top=args.profile_top)
             # Summed over the devices: ms per step of all of them together; the share is a ratio.
-            profile["pallas_share"] = sum(r["share"] for r in profile["families"] if r["name"] in PALLAS_FAMILIES)
+            profile["pallas_share"] = sum(
+                r["share"] for r in profile["families"] if r["name"] in trace_summary.PALLAS_FAMILIES
+            )
         n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
         return {
             "case": args.case,

@@ -27,6 +27,8 @@ CATEGORIES = (
     ("reduction fusions", r"reduce|reduction"),
     ("copies / transposes", r"copy|transpose|memcpy|memset|dynamic.update|slice"),
 )
+# The families of the project's Pallas kernels (their share of a step).
+PALLAS_FAMILIES = ("SSD (Pallas)", "Attamba attention (Pallas)")
 
 
 def load_events(trace_dir: str | pathlib.Path) -> list[dict]:

@@ -98,6 +98,11 @@ def _decay(mask, a):
     return jnp.exp(seg)  # [L, L]
 
 
+def _weights(cb, mask, dt, a):
+    """A head's [L, L] weights w_ij = (C_i · B_j) decay_ij dt_j, from cb = C·Bᵀ and a = its A."""
+    return cb * _decay(mask, dt * a) * dt[None, :]
+
+
 def _each_tile(tiles: int, body) -> None:
     """Runs ``body(m)`` on this program's ``tiles`` consecutive tiles (those past the row's
     last tile load and store nothing)."""
@@ -161,14 +166,14 @@ def _head_forward(cb, mask, dt, a, d, x, precision):
     cb: [L, L] f32 C·Bᵀ of the head's group; mask: ``chunk_mask``; dt: [L] f32 (after
     softplus); a, d: the head's A and D; x: [L, P] in the matmul dtype.
     """
-    w = cb * _decay(mask, dt * a) * dt[None, :]  # [L, L]
+    w = _weights(cb, mask, dt, a)
     return dot(w.astype(x.dtype), x, precision) + d * x.astype(jnp.float32)
 
 
 def _head_dx(cb, mask, dt, a, d, dy, precision):
     """d/dx of ``_head_forward`` for ``dy`` [L, P] (matmul dtype; zero on rows this program does
     not own): dx [L, P] f32 = wᵀ·dy + D·dy."""
-    w = cb * _decay(mask, dt * a) * dt[None, :]
+    w = _weights(cb, mask, dt, a)
     return dot(w.astype(dy.dtype), dy, precision, trans_a=True) + d * dy.astype(jnp.float32)
 
 
