@@ -22,11 +22,8 @@ Both take the same arguments and run one body for the three uses of a layer:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from attamba_jax import context_parallel, sharding
@@ -57,36 +54,23 @@ def _boundary_window(q, k, v, grid: ChunkGrid, window: int, implementation: str,
     return sharding.call_op(op, IMPLEMENTATIONS, implementation, args, axes, q_axes, grid=grid, window=window)
 
 
-def cached_attention(q: jax.Array, key_sets: Sequence[KeySet]) -> jax.Array:
-    """Decode-time attention of one query per row over disjoint sets of cached keys.
-
-    One softmax (float32, scale 1/sqrt(D)) runs over the union of the sets; each set is
-    read where it lies, so no cache is ever copied into one buffer.
+def cached_attention(q: jax.Array, keys: KeySet) -> jax.Array:
+    """Decode-time attention of one query per row over a layer's cached keys, read where they lie.
 
     Args:
-      q: [B, 1, H, D]; key_sets: (k [B, Hkv, S, D], v [B, Hkv, S, D], visible [B, S]) each.
-        Query head h reads kv head h // (H // Hkv); some key must be visible in each row.
+      q: [B, 1, H, D]; keys: (k [B, Hkv, S, D], v [B, Hkv, S, D], visible [B, S]). Query head
+        h reads kv head h // (H // Hkv); some key must be visible in each row.
 
     Returns:
-      [B, 1, H, D] in q.dtype.
+      [B, 1, H, D] in q.dtype (softmax in float32, scale 1/sqrt(D)).
     """
+    k, v, visible = keys
     b, _, h, d = q.shape
-    hkv = key_sets[0][0].shape[1]
+    hkv = k.shape[1]
     qg = q.reshape(b, hkv, h // hkv, d)  # [B, Hkv, R, D]
-    scores = [
-        jnp.where(
-            visible[:, None, None, :],
-            jnp.einsum("bkrd,bksd->bkrs", qg, k, preferred_element_type=jnp.float32),
-            -jnp.inf,
-        )
-        for k, _, visible in key_sets
-    ]  # [B, Hkv, R, S_i] each
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) * (d**-0.5), axis=-1)
-    splits = np.cumsum([s.shape[-1] for s in scores])[:-1]
-    out = sum(
-        jnp.einsum("bkrs,bksd->bkrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        for p, (_, v, _) in zip(jnp.split(probs, splits, axis=-1), key_sets)
-    )
+    scores = jnp.einsum("bkrd,bksd->bkrs", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, -jnp.inf), axis=-1)  # [B, Hkv, R, S]
+    out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, 1, h, d).astype(q.dtype)
 
 
@@ -137,7 +121,7 @@ class AttambaAttention(nnx.Module):
         q, k, v = self._qkv(xn, kv_ssm, positions)
         if decode:
             cache = cache.append(grid, positions[:, 0], k[:, 0], v[:, 0], ssm_state)
-            o = cached_attention(q, cache.key_sets(Visibility(grid, self.window), positions[:, 0]))
+            o = cached_attention(q, cache.key_set(Visibility(grid, self.window), positions[:, 0]))
         else:
             if self.pseudo_chunk:
                 o = causal_attention(q, k, v, document_start=document_start)
@@ -230,7 +214,7 @@ class CausalSelfAttention(nnx.Module):
         v = self.wv(xn).reshape(b, t, self.n_kv_heads, self.head_dim)
         if cache is not None and lengths is None:  # decode
             cache = cache.append(positions[:, 0], k[:, 0], v[:, 0])
-            o = cached_attention(q, cache.key_sets(positions[:, 0]))
+            o = cached_attention(q, cache.key_set(positions[:, 0]))
         else:
             split = cache is None and context_parallel.context_shards() > 1
             if split:  # context parallelism, the plain form: every shard gathers all keys and values

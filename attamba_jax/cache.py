@@ -2,18 +2,21 @@
 
 Per Attamba layer l (SPEC §5, chunk resets of §3.2 on the fixed grid B_l):
 
-    boundaries  post-RoPE k, v of every boundary so far, in arrival order   [B, Hkv, ⌈L/K⌉+1, D]
-    window      ring of the last W+1 tokens' k, v (token t in slot t % (W+1)) [B, Hkv, W+1, D]
-    ssm         scan state [B, 2·Hs, P, N] (float32) and conv history
-                [B, conv_width-1, 2·(I+2GN)] of the current chunk, the K and V SSMs stacked
+    kv   post-RoPE k, v in one store of ⌈L/K⌉+1 + W+1 slots                    [B, Hkv, S, D]
+         slots 0..⌈L/K⌉: every boundary so far, in arrival order (the j-th in slot j)
+         then a ring of the last W+1 tokens (token t in ring slot t % (W+1))
+    ssm  scan state [B, 2·Hs, P, N] (float32) and conv history
+         [B, conv_width-1, 2·(I+2GN)] of the current chunk, the K and V SSMs stacked
 
-Decoding token t attends to the boundaries b < t-W and to the window t-W..t, which is
-exactly row t of ``Visibility(grid, W).dense``. Because the grid never depends on the
-sequence length, a boundary's key is final the moment its token arrives.
+Decoding token t writes its k, v to its ring slot and, when it ends a chunk, to its boundary
+slot (one scatter per array), then attends to the store as one key set: the boundaries
+b < t-W and the window t-W..t, which is exactly row t of ``Visibility(grid, W).dense``
+(a boundary inside the window is seen through its ring slot only). Because the grid never
+depends on the sequence length, a boundary's key is final the moment its token arrives.
 
 A transformer layer keeps one ring: every token (capacity ``max_len``) or, with a sliding
 window of S, the last S+1 tokens. The ``pseudo_chunk`` ablation attends causally, so it
-keeps every token in its ring and no boundary store.
+keeps every token in its ring and no boundary slots.
 
 Every cache is a pytree of fixed shapes (usable under jit and in a ``while_loop``), and
 rows may sit at different positions: ``Cache.positions`` [B] is the position the next
@@ -49,14 +52,22 @@ def _gather_kv(x: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.swapaxes(_gather_rows(x, idx, valid), 1, 2)
 
 
-class KVRing(struct.PyTreeNode):
-    """Post-RoPE k, v of each row's last ``size`` tokens; token t lives in slot t % size."""
+def _ring_positions(size: int, last: jax.Array) -> jax.Array:
+    """[B, size]: the position each slot of a ring (token t in slot t % size) holds once token
+    ``last`` [B] is written (< 0: empty)."""
+    slots = jnp.arange(size)[None, :]
+    return last[:, None] - (last[:, None] - slots) % size
+
+
+class KVSlots(struct.PyTreeNode):
+    """Post-RoPE k, v of a layer in ``size`` slots per row; which token a slot holds is the
+    owning layer cache's rule."""
 
     k: jax.Array  # [B, Hkv, S, D]
     v: jax.Array  # [B, Hkv, S, D]
 
     @classmethod
-    def zeros(cls, batch: int, size: int, heads: int, head_dim: int, dtype) -> KVRing:
+    def zeros(cls, batch: int, size: int, heads: int, head_dim: int, dtype) -> KVSlots:
         shape = (batch, heads, size, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -64,98 +75,80 @@ class KVRing(struct.PyTreeNode):
     def size(self) -> int:
         return self.k.shape[2]
 
-    def _slot_positions(self, last: jax.Array) -> jax.Array:
-        """[B, S]: the position held by each slot once token ``last`` [B] is written (< 0: empty)."""
-        slots = jnp.arange(self.size)[None, :]
-        return last[:, None] - (last[:, None] - slots) % self.size
+    def fill(self, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array) -> KVSlots:
+        """Slot s of row b <- token positions[b, s] of whole sequences k, v [B, T, Hkv, D]; zero where not valid."""
+        return self.replace(k=_gather_kv(k, positions, valid), v=_gather_kv(v, positions, valid))
 
-    def fill(self, k: jax.Array, v: jax.Array, lengths: jax.Array) -> KVRing:
-        """From whole sequences k, v [B, T, Hkv, D] of which row i holds ``lengths[i]`` tokens."""
-        pos = self._slot_positions(lengths - 1)
-        valid = pos >= 0
-        return self.replace(k=_gather_kv(k, pos, valid), v=_gather_kv(v, pos, valid))
-
-    def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> KVRing:
-        """Store one token per row: k, v [B, Hkv, D] at ``positions`` [B]."""
-        rows, slot = jnp.arange(k.shape[0]), positions % self.size
-        return self.replace(k=self.k.at[rows, :, slot].set(k), v=self.v.at[rows, :, slot].set(v))
-
-    def key_set(self, positions: jax.Array) -> KeySet:
-        """The held tokens, as keys for the query at ``positions`` (already written)."""
-        return self.k, self.v, self._slot_positions(positions) >= 0
-
-
-class BoundaryKV(struct.PyTreeNode):
-    """Post-RoPE k, v of every boundary so far: the j-th boundary of the grid in slot j."""
-
-    k: jax.Array  # [B, Hkv, NB, D]
-    v: jax.Array  # [B, Hkv, NB, D]
-
-    @classmethod
-    def zeros(cls, batch: int, capacity: int, heads: int, head_dim: int, dtype) -> BoundaryKV:
-        shape = (batch, heads, capacity, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def fill(self, grid: ChunkGrid, k: jax.Array, v: jax.Array, lengths: jax.Array) -> BoundaryKV:
-        """From whole sequences k, v [B, T, Hkv, D] of which row i holds ``lengths[i]`` tokens."""
-        pos = jnp.broadcast_to(
-            grid.position(jnp.arange(self.capacity)), (k.shape[0], self.capacity)
-        )  # slot j: boundary j
-        valid = pos < lengths[:, None]
-        return self.replace(k=_gather_kv(k, pos, valid), v=_gather_kv(v, pos, valid))
-
-    def write(self, grid: ChunkGrid, positions: jax.Array, k: jax.Array, v: jax.Array) -> BoundaryKV:
-        """Store k, v [B, Hkv, D] of the rows whose token at ``positions`` ends a chunk."""
-        slot = jnp.where(grid.is_boundary(positions), grid.count_before(positions), self.capacity)
-        rows = jnp.arange(k.shape[0])
-        # Rows whose token is no boundary write out of bounds, which is dropped.
+    def write(self, slots: jax.Array, k: jax.Array, v: jax.Array) -> KVSlots:
+        """Store one token per row, k, v [B, Hkv, D], in each of its slots [B, n] (one scatter per
+        array; a slot >= ``size`` is dropped)."""
+        rows = jnp.arange(k.shape[0])[:, None]
         return self.replace(
-            k=self.k.at[rows, :, slot].set(k, mode="drop"), v=self.v.at[rows, :, slot].set(v, mode="drop")
+            k=self.k.at[rows, :, slots].set(k[:, None], mode="drop"),
+            v=self.v.at[rows, :, slots].set(v[:, None], mode="drop"),
         )
-
-    def key_set(self, visibility: Visibility, positions: jax.Array) -> KeySet:
-        """The boundary part of the query at ``positions``: the first ``boundaries_seen`` slots."""
-        seen = visibility.boundaries_seen(positions)  # [B]
-        return self.k, self.v, jnp.arange(self.capacity)[None, :] < seen[:, None]
 
 
 class AttambaLayerCache(struct.PyTreeNode):
-    boundaries: BoundaryKV
-    window: KVRing
+    """One Attamba layer's keys and values in one store of ``boundary_slots`` + W+1 slots: the j-th
+    boundary of the grid in slot j, then a ring of the last W+1 tokens (token t in slot
+    ``boundary_slots`` + t % (W+1)); a decode step writes both of a token's slots at once and
+    attends to the store as one key set."""
+
+    kv: KVSlots
     ssm: SSMState
+    boundary_slots: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def ring(self) -> int:
+        return self.kv.size - self.boundary_slots
+
+    def _slot_positions(self, grid: ChunkGrid, last: jax.Array) -> jax.Array:
+        """[B, S]: the position held by each slot once token ``last`` [B] is written (boundary
+        slots: their boundary's position, held once last reaches it)."""
+        boundaries = jnp.broadcast_to(
+            grid.position(jnp.arange(self.boundary_slots)), (last.shape[0], self.boundary_slots)
+        )
+        return jnp.concatenate([boundaries, _ring_positions(self.ring, last)], axis=1)
 
     def fill(self, grid: ChunkGrid, k, v, lengths, ssm: SSMState) -> AttambaLayerCache:
         """After a prefill: k, v [B, T, Hkv, D] post-RoPE, SSM states after each row's last token."""
-        return AttambaLayerCache(
-            boundaries=self.boundaries.fill(grid, k, v, lengths), window=self.window.fill(k, v, lengths), ssm=ssm
-        )
+        pos = self._slot_positions(grid, lengths - 1)
+        valid = (pos >= 0) & (pos < lengths[:, None])
+        return self.replace(kv=self.kv.fill(k, v, pos, valid), ssm=ssm)
 
     def append(self, grid: ChunkGrid, positions, k, v, ssm: SSMState) -> AttambaLayerCache:
         """After one decode step: k, v [B, Hkv, D] of the tokens at ``positions`` [B]."""
-        return AttambaLayerCache(
-            boundaries=self.boundaries.write(grid, positions, k, v), window=self.window.write(positions, k, v), ssm=ssm
-        )
+        slots = (self.boundary_slots + positions % self.ring)[:, None]
+        if self.boundary_slots:  # (none for the pseudo_chunk ablation, whose ring holds every token)
+            # A token that ends no chunk has no boundary slot: it writes out of bounds, which is dropped.
+            boundary = jnp.where(grid.is_boundary(positions), grid.count_before(positions), self.kv.size)
+            slots = jnp.concatenate([boundary[:, None], slots], axis=1)
+        return self.replace(kv=self.kv.write(slots, k, v), ssm=ssm)
 
-    def key_sets(self, visibility: Visibility, positions) -> list[KeySet]:
-        """The disjoint key sets of query t: boundaries before its window, then the window."""
-        return [self.boundaries.key_set(visibility, positions), self.window.key_set(positions)]
+    def key_set(self, visibility: Visibility, positions) -> KeySet:
+        """Query t's keys (token t already written): the boundaries before its window — the first
+        ``boundaries_seen`` boundary slots — and the window's held tokens; the two are disjoint."""
+        seen = visibility.boundaries_seen(positions)  # [B]
+        boundary = jnp.arange(self.boundary_slots)[None, :] < seen[:, None]
+        window = _ring_positions(self.ring, positions) >= 0
+        return self.kv.k, self.kv.v, jnp.concatenate([boundary, window], axis=1)
 
 
 class TransformerLayerCache(struct.PyTreeNode):
-    window: KVRing
+    """A ring of each row's last ``size`` tokens (every token, without a sliding window): token t in slot t % size."""
+
+    kv: KVSlots
 
     def fill(self, k, v, lengths) -> TransformerLayerCache:
-        return TransformerLayerCache(window=self.window.fill(k, v, lengths))
+        pos = _ring_positions(self.kv.size, lengths - 1)
+        return self.replace(kv=self.kv.fill(k, v, pos, pos >= 0))
 
     def append(self, positions, k, v) -> TransformerLayerCache:
-        return TransformerLayerCache(window=self.window.write(positions, k, v))
+        return self.replace(kv=self.kv.write((positions % self.kv.size)[:, None], k, v))
 
-    def key_sets(self, positions) -> list[KeySet]:
-        return [self.window.key_set(positions)]
+    def key_set(self, positions) -> KeySet:
+        return self.kv.k, self.kv.v, _ring_positions(self.kv.size, positions) >= 0
 
 
 class Cache(struct.PyTreeNode):
@@ -199,7 +192,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, token_chunk: int |
     n_boundaries, ring = _sizes(cfg, max_len, token_chunk)
     if cfg.arch == "transformer":
         k = None
-        layer = lambda: TransformerLayerCache(window=KVRing.zeros(batch, ring, heads, hd, dtype))
+        layer = lambda: TransformerLayerCache(kv=KVSlots.zeros(batch, ring, heads, hd, dtype))
     else:
         k = cfg.token_chunk if token_chunk is None else token_chunk
         inner, gn = cfg.ssm_inner_dim, cfg.ssm_groups * cfg.ssm_state_dim
@@ -208,9 +201,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, token_chunk: int |
             conv=jnp.zeros((batch, cfg.ssm_conv_width - 1, 2 * (inner + 2 * gn)), dtype),
         )
         layer = lambda: AttambaLayerCache(
-            boundaries=BoundaryKV.zeros(batch, n_boundaries, heads, hd, dtype),
-            window=KVRing.zeros(batch, ring, heads, hd, dtype),
-            ssm=ssm(),
+            kv=KVSlots.zeros(batch, n_boundaries + ring, heads, hd, dtype), ssm=ssm(), boundary_slots=n_boundaries
         )
     layers = tuple(layer() for _ in range(cfg.n_layers))
     return Cache(layers=layers, positions=jnp.zeros((batch,), jnp.int32), token_chunk=k, max_len=max_len)

@@ -148,7 +148,7 @@ def test_decode_with_bfloat16_tracks_the_forward():
     tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
     full = _jit(functools.partial(apply_model, graphdef))(params, tokens).astype(jnp.float32)
     _, cache = _jit(functools.partial(prefill, graphdef, max_len=10))(params, tokens, jnp.array([3, 5]))
-    assert cache.layers[0].window.k.dtype == jnp.bfloat16 and cache.layers[0].ssm.scan.dtype == jnp.float32
+    assert cache.layers[0].kv.k.dtype == jnp.bfloat16 and cache.layers[0].ssm.scan.dtype == jnp.float32
     step = _jit(functools.partial(decode_step, graphdef))
     scale = float(jnp.max(jnp.abs(full)))
     for _ in range(3):
