@@ -1,4 +1,4 @@
-"""Training-step throughput of one config on 1, 2 and 4 devices, data, fsdp and tensor meshes.
+"""Training-step throughput of one config on 1, 2 and 4 devices, data, fsdp, context and tensor meshes.
 
     python -m benchmarks.bench_scaling --out scaling.json [--deadline 200]
     python -m benchmarks.bench_scaling --paths chunked:compressed,pallas_gpu:pallas_gpu --profile --out scaling.json
@@ -9,7 +9,9 @@ shapes, without allocating the state; then they take turns (an exclusive file lo
 allocate, warm up and time, so no two timed runs share a device. Each case runs the
 trainer's own pieces: ``mesh_from_config``, ``init_train_state`` (state placed by the
 logical-axis rules) and ``jit_train_step`` (in/out shardings, donated state), on synthetic
-token batches of a fixed per-device batch. Scaling efficiency = tokens/s on n devices /
+token batches of a fixed per-device batch (``--per-device-batch`` rows; the devices of a context
+group share their rows, each holding 1/context of every row's length, so a context case runs the
+one-device case's rows over more devices). Scaling efficiency = tokens/s on n devices /
 (n x tokens/s on one), all within this run, for each implementation path.
 
 ``--paths`` times each case once per ``ssm:attention`` pair of ``model.ssm_implementation`` and
@@ -34,15 +36,17 @@ import time
 from benchmarks import trace_summary
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# name -> (devices, mesh data, mesh fsdp, mesh tensor)
+# name -> (devices, mesh data, mesh fsdp, mesh context, mesh tensor)
 CASES = {
-    "1": (1, 1, 1, 1),
-    "2-data": (2, 2, 1, 1),
-    "2-fsdp": (2, 1, 2, 1),
-    "2-tensor": (2, 1, 1, 2),
-    "4-data": (4, 4, 1, 1),
-    "4-fsdp": (4, 1, 4, 1),
-    "4-data-tensor": (4, 2, 1, 2),
+    "1": (1, 1, 1, 1, 1),
+    "2-data": (2, 2, 1, 1, 1),
+    "2-fsdp": (2, 1, 2, 1, 1),
+    "2-context": (2, 1, 1, 2, 1),
+    "2-tensor": (2, 1, 1, 1, 2),
+    "4-data": (4, 4, 1, 1, 1),
+    "4-fsdp": (4, 1, 4, 1, 1),
+    "4-context": (4, 1, 1, 4, 1),
+    "4-data-tensor": (4, 2, 1, 1, 2),
 }
 
 
@@ -75,14 +79,15 @@ def run_case(args) -> dict:
     from attamba_jax.sharding import tree_shardings, use_mesh
     from attamba_jax.train_step import init_train_state, jit_train_step, mesh_from_config, train_batch_sharding
 
-    n, data, fsdp, tensor = CASES[args.case]
+    n, data, fsdp, context, tensor = CASES[args.case]
     ssm, attention = parse_paths(args.path)[0]
-    batch = args.per_device_batch * n
+    batch = args.per_device_batch * n // context  # a context group shares its rows
     overrides = [
         f"data.seq_len={args.length}",
         f"data.batch_size={batch}",
         f"mesh.data={data}",
         f"mesh.fsdp={fsdp}",
+        f"mesh.context={context}",
         f"mesh.tensor={tensor}",
         f"model.ssm_implementation={ssm}",
         f"model.attention_implementation={attention}",

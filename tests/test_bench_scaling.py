@@ -55,3 +55,16 @@ def test_a_tensor_mesh_case_and_its_profile_against_one_device(tmp_path):
     for c in cases.values():
         assert c["path"] == "chunked:compressed" and c["tokens_per_s"] > 0
         assert c["profile"]["device_ms_per_step"] > 0 and 0.0 <= c["profile"]["pallas_share"] <= 1.0
+
+
+def test_a_context_mesh_case_runs_the_one_device_rows_over_two_devices(tmp_path):
+    # Given one device and a 2-way context mesh (virtual CPU devices), rows long enough for two pieces
+    proc, out = _run(tmp_path, "--cases", "1,2-context", "--length", "128", "--deadline", "400")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cases = {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+    # Then both ran, the context case on the same rows, each split over its two devices
+    assert "error" not in cases["1"] and "error" not in cases["2-context"], cases
+    assert cases["2-context"]["mesh"]["context"] == 2 and cases["2-context"]["devices"] == 2
+    assert cases["2-context"]["global_batch"] == cases["1"]["global_batch"] == 2
+    assert cases["2-context"]["length"] == 128 and cases["2-context"]["tokens_per_s"] > 0
+    assert cases["2-context"]["efficiency"] is not None
