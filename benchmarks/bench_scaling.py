@@ -1,7 +1,9 @@
-"""Training-step throughput of one config on 1, 2 and 4 devices, data, fsdp, context and tensor meshes.
+"""Training-step throughput of configs on 1, 2 and 4 devices, data, fsdp, context and tensor meshes.
 
     python -m benchmarks.bench_scaling --out scaling.json [--deadline 200]
     python -m benchmarks.bench_scaling --paths chunked:compressed,pallas_gpu:pallas_gpu --profile --out scaling.json
+    python -m benchmarks.bench_scaling --config configs/paper/attamba_k8_w8.yaml,configs/paper/transformer_isoparam.yaml \
+        --cases 1,2-context,4-context --length 131072 --per-device-batch 1 --out context.json
 
 Every case is its own process that sees only its devices (``CUDA_VISIBLE_DEVICES``; on CPU,
 ``--platform cpu`` gives it n virtual devices). All cases compile at once, from abstract
@@ -14,10 +16,12 @@ group share their rows, each holding 1/context of every row's length, so a conte
 one-device case's rows over more devices). Scaling efficiency = tokens/s on n devices /
 (n x tokens/s on one), all within this run, for each implementation path.
 
-``--paths`` times each case once per ``ssm:attention`` pair of ``model.ssm_implementation`` and
-``model.attention_implementation`` (e.g. the XLA paths ``chunked:compressed`` against the Pallas
-kernels ``pallas_gpu:pallas_gpu``, which run per device under ``shard_map``), so both sides of the
-comparison come from one run. ``--profile`` also traces a few steps of each case and reports where
+``--paths`` times each case of an Attamba config once per ``ssm:attention`` pair of
+``model.ssm_implementation`` and ``model.attention_implementation`` (e.g. the XLA paths
+``chunked:compressed`` against the Pallas kernels ``pallas_gpu:pallas_gpu``, which run per device
+under ``shard_map``); a transformer config runs its own settings (path ``config``). Several
+``--config`` files (comma-separated) run side by side, each case's tokens/s also given as a ratio to
+the first config's (its first path), so both sides of a comparison come from one run. ``--profile`` also traces a few steps of each case and reports where
 the device time goes by kernel family (``trace_summary``), and the Pallas kernels' share of it.
 """
 
@@ -50,6 +54,18 @@ CASES = {
 }
 
 
+CONFIG_PATH = "config"  # the path of a config that takes no --paths (a transformer): its own settings
+
+
+def config_paths(config: str, paths: list[tuple[str, str]]) -> list[str]:
+    """The paths one config runs: each ``ssm:attention`` pair for Attamba, its own settings for a transformer."""
+    from attamba_jax.config import load_config
+
+    if load_config(ROOT / config).model.arch != "attamba":
+        return [CONFIG_PATH]
+    return [f"{ssm}:{attention}" for ssm, attention in paths]
+
+
 def parse_paths(text: str) -> list[tuple[str, str]]:
     """``--paths`` text "ssm:attention,..." -> [(ssm, attention), ...]: auto or an implementation of each op."""
     from pallas_kernels.boundary_window_attention import IMPLEMENTATIONS as ATTENTION
@@ -80,7 +96,6 @@ def run_case(args) -> dict:
     from attamba_jax.train_step import init_train_state, jit_train_step, mesh_from_config, train_batch_sharding
 
     n, data, fsdp, context, tensor = CASES[args.case]
-    ssm, attention = parse_paths(args.path)[0]
     batch = args.per_device_batch * n // context  # a context group shares its rows
     overrides = [
         f"data.seq_len={args.length}",
@@ -89,9 +104,10 @@ def run_case(args) -> dict:
         f"mesh.fsdp={fsdp}",
         f"mesh.context={context}",
         f"mesh.tensor={tensor}",
-        f"model.ssm_implementation={ssm}",
-        f"model.attention_implementation={attention}",
     ]
+    if args.path != CONFIG_PATH:
+        ssm, attention = parse_paths(args.path)[0]
+        overrides += [f"model.ssm_implementation={ssm}", f"model.attention_implementation={attention}"]
     cfg = load_config(ROOT / args.config, overrides)
     mesh = mesh_from_config(cfg.mesh)
     assert mesh.devices.size == n, (mesh.devices.size, n)
@@ -158,6 +174,7 @@ def run_case(args) -> dict:
             )
         n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
         return {
+            "config": args.config,
             "case": args.case,
             "path": args.path,
             "devices": n,
@@ -179,7 +196,9 @@ def run_case(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/scale/attamba_350m.yaml")
+    parser.add_argument(
+        "--config", default="configs/scale/attamba_350m.yaml", help="config,... each run on every case, side by side"
+    )
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--per-device-batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
@@ -208,7 +227,11 @@ def main():
         return
     try:
         paths = parse_paths(args.paths)
-    except ValueError as e:
+        configs = args.config.split(",")
+        if len(set(configs)) != len(configs):
+            raise ValueError(f"--config names a file twice: {args.config!r}")
+        config_runs = {config: config_paths(config, paths) for config in configs}
+    except (ValueError, OSError) as e:  # a bad path, a missing or invalid config file
         parser.error(str(e))
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
@@ -220,8 +243,10 @@ def main():
     lock = out.with_suffix(".lock")
     start = time.perf_counter()
     children = {}
-    runs = [(name, f"{ssm}:{attention}") for name in args.cases.split(",") for ssm, attention in paths]
-    for name, path in runs:
+    runs = [
+        (config, name, path) for config in configs for name in args.cases.split(",") for path in config_runs[config]
+    ]
+    for config, name, path in runs:
         n = CASES[name][0]
         env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
         env["PYTHONPATH"] = f"{ROOT}:{env.get('PYTHONPATH', '')}"
@@ -231,53 +256,57 @@ def main():
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
         child_args = [a for a in sys.argv[1:]]
         cmd = [sys.executable, "-m", "benchmarks.bench_scaling", *child_args]
-        cmd += ["--case", name, "--path", path, "--lock", str(lock)]
-        children[name, path] = subprocess.Popen(
+        cmd += ["--config", config, "--case", name, "--path", path, "--lock", str(lock)]
+        children[config, name, path] = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
     results = {
-        "config": args.config,
+        "configs": configs,
         "per_device_batch": args.per_device_batch,
         "length": args.length,
         "paths": [f"{ssm}:{attention}" for ssm, attention in paths],
         "cases": [],
     }
-    for (name, path), proc in children.items():
+    for (config, name, path), proc in children.items():
         try:
             text, _ = proc.communicate(timeout=max(1.0, args.deadline - (time.perf_counter() - start)))
         except subprocess.TimeoutExpired:
             proc.kill()
             text, _ = proc.communicate()
-            results["cases"].append({"case": name, "path": path, "error": f"deadline {args.deadline:.0f}s reached"})
-            print(f"{name} {path}: stopped at the deadline", flush=True)
+            error = {"config": config, "case": name, "path": path, "error": f"deadline {args.deadline:.0f}s reached"}
+            results["cases"].append(error)
+            print(f"{config} {name} {path}: stopped at the deadline", flush=True)
             continue
         found = [line[len("RESULT ") :] for line in text.splitlines() if line.startswith("RESULT ")]
         if found:
             results["cases"].append(json.loads(found[-1]))
         else:
-            results["cases"].append({"case": name, "path": path, "error": text[-2000:]})
-            print(f"{name} {path}: failed\n{text[-2000:]}", flush=True)
-    done = {(c["case"], c["path"]): c for c in results["cases"] if "error" not in c}
-    first = results["paths"][0]
-    width = max(len(p) for p in results["paths"])
+            results["cases"].append({"config": config, "case": name, "path": path, "error": text[-2000:]})
+            print(f"{config} {name} {path}: failed\n{text[-2000:]}", flush=True)
+    done = {(c["config"], c["case"], c["path"]): c for c in results["cases"] if "error" not in c}
+    width = max(len(p) for p in [CONFIG_PATH, *results["paths"]])
+    cwidth = max(len("config"), *(len(pathlib.Path(c).stem) for c in configs))
     print(
-        f"{'case':<14} {'path':<{width}} {'devices':>7} {'step ms':>9} {'tokens/s':>11} {'per device':>11} "
-        f"{'efficiency':>10} {'vs ' + first:>{width + 3}} {'Pallas share':>12}"
+        f"{'config':<{cwidth}} {'case':<14} {'path':<{width}} {'devices':>7} {'step ms':>9} {'tokens/s':>11} "
+        f"{'per device':>11} {'efficiency':>10} {'vs first path':>13} {'vs first config':>15} {'Pallas share':>12}"
     )
-    for name, path in runs:
-        c = done.get((name, path))
+    for config, name, path in runs:
+        c = done.get((config, name, path))
         if c is None:
             continue
-        base = done.get(("1", path))
+        base = done.get((config, "1", path))
         c["efficiency"] = c["tokens_per_s"] / (c["devices"] * base["tokens_per_s"]) if base else None
-        ref = done.get((name, first))
+        ref = done.get((config, name, config_runs[config][0]))
         c["speedup_vs_first_path"] = c["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        other = done.get((configs[0], name, config_runs[configs[0]][0]))
+        c["speedup_vs_first_config"] = c["tokens_per_s"] / other["tokens_per_s"] if other else None
+        ratio = lambda x: "-" if x is None else f"{x:.2f}x"
         eff = "-" if c["efficiency"] is None else f"{100 * c['efficiency']:.1f}%"
-        speed = "-" if c["speedup_vs_first_path"] is None else f"{c['speedup_vs_first_path']:.2f}x"
         share = f"{100 * c['profile']['pallas_share']:.1f}%" if "profile" in c else "-"
         print(
-            f"{name:<14} {path:<{width}} {c['devices']:>7} {c['step_ms']:>9.1f} {c['tokens_per_s']:>11,.0f} "
-            f"{c['tokens_per_s'] / c['devices']:>11,.0f} {eff:>10} {speed:>{width + 3}} {share:>12}"
+            f"{pathlib.Path(config).stem:<{cwidth}} {name:<14} {path:<{width}} {c['devices']:>7} {c['step_ms']:>9.1f} "
+            f"{c['tokens_per_s']:>11,.0f} {c['tokens_per_s'] / c['devices']:>11,.0f} {eff:>10} "
+            f"{ratio(c['speedup_vs_first_path']):>13} {ratio(c['speedup_vs_first_config']):>15} {share:>12}"
         )
     results["wall_s"] = time.perf_counter() - start
     out.write_text(json.dumps(results, indent=1))

@@ -1,6 +1,7 @@
 """benchmarks/bench_scaling.py: cases on meshes of virtual CPU devices, paths side by side, profiles."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -57,14 +58,55 @@ def test_a_tensor_mesh_case_and_its_profile_against_one_device(tmp_path):
         assert c["profile"]["device_ms_per_step"] > 0 and 0.0 <= c["profile"]["pallas_share"] <= 1.0
 
 
-def test_a_context_mesh_case_runs_the_one_device_rows_over_two_devices(tmp_path):
-    # Given one device and a 2-way context mesh (virtual CPU devices), rows long enough for two pieces
-    proc, out = _run(tmp_path, "--cases", "1,2-context", "--length", "128", "--deadline", "400")
+TINY_TRANSFORMER = """
+model:
+  arch: transformer
+  vocab_size: 258
+  dim: 64
+  n_layers: 2
+  n_heads: 4
+  multiple_of: 64
+data:
+  train: [stdlib]
+  tokenizer: byte
+  seq_len: 128
+  batch_size: 2
+"""
+
+
+def test_context_mesh_cases_of_attamba_and_a_transformer_side_by_side(tmp_path):
+    # Given the tiny Attamba and a tiny transformer, each on one device and a 2-way context mesh
+    transformer = tmp_path / "transformer.yaml"
+    transformer.write_text(TINY_TRANSFORMER)
+    proc, out = _run(
+        tmp_path,
+        "--config",
+        f"configs/tiny.yaml,{transformer}",
+        "--cases",
+        "1,2-context",
+        "--length",
+        "128",
+        "--deadline",
+        "500",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    cases = {c["case"]: c for c in json.loads(out.read_text())["cases"]}
-    # Then both ran, the context case on the same rows, each split over its two devices
-    assert "error" not in cases["1"] and "error" not in cases["2-context"], cases
-    assert cases["2-context"]["mesh"]["context"] == 2 and cases["2-context"]["devices"] == 2
-    assert cases["2-context"]["global_batch"] == cases["1"]["global_batch"] == 2
-    assert cases["2-context"]["length"] == 128 and cases["2-context"]["tokens_per_s"] > 0
-    assert cases["2-context"]["efficiency"] is not None
+    result = json.loads(out.read_text())
+    cases = {(pathlib.Path(c["config"]).stem, c["case"]): c for c in result["cases"]}
+    assert all("error" not in c for c in cases.values()), result
+    # Then each context case runs its one-device case's rows, each split over its two devices
+    for model in ("tiny", "transformer"):
+        one, two = cases[model, "1"], cases[model, "2-context"]
+        assert two["mesh"]["context"] == 2 and two["devices"] == 2
+        assert two["global_batch"] == one["global_batch"] == 2 and two["tokens_per_s"] > 0
+        assert two["efficiency"] is not None
+    # ... the transformer on its own settings, with its speed as a ratio to Attamba's in the same run
+    assert cases["transformer", "1"]["path"] == bench_scaling.CONFIG_PATH
+    assert cases["tiny", "1"]["speedup_vs_first_config"] == pytest.approx(1.0)
+    ratio = cases["transformer", "2-context"]["tokens_per_s"] / cases["tiny", "2-context"]["tokens_per_s"]
+    assert cases["transformer", "2-context"]["speedup_vs_first_config"] == pytest.approx(ratio)
+
+
+def test_a_config_named_twice_is_refused(tmp_path):
+    proc, out = _run(tmp_path, "--config", "configs/tiny.yaml,configs/tiny.yaml")
+    assert proc.returncode == 2 and "--config names a file twice" in proc.stderr
+    assert not out.exists()
