@@ -23,6 +23,7 @@ CATEGORIES = (
     ("SSD (Pallas)", r"ssd_"),
     ("Attamba attention (Pallas)", r"boundary_window_attention|chunked_attention"),  # (the name before 2026-12)
     ("cuDNN attention", r"cudnn|flash|fmha"),
+    ("collectives (NCCL)", r"nccl"),  # the mesh's communication: all-gathers, permutes, reductions
     ("matmul", r"gemm|nvjet|cutlass|xmma|matmul|dot|sm90_"),
     ("reduction fusions", r"reduce|reduction"),
     ("copies / transposes", r"copy|transpose|memcpy|memset|dynamic.update|slice"),

@@ -35,14 +35,21 @@ def test_device_kernels_are_summed_by_name_and_family(tmp_path):
             kernel(2, "loop_add_fusion_3", 200.0),
             kernel(2, "nvjet_sm90_tst_128x160", 400.0),
             kernel(2, "cudnn_generated_fort_native_sdpa", 600.0),
+            kernel(2, "ncclDevKernel_AllGather_RING_LL", 200.0),
         ],
     )
     table = trace_summary.kernel_table(tmp_path, steps=2)
-    assert table["device_ms_per_step"] == pytest.approx(1.0)
+    assert table["device_ms_per_step"] == pytest.approx(1.1)
     families = {r["name"]: r["ms_per_step"] for r in table["families"]}
-    assert families == pytest.approx({"matmul": 0.4, "cuDNN attention": 0.3, "SSD (Pallas)": 0.2, "other fusions": 0.1})
+    assert families == pytest.approx(
+        {"matmul": 0.4, "cuDNN attention": 0.3, "SSD (Pallas)": 0.2, "other fusions": 0.1, "collectives (NCCL)": 0.1}
+    )
     top = table["kernels"][0]
-    assert (top["name"], top["calls_per_step"], top["share"]) == ("nvjet_sm90_tst_128x160", 1.0, pytest.approx(0.4))
+    assert (top["name"], top["calls_per_step"], top["share"]) == (
+        "nvjet_sm90_tst_128x160",
+        1.0,
+        pytest.approx(0.4 / 1.1),
+    )
     assert "matmul" in trace_summary.format_table(table, "step")
 
 
