@@ -52,11 +52,16 @@ def _gather_kv(x: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.swapaxes(_gather_rows(x, idx, valid), 1, 2)
 
 
+def _ring_slot(size: int, positions: jax.Array) -> jax.Array:
+    """The slot of a ring of ``size`` slots that token ``positions`` takes: t % size."""
+    return positions % size
+
+
 def _ring_positions(size: int, last: jax.Array) -> jax.Array:
-    """[B, size]: the position each slot of a ring (token t in slot t % size) holds once token
-    ``last`` [B] is written (< 0: empty)."""
+    """[B, size]: the position each slot of a ring (``_ring_slot``) holds once token ``last`` [B]
+    is written (< 0: empty)."""
     slots = jnp.arange(size)[None, :]
-    return last[:, None] - (last[:, None] - slots) % size
+    return last[:, None] - _ring_slot(size, last[:, None] - slots)
 
 
 class KVSlots(struct.PyTreeNode):
@@ -119,7 +124,7 @@ class AttambaLayerCache(struct.PyTreeNode):
 
     def append(self, grid: ChunkGrid, positions, k, v, ssm: SSMState) -> AttambaLayerCache:
         """After one decode step: k, v [B, Hkv, D] of the tokens at ``positions`` [B]."""
-        slots = (self.boundary_slots + positions % self.ring)[:, None]
+        slots = (self.boundary_slots + _ring_slot(self.ring, positions))[:, None]
         if self.boundary_slots:  # (none for the pseudo_chunk ablation, whose ring holds every token)
             # A token that ends no chunk has no boundary slot: it writes out of bounds, which is dropped.
             boundary = jnp.where(grid.is_boundary(positions), grid.count_before(positions), self.kv.size)
@@ -145,7 +150,7 @@ class TransformerLayerCache(struct.PyTreeNode):
         return self.replace(kv=self.kv.fill(k, v, pos, pos >= 0))
 
     def append(self, positions, k, v) -> TransformerLayerCache:
-        return self.replace(kv=self.kv.write((positions % self.kv.size)[:, None], k, v))
+        return self.replace(kv=self.kv.write(_ring_slot(self.kv.size, positions)[:, None], k, v))
 
     def key_set(self, positions) -> KeySet:
         return self.kv.k, self.kv.v, _ring_positions(self.kv.size, positions) >= 0

@@ -21,8 +21,9 @@ one-device case's rows over more devices). Scaling efficiency = tokens/s on n de
 ``chunked:compressed`` against the Pallas kernels ``pallas_gpu:pallas_gpu``, which run per device
 under ``shard_map``); a transformer config runs its own settings (path ``config``). Several
 ``--config`` files (comma-separated) run side by side, each case's tokens/s also given as a ratio to
-the first config's (its first path), so both sides of a comparison come from one run. ``--profile`` also traces a few steps of each case and reports where
-the device time goes by kernel family (``trace_summary``), and the Pallas kernels' share of it.
+the first config's (its first path), so both sides of a comparison come from one run.
+``--profile`` also traces a few steps of each case and reports where the device time goes by
+kernel family (``trace_summary``), and the Pallas kernels' share of it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -40,17 +42,17 @@ import time
 from benchmarks import trace_summary
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# name -> (devices, mesh data, mesh fsdp, mesh context, mesh tensor)
+# name -> (mesh data, mesh fsdp, mesh context, mesh tensor); the case's devices are their product
 CASES = {
-    "1": (1, 1, 1, 1, 1),
-    "2-data": (2, 2, 1, 1, 1),
-    "2-fsdp": (2, 1, 2, 1, 1),
-    "2-context": (2, 1, 1, 2, 1),
-    "2-tensor": (2, 1, 1, 1, 2),
-    "4-data": (4, 4, 1, 1, 1),
-    "4-fsdp": (4, 1, 4, 1, 1),
-    "4-context": (4, 1, 1, 4, 1),
-    "4-data-tensor": (4, 2, 1, 1, 2),
+    "1": (1, 1, 1, 1),
+    "2-data": (2, 1, 1, 1),
+    "2-fsdp": (1, 2, 1, 1),
+    "2-context": (1, 1, 2, 1),
+    "2-tensor": (1, 1, 1, 2),
+    "4-data": (4, 1, 1, 1),
+    "4-fsdp": (1, 4, 1, 1),
+    "4-context": (1, 1, 4, 1),
+    "4-data-tensor": (2, 1, 1, 2),
 }
 
 
@@ -95,7 +97,8 @@ def run_case(args) -> dict:
     from attamba_jax.sharding import tree_shardings, use_mesh
     from attamba_jax.train_step import init_train_state, jit_train_step, mesh_from_config, train_batch_sharding
 
-    n, data, fsdp, context, tensor = CASES[args.case]
+    data, fsdp, context, tensor = CASES[args.case]
+    n = math.prod(CASES[args.case])
     batch = args.per_device_batch * n // context  # a context group shares its rows
     overrides = [
         f"data.seq_len={args.length}",
@@ -247,7 +250,7 @@ def main():
         (config, name, path) for config in configs for name in args.cases.split(",") for path in config_runs[config]
     ]
     for config, name, path in runs:
-        n = CASES[name][0]
+        n = math.prod(CASES[name])
         env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
         env["PYTHONPATH"] = f"{ROOT}:{env.get('PYTHONPATH', '')}"
         if args.platform == "cpu":
