@@ -29,7 +29,7 @@ from flax import nnx
 from attamba_jax import context_parallel, sharding
 from attamba_jax.cache import AttambaLayerCache, KeySet, TransformerLayerCache
 from attamba_jax.config import ModelConfig
-from attamba_jax.layers import Dense, apply_rope
+from attamba_jax.layers import Dense, apply_rope, dense_of_one_input
 from attamba_jax.ssm import StackedMamba2
 from pallas_kernels.boundary_window_attention import IMPLEMENTATIONS, boundary_window_attention
 from pallas_kernels.causal_attention import causal_attention
@@ -112,22 +112,23 @@ class AttambaAttention(nnx.Module):
             raise ValueError("document_start is for the training forward; a prompt is one document")
         if cache is None and context_parallel.context_shards() > 1:
             return self._context_parallel(xn, positions, grid, document_start), None
+        if decode:
+            q, zxbcdt = self._decode_projections(xn)
+            kv_ssm, ssm_state = self.ssm.step(zxbcdt[:, 0], grid, positions[:, 0], cache.ssm)
+            q, (k, v) = self._q(q, positions), self._kv(xn, kv_ssm, positions)
+            cache = cache.append(grid, positions[:, 0], k[:, 0], v[:, 0], ssm_state)
+            o = cached_attention(q, cache.key_set(Visibility(grid, self.window), positions[:, 0]))
+            return self.wo(o.reshape(b, t, -1)), cache
         if cache is None:
             kv_ssm, ssm_state = self.ssm(xn, grid, document_start), None
-        elif decode:
-            kv_ssm, ssm_state = self.ssm.step(xn, grid, positions[:, 0], cache.ssm)
         else:
             kv_ssm, ssm_state = self.ssm.prefill(xn, grid, lengths)
         q, k, v = self._qkv(xn, kv_ssm, positions)
-        if decode:
-            cache = cache.append(grid, positions[:, 0], k[:, 0], v[:, 0], ssm_state)
-            o = cached_attention(q, cache.key_set(Visibility(grid, self.window), positions[:, 0]))
+        if self.pseudo_chunk:
+            o = causal_attention(q, k, v, document_start=document_start)
         else:
-            if self.pseudo_chunk:
-                o = causal_attention(q, k, v, document_start=document_start)
-            else:
-                o = _boundary_window(q, k, v, grid, self.window, self.implementation, document_start)
-            cache = None if cache is None else cache.fill(grid, k, v, lengths, ssm_state)
+            o = _boundary_window(q, k, v, grid, self.window, self.implementation, document_start)
+        cache = None if cache is None else cache.fill(grid, k, v, lengths, ssm_state)
         return self.wo(o.reshape(b, t, -1)), cache
 
     def _context_parallel(self, xn, positions, grid: ChunkGrid, document_start):
@@ -141,7 +142,7 @@ class AttambaAttention(nnx.Module):
         xr = rows.to_rows(xn)
         kv_ssm = self.ssm(xr, grid, rows.row_starts(starts), rows="context_rows")  # [2c·B, halo + P, 2, dim]
         k, v = self._kv(xr, kv_ssm, rows.to_rows(positions))
-        q = self._q(xn, positions)
+        q = self._q(self.wq(xn), positions)
         if self.pseudo_chunk:  # every earlier key: the whole rows' keys in their order, as the transformer has them
             q, k, v = rows.natural(q), rows.natural(rows.shards_of(k)), rows.natural(rows.shards_of(v))
             ds = None if document_start is None else rows.natural(document_start)
@@ -164,11 +165,21 @@ class AttambaAttention(nnx.Module):
 
     def _qkv(self, xn, kv_ssm, positions):
         """q [B,T,H,D], k, v [B,T,Hkv,D] from xn and the SSM outputs kv_ssm [B,T,2,dim]; q, k rotated at ``positions``."""
-        return self._q(xn, positions), *self._kv(xn, kv_ssm, positions)
+        return self._q(self.wq(xn), positions), *self._kv(xn, kv_ssm, positions)
 
-    def _q(self, xn, positions):
-        b, t, _ = xn.shape
-        return apply_rope(self.wq(xn).reshape(b, t, self.n_heads, self.head_dim), positions, self.rope_theta)
+    def _decode_projections(self, xn):
+        """xn [B, 1, dim] -> (xn @ Wq, the SSMs' in-projection): one matmul where the mesh splits
+        neither's output columns (one token's step is bound by launches), two where it does."""
+        if sharding.splits("heads", self.wq.kernel.shape[1]) or sharding.splits(
+            "ssm_inner", self.ssm.in_proj.kernel.shape[1]
+        ):
+            return self.wq(xn), self.ssm.in_proj(xn)
+        return dense_of_one_input(xn, (self.wq, self.ssm.in_proj))
+
+    def _q(self, q, positions):
+        """xn @ Wq [B, T, attn_dim] -> the rotated queries [B, T, H, D]."""
+        b, t, _ = q.shape
+        return apply_rope(q.reshape(b, t, self.n_heads, self.head_dim), positions, self.rope_theta)
 
     def _kv(self, xn, kv_ssm, positions):
         b, t, _ = xn.shape

@@ -211,8 +211,12 @@ class StackedMamba2(nnx.Module):
         conv = jnp.where((hidx >= start[:, None])[..., None], xbc[rows, jnp.clip(hidx, 0, t - 1)], 0)
         return out, SSMState(scan=scan, conv=conv.astype(xbc.dtype))
 
-    def step(self, u: jax.Array, grid: ChunkGrid, positions: jax.Array, state: SSMState) -> tuple[jax.Array, SSMState]:
-        """One token per row: u [B, 1, dim] at ``positions`` [B] -> out [B, 1, S, dim], new state.
+    def step(
+        self, zxbcdt: jax.Array, grid: ChunkGrid, positions: jax.Array, state: SSMState
+    ) -> tuple[jax.Array, SSMState]:
+        """One token per row from its in-projection ``zxbcdt`` = ``in_proj(u)`` [B, S·(2I + 2GN + Hs)]
+        at ``positions`` [B] -> out [B, 1, S, dim], new state. The caller projects (it may do so
+        together with another projection of u).
 
         A token that starts a chunk (t = 0 or t-1 a boundary) starts from the zero state. Between
         the two projections the step is one op, ``pallas_kernels.ssm_step``: one fused kernel on a
@@ -223,7 +227,7 @@ class StackedMamba2(nnx.Module):
         )
         dt_bias = None if self.dt_bias is None else self.dt_bias[...]
         args = (
-            self.in_proj(u)[:, 0],
+            zxbcdt,
             state.conv,
             state.scan,
             self.conv_weight[...],
