@@ -23,7 +23,9 @@ under ``shard_map``); a transformer config runs its own settings (path ``config`
 ``--config`` files (comma-separated) run side by side, each case's tokens/s also given as a ratio to
 the first config's (its first path), so both sides of a comparison come from one run.
 ``--profile`` also traces a few steps of each case and reports where the device time goes by
-kernel family (``trace_summary``), and the Pallas kernels' share of it.
+kernel family (``trace_summary``; the mesh's communication is the ``collectives (NCCL)`` family),
+and the Pallas kernels' share of it. Every case also records the bytes its compiled step's
+collectives deliver to each device, by kind (``hlo_collectives``; "moved MB" in the table).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks import trace_summary
+from benchmarks import hlo_collectives, trace_summary
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # name -> (mesh data, mesh fsdp, mesh context, mesh tensor); the case's devices are their product
@@ -143,6 +145,7 @@ def run_case(args) -> dict:
             jit_train_step(graphdef, tx, schedule, shardings, batch_sharding).lower(abstract, abstract_batch).compile()
         )
     compile_s = time.perf_counter() - t0
+    moved = hlo_collectives.collective_bytes(compiled.as_text())  # per device and step, by kind
 
     with open(args.lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process exits
@@ -191,6 +194,7 @@ def run_case(args) -> dict:
             "step_ms_runs": [1e3 * t for t in times],
             "tokens_per_s": batch * args.length / step_s,
             "compile_s": compile_s,
+            "collective_bytes": moved,
             "waited_s": waited_s,
             "loss": float(metrics["loss"]),
             **({"profile": profile} if profile is not None else {}),
@@ -291,7 +295,8 @@ def main():
     cwidth = max(len("config"), *(len(pathlib.Path(c).stem) for c in configs))
     print(
         f"{'config':<{cwidth}} {'case':<14} {'path':<{width}} {'devices':>7} {'step ms':>9} {'tokens/s':>11} "
-        f"{'per device':>11} {'efficiency':>10} {'vs first path':>13} {'vs first config':>15} {'Pallas share':>12}"
+        f"{'per device':>11} {'efficiency':>10} {'vs first path':>13} {'vs first config':>15} {'Pallas share':>12} "
+        f"{'moved MB':>9}"
     )
     for config, name, path in runs:
         c = done.get((config, name, path))
@@ -309,7 +314,8 @@ def main():
         print(
             f"{pathlib.Path(config).stem:<{cwidth}} {name:<14} {path:<{width}} {c['devices']:>7} {c['step_ms']:>9.1f} "
             f"{c['tokens_per_s']:>11,.0f} {c['tokens_per_s'] / c['devices']:>11,.0f} {eff:>10} "
-            f"{ratio(c['speedup_vs_first_path']):>13} {ratio(c['speedup_vs_first_config']):>15} {share:>12}"
+            f"{ratio(c['speedup_vs_first_path']):>13} {ratio(c['speedup_vs_first_config']):>15} {share:>12} "
+            f"{sum(c['collective_bytes'].values()) / 1e6:>9.1f}"
         )
     results["wall_s"] = time.perf_counter() - start
     out.write_text(json.dumps(results, indent=1))

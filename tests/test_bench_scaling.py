@@ -99,6 +99,9 @@ def test_context_mesh_cases_of_attamba_and_a_transformer_side_by_side(tmp_path):
         assert two["mesh"]["context"] == 2 and two["devices"] == 2
         assert two["global_batch"] == one["global_batch"] == 2 and two["tokens_per_s"] > 0
         assert two["efficiency"] is not None
+        # ... and its compiled step's collectives deliver bytes to each device, the one device's none
+        assert sum(one["collective_bytes"].values()) == 0 < sum(two["collective_bytes"].values()), (one, two)
+    assert "moved MB" in proc.stdout
     # ... the transformer on its own settings, with its speed as a ratio to Attamba's in the same run
     assert cases["transformer", "1"]["path"] == bench_scaling.CONFIG_PATH
     assert cases["tiny", "1"]["speedup_vs_first_config"] == pytest.approx(1.0)

@@ -3,7 +3,6 @@ loss and gradients, and a train step moves only halos and boundary keys (the tra
 keys and values). CPU, 8 virtual devices."""
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from attamba_jax.context_parallel import ContextRows, context_order
 from attamba_jax.model import init_model
 from attamba_jax.sharding import make_mesh, tree_shardings, use_mesh
 from attamba_jax.train_step import make_train_step, nll_sum
+from benchmarks.hlo_collectives import collective_bytes
 from pallas_kernels import documents
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.visibility import Visibility
@@ -123,24 +123,6 @@ def test_document_starts_computed_slice_by_slice_equal_the_whole_row(slices):
     np.testing.assert_array_equal(documents.from_segment_ids(jnp.asarray(seg), slices=slices), whole)
 
 
-_COLLECTIVE = re.compile(
-    r"= (\([^)]*\)|\S+) (all-gather|collective-permute|all-reduce|reduce-scatter|all-to-all)(-start)?\("
-)
-_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
-_BYTES = {"f32": 4, "s32": 4, "bf16": 2, "pred": 1}
-
-
-def _collective_bytes(hlo: str) -> int:
-    """Bytes every device receives from the collectives of compiled ``hlo`` (their outputs' sizes,
-    each element of a combined collective's tuple counted)."""
-    total = 0
-    for result, _, start in _COLLECTIVE.findall(hlo):
-        assert not start, "an asynchronous collective: its result holds its operands too"
-        for dtype, dims in _SHAPE.findall(result):
-            total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-    return total
-
-
 def _step_collective_bytes(cfg, batch, shards: int) -> int:
     """Bytes the collectives of one compiled train step deliver to a device, the length split over
     ``shards`` context devices, less the all-reduce of the (replicated) parameter gradients."""
@@ -152,7 +134,7 @@ def _step_collective_bytes(cfg, batch, shards: int) -> int:
         state = jax.device_put(state, tree_shardings(state, mesh))
         step = jax.jit(make_train_step(graphdef, tx, lambda count: 1e-3))
         hlo = step.lower(state, jax.tree.map(lambda a: a[None], batch)).compile().as_text()
-    return _collective_bytes(hlo) - sum(4 * x.size for x in jax.tree.leaves(params))
+    return sum(collective_bytes(hlo).values()) - sum(4 * x.size for x in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("packed", [False, True])
