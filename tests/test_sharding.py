@@ -1,6 +1,6 @@
 """Meshes: a train step on any (data, fsdp, context, tensor) mesh equals the one-device step, fsdp keeps
-the state sharded in the compiled step, generation on a mesh equals one device's, checkpoints restore onto another mesh, and mesh config
-errors say what is wrong. CPU, 8 virtual devices (conftest.py)."""
+the state sharded in the compiled step, generation on a mesh equals one device's, checkpoints restore
+onto another mesh, and mesh config errors say what is wrong. CPU, 8 virtual devices (conftest.py)."""
 
 import json
 import pathlib
