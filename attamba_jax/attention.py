@@ -113,8 +113,8 @@ class AttambaAttention(nnx.Module):
         if cache is None and context_parallel.context_shards() > 1:
             return self._context_parallel(xn, positions, grid, document_start), None
         if decode:
-            q, zxbcdt = self._decode_projections(xn)
-            kv_ssm, ssm_state = self.ssm.step(zxbcdt[:, 0], grid, positions[:, 0], cache.ssm)
+            q, zxbcdt, offset = self._decode_projections(xn)
+            kv_ssm, ssm_state = self.ssm.step(zxbcdt[:, 0], grid, positions[:, 0], cache.ssm, offset=offset)
             q, (k, v) = self._q(q, positions), self._kv(xn, kv_ssm, positions)
             cache = cache.append(grid, positions[:, 0], k[:, 0], v[:, 0], ssm_state)
             o = cached_attention(q, cache.key_set(Visibility(grid, self.window), positions[:, 0]))
@@ -168,13 +168,15 @@ class AttambaAttention(nnx.Module):
         return self._q(self.wq(xn), positions), *self._kv(xn, kv_ssm, positions)
 
     def _decode_projections(self, xn):
-        """xn [B, 1, dim] -> (xn @ Wq, the SSMs' in-projection): one matmul where the mesh splits
-        neither's output columns (one token's step is bound by launches), two where it does."""
-        if sharding.splits("heads", self.wq.kernel.shape[1]) or sharding.splits(
-            "ssm_inner", self.ssm.in_proj.kernel.shape[1]
-        ):
-            return self.wq(xn), self.ssm.in_proj(xn)
-        return dense_of_one_input(xn, (self.wq, self.ssm.in_proj))
+        """xn [B, 1, dim] -> (xn @ Wq, an array holding the SSMs' in-projection from column
+        ``offset``, ``offset``): one matmul where the mesh splits neither's output columns (one
+        token's step is bound by launches), whose output the SSM step reads in place; two where
+        it does."""
+        q_width = self.wq.kernel.shape[1]
+        if sharding.splits("heads", q_width) or sharding.splits("ssm_inner", self.ssm.in_proj.kernel.shape[1]):
+            return self.wq(xn), self.ssm.in_proj(xn), 0
+        both = dense_of_one_input(xn, (self.wq, self.ssm.in_proj))
+        return both[..., :q_width], both, q_width
 
     def _q(self, q, positions):
         """xn @ Wq [B, T, attn_dim] -> the rotated queries [B, T, H, D]."""

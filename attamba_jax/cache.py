@@ -5,8 +5,9 @@ Per Attamba layer l (SPEC §5, chunk resets of §3.2 on the fixed grid B_l):
     kv   post-RoPE k, v in one store of ⌈L/K⌉+1 + W+1 slots                    [B, Hkv, S, D]
          slots 0..⌈L/K⌉: every boundary so far, in arrival order (the j-th in slot j)
          then a ring of the last W+1 tokens (token t in ring slot t % (W+1))
-    ssm  scan state [B, 2·Hs, P, N] (float32) and conv history
-         [B, conv_width-1, 2·(I+2GN)] of the current chunk, the K and V SSMs stacked
+    ssm  scan state [B, 2·Hs, P, N] (float32) and conv history of the current chunk
+         [B, conv_width, 2·(I+2GN)], the K and V SSMs stacked: a ring, so that a decode step
+         writes only its token's slot (SPEC's conv_width-1 values, plus that slot)
 
 Decoding token t writes its k, v to its ring slot and, when it ends a chunk, to its boundary
 slot (one scatter per array), then attends to the store as one key set: the boundaries
@@ -203,7 +204,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, token_chunk: int |
         inner, gn = cfg.ssm_inner_dim, cfg.ssm_groups * cfg.ssm_state_dim
         ssm = lambda: SSMState(  # the K and V SSMs, stacked
             scan=jnp.zeros((batch, 2 * cfg.ssm_heads, inner // cfg.ssm_heads, cfg.ssm_state_dim), jnp.float32),
-            conv=jnp.zeros((batch, cfg.ssm_conv_width - 1, 2 * (inner + 2 * gn)), dtype),
+            conv=jnp.zeros((batch, cfg.ssm_conv_width, 2 * (inner + 2 * gn)), dtype),
         )
         layer = lambda: AttambaLayerCache(
             kv=KVSlots.zeros(batch, n_boundaries + ring, heads, hd, dtype), ssm=ssm(), boundary_slots=n_boundaries
@@ -223,7 +224,8 @@ def formula_bytes(cfg: ModelConfig, batch: int, max_len: int, *, token_chunk: in
     Attamba, per layer and row: (n_b + W + 1)·2d values of K/V (n_b = the boundary
     capacity ⌈max_len/K⌉+1) in the compute dtype, plus for each of the two SSMs
     Hs·P·N float32 scan values and (conv_width-1)·(I+2GN) conv values in the compute
-    dtype. Transformer: 2·Hkv·hd values per cached token (max_len, or window+1).
+    dtype, plus (I+2GN) for the slot the history ring adds (``SSMState``). Transformer:
+    2·Hkv·hd values per cached token (max_len, or window+1).
     """
     item = jnp.dtype(cfg.dtype).itemsize
     n_boundaries, ring = _sizes(cfg, max_len, token_chunk)
@@ -234,7 +236,7 @@ def formula_bytes(cfg: ModelConfig, batch: int, max_len: int, *, token_chunk: in
         kv = (n_boundaries + ring) * 2 * cfg.dim * item
         ssm = (
             cfg.ssm_heads * (inner // cfg.ssm_heads) * cfg.ssm_state_dim * 4
-            + (cfg.ssm_conv_width - 1) * (inner + 2 * gn) * item
+            + cfg.ssm_conv_width * (inner + 2 * gn) * item  # SPEC's conv_width-1 rows and the ring's slot
         )
         per_layer = kv + 2 * ssm
     return batch * cfg.n_layers * per_layer

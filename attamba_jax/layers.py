@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 
@@ -28,16 +27,15 @@ class Dense(nnx.Module):
         return jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
-def dense_of_one_input(x: jax.Array, layers: tuple[Dense, ...]) -> tuple[jax.Array, ...]:
-    """``tuple(layer(x) for layer in layers)`` as one matmul over their kernels side by side.
+def dense_of_one_input(x: jax.Array, layers: tuple[Dense, ...]) -> jax.Array:
+    """``concatenate([layer(x) for layer in layers], -1)``: one matmul over their kernels side by side.
 
     For a single token, where a step is bound by kernel launches rather than bytes and XLA
     runs each matrix-vector product as two kernels. The layers share ``dtype``.
     """
     dtype = layers[0].dtype
     kernels = [layer.kernel[...].astype(dtype) for layer in layers]
-    out = jnp.einsum("...i,io->...o", x.astype(dtype), jnp.concatenate(kernels, axis=1))
-    return tuple(jnp.split(out, np.cumsum([k.shape[1] for k in kernels[:-1]]).tolist(), axis=-1))
+    return jnp.einsum("...i,io->...o", x.astype(dtype), jnp.concatenate(kernels, axis=1))
 
 
 class Embedding(nnx.Module):

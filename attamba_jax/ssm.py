@@ -34,7 +34,7 @@ from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.ssd import IMPLEMENTATIONS, ssd
 from pallas_kernels.ssd.reference import ssd_sequential
 from pallas_kernels.ssm_step import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
-from pallas_kernels.ssm_step import StepSizes, ssm_step
+from pallas_kernels.ssm_step import StepSizes, history_slot, ssm_step
 
 # The decode step's implementation for each ``ssm_implementation``: the fused one-token kernel where
 # the SSD runs the GPU kernel (or is left to auto), XLA otherwise.
@@ -45,7 +45,9 @@ class SSMState(NamedTuple):
     """What the chunk-reset SSMs carry between decode steps (SPEC §5), streams stacked."""
 
     scan: jax.Array  # [B, S·Hs, P, N] float32: the scan state of the current chunk
-    conv: jax.Array  # [B, conv_width-1, S·(I+2GN)]: raw conv inputs of the current chunk, zero before it
+    # [B, conv_width, S·(I+2GN)]: a ring of the current chunk's raw conv inputs, its token at
+    # position q in slot q % conv_width (``pallas_kernels.ssm_step.history_slot``), zero before it
+    conv: jax.Array
 
 
 def chunk_causal_conv(x: jax.Array, weight: jax.Array, position_in_chunk: jax.Array) -> jax.Array:
@@ -205,18 +207,21 @@ class StackedMamba2(nnx.Module):
         _, scan = ssd_sequential(
             take(x), dt_chunk, self._A(), take(B), take(C), self.D[...], reset=jnp.zeros((b, span), bool)
         )
-        # Conv history: the raw inputs of the last conv_width-1 tokens, zero before the chunk.
+        # Conv history ring: slot j holds the chunk's latest token whose position in it is j mod
+        # the width (zero where the chunk has no such token yet).
         width = self.conv_weight.shape[1]
-        hidx = last[:, None] - (width - 2) + jnp.arange(width - 1)  # [B, width-1]
-        conv = jnp.where((hidx >= start[:, None])[..., None], xbc[rows, jnp.clip(hidx, 0, t - 1)], 0)
+        q = (last - start)[:, None]  # the last token's position in its chunk
+        q = q - history_slot(q - jnp.arange(width), width)  # [B, width]: slot j's position in the chunk
+        conv = jnp.where((q >= 0)[..., None], xbc[rows, jnp.clip(start[:, None] + q, 0, t - 1)], 0)
         return out, SSMState(scan=scan, conv=conv.astype(xbc.dtype))
 
     def step(
-        self, zxbcdt: jax.Array, grid: ChunkGrid, positions: jax.Array, state: SSMState
+        self, zxbcdt: jax.Array, grid: ChunkGrid, positions: jax.Array, state: SSMState, *, offset: int = 0
     ) -> tuple[jax.Array, SSMState]:
-        """One token per row from its in-projection ``zxbcdt`` = ``in_proj(u)`` [B, S·(2I + 2GN + Hs)]
-        at ``positions`` [B] -> out [B, 1, S, dim], new state. The caller projects (it may do so
-        together with another projection of u).
+        """One token per row from its in-projection ``in_proj(u)`` [B, S·(2I + 2GN + Hs)], held by
+        ``zxbcdt`` from column ``offset`` on, at ``positions`` [B] -> out [B, 1, S, dim], new state.
+        The caller projects (it may do so together with another projection of u, whose output
+        columns come first: the step reads the in-projection where it lies).
 
         A token that starts a chunk (t = 0 or t-1 a boundary) starts from the zero state. Between
         the two projections the step is one op, ``pallas_kernels.ssm_step``: one fused kernel on a
@@ -241,6 +246,13 @@ class StackedMamba2(nnx.Module):
         axes = (rows[:2], rows[:3], rows, None, None, None, None, None, rows[:1])
         implementation = _STEP_IMPLEMENTATION.get(self.implementation, "xla")
         gated, scan, conv = call_op(
-            ssm_step, STEP_IMPLEMENTATIONS, implementation, args, axes, (rows[:3], rows, rows[:3]), sizes=sizes
+            ssm_step,
+            STEP_IMPLEMENTATIONS,
+            implementation,
+            args,
+            axes,
+            (rows[:3], rows, rows[:3]),
+            sizes=sizes,
+            offset=offset,
         )
         return self._out_projection(gated[:, None]), SSMState(scan=scan, conv=conv)

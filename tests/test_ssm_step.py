@@ -20,8 +20,8 @@ CASES = [
 ]
 
 
-def _run(implementation, args, sizes):
-    fn = lambda *a: ssm_step(*a, sizes=sizes, implementation=implementation)
+def _run(implementation, args, sizes, offset=0):
+    fn = lambda *a: ssm_step(*a, sizes=sizes, offset=offset, implementation=implementation)
     return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
@@ -49,11 +49,26 @@ def test_restart_forgets_the_state_and_history():
     other = list(args)
     other[1], other[2] = 3.0 * args[1] + 1.0, -args[2]
     for implementation in ("xla", "pallas_gpu_interpret"):
-        # Then what it computes does not depend on them, and its history holds the token alone
+        # Then what it computes does not depend on them, and its history holds the token alone,
+        # in the ring's first slot
         a, b = _run(implementation, args, sizes), _run(implementation, other, sizes)
         for x, y in zip(a, b):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        np.testing.assert_array_equal(np.asarray(a[2][:, :-1]), 0.0)
+        xbc = args[0].reshape(2, 2, sizes.projection)[:, :, sizes.inner : sizes.inner + sizes.conv_channels]
+        np.testing.assert_array_equal(np.asarray(a[2][:, 0]), np.asarray(xbc.reshape(2, -1)))
+        np.testing.assert_array_equal(np.asarray(a[2][:, 1:]), 0.0)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas_gpu_interpret"])
+def test_the_projection_is_read_from_its_offset(implementation):
+    # Given the in-projection as the last columns of a wider array (a joined matmul's output)
+    sizes = StepSizes(2, 3, 12, 5, 1, eps=1e-5)
+    args = reference.random_inputs(jax.random.key(8), 3, sizes, 4)
+    wider = jnp.concatenate([jax.random.normal(jax.random.key(9), (3, 7)), args[0]], axis=1)
+    # Then the step reads it there: the same outputs, bit for bit
+    got = _run(implementation, (wider,) + args[1:], sizes, offset=7)
+    for x, y in zip(got, _run(implementation, args, sizes)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_no_dt_bias_is_a_zero_bias():
@@ -64,12 +79,16 @@ def test_no_dt_bias_is_a_zero_bias():
         assert_close(_run(implementation, args, sizes), _run(implementation, zero, sizes), 1e-6)
 
 
-def test_kernel_lowers_through_triton_updating_state_in_place():
+def test_kernel_lowers_through_triton_updating_state_and_history_in_place():
     sizes = StepSizes(2, 8, 32, 32, 1, eps=1e-5)
     args = reference.random_inputs(jax.random.key(5), 1, sizes, 4, jnp.bfloat16)
     text = lower_for("cuda", lambda *a: pallas_gpu.ssm_step_pallas_gpu(*a, sizes=sizes), *args)
+    # (and from an offset, it reads the wider array itself: no slice of it before the kernel)
+    wider = (jnp.zeros((1, 512 + args[0].shape[1]), args[0].dtype),) + args[1:]
+    sliced = lower_for("cuda", lambda *a: pallas_gpu.ssm_step_pallas_gpu(*a, sizes=sizes, offset=512), *wider)
+    assert "slice" not in sliced and sliced.count("__gpu$xla.gpu.triton") == 1
     assert text.count("__gpu$xla.gpu.triton") == 1
-    assert text.count("output_operand_alias<") == 1  # the scan state (the history is read across programs)
+    assert text.count("output_operand_alias<") == 2  # the scan state and the history ring
 
 
 def test_auto_runs_xla_on_a_cpu_and_the_kernel_names_why_not():
@@ -91,6 +110,15 @@ def test_bad_shapes_are_named(index, shape, name):
     args[index] = jnp.zeros(shape, args[index].dtype)
     with pytest.raises(ValueError, match=f"ssm_step: {name} must have shape"):
         ssm_step(*args, sizes=sizes)
+
+
+def test_a_bad_offset_is_named():
+    sizes = StepSizes(2, 4, 8, 16, 1, eps=1e-5)
+    args = reference.random_inputs(jax.random.key(7), 2, sizes, 4)
+    with pytest.raises(ValueError, match="ssm_step: offset must be >= 0, got -1"):
+        ssm_step(*args, sizes=sizes, offset=-1)
+    with pytest.raises(ValueError, match=r"ssm_step: zxbcdt must have shape \(2, 204\)"):
+        ssm_step(*args, sizes=sizes, offset=4)
 
 
 def test_sizes_are_checked():

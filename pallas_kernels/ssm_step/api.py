@@ -67,14 +67,16 @@ IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
 assert tuple(IMPLEMENTATIONS) == typing.get_args(SsmStepImplementation)
 
 
-def _check_shapes(zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk, sizes):
+def _check_shapes(zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk, sizes, offset):
     s = sizes.streams
     b = zxbcdt.shape[0]
+    if offset < 0:
+        raise ValueError(f"ssm_step: offset must be >= 0, got {offset}")
     expect = {
-        "zxbcdt": (zxbcdt, (b, s * sizes.projection)),
+        "zxbcdt": (zxbcdt, (b, offset + s * sizes.projection)),
         "scan": (scan, (b, s * sizes.heads, sizes.head_dim, sizes.state)),
         "conv_weight": (conv_weight, (s * sizes.conv_channels, conv_weight.shape[-1])),
-        "conv": (conv, (b, conv_weight.shape[-1] - 1, s * sizes.conv_channels)),
+        "conv": (conv, (b, conv_weight.shape[-1], s * sizes.conv_channels)),
         "A_log": (A_log, (s * sizes.heads,)),
         "D": (D, (s * sizes.heads,)),
         "dt_bias": (dt_bias, (s * sizes.heads,)),
@@ -100,6 +102,7 @@ def ssm_step(
     position_in_chunk: jax.Array,
     *,
     sizes: StepSizes,
+    offset: int = 0,
     implementation: SsmStepImplementation | Literal["auto"] = "auto",
     partitioned: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -107,10 +110,12 @@ def ssm_step(
     to the gated norm (the math: ``reference``). Stream s owns the s-th block of every stacked axis.
 
     Args:
-      zxbcdt: [B, S·(2I + 2GN + H)] the token's in-projection, per stream ``[z | x B C | dt]``
-        (dt before softplus and bias).
-      conv: [B, w-1, S·(I + 2GN)] the raw conv inputs of the last w-1 tokens of the chunk (zero
-        before it); scan: [B, S·H, P, N] float32 the scan state of the chunk.
+      zxbcdt: [B, offset + S·(2I + 2GN + H)]: from column ``offset`` on, the token's
+        in-projection, per stream ``[z | x B C | dt]`` (dt before softplus and bias); the columns
+        before it are not read (the output of a wider matmul, read where it lies).
+      conv: [B, w, S·(I + 2GN)] the conv history, a ring: slot q % w holds the raw conv inputs of
+        the chunk's token at position q (``reference.history_slot``), zero where no token of the
+        chunk has reached it; scan: [B, S·H, P, N] float32 the scan state of the chunk.
       conv_weight: [S·(I + 2GN), w] (last tap: the current token); A_log, D, dt_bias: [S·H]
         (dt_bias None: no bias); norm_weight: [S·I].
       position_in_chunk: [B] int, the token's distance from its chunk's first token (0: the
@@ -122,7 +127,8 @@ def ssm_step(
 
     Returns:
       (out [B, S, I] in zxbcdt.dtype: the gated, normalised SSM outputs before the out-projection;
-      the new scan state [B, S·H, P, N] float32; the new conv history, shaped and typed as ``conv``).
+      the new scan state [B, S·H, P, N] float32; the new conv history, shaped and typed as ``conv``,
+      with the token's slot written).
 
     Inference only: the kernel has no gradient (training runs the SSD op over whole sequences).
     """
@@ -130,7 +136,7 @@ def ssm_step(
         dt_bias = jnp.zeros(A_log.shape, jnp.float32)
     position_in_chunk = jnp.asarray(position_in_chunk, jnp.int32)
     args = (zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk)
-    _check_shapes(*args, sizes)
+    _check_shapes(*args, sizes, offset)
     target = dispatch.Target.here(partitioned)
-    name = dispatch.choose("ssm_step", IMPLEMENTATIONS, implementation, target, *args, sizes=sizes)
-    return IMPLEMENTATIONS[name].run(*args, sizes=sizes)
+    name = dispatch.choose("ssm_step", IMPLEMENTATIONS, implementation, target, *args, sizes=sizes, offset=offset)
+    return IMPLEMENTATIONS[name].run(*args, sizes=sizes, offset=offset)

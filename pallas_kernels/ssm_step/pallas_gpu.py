@@ -4,17 +4,18 @@ At batch 1 a decode step is bound by launches and latency, not bytes: run as XLA
 its SiLU, softplus, the state update, the readout and the gate of one token are a dozen small
 kernels per layer. Here one kernel does all of it, between the in-projection and out-projection
 matmuls that XLA keeps: it reads the token's projection, the conv history and the scan state
-once, and writes the gated output, the state (in place: it aliases its input) and the history
-(a new buffer: the heads of a group read their B/C history while its first head writes it, and
-programs run in no fixed order). The grouped RMSNorm of the gated output is left to XLA (one
-small fusion), since its statistic spans heads that different programs own.
+once, and writes the gated output and, in place (aliasing their inputs), the state and the
+token's slot of the history ring. The heads of a group read their B/C history while its first
+head writes it, and programs run in no fixed order: the ring is what makes that safe, since the
+slot written holds no token the step reads (a restart, which reads none, also zeroes the rest). The grouped RMSNorm of the gated output is left to
+XLA (one small fusion), since its statistic spans heads that different programs own.
 
 A program owns one head of one stream of one row (S·H programs per row: 16 for the paper's K and
 V SSMs at batch 1, each a [P, N] state), so that no program walks a whole group. It also
 convolves its group's B and C channels (each head of the group does, a few hundred
-multiply-adds); the group's first head writes their history. Every load is issued before the
-token's position is known to matter (the restart zeroes what was loaded), so loads do not wait
-on one another. Sizes are padded to powers of two (Triton's tiles), the padding masked off.
+multiply-adds); the group's first head writes their slot. Every load is issued before the
+token's position is known (the whole history ring is read, its rows then picked by position), so
+loads do not wait on one another. Sizes are padded to powers of two (Triton's tiles), the padding masked off.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def _softplus(x):
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
-def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref, *out_refs, sizes, width):
-    """Refs: pos [B]; u [B, S, Wd]; conv [B, w-1, S, C]; scan [B, S, I, N]; w [S, C, w];
-    A_log, D, dt_bias [S, H]. Outputs: gated [B, S, I] f32, scan (aliased), conv.
+def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref, *out_refs, sizes, width, offset):
+    """Refs: pos [B]; u [B, offset + S·Wd] (stream s's in-projection from column offset + s·Wd);
+    conv [B, w, S, C] (a ring); scan [B, S, I, N]; w [S, C, w];
+    A_log, D, dt_bias [S, H]. Outputs: gated [B, S, I] f32, scan and conv (both aliased).
     Program (row, stream s, head h)."""
     gated_ref, scan_out_ref, conv_out_ref = out_refs[:3]
     f32 = jnp.float32
@@ -53,27 +55,32 @@ def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref
     pos = pos_ref[row]
     restart = pos == 0
     r = iota(next_pow2(width))[:, None]  # window rows, oldest first: row r is lag w-1-r
+    lag = (width - 1) - r
+    taps = (r < width) & (lag <= pos)  # no tap reaches before the chunk
+    slots = reference.history_slot(pos - jnp.minimum(lag, width - 1), width)  # rows past the end: masked
+    own_slot = reference.history_slot(pos, width)
+    u_of = lambda column: u_ref.at[row, offset + s * sizes.projection + column]  # the stream's in-projection
 
     def conv_part(first: int, size: int, owner):
-        """silu(conv) [size2] of channels [first, first + size) of the stream's x|B|C; the
-        channels' new history (the window shifted up one row) is stored where ``owner``."""
+        """silu(conv) [size2] of channels [first, first + size) of the stream's x|B|C; where
+        ``owner``, the token's raw inputs are stored in its history slot."""
         c = iota(next_pow2(size))[None, :]
         ch = c < size
-        # Loaded whatever the position (no load waits on it), zeroed at a restart.
-        hist = plgpu.load(
-            conv_ref.at[row, jnp.minimum(r, width - 2), s, first + c], mask=(r < width - 1) & ch, other=0.0
-        )
-        new = plgpu.load(u_ref.at[row, s, inner + first + c], mask=ch, other=0.0)  # [1, size2]
+        # The whole ring, loaded whatever the position (no load waits on it), then each window row
+        # picked from its slot; the taps drop what precedes the chunk.
+        ring = [plgpu.load(conv_ref.at[row, k, s, first + c], mask=ch, other=0.0) for k in range(width)]
+        hist = functools.reduce(jnp.add, [jnp.where(slots == k, ring[k], 0.0) for k in range(width)])
+        new = plgpu.load(u_of(inner + first + c), mask=ch, other=0.0)  # [1, size2]
         weight = plgpu.load(w_ref.at[s, first + c, jnp.minimum(r, width - 1)], mask=(r < width) & ch, other=0.0)
-        window = jnp.where(r == width - 1, new, jnp.where(restart, 0.0, hist))
-        # Row r of the window becomes row r - 1 of the history (rows past the end: out of range, masked).
-        up = jnp.where(r >= 1, r - 1, width)
-        plgpu.store(
-            conv_out_ref.at[row, up, s, first + c],
-            window.astype(conv_out_ref.dtype),
-            mask=(r >= 1) & (r < width) & ch & owner,
-        )
-        taps = (r < width) & ((width - 1) - r <= pos)  # no tap reaches before the chunk
+        # The token's slot; at a restart the others are zeroed too (no program reads them then).
+        for k in range(width):
+            mine = own_slot == k
+            plgpu.store(
+                conv_out_ref.at[row, k, s, first + c],
+                jnp.where(mine, new, 0.0).astype(conv_out_ref.dtype),
+                mask=(mine | restart) & ch & owner,
+            )
+        window = jnp.where(r == width - 1, new, hist)
         conv = jnp.sum(jnp.where(taps & ch, window.astype(f32) * weight.astype(f32), 0.0), axis=0)
         return _silu(conv)
 
@@ -84,7 +91,7 @@ def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref
     c = iota(next_pow2(p))
     ch = c < p
     channel = h * p + c  # the head's channels of the stream
-    dt = _softplus(plgpu.load(u_ref.at[row, s, inner + sizes.conv_channels + h]).astype(f32) + bias_ref[s, h])
+    dt = _softplus(plgpu.load(u_of(inner + sizes.conv_channels + h)).astype(f32) + bias_ref[s, h])
     decay = jnp.where(restart, 0.0, jnp.exp(dt * -jnp.exp(alog_ref[s, h])))
 
     k = iota(next_pow2(n))[None, :]
@@ -93,12 +100,24 @@ def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref
     state = decay * state + (dt * x)[:, None] * b[None, :]
     plgpu.store(scan_out_ref.at[row, s, channel[:, None], k], state, mask=cell)
     y = jnp.sum(state * cm[None, :], axis=1) + d_ref[s, h] * x  # [P2]
-    z = plgpu.load(u_ref.at[row, s, channel], mask=ch, other=0.0).astype(f32)
+    z = plgpu.load(u_of(channel), mask=ch, other=0.0).astype(f32)
     plgpu.store(gated_ref.at[row, s, channel], y * _silu(z), mask=ch)
 
 
 def ssm_step_pallas_gpu(
-    zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk, *, sizes, interpret=False
+    zxbcdt,
+    conv,
+    scan,
+    conv_weight,
+    A_log,
+    D,
+    dt_bias,
+    norm_weight,
+    position_in_chunk,
+    *,
+    sizes,
+    offset=0,
+    interpret=False,
 ):
     """``api.ssm_step`` as one kernel launch; ``interpret``: in the Pallas interpreter."""
     b = zxbcdt.shape[0]
@@ -107,8 +126,8 @@ def ssm_step_pallas_gpu(
     f32 = jnp.float32
     args = (
         position_in_chunk.astype(jnp.int32),
-        zxbcdt.reshape(b, s, sizes.projection),
-        conv.reshape(b, width - 1, s, sizes.conv_channels),
+        zxbcdt,
+        conv.reshape(b, width, s, sizes.conv_channels),
         scan.astype(f32).reshape(b, s, sizes.inner, sizes.state),
         conv_weight.reshape(s, sizes.conv_channels, width),
         A_log.astype(f32).reshape(s, h),
@@ -121,10 +140,10 @@ def ssm_step_pallas_gpu(
         jax.ShapeDtypeStruct(args[2].shape, conv.dtype),
     )
     gated, new_scan, new_conv = pl.pallas_call(
-        functools.partial(_kernel, sizes=sizes, width=width),
+        functools.partial(_kernel, sizes=sizes, width=width, offset=offset),
         out_shape=out_shape,
         grid=(b, s, h),
-        input_output_aliases={3: 1},  # not the history: see the module's docstring
+        input_output_aliases={2: 2, 3: 1},  # the history ring and the scan state, in place
         compiler_params=triton_params(_NUM_WARPS, 1),
         interpret=interpret,
         name="ssm_step",

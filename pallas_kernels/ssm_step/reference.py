@@ -3,14 +3,17 @@
 Per row and stream s, with the token's in-projection ``[z | xBC | dt]`` (widths I, I + 2GN, H)
 and ``p`` its position in its chunk (0: it starts one, and the state and conv history restart):
 
-    window = [history (zero if p = 0), xBC]                       the last w raw conv inputs
+    window[w-1-j] = the raw conv input of the chunk's token p - j   (j = 0: xBC; history slot (p-j) % w)
     x, B, C = silu(sum over lags j <= p of weight[:, w-1-j] * window[w-1-j])
     dt = softplus(dt + dt_bias);  A = -exp(A_log)
     h = exp(dt A) [p > 0] h + dt x ⊗ B          (head k of the stream reads its group k // (H/G))
     y = h · C + D x
     out = RMSNorm_groups(y * silu(z)) * norm_weight                groups of I/G channels
 
-and the new conv history is the window's last w-1 rows. This is ``StackedMamba2``'s decode
+The conv history is a ring of w slots: the chunk's token at position q holds slot q % w, and a
+slot no token of the chunk has reached yet holds zero. The step writes its token's slot p % w,
+which holds no token it reads, and at a restart (which reads none) zeroes the others, so a kernel
+may update the history in place while other programs read it. This is ``StackedMamba2``'s decode
 step (``attamba_jax.ssm``), the parallel forward's math for one token.
 """
 
@@ -22,21 +25,25 @@ import jax.numpy as jnp
 _HI = jax.lax.Precision.HIGHEST
 
 
-def ssm_step_reference(zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk, *, sizes):
+def ssm_step_reference(
+    zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk, *, sizes, offset=0
+):
     """Args and returns: see ``api.ssm_step`` (``sizes``: its ``StepSizes``)."""
     f32 = jnp.float32
     b = zxbcdt.shape[0]
     s, h, p, n, g = sizes.streams, sizes.heads, sizes.head_dim, sizes.state, sizes.groups
     inner, width = sizes.inner, conv_weight.shape[1]
-    u = zxbcdt.reshape(b, s, sizes.projection)
+    u = zxbcdt[:, offset:].reshape(b, s, sizes.projection)
     z, xbc, dt = u[..., :inner], u[..., inner : inner + sizes.conv_channels], u[..., inner + sizes.conv_channels :]
     start = position_in_chunk == 0  # [B]
-    history = jnp.where(start[:, None, None], 0, conv).reshape(b, width - 1, s, sizes.conv_channels)
-    window = jnp.concatenate([history, xbc[:, None]], axis=1)  # [B, w, S, C]: the raw inputs, oldest first
-    lag = (width - 1) - jnp.arange(width)
-    taps = (lag[None, :] <= position_in_chunk[:, None]).astype(f32)  # [B, w]: no tap reaches before the chunk
+    ring = conv.reshape(b, width, s, sizes.conv_channels)
+    lag = (width - 1) - jnp.arange(width)  # window row r holds lag w-1-r: oldest first
+    taps = lag[None, :] <= position_in_chunk[:, None]  # [B, w]: no tap reaches before the chunk
+    slots = history_slot(position_in_chunk[:, None] - lag[None, :], width)  # [B, w]
+    window = jnp.take_along_axis(ring, slots[:, :, None, None], axis=1).at[:, -1].set(xbc)  # [B, w, S, C]
+    window = jnp.where(taps[:, :, None, None], window, 0).astype(f32)
     weight = conv_weight.reshape(s, sizes.conv_channels, width).astype(f32)
-    act = jax.nn.silu(jnp.einsum("bwsc,scw,bw->bsc", window.astype(f32), weight, taps, precision=_HI))
+    act = jax.nn.silu(jnp.einsum("bwsc,scw->bsc", window, weight, precision=_HI))
     x = act[..., :inner].reshape(b, s * h, p)
     B_, C_ = (act[..., inner + i * g * n : inner + (i + 1) * g * n].reshape(b, s, g, n) for i in (0, 1))
     heads_of_group = h // g
@@ -46,7 +53,16 @@ def ssm_step_reference(zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_
     state = decay[..., None, None] * scan.astype(f32) + (dt[..., None] * x)[..., None] * B_[:, :, None, :]
     y = jnp.einsum("bkpn,bkn->bkp", state, C_, precision=_HI) + D.astype(f32)[:, None] * x
     out = group_rms_norm(y.reshape(b, s, inner) * jax.nn.silu(z.astype(f32)), norm_weight, sizes)
-    return out.astype(zxbcdt.dtype), state, window[:, 1:].reshape(conv.shape).astype(conv.dtype)
+    rows = jnp.arange(b)
+    ring = jnp.where(start[:, None, None, None], 0, ring).at[rows, history_slot(position_in_chunk, width)]
+    ring = ring.set(xbc.astype(conv.dtype))
+    return out.astype(zxbcdt.dtype), state, ring.reshape(conv.shape)
+
+
+def history_slot(position_in_chunk, width: int):
+    """The conv-history slot of the chunk's token at ``position_in_chunk`` (>= -(w-1)): its
+    position modulo the conv width ``width``."""
+    return (position_in_chunk + width) % width
 
 
 def group_rms_norm(gated, norm_weight, sizes):
@@ -68,7 +84,7 @@ def random_inputs(key, batch: int, sizes, width: int, dtype=jnp.float32, dt_bias
     heads = s * sizes.heads
     return (
         jax.random.normal(ks[0], (batch, s * sizes.projection)).astype(dtype),
-        jax.random.normal(ks[1], (batch, width - 1, s * sizes.conv_channels)).astype(dtype),
+        jax.random.normal(ks[1], (batch, width, s * sizes.conv_channels)).astype(dtype),
         jax.random.normal(ks[2], (batch, heads, sizes.head_dim, sizes.state), f32),
         0.5 * jax.random.normal(ks[3], (s * sizes.conv_channels, width), f32),
         jnp.log(jax.random.uniform(ks[4], (heads,), f32, 1.0, 16.0)),
