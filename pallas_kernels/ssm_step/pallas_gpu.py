@@ -7,15 +7,17 @@ matmuls that XLA keeps: it reads the token's projection, the conv history and th
 once, and writes the gated output and, in place (aliasing their inputs), the state and the
 token's slot of the history ring. The heads of a group read their B/C history while its first
 head writes it, and programs run in no fixed order: the ring is what makes that safe, since the
-slot written holds no token the step reads (a restart, which reads none, also zeroes the rest). The grouped RMSNorm of the gated output is left to
-XLA (one small fusion), since its statistic spans heads that different programs own.
+slot written holds no token the step reads (a restart, which reads none, also zeroes the rest).
+The grouped RMSNorm of the gated output is left to XLA (one small fusion), since its statistic
+spans heads that different programs own.
 
 A program owns one head of one stream of one row (S·H programs per row: 16 for the paper's K and
 V SSMs at batch 1, each a [P, N] state), so that no program walks a whole group. It also
 convolves its group's B and C channels (each head of the group does, a few hundred
 multiply-adds); the group's first head writes their slot. Every load is issued before the
 token's position is known (the whole history ring is read, its rows then picked by position), so
-loads do not wait on one another. Sizes are padded to powers of two (Triton's tiles), the padding masked off.
+loads do not wait on one another. Sizes are padded to powers of two (Triton's tiles), the padding
+masked off.
 """
 
 from __future__ import annotations
