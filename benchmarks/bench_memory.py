@@ -45,6 +45,13 @@ VARIANTS = {
 }
 
 
+def compiled_bytes(compiled) -> int:
+    """The bytes XLA's buffer assignment gives a compiled program on each device: arguments +
+    outputs - aliased (donated) + temporaries."""
+    mem = compiled.memory_analysis()
+    return mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+
+
 def one_case(model: str, variant: str, length: int, time_it: bool, reps: int) -> dict:
     path = ROOT / MODELS[model]
     full = load_config(path, ["model.dtype=bfloat16"])
@@ -58,8 +65,7 @@ def one_case(model: str, variant: str, length: int, time_it: bool, reps: int) ->
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     case["compile_s"] = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    need = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    need = compiled_bytes(compiled)
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # None on a CPU
     case.update(need_gib=need / 2**30, limit_gib=None if limit is None else limit / 2**30)
     if limit is not None and need > limit:

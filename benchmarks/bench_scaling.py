@@ -25,7 +25,10 @@ the first config's (its first path), so both sides of a comparison come from one
 ``--profile`` also traces a few steps of each case and reports where the device time goes by
 kernel family (``trace_summary``; the mesh's communication is the ``collectives (NCCL)`` family),
 and the Pallas kernels' share of it. Every case also records the bytes its compiled step's
-collectives deliver to each device, by kind (``hlo_collectives``; "moved MB" in the table).
+collectives deliver to each device, by kind (``hlo_collectives``; "moved MB" in the table), and
+the memory XLA assigns its step on each device ("GiB/device"). ``--set key=value ...`` overrides
+every config in every case (``train.remat=block train.loss_slice=2048`` for lengths that need the
+memory savers); the keys a case sets itself (length, batch, mesh, paths) are refused there.
 """
 
 from __future__ import annotations
@@ -59,13 +62,26 @@ CASES = {
 
 
 CONFIG_PATH = "config"  # the path of a config that takes no --paths (a transformer): its own settings
+# The config keys each case sets itself (``run_case``), which ``--set`` may not name.
+CASE_KEYS = ("data.seq_len", "data.batch_size", "mesh.", "model.ssm_implementation", "model.attention_implementation")
 
 
-def config_paths(config: str, paths: list[tuple[str, str]]) -> list[str]:
-    """The paths one config runs: each ``ssm:attention`` pair for Attamba, its own settings for a transformer."""
+def check_overrides(overrides: list[str]) -> None:
+    """Refuses a ``--set`` item that is no key=value or names a key the cases set themselves."""
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set: {item!r} is not key=value")
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in CASE_KEYS):
+            raise ValueError(f"--set: {key} is set by each case (--length, --per-device-batch, --cases, --paths)")
+
+
+def config_paths(config: str, paths: list[tuple[str, str]], overrides: list[str] = ()) -> list[str]:
+    """The paths one config runs: each ``ssm:attention`` pair for Attamba, its own settings for a
+    transformer. Loads the config with ``overrides`` (a bad key or value raises ValueError)."""
     from attamba_jax.config import load_config
 
-    if load_config(ROOT / config).model.arch != "attamba":
+    if load_config(ROOT / config, list(overrides)).model.arch != "attamba":
         return [CONFIG_PATH]
     return [f"{ssm}:{attention}" for ssm, attention in paths]
 
@@ -98,11 +114,13 @@ def run_case(args) -> dict:
     from attamba_jax.optimizer import make_optimizer
     from attamba_jax.sharding import tree_shardings, use_mesh
     from attamba_jax.train_step import init_train_state, jit_train_step, mesh_from_config, train_batch_sharding
+    from benchmarks.bench_memory import compiled_bytes
 
     data, fsdp, context, tensor = CASES[args.case]
     n = math.prod(CASES[args.case])
     batch = args.per_device_batch * n // context  # a context group shares its rows
     overrides = [
+        *args.set,
         f"data.seq_len={args.length}",
         f"data.batch_size={batch}",
         f"mesh.data={data}",
@@ -146,6 +164,7 @@ def run_case(args) -> dict:
         )
     compile_s = time.perf_counter() - t0
     moved = hlo_collectives.collective_bytes(compiled.as_text())  # per device and step, by kind
+    memory = compiled_bytes(compiled)  # per device
 
     with open(args.lock, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process exits
@@ -195,6 +214,8 @@ def run_case(args) -> dict:
             "tokens_per_s": batch * args.length / step_s,
             "compile_s": compile_s,
             "collective_bytes": moved,
+            "memory_gib_per_device": memory / 2**30,
+            "overrides": overrides,
             "waited_s": waited_s,
             "loss": float(metrics["loss"]),
             **({"profile": profile} if profile is not None else {}),
@@ -220,6 +241,13 @@ def main():
     parser.add_argument(
         "--deadline", type=float, default=240, help="seconds; unfinished cases are stopped and reported"
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every config and case, e.g. train.remat=block train.loss_slice=2048",
+    )
     parser.add_argument("--platform", default="gpu", choices=("gpu", "cpu"))
     parser.add_argument("--profile", action="store_true", help="also trace each case: kernel families, Pallas share")
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -237,7 +265,8 @@ def main():
         configs = args.config.split(",")
         if len(set(configs)) != len(configs):
             raise ValueError(f"--config names a file twice: {args.config!r}")
-        config_runs = {config: config_paths(config, paths) for config in configs}
+        check_overrides(args.set)
+        config_runs = {config: config_paths(config, paths, args.set) for config in configs}
     except (ValueError, OSError) as e:  # a bad path, a missing or invalid config file
         parser.error(str(e))
     unknown = [c for c in args.cases.split(",") if c not in CASES]
@@ -272,6 +301,7 @@ def main():
         "per_device_batch": args.per_device_batch,
         "length": args.length,
         "paths": [f"{ssm}:{attention}" for ssm, attention in paths],
+        "set": args.set,
         "cases": [],
     }
     for (config, name, path), proc in children.items():
@@ -296,7 +326,7 @@ def main():
     print(
         f"{'config':<{cwidth}} {'case':<14} {'path':<{width}} {'devices':>7} {'step ms':>9} {'tokens/s':>11} "
         f"{'per device':>11} {'efficiency':>10} {'vs first path':>13} {'vs first config':>15} {'Pallas share':>12} "
-        f"{'moved MB':>9}"
+        f"{'moved MB':>9} {'GiB/device':>10}"
     )
     for config, name, path in runs:
         c = done.get((config, name, path))
@@ -315,7 +345,7 @@ def main():
             f"{pathlib.Path(config).stem:<{cwidth}} {name:<14} {path:<{width}} {c['devices']:>7} {c['step_ms']:>9.1f} "
             f"{c['tokens_per_s']:>11,.0f} {c['tokens_per_s'] / c['devices']:>11,.0f} {eff:>10} "
             f"{ratio(c['speedup_vs_first_path']):>13} {ratio(c['speedup_vs_first_config']):>15} {share:>12} "
-            f"{sum(c['collective_bytes'].values()) / 1e6:>9.1f}"
+            f"{sum(c['collective_bytes'].values()) / 1e6:>9.1f} {c['memory_gib_per_device']:>10.2f}"
         )
     results["wall_s"] = time.perf_counter() - start
     out.write_text(json.dumps(results, indent=1))

@@ -39,17 +39,28 @@ def test_bad_options_are_refused_before_any_case_starts(tmp_path):
     assert proc.returncode == 2 and "--cases: unknown ['3-data']" in proc.stderr
     proc, out = _run(tmp_path, "--paths", "xla:xla")
     assert proc.returncode == 2 and "'xla:xla' is not ssm:attention" in proc.stderr
+    proc, out = _run(tmp_path, "--set", "mesh.data=2")
+    assert proc.returncode == 2 and "--set: mesh.data is set by each case" in proc.stderr
+    proc, out = _run(tmp_path, "--set", "train.remat=blok")
+    assert proc.returncode == 2 and "train.remat must be one of" in proc.stderr
     assert not out.exists()
 
 
 def test_a_tensor_mesh_case_and_its_profile_against_one_device(tmp_path):
     # Given one device and a 2-way tensor mesh (virtual CPU devices), each traced
-    proc, out = _run(tmp_path, "--cases", "1,2-tensor", "--profile", "--profile-steps", "1", "--deadline", "400")
+    # (with the memory savers set for every case)
+    savers = ["--set", "train.remat=block", "train.loss_slice=16"]
+    proc, out = _run(
+        tmp_path, "--cases", "1,2-tensor", "--profile", "--profile-steps", "1", "--deadline", "400", *savers
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     cases = {c["case"]: c for c in result["cases"]}
     # Then both ran on their meshes, with efficiency against one device and a kernel profile
     assert "error" not in cases["1"] and "error" not in cases["2-tensor"], result
+    assert result["set"] == savers[1:]
+    for c in cases.values():
+        assert c["overrides"][:2] == savers[1:] and c["memory_gib_per_device"] > 0
     assert cases["2-tensor"]["mesh"]["tensor"] == 2 and cases["2-tensor"]["devices"] == 2
     assert cases["1"]["efficiency"] == pytest.approx(1.0)
     assert cases["2-tensor"]["speedup_vs_first_path"] == pytest.approx(1.0)
