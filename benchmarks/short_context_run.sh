@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Short-context speed on one GPU, in stages named on the command line (each under ten minutes):
+#   checks   the GPU tests of every kernel (SSD, boundary + window attention, decode step) on the
+#            real device, with a line per failure and the count at the end
+#   ssd      the SSD kernel at the paper's single-SSM shape: 4x32768 and 16x1024, forward and
+#            forward+backward, kernel time from the profiler (% of the card's bandwidth)
+#   step     the whole training step, Attamba against the transformer in one run, at 16x1024,
+#            8x2048, 4x4096, 64x1024 and 1x32768 (tokens/s, step-time ratio, MFU), and a profile of
+#            16x1024 with every kernel attributed to its op (compiled HLO kept)
+#   decode   decoding at 4k and 32k context, batch 1 and 32, Attamba against the transformer; then a
+#            profile of 4k/batch 1 and 32k/batch 32, kernel by kernel
+# Everything worth keeping goes to $OUT. Run from the repository root:
+#   OUT=/tmp/short bash benchmarks/short_context_run.sh checks ssd
+set -uo pipefail
+OUT=${OUT:-/tmp/short_context_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+log() { echo "[+${SECONDS}s] $*"; }
+quiet() { grep -v "^W0\|^I0"; }
+
+checks() {
+  log "GPU tests of the kernels"
+  JAX_PLATFORMS=cuda,cpu python3 -m pytest -o addopts="" -q -rfE -m gpu -p no:cacheprovider tests/test_pallas_ssd.py \
+    tests/test_pallas_boundary_window_attention.py tests/test_ssm_step.py >"$OUT/gpu_tests.log" 2>&1
+  echo "pytest exit status $?"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -20
+}
+
+ssd() {
+  log "SSD kernel, paper sizes"
+  python3 -m benchmarks.bench_ssd --implementations pallas_gpu --sizes 4x32768,16x1024 --reps 20 --trials 3 \
+    --out "$OUT/ssd.json" 2>&1 | quiet | tee "$OUT/ssd.log" | tail -12
+}
+
+step() {
+  log "training step, Attamba against the transformer"
+  python3 -m benchmarks.bench_train_step --models attamba,transformer --shapes 16x1024,8x2048,4x4096,64x1024,1x32768 \
+    --profile-shapes 16x1024 --profile-top 60 --hlo-dir "$OUT/hlo_step" --deadline 500 --out "$OUT/train_step.json" \
+    2>&1 | quiet >"$OUT/train_step.log"
+  grep -E "^(attamba|transformer) |tokens/s ratio" "$OUT/train_step.log"
+}
+
+decode() {
+  log "decode, Attamba against the transformer"
+  python3 -m benchmarks.bench_decode --contexts 4096 32768 --batches 1 32 --repeats 3 --out "$OUT/decode.json" \
+    2>&1 | quiet | tee "$OUT/decode.log" | grep "tok/s"
+  for shape in "4096 1" "32768 32"; do
+    set -- $shape
+    log "decode profile, context $1, batch $2"
+    python3 -m benchmarks.bench_decode --contexts "$1" --batches "$2" --profile --profile-top 40 \
+      --out "$OUT/decode_profile_$1_$2.json" 2>&1 | quiet >"$OUT/decode_profile_$1_$2.log"
+    grep "kernels per step" "$OUT/decode_profile_$1_$2.log"
+  done
+}
+
+for stage in "$@"; do
+  case $stage in
+    checks | ssd | step | decode) "$stage" ;;
+    *) echo "unknown stage: $stage" >&2; exit 2 ;;
+  esac
+done
