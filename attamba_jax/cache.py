@@ -7,7 +7,7 @@ Per Attamba layer l (SPEC §5, chunk resets of §3.2 on the fixed grid B_l):
          then a ring of the last W+1 tokens (token t in ring slot t % (W+1))
     ssm  scan state [B, 2·Hs, P, N] (float32) and conv history of the current chunk
          [B, conv_width, 2·(I+2GN)], the K and V SSMs stacked: a ring, so that a decode step
-         writes only its token's slot (SPEC's conv_width-1 values, plus that slot)
+         writes only its token's slot (SPEC's conv_width-1 rows, plus that slot)
 
 Decoding token t writes its k, v to its ring slot and, when it ends a chunk, to its boundary
 slot (one scatter per array), then attends to the store as one key set: the boundaries
