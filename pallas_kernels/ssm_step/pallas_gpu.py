@@ -59,7 +59,7 @@ def _kernel(pos_ref, u_ref, conv_ref, scan_ref, w_ref, alog_ref, d_ref, bias_ref
     r = iota(next_pow2(width))[:, None]  # window rows, oldest first: row r is lag w-1-r
     lag = (width - 1) - r
     taps = (r < width) & (lag <= pos)  # no tap reaches before the chunk
-    slots = reference.history_slot(pos - jnp.minimum(lag, width - 1), width)  # rows past the end: masked
+    slots = reference.history_slot(pos - lag, width)  # each window row's slot (rows past the end: masked)
     own_slot = reference.history_slot(pos, width)
     u_of = lambda column: u_ref.at[row, offset + s * sizes.projection + column]  # the stream's in-projection
 
