@@ -176,8 +176,8 @@ class StackedMamba2(nnx.Module):
         return self._out_projection(self.norm(y.reshape(b, t, -1) * jax.nn.silu(z)).reshape(b, t, self.streams, -1))
 
     def _out_projection(self, gated: jax.Array) -> jax.Array:
-        """[B, T, S, I] -> [B, T, S, dim]: each stream's own out_proj."""
-        return jnp.einsum("btsi,sid->btsd", gated.astype(self.dtype), self.out_proj[...].astype(self.dtype))
+        """[..., S, I] -> [..., S, dim]: each stream's own out_proj."""
+        return jnp.einsum("...si,sid->...sd", gated.astype(self.dtype), self.out_proj[...].astype(self.dtype))
 
     # --- inference -----------------------------------------------------------------------
 
@@ -255,4 +255,5 @@ class StackedMamba2(nnx.Module):
             sizes=sizes,
             offset=offset,
         )
-        return self._out_projection(gated[:, None]), SSMState(scan=scan, conv=conv)
+        # (projected as [B, S, I]: XLA's step runs that faster than a [B, 1, S, I] operand)
+        return self._out_projection(gated)[:, None], SSMState(scan=scan, conv=conv)
