@@ -105,7 +105,9 @@ class ModelConfig:
     # (*_interpret: the kernel in the Pallas interpreter; a named kernel runs per device under a mesh).
     # (attamba) ssm: auto | chunked | associative | sequential | pallas_gpu | pallas_tpu. It also picks
     # the decode step: auto / pallas_gpu run the fused one-token kernel (pallas_kernels.ssm_step) on a
-    # GPU, every other name the XLA step.
+    # GPU, every other name the XLA step; and the SSMs' conv and gated norm around the SSD
+    # (pallas_kernels.ssm_conv, gated_norm): pallas_gpu runs their GPU kernels, every other name
+    # (auto too, until they are timed on a GPU) their XLA paths.
     ssm_implementation: Literal["auto", SsdImplementation] = "auto"
     # attamba: auto | compressed | dense | pallas_gpu | pallas_tpu (with mesh.context > 1, a kernel runs on
     # each device's pieces; dense, which needs whole rows, is refused); transformer: auto | xla | cudnn.

@@ -11,10 +11,12 @@ State and conv history restart at the start of every chunk of the layer's grid, 
 the output at a boundary summarises exactly the chunk that ends there.
 
 The S streams are independent SSMs computed side by side: one ``in_proj`` matmul whose
-columns are stream-major, one conv over S·(I+2GN) channels, one SSD call over S·Hs heads
-and S·G groups (head s·Hs+h reads group s·G + h//(Hs/G), i.e. its own stream's B and C),
-one grouped RMSNorm over S·G groups and one batched ``out_proj``. That is the same math
-as S separate modules in a fraction of the kernel launches.
+columns are stream-major, one ``ssm_conv`` op (the split, the conv over S·(I+2GN) channels,
+SiLU and softplus), one SSD call over S·Hs heads and S·G groups (head s·Hs+h reads group
+s·G + h//(Hs/G), i.e. its own stream's B and C), one ``gated_norm`` op over S·G groups and one
+batched ``out_proj``. That is the same math as S separate modules in a fraction of the kernel
+launches. The two ops around the SSD each have a GPU kernel (``pallas_kernels``), which runs
+where ``ssm_implementation`` names the GPU kernel (see ``_SEQUENCE_AROUND_SSD``).
 """
 
 from __future__ import annotations
@@ -31,14 +33,23 @@ from attamba_jax.config import ModelConfig
 from attamba_jax.layers import Dense, RMSNorm, truncated_normal
 from attamba_jax.sharding import call_op
 from pallas_kernels.chunk_grid import ChunkGrid
+from pallas_kernels.gated_norm import IMPLEMENTATIONS as NORM_IMPLEMENTATIONS
+from pallas_kernels.gated_norm import gated_norm
 from pallas_kernels.ssd import IMPLEMENTATIONS, ssd
 from pallas_kernels.ssd.reference import ssd_sequential
+from pallas_kernels.ssm_conv import IMPLEMENTATIONS as CONV_IMPLEMENTATIONS
+from pallas_kernels.ssm_conv import ssm_conv
+from pallas_kernels.ssm_sizes import SsmSizes
 from pallas_kernels.ssm_step import IMPLEMENTATIONS as STEP_IMPLEMENTATIONS
-from pallas_kernels.ssm_step import StepSizes, history_slot, ssm_step
+from pallas_kernels.ssm_step import history_slot, ssm_step
 
-# The decode step's implementation for each ``ssm_implementation``: the fused one-token kernel where
-# the SSD runs the GPU kernel (or is left to auto), XLA otherwise.
-_STEP_IMPLEMENTATION = {"auto": "auto", "pallas_gpu": "pallas_gpu", "pallas_gpu_interpret": "pallas_gpu_interpret"}
+# The implementation of the ops around the SSD for each ``ssm_implementation``: their GPU kernels
+# where the SSD runs its own, XLA otherwise. The decode step's kernel is measured faster than its
+# XLA path (BENCHMARKS.md), so ``auto`` takes it on a GPU; the training forward's (``ssm_conv``,
+# ``gated_norm``) run only where the GPU kernel is named, until a GPU run measures them against
+# XLA's fusions (``benchmarks/bench_train_step.py --models attamba,attamba-kernels,transformer``).
+_STEP_AROUND_SSD = {"auto": "auto", "pallas_gpu": "pallas_gpu", "pallas_gpu_interpret": "pallas_gpu_interpret"}
+_SEQUENCE_AROUND_SSD = {"pallas_gpu": "pallas_gpu", "pallas_gpu_interpret": "pallas_gpu_interpret"}
 
 
 class SSMState(NamedTuple):
@@ -48,24 +59,6 @@ class SSMState(NamedTuple):
     # [B, conv_width, S·(I+2GN)]: a ring of the current chunk's raw conv inputs, its token at
     # position q in slot q % conv_width (``pallas_kernels.ssm_step.history_slot``), zero before it
     conv: jax.Array
-
-
-def chunk_causal_conv(x: jax.Array, weight: jax.Array, position_in_chunk: jax.Array) -> jax.Array:
-    """Depthwise causal conv whose taps never reach into an earlier chunk.
-
-    out[t] = sum_j weight[:, W-1-j] * x[t-j] over lags j <= position_in_chunk[t].
-
-    Args:
-      x: [B, T, C]; weight: [C, W] (last tap = current token);
-      position_in_chunk: [T] or [B, T] ints (0 at each chunk start).
-    """
-    width = weight.shape[1]
-    pos = position_in_chunk[..., None] if position_in_chunk.ndim == 2 else position_in_chunk[None, :, None]
-    out = x * weight[:, width - 1]
-    for lag in range(1, width):
-        shifted = jnp.pad(x, ((0, 0), (lag, 0), (0, 0)))[:, : x.shape[1]]
-        out = out + jnp.where(pos >= lag, shifted, 0) * weight[:, width - 1 - lag]
-    return out
 
 
 def _ssd_of_documents(x, dt, A, B, C, D, document_start, **kw):
@@ -124,56 +117,56 @@ class StackedMamba2(nnx.Module):
         return self._forward(u, grid, document_start, rows)[0]
 
     def _forward(self, u: jax.Array, grid: ChunkGrid, document_start: jax.Array | None = None, rows: str = "batch"):
-        """The parallel forward; also returns the intermediates that prefill reads its state from."""
-        t = u.shape[1]
-        z, xbc, dt = self._in_projection(u)
+        """The parallel forward; also returns the in-projection and the SSD's inputs (prefill reads
+        its state from them)."""
+        b, t, _ = u.shape
+        zxbcdt = self.in_proj(u)  # [B, T, S·(2I + 2GN + Hs)]
         pos = np.arange(t)
         if document_start is None:
-            position = jnp.asarray(grid.position_in_chunk(pos))
+            position, position_axes = jnp.asarray(grid.position_in_chunk(pos)), None
         else:
             position = pos - grid.chunk_start_in_document(jnp.asarray(pos, jnp.int32), document_start)
-        x, B, C = self._conv(xbc, position)
+            position_axes = (rows, None)
         # Under a mesh a named kernel runs per device on its rows.
         rows = (rows, None, None, None)
+        dt_bias = jnp.zeros(self.D.shape, jnp.float32) if self.dt_bias is None else self.dt_bias[...]
+        z, x, B, C, dt = call_op(
+            ssm_conv,
+            CONV_IMPLEMENTATIONS,
+            self._sequence_ops,
+            (zxbcdt, self.conv_weight[...], dt_bias, position),
+            (rows[:3], None, None, position_axes),
+            (rows[:3], rows, rows, rows, rows[:3]),
+            sizes=self._sizes,
+        )
         args, axes = (x, dt, self._A(), B, C, self.D[...]), (rows, rows[:3], None, rows, rows, None)
         op = ssd
         if document_start is not None:
             args, axes, op = args + (document_start,), axes + (rows[:2],), _ssd_of_documents
         y = call_op(op, IMPLEMENTATIONS, self.implementation, args, axes, rows, grid=grid)
-        return self._gated_output(y, z), (xbc, x, dt, B, C)
-
-    # --- the pieces shared by the parallel forward, prefill and decode ------------------
-
-    def _in_projection(self, u: jax.Array):
-        """u [B, T, dim] -> z [B, T, S·I], xbc [B, T, S·(I+2GN)] (pre-conv), dt [B, T, S·Hs] (f32, softplus)."""
-        b, t, _ = u.shape
-        inner, gn = self.inner, self.groups * self.state
-        zxbcdt = self.in_proj(u).reshape(b, t, self.streams, -1)  # [B, T, S, 2I + 2GN + Hs]
-        z, xbc, dt = jnp.split(zxbcdt, [inner, 2 * inner + 2 * gn], axis=-1)
-        dt = dt.reshape(b, t, -1).astype(jnp.float32)
-        if self.dt_bias is not None:
-            dt = dt + self.dt_bias[...]
-        return z.reshape(b, t, -1), xbc.reshape(b, t, -1), jax.nn.softplus(dt)
-
-    def _conv(self, xbc: jax.Array, position: jax.Array):
-        """Chunk-causal conv + silu, split into the SSD inputs x [B,T,S·Hs,P], B and C [B,T,S·G,N]."""
-        b, t, _ = xbc.shape
-        inner, gn = self.inner, self.groups * self.state
-        xbc = jax.nn.silu(chunk_causal_conv(xbc, self.conv_weight[...].astype(xbc.dtype), position))
-        x, B, C = jnp.split(xbc.reshape(b, t, self.streams, -1), [inner, inner + gn], axis=-1)
-        return (
-            x.reshape(b, t, self.streams * self.heads, inner // self.heads),
-            B.reshape(b, t, self.streams * self.groups, self.state),
-            C.reshape(b, t, self.streams * self.groups, self.state),
+        gated = call_op(
+            gated_norm,
+            NORM_IMPLEMENTATIONS,
+            self._sequence_ops,
+            (y.reshape(b, t, -1), z, self.norm.weight[...]),
+            (rows[:3], rows[:3], None),
+            rows[:3],
+            groups=self.norm.groups,
+            eps=self.norm.eps,
         )
+        return self._out_projection(gated.reshape(b, t, self.streams, -1)), (zxbcdt, x, dt, B, C)
+
+    @property
+    def _sizes(self) -> SsmSizes:
+        return SsmSizes(self.streams, self.heads, self.inner // self.heads, self.state, self.groups, eps=self.norm.eps)
+
+    @property
+    def _sequence_ops(self) -> str:
+        """The implementation of ``ssm_conv`` and ``gated_norm`` (see ``_SEQUENCE_AROUND_SSD``)."""
+        return _SEQUENCE_AROUND_SSD.get(self.implementation, "xla")
 
     def _A(self) -> jax.Array:
         return -jnp.exp(self.A_log[...])
-
-    def _gated_output(self, y: jax.Array, z: jax.Array) -> jax.Array:
-        """y [B, T, S·Hs, P], z [B, T, S·I] -> out_proj[s](RMSNorm(y * silu(z))[s]) [B, T, S, dim]."""
-        b, t = z.shape[:2]
-        return self._out_projection(self.norm(y.reshape(b, t, -1) * jax.nn.silu(z)).reshape(b, t, self.streams, -1))
 
     def _out_projection(self, gated: jax.Array) -> jax.Array:
         """[..., S, I] -> [..., S, dim]: each stream's own out_proj."""
@@ -192,7 +185,9 @@ class StackedMamba2(nnx.Module):
           scan state and conv history of that token's chunk.
         """
         b, t, _ = u.shape
-        out, (xbc, x, dt, B, C) = self._forward(u, grid)
+        out, (zxbcdt, x, dt, B, C) = self._forward(u, grid)
+        inner = self.inner
+        xbc = zxbcdt.reshape(b, t, self.streams, -1)[..., inner : inner + self._sizes.conv_channels].reshape(b, t, -1)
 
         # The state after token `last` depends only on its own chunk, which starts at
         # `start` and is at most K tokens long: rerun the recurrence over those tokens.
@@ -227,9 +222,7 @@ class StackedMamba2(nnx.Module):
         the two projections the step is one op, ``pallas_kernels.ssm_step``: one fused kernel on a
         GPU (where the SSD runs its GPU kernel or ``auto``), its XLA path otherwise.
         """
-        sizes = StepSizes(
-            self.streams, self.heads, self.inner // self.heads, self.state, self.groups, eps=self.norm.eps
-        )
+        sizes = self._sizes
         dt_bias = None if self.dt_bias is None else self.dt_bias[...]
         args = (
             zxbcdt,
@@ -244,11 +237,10 @@ class StackedMamba2(nnx.Module):
         )
         rows = ("batch", None, None, None)
         axes = (rows[:2], rows[:3], rows, None, None, None, None, None, rows[:1])
-        implementation = _STEP_IMPLEMENTATION.get(self.implementation, "xla")
         gated, scan, conv = call_op(
             ssm_step,
             STEP_IMPLEMENTATIONS,
-            implementation,
+            _STEP_AROUND_SSD.get(self.implementation, "xla"),
             args,
             axes,
             (rows[:3], rows, rows[:3]),

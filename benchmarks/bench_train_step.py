@@ -8,7 +8,9 @@ times it on synthetic token batches as the trainer runs it: ``reps`` steps dispa
 back and waited on once (median of 3 such rounds; ``step_ms``). ``synced_step_ms`` is the median
 step closed by its own ``block_until_ready``, which adds the host's dispatch of every step.
 Attamba runs with ``auto`` kernels (Pallas on a GPU) and, where named,
-with the XLA paths (``chunked`` SSD + ``compressed`` attention) for comparison. MFU uses the
+with the XLA paths (``attamba-xla``: ``chunked`` SSD + ``compressed`` attention) or with every GPU
+kernel named (``attamba-kernels``: also the SSMs' conv and gated norm, which ``auto`` leaves to
+XLA) for comparison. MFU uses the
 trainer's honest FLOP count (``flops.train_flops_per_token``: 6·matmul params + the attention
 a query really computes) over the device's data-sheet bf16 peak.
 
@@ -52,6 +54,11 @@ MODELS = {
     "attamba-xla": (
         "configs/paper/attamba_k8_w8.yaml",
         {"ssm_implementation": "chunked", "attention_implementation": "compressed"},
+    ),
+    # Every op on its GPU kernel, those auto does not take yet too (the SSMs' conv and gated norm).
+    "attamba-kernels": (
+        "configs/paper/attamba_k8_w8.yaml",
+        {"ssm_implementation": "pallas_gpu", "attention_implementation": "pallas_gpu"},
     ),
     "transformer": ("configs/paper/transformer_isoparam.yaml", {}),
 }
@@ -217,7 +224,7 @@ def main():
     shapes, profiled = parse(args.shapes), set(parse(args.profile_shapes))
     start = time.perf_counter()
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": []}
-    print(f"{'model':<12} {'B':>3} {'L':>6} {'step ms':>9} {'tokens/s':>11} {'MFU':>6}", flush=True)
+    print(f"{'model':<15} {'B':>3} {'L':>6} {'step ms':>9} {'tokens/s':>11} {'MFU':>6}", flush=True)
     for batch, length in shapes:
         for model in args.models.split(","):
             if model == "attamba-xla" and (batch, length) not in XLA_SHAPES:
@@ -232,11 +239,11 @@ def main():
                 )
             except Exception as e:  # a case that does not fit or compile is reported, not fatal
                 r = {"model": model, "batch": batch, "length": length, "error": f"{type(e).__name__}: {e}"[:300]}
-                print(f"{model:<12} {batch:>3} {length:>6} ERROR {r['error']}", flush=True)
+                print(f"{model:<15} {batch:>3} {length:>6} ERROR {r['error']}", flush=True)
             else:
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
                 print(
-                    f"{model:<12} {batch:>3} {length:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,.0f} {mfu:>6}",
+                    f"{model:<15} {batch:>3} {length:>6} {r['step_ms']:>9.2f} {r['tokens_per_s']:>11,.0f} {mfu:>6}",
                     flush=True,
                 )
                 if r["profile"]:
@@ -255,11 +262,13 @@ def main():
                 )
     print("\nAttamba / transformer (same run):")
     for batch, length in shapes:
-        a, t = by.get(("attamba", batch, length)), by.get(("transformer", batch, length))
-        if a and t:
-            print(
-                f"  B{batch} L{length}: tokens/s ratio {a['tokens_per_s'] / t['tokens_per_s']:.2f}, step-time ratio {a['step_ms'] / t['step_ms']:.2f}"
-            )
+        for name in ("attamba", "attamba-kernels", "attamba-xla"):
+            a, t = by.get((name, batch, length)), by.get(("transformer", batch, length))
+            if a and t:
+                print(
+                    f"  {name} B{batch} L{length}: tokens/s ratio {a['tokens_per_s'] / t['tokens_per_s']:.2f}, "
+                    f"step-time ratio {a['step_ms'] / t['step_ms']:.2f}"
+                )
     plot([args.out], args.png)
 
 

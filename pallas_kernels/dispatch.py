@@ -9,6 +9,7 @@ order that can. The api holds no list of special cases: a new implementation is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -71,6 +72,19 @@ def pallas_kernel(backend: str | None, dtypes=("float32", "bfloat16")) -> Callab
         return None
 
     return unsupported
+
+
+def gpu_kernel_and_xla(kernel: Callable[..., Any], xla: Callable[..., Any]) -> dict[str, Implementation]:
+    """The table of an op that has a GPU kernel (``kernel(..., interpret=False)``) and an XLA path,
+    in ``auto``'s order: ``pallas_gpu``, ``xla``, and ``pallas_gpu_interpret`` (the kernel in the
+    Pallas interpreter, on any backend; not taken by ``auto``)."""
+    return {
+        "pallas_gpu": Implementation(kernel, pallas_kernel("gpu"), single_device=True),
+        "xla": Implementation(xla),
+        "pallas_gpu_interpret": Implementation(
+            functools.partial(kernel, interpret=True), pallas_kernel(None), single_device=True, in_auto=False
+        ),
+    }
 
 
 def choose(op: str, table: Mapping[str, Implementation], requested: str, target: Target, *args, **kwargs) -> str:

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ssm_step import StepSizes, pallas_gpu, reference, ssm_step
+from pallas_kernels.ssm_sizes import SsmSizes
+from pallas_kernels.ssm_step import pallas_gpu, reference, ssm_step
 from tests.helpers import FAST_COMPILE, assert_close, lower_for
 
 # (streams, heads, head dim, state, groups, conv width, batch): the paper's stacked K/V shape; sizes
@@ -29,7 +30,7 @@ def _run(implementation, args, sizes, offset=0):
 @pytest.mark.parametrize("streams, heads, p, n, groups, width, batch", CASES)
 def test_kernel_matches_reference(dtype, tol, streams, heads, p, n, groups, width, batch):
     # Given fresh random inputs, every row at another position in its chunk (some restarting)
-    sizes = StepSizes(streams, heads, p, n, groups, eps=1e-5)
+    sizes = SsmSizes(streams, heads, p, n, groups, eps=1e-5)
     args = reference.random_inputs(jax.random.key(streams * heads + n), batch, sizes, width, dtype)
     # When the kernel runs in the interpreter (its gated output starts as NaN there)
     got = _run("pallas_gpu_interpret", args, sizes)
@@ -43,7 +44,7 @@ def test_kernel_matches_reference(dtype, tol, streams, heads, p, n, groups, widt
 
 def test_restart_forgets_the_state_and_history():
     # Given a row at the start of a chunk and the same row with another state and history
-    sizes = StepSizes(2, 4, 8, 16, 1, eps=1e-5)
+    sizes = SsmSizes(2, 4, 8, 16, 1, eps=1e-5)
     args = list(reference.random_inputs(jax.random.key(3), 2, sizes, 4))
     args[8] = jnp.zeros((2,), jnp.int32)
     other = list(args)
@@ -62,7 +63,7 @@ def test_restart_forgets_the_state_and_history():
 @pytest.mark.parametrize("implementation", ["xla", "pallas_gpu_interpret"])
 def test_the_projection_is_read_from_its_offset(implementation):
     # Given the in-projection as the last columns of a wider array (a joined matmul's output)
-    sizes = StepSizes(2, 3, 12, 5, 1, eps=1e-5)
+    sizes = SsmSizes(2, 3, 12, 5, 1, eps=1e-5)
     args = reference.random_inputs(jax.random.key(8), 3, sizes, 4)
     wider = jnp.concatenate([jax.random.normal(jax.random.key(9), (3, 7)), args[0]], axis=1)
     # Then the step reads it there: the same outputs, bit for bit
@@ -72,7 +73,7 @@ def test_the_projection_is_read_from_its_offset(implementation):
 
 
 def test_no_dt_bias_is_a_zero_bias():
-    sizes = StepSizes(2, 4, 8, 16, 1, eps=1e-5)
+    sizes = SsmSizes(2, 4, 8, 16, 1, eps=1e-5)
     args = reference.random_inputs(jax.random.key(4), 2, sizes, 4, dt_bias=False)
     zero = args[:6] + (jnp.zeros((8,)),) + args[7:]
     for implementation in ("xla", "pallas_gpu_interpret"):
@@ -80,7 +81,7 @@ def test_no_dt_bias_is_a_zero_bias():
 
 
 def test_kernel_lowers_through_triton_updating_state_and_history_in_place():
-    sizes = StepSizes(2, 8, 32, 32, 1, eps=1e-5)
+    sizes = SsmSizes(2, 8, 32, 32, 1, eps=1e-5)
     args = reference.random_inputs(jax.random.key(5), 1, sizes, 4, jnp.bfloat16)
     text = lower_for("cuda", lambda *a: pallas_gpu.ssm_step_pallas_gpu(*a, sizes=sizes), *args)
     # (and from an offset, it reads the wider array itself: no slice of it before the kernel)
@@ -92,7 +93,7 @@ def test_kernel_lowers_through_triton_updating_state_and_history_in_place():
 
 
 def test_auto_runs_xla_on_a_cpu_and_the_kernel_names_why_not():
-    sizes = StepSizes(2, 4, 8, 16, 1, eps=1e-5)
+    sizes = SsmSizes(2, 4, 8, 16, 1, eps=1e-5)
     args = reference.random_inputs(jax.random.key(6), 2, sizes, 4)
     assert_close(_run("auto", args, sizes), _run("xla", args, sizes), 0.0)
     if jax.default_backend() != "gpu":
@@ -105,7 +106,7 @@ def test_auto_runs_xla_on_a_cpu_and_the_kernel_names_why_not():
     [(0, (2, 7), "zxbcdt"), (2, (2, 8, 8, 15), "scan"), (1, (2, 2, 96), "conv"), (8, (3,), "position_in_chunk")],
 )
 def test_bad_shapes_are_named(index, shape, name):
-    sizes = StepSizes(2, 4, 8, 16, 1, eps=1e-5)
+    sizes = SsmSizes(2, 4, 8, 16, 1, eps=1e-5)
     args = list(reference.random_inputs(jax.random.key(7), 2, sizes, 4))
     args[index] = jnp.zeros(shape, args[index].dtype)
     with pytest.raises(ValueError, match=f"ssm_step: {name} must have shape"):
@@ -113,7 +114,7 @@ def test_bad_shapes_are_named(index, shape, name):
 
 
 def test_a_bad_offset_is_named():
-    sizes = StepSizes(2, 4, 8, 16, 1, eps=1e-5)
+    sizes = SsmSizes(2, 4, 8, 16, 1, eps=1e-5)
     args = reference.random_inputs(jax.random.key(7), 2, sizes, 4)
     with pytest.raises(ValueError, match="ssm_step: offset must be >= 0, got -1"):
         ssm_step(*args, sizes=sizes, offset=-1)
@@ -123,9 +124,9 @@ def test_a_bad_offset_is_named():
 
 def test_sizes_are_checked():
     with pytest.raises(ValueError, match=r"groups \(3\) must divide heads \(4\)"):
-        StepSizes(2, 4, 8, 16, 3, eps=1e-5)
-    with pytest.raises(ValueError, match="StepSizes.state must be >= 1"):
-        StepSizes(2, 4, 8, 0, 1, eps=1e-5)
+        SsmSizes(2, 4, 8, 16, 3, eps=1e-5)
+    with pytest.raises(ValueError, match="SsmSizes.state must be >= 1"):
+        SsmSizes(2, 4, 8, 0, 1, eps=1e-5)
 
 
 # --- on a GPU: the real kernel (``pytest -m gpu``) -------------------------------------------------
@@ -135,6 +136,6 @@ def test_sizes_are_checked():
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 @pytest.mark.parametrize("streams, heads, p, n, groups, width, batch", CASES + [(2, 8, 32, 32, 1, 4, 32)])
 def test_kernel_on_the_device_matches_reference(on_gpu, dtype, tol, streams, heads, p, n, groups, width, batch):
-    sizes = StepSizes(streams, heads, p, n, groups, eps=1e-5)
+    sizes = SsmSizes(streams, heads, p, n, groups, eps=1e-5)
     args = reference.random_inputs(jax.random.key(heads + batch), batch, sizes, width, dtype)
     assert_close(_run("pallas_gpu", args, sizes), _run("xla", args, sizes), tol)

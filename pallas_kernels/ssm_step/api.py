@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import typing
 from typing import Literal
 
@@ -11,59 +9,16 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
+from pallas_kernels.ssm_sizes import SsmSizes
 from pallas_kernels.ssm_step import pallas_gpu, reference
 
 SsmStepImplementation = Literal["pallas_gpu", "xla", "pallas_gpu_interpret"]
 
 
-@dataclasses.dataclass(frozen=True)
-class StepSizes:
-    """The static sizes of the stacked SSMs one step runs: ``streams`` SSMs side by side, each
-    of ``heads`` heads of ``head_dim`` channels (I = heads · head_dim), a state of ``state`` per
-    channel, ``groups`` B/C groups, and the gated norm's ``eps``."""
-
-    streams: int
-    heads: int
-    head_dim: int
-    state: int
-    groups: int
-    eps: float
-
-    def __post_init__(self):
-        for name in ("streams", "heads", "head_dim", "state", "groups"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"StepSizes.{name} must be >= 1, got {getattr(self, name)}")
-        if self.heads % self.groups:
-            raise ValueError(f"StepSizes: groups ({self.groups}) must divide heads ({self.heads})")
-
-    @property
-    def inner(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def conv_channels(self) -> int:
-        """Channels of one stream's conv: x, B and C."""
-        return self.inner + 2 * self.groups * self.state
-
-    @property
-    def projection(self) -> int:
-        """Width of one stream's in-projection: z, xBC and dt."""
-        return self.inner + self.conv_channels + self.heads
-
-
 # In auto's order: the backend's kernel, then XLA.
-IMPLEMENTATIONS: dict[str, dispatch.Implementation] = {
-    "pallas_gpu": dispatch.Implementation(
-        pallas_gpu.ssm_step_pallas_gpu, dispatch.pallas_kernel("gpu"), single_device=True
-    ),
-    "xla": dispatch.Implementation(reference.ssm_step_reference),
-    "pallas_gpu_interpret": dispatch.Implementation(
-        functools.partial(pallas_gpu.ssm_step_pallas_gpu, interpret=True),
-        dispatch.pallas_kernel(None),
-        single_device=True,
-        in_auto=False,
-    ),
-}
+IMPLEMENTATIONS: dict[str, dispatch.Implementation] = dispatch.gpu_kernel_and_xla(
+    pallas_gpu.ssm_step_pallas_gpu, reference.ssm_step_reference
+)
 assert tuple(IMPLEMENTATIONS) == typing.get_args(SsmStepImplementation)
 
 
@@ -101,7 +56,7 @@ def ssm_step(
     norm_weight: jax.Array,
     position_in_chunk: jax.Array,
     *,
-    sizes: StepSizes,
+    sizes: SsmSizes,
     offset: int = 0,
     implementation: SsmStepImplementation | Literal["auto"] = "auto",
     partitioned: bool = False,

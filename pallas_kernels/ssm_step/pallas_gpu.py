@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import iota, next_pow2, triton_params
+from pallas_kernels.gated_norm.reference import group_rms_norm
 from pallas_kernels.ssm_step import reference
 
 _NUM_WARPS = 1  # a program's work is one head: [P, N] of state
@@ -150,5 +151,7 @@ def ssm_step_pallas_gpu(
         interpret=interpret,
         name="ssm_step",
     )(*args)
-    out = reference.group_rms_norm(gated, norm_weight, sizes).astype(zxbcdt.dtype)  # the epilogue
+    groups = s * sizes.groups
+    out = group_rms_norm(gated.reshape(b, -1), norm_weight, groups=groups, eps=sizes.eps)  # the epilogue
+    out = out.reshape(b, s, sizes.inner).astype(zxbcdt.dtype)
     return out, new_scan.reshape(scan.shape), new_conv.reshape(conv.shape)

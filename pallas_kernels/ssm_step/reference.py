@@ -22,13 +22,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gated_norm.reference import group_rms_norm
+
 _HI = jax.lax.Precision.HIGHEST
 
 
 def ssm_step_reference(
     zxbcdt, conv, scan, conv_weight, A_log, D, dt_bias, norm_weight, position_in_chunk, *, sizes, offset=0
 ):
-    """Args and returns: see ``api.ssm_step`` (``sizes``: its ``StepSizes``)."""
+    """Args and returns: see ``api.ssm_step`` (``sizes``: its ``SsmSizes``)."""
     f32 = jnp.float32
     b = zxbcdt.shape[0]
     s, h, p, n, g = sizes.streams, sizes.heads, sizes.head_dim, sizes.state, sizes.groups
@@ -52,7 +54,8 @@ def ssm_step_reference(
     decay = jnp.exp(dt * -jnp.exp(A_log.astype(f32))) * (~start)[:, None]
     state = decay[..., None, None] * scan.astype(f32) + (dt[..., None] * x)[..., None] * B_[:, :, None, :]
     y = jnp.einsum("bkpn,bkn->bkp", state, C_, precision=_HI) + D.astype(f32)[:, None] * x
-    out = group_rms_norm(y.reshape(b, s, inner) * jax.nn.silu(z.astype(f32)), norm_weight, sizes)
+    gated = y.reshape(b, s * inner) * jax.nn.silu(z.reshape(b, s * inner).astype(f32))
+    out = group_rms_norm(gated, norm_weight, groups=s * g, eps=sizes.eps).reshape(b, s, inner)
     rows = jnp.arange(b)
     ring = jnp.where(start[:, None, None, None], 0, ring).at[rows, history_slot(position_in_chunk, width)]
     ring = ring.set(xbc.astype(conv.dtype))
@@ -63,15 +66,6 @@ def history_slot(position_in_chunk, width: int):
     """The conv-history slot of the chunk's token at ``position_in_chunk`` (>= -(w-1)): its
     position modulo the conv width ``width``."""
     return (position_in_chunk + width) % width
-
-
-def group_rms_norm(gated, norm_weight, sizes):
-    """The gated outputs [B, S, I] (float32) through the grouped RMSNorm: each group of I/G
-    channels scaled by its root mean square, then by ``norm_weight`` [S·I]. Float32."""
-    b, s = gated.shape[:2]
-    by_group = gated.reshape(b, s, sizes.groups, sizes.inner // sizes.groups)
-    normed = by_group * jax.lax.rsqrt(jnp.mean(jnp.square(by_group), axis=-1, keepdims=True) + sizes.eps)
-    return normed.reshape(b, s, sizes.inner) * norm_weight.astype(jnp.float32).reshape(s, sizes.inner)
 
 
 def random_inputs(key, batch: int, sizes, width: int, dtype=jnp.float32, dt_bias: bool = True):
