@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Short-context speed on one GPU, in stages named on the command line (each under ten minutes):
-#   checks   the GPU tests of every kernel (SSD, boundary + window attention, decode step) on the
-#            real device, with a line per failure and the count at the end
+#   checks   the GPU tests of every kernel (SSD, boundary + window attention, the SSMs' conv and
+#            gated norm, decode step) on the real device, with a line per failure and the count at
+#            the end
 #   ssd      the SSD kernel at the paper's single-SSM shape: 4x32768 and 16x1024, forward and
 #            forward+backward, kernel time from the profiler (% of the card's bandwidth)
-#   step     the whole training step, Attamba against the transformer in one run, at 16x1024,
+#   step     the whole training step, Attamba (auto, and attamba-kernels: every GPU kernel named, the
+#            SSMs' conv and gated norm too) against the transformer in one run, at 16x1024,
 #            8x2048, 4x4096, 64x1024 and 1x32768 (tokens/s, step-time ratio, MFU), and a profile of
 #            16x1024 with every kernel attributed to its op (compiled HLO kept)
 #   decode   decoding at 4k and 32k context, batch 1 and 32, Attamba against the transformer; then a
@@ -21,7 +23,8 @@ quiet() { grep -v "^W0\|^I0"; }
 checks() {
   log "GPU tests of the kernels"
   JAX_PLATFORMS=cuda,cpu python3 -m pytest -o addopts="" -q -rfE -m gpu -p no:cacheprovider tests/test_pallas_ssd.py \
-    tests/test_pallas_boundary_window_attention.py tests/test_ssm_step.py >"$OUT/gpu_tests.log" 2>&1
+    tests/test_pallas_boundary_window_attention.py tests/test_ssm_conv.py tests/test_gated_norm.py tests/test_ssm_step.py \
+    >"$OUT/gpu_tests.log" 2>&1
   echo "pytest exit status $?"
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -20
 }
@@ -34,10 +37,10 @@ ssd() {
 
 step() {
   log "training step, Attamba against the transformer"
-  python3 -m benchmarks.bench_train_step --models attamba,transformer --shapes 16x1024,8x2048,4x4096,64x1024,1x32768 \
+  python3 -m benchmarks.bench_train_step --models attamba,attamba-kernels,transformer --shapes 16x1024,8x2048,4x4096,64x1024,1x32768 \
     --profile-shapes 16x1024 --profile-top 60 --hlo-dir "$OUT/hlo_step" --deadline 500 --out "$OUT/train_step.json" \
     2>&1 | quiet >"$OUT/train_step.log"
-  grep -E "^(attamba|transformer) |tokens/s ratio" "$OUT/train_step.log"
+  grep -E "^(attamba|attamba-kernels|transformer) |tokens/s ratio" "$OUT/train_step.log"
 }
 
 decode() {
