@@ -74,15 +74,37 @@ def pallas_kernel(backend: str | None, dtypes=("float32", "bfloat16")) -> Callab
     return unsupported
 
 
+_INT32_ELEMENTS = 2**31
+
+
+def _int32_indexed(unsupported: Callable[..., str | None]) -> Callable[..., str | None]:
+    """``unsupported``, and also refusing arrays too large for a kernel that computes its element
+    offsets in int32 (one that indexes whole arrays rather than its blocks)."""
+
+    def check(target: Target, *args, **kwargs) -> str | None:
+        reason = unsupported(target, *args, **kwargs)
+        if reason is None:
+            for a in jax.tree.leaves(args):
+                if getattr(a, "size", 0) >= _INT32_ELEMENTS:
+                    return f"it indexes in int32 and an argument of shape {a.shape} has 2^31 elements or more"
+        return reason
+
+    return check
+
+
 def gpu_kernel_and_xla(kernel: Callable[..., Any], xla: Callable[..., Any]) -> dict[str, Implementation]:
-    """The table of an op that has a GPU kernel (``kernel(..., interpret=False)``) and an XLA path,
-    in ``auto``'s order: ``pallas_gpu``, ``xla``, and ``pallas_gpu_interpret`` (the kernel in the
-    Pallas interpreter, on any backend; not taken by ``auto``)."""
+    """The table of an op that has a GPU kernel (``kernel(..., interpret=False)``, indexing whole
+    arrays in int32) and an XLA path, in ``auto``'s order: ``pallas_gpu``, ``xla``, and
+    ``pallas_gpu_interpret`` (the kernel in the Pallas interpreter, on any backend; not taken by
+    ``auto``)."""
     return {
-        "pallas_gpu": Implementation(kernel, pallas_kernel("gpu"), single_device=True),
+        "pallas_gpu": Implementation(kernel, _int32_indexed(pallas_kernel("gpu")), single_device=True),
         "xla": Implementation(xla),
         "pallas_gpu_interpret": Implementation(
-            functools.partial(kernel, interpret=True), pallas_kernel(None), single_device=True, in_auto=False
+            functools.partial(kernel, interpret=True),
+            _int32_indexed(pallas_kernel(None)),
+            single_device=True,
+            in_auto=False,
         ),
     }
 

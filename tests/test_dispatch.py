@@ -7,6 +7,8 @@ import pytest
 from pallas_kernels import boundary_window_attention, causal_attention, ssd
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.dispatch import Target, choose
+from pallas_kernels.ssm_conv import IMPLEMENTATIONS as CONV
+from pallas_kernels.ssm_sizes import SsmSizes
 
 _GRID = ChunkGrid(4, 1)
 
@@ -104,3 +106,17 @@ def test_a_named_implementation_that_can_run_is_taken():
 def test_causal_auto_takes_cudnn_where_it_applies(target, dtype, head_dim, name):
     q = _attention_args(dtype, head_dim)
     assert choose("causal", causal_attention.IMPLEMENTATIONS, "auto", target, *q, window=None) == name
+
+
+def test_a_kernel_indexing_in_int32_refuses_arrays_of_2_31_elements():
+    # Given the SSMs' conv op and an in-projection too large for int32 offsets (shapes only: nothing runs)
+    sizes = SsmSizes(2, 8, 32, 32, 1, eps=1e-5)
+    big = jax.ShapeDtypeStruct((1, 2**31 // (2 * sizes.projection) + 1, 2 * sizes.projection), jnp.bfloat16)
+    small = jax.ShapeDtypeStruct((1, 64, 2 * sizes.projection), jnp.bfloat16)
+    weight, bias, position = jnp.zeros((2 * sizes.conv_channels, 4)), jnp.zeros((16,)), jnp.zeros((64,), jnp.int32)
+    gpu = Target("gpu")
+    # Then the GPU kernel says why it cannot run the large call, auto takes XLA there, and the kernel the small one
+    with pytest.raises(ValueError, match=r"indexes in int32 and an argument of shape \(1, \d+, 1168\)"):
+        choose("ssm_conv", CONV, "pallas_gpu", gpu, big, weight, bias, position, sizes=sizes)
+    assert choose("ssm_conv", CONV, "auto", gpu, big, weight, bias, position, sizes=sizes) == "xla"
+    assert choose("ssm_conv", CONV, "auto", gpu, small, weight, bias, position, sizes=sizes) == "pallas_gpu"
