@@ -49,7 +49,7 @@ def _slabs(size: int):
 
 def _tokens(t: int):
     """The program's row, stream, first token, its tokens [rows, 1] and their mask."""
-    b, m, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     r = m * _ROWS + iota(_ROWS)[:, None]
     return b, m, s, r, r < t
 
@@ -146,7 +146,7 @@ def _launch(kernel, args, out_shape, b, t, sizes, interpret, name):
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(b, pl.cdiv(t, _ROWS), sizes.streams),
+        grid=(pl.cdiv(t, _ROWS), b, sizes.streams),  # token blocks first: the launch's largest axis
         compiler_params=triton_params(_NUM_WARPS, 1),
         interpret=interpret,
         name=name,
