@@ -31,6 +31,12 @@ def _rows(width: int) -> int:
     return max(1, _TILE // next_pow2(width))
 
 
+def _extent(y, groups: int):
+    """Rows, channels and group width of y [..., C] as the kernels see it ([rows, C])."""
+    c = y.shape[-1]
+    return y.size // c, c, c // groups
+
+
 def _tile(n: int, width: int):
     """The program's rows and its group's columns; masks of the tile, of its rows and of its columns."""
     m, g = pl.program_id(0), pl.program_id(1)
@@ -84,8 +90,7 @@ def _launch(kernel, args, out_shape, n, width, groups, interpret, name):
 
 
 def _forward(y, z, weight, groups, eps, interpret):
-    c = y.shape[-1]
-    n, width = y.size // c, c // groups
+    n, c, width = _extent(y, groups)
     out_shape = (jax.ShapeDtypeStruct((n, c), y.dtype), jax.ShapeDtypeStruct((n, groups), jnp.float32))
     kernel = functools.partial(_fwd_kernel, n=n, width=width, eps=eps)
     out, rstd = _launch(
@@ -106,8 +111,7 @@ def _gated_norm_fwd(y, z, weight, groups, eps, interpret):
 
 def _gated_norm_bwd(groups, eps, interpret, res, dout):
     y, z, weight, rstd = res
-    c = y.shape[-1]
-    n, width = y.size // c, c // groups
+    n, c, width = _extent(y, groups)
     programs = pl.cdiv(n, _rows(width))
     out_shape = (
         jax.ShapeDtypeStruct((n, c), y.dtype),

@@ -41,44 +41,57 @@ def _parts(sizes):
 
 
 def _slabs(size: int):
-    """Each slab's first channel, the channel offsets of its tile [1, slab] and their mask."""
+    """Each slab's channel offsets [1, slab] and their mask."""
     slab = min(_SLAB, next_pow2(size))
     c = iota(slab)[None, :]
-    return [(c0, c0 + c, c0 + c < size) for c0 in range(0, size, slab)]
+    return [(c0 + c, c0 + c < size) for c0 in range(0, size, slab)]
 
 
 def _tokens(t: int):
-    """The program's row, stream, first token, its tokens [rows, 1] and their mask."""
+    """The program's row, token block and stream, its tokens [rows, 1] and their mask."""
     m, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     r = m * _ROWS + iota(_ROWS)[:, None]
     return b, m, s, r, r < t
 
 
+def _taps(w_ref, channels, ch, width):
+    """The conv weight [1, slab] of each lag 0..w-1 (lag j: column w-1-j) of the stream's ``channels``."""
+    return [
+        plgpu.load(w_ref.at[channels, width - 1 - lag], mask=ch, other=0.0).astype(jnp.float32) for lag in range(width)
+    ]
+
+
+def _dt_raw(u_ref, bias_ref, b, r, ok, s, sizes):
+    """The stream's dt columns [rows, H2] of the in-projection plus the bias (before softplus), their
+    columns and mask."""
+    heads, base = sizes.heads, s * sizes.projection + sizes.inner + sizes.conv_channels
+    h = iota(next_pow2(heads))[None, :]
+    hh = ok & (h < heads)
+    raw = plgpu.load(u_ref.at[b, r, base + h], mask=hh, other=0.0).astype(jnp.float32)
+    return raw + plgpu.load(bias_ref.at[s * heads + h], mask=h < heads, other=0.0), h, hh
+
+
 def _fwd_kernel(pos_ref, u_ref, w_ref, bias_ref, z_ref, x_ref, b_ref, c_ref, dt_ref, *, sizes, t, width):
     f32 = jnp.float32
     b, _, s, r, ok = _tokens(t)
-    inner, cc, heads = sizes.inner, sizes.conv_channels, sizes.heads
+    inner, cc = sizes.inner, sizes.conv_channels
     base = s * sizes.projection  # the stream's first column of the in-projection
     pos = plgpu.load(pos_ref.at[b, r], mask=ok, other=0)
-    for _, col, ch in _slabs(inner):
+    for col, ch in _slabs(inner):
         plgpu.store(z_ref.at[b, r, s * inner + col], plgpu.load(u_ref.at[b, r, base + col], mask=ok & ch), mask=ok & ch)
     outs = (x_ref, b_ref, c_ref)
     for first, size, k in _parts(sizes):
-        for _, col, ch in _slabs(size):
+        for col, ch in _slabs(size):
             acc = jnp.zeros((_ROWS, col.shape[1]), f32)
-            for lag in range(width):
-                w = plgpu.load(w_ref.at[s * cc + first + col, width - 1 - lag], mask=ch, other=0.0).astype(f32)
+            for lag, w in enumerate(_taps(w_ref, s * cc + first + col, ch, width)):
                 tap = ok & ch & (pos >= lag) & (r >= lag)  # no tap reaches before the chunk (or the row)
                 acc = (
                     acc
                     + plgpu.load(u_ref.at[b, r - lag, base + inner + first + col], mask=tap, other=0.0).astype(f32) * w
                 )
             plgpu.store(outs[k].at[b, r, s * size + col], jax.nn.silu(acc).astype(outs[k].dtype), mask=ok & ch)
-    h = iota(next_pow2(heads))[None, :]
-    hh = ok & (h < heads)
-    dt = plgpu.load(u_ref.at[b, r, base + inner + cc + h], mask=hh, other=0.0).astype(f32)
-    dt = dt + plgpu.load(bias_ref.at[s * heads + h], mask=h < heads, other=0.0)
-    plgpu.store(dt_ref.at[b, r, s * heads + h], jax.nn.softplus(dt), mask=hh)
+    dt, h, hh = _dt_raw(u_ref, bias_ref, b, r, ok, s, sizes)
+    plgpu.store(dt_ref.at[b, r, s * sizes.heads + h], jax.nn.softplus(dt), mask=hh)
 
 
 def _bwd_kernel(
@@ -105,17 +118,14 @@ def _bwd_kernel(
     base = s * sizes.projection
     # The positions of the tokens j = 0..w-1 later (-1 past the end: no taps there).
     pos = [plgpu.load(pos_ref.at[b, r + j], mask=r + j < t, other=-1) for j in range(width)]
-    for _, col, ch in _slabs(inner):
+    for col, ch in _slabs(inner):
         dz = plgpu.load(dz_ref.at[b, r, s * inner + col], mask=ok & ch)
         plgpu.store(du_ref.at[b, r, base + col], dz.astype(du_ref.dtype), mask=ok & ch)
     grads = (dx_ref, db_ref, dc_ref)
     for first, size, k in _parts(sizes):
-        for _, col, ch in _slabs(size):
+        for col, ch in _slabs(size):
             u_col = base + inner + first + col
-            w = [
-                plgpu.load(w_ref.at[s * cc + first + col, width - 1 - lag], mask=ch, other=0.0).astype(f32)
-                for lag in range(width)
-            ]  # w[lag]: the tap of lag ``lag``
+            w = _taps(w_ref, s * cc + first + col, ch, width)  # w[lag]: the tap of lag ``lag``
             pre = {
                 d: plgpu.load(u_ref.at[b, r + d, u_col], mask=ch & (r + d >= 0) & (r + d < t), other=0.0).astype(f32)
                 for d in range(1 - width, width)
@@ -133,10 +143,7 @@ def _bwd_kernel(
                         plgpu.store(dw_ref.at[b, m, s * cc + first + col, width - 1 - lag], dw, mask=ch)
                 dpre = dpre + jnp.where(pos[j] >= j, g, 0.0) * w[j]
             plgpu.store(du_ref.at[b, r, u_col], dpre.astype(du_ref.dtype), mask=ok & ch)
-    h = iota(next_pow2(heads))[None, :]
-    hh = ok & (h < heads)
-    raw = plgpu.load(u_ref.at[b, r, base + inner + cc + h], mask=hh, other=0.0).astype(f32)
-    raw = raw + plgpu.load(bias_ref.at[s * heads + h], mask=h < heads, other=0.0)
+    raw, h, hh = _dt_raw(u_ref, bias_ref, b, r, ok, s, sizes)
     draw = plgpu.load(ddt_ref.at[b, r, s * heads + h], mask=hh, other=0.0) * jax.nn.sigmoid(raw)
     plgpu.store(du_ref.at[b, r, base + inner + cc + h], draw.astype(du_ref.dtype), mask=hh)
     plgpu.store(dbias_ref.at[b, m, s * heads + h], jnp.sum(draw, axis=0, keepdims=True), mask=h < heads)

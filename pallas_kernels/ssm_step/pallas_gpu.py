@@ -151,7 +151,6 @@ def ssm_step_pallas_gpu(
         interpret=interpret,
         name="ssm_step",
     )(*args)
-    groups = s * sizes.groups
-    out = group_rms_norm(gated.reshape(b, -1), norm_weight, groups=groups, eps=sizes.eps)  # the epilogue
+    out = group_rms_norm(gated.reshape(b, -1), norm_weight, groups=s * sizes.groups, eps=sizes.eps)  # the epilogue
     out = out.reshape(b, s, sizes.inner).astype(zxbcdt.dtype)
     return out, new_scan.reshape(scan.shape), new_conv.reshape(conv.shape)
