@@ -1,6 +1,7 @@
 """The SSD Pallas kernels (GPU/Triton and TPU/Mosaic, run in the Pallas interpreter) against the
 sequential reference: forward and every gradient, float32 and bfloat16, every output written."""
 
+import dataclasses
 import functools
 
 import jax
@@ -12,7 +13,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.common import tpu_interpret_params
 from pallas_kernels.ssd import pallas_gpu, pallas_tpu, reference, ssd
-from pallas_kernels.ssd.block_sizes import GpuBlocks, GpuPass, TpuBlocks
+from pallas_kernels.ssd.block_sizes import GpuBlocks, GpuPass, TpuBlocks, default_gpu_blocks
 from tests.helpers import (
     FAST_COMPILE,
     assert_close,
@@ -171,12 +172,19 @@ def test_gpu_kernels_lower_through_triton(poison, aliases):
     [
         (dict(tiles=0), "GpuPass.tiles must be >= 1"),
         (dict(heads_ahead=0), "GpuPass.heads_ahead must be >= 1"),
-        (dict(tiles=1, num_stages=2), "needs tiles > 1"),
+        (dict(num_stages=0), "GpuPass.num_stages must be >= 1"),
     ],
 )
 def test_gpu_launch_settings_reject_bad_values(settings, message):
     with pytest.raises(ValueError, match=message):
         GpuPass(**settings)
+
+
+def test_a_pipelined_forward_needs_its_loop_over_tiles():
+    # The backward pipelines its loop over heads with one tile per program; the forward has no such loop
+    GpuBlocks(16, bwd=GpuPass(1, tiles=1, num_stages=3))
+    with pytest.raises(ValueError, match="needs fwd.tiles > 1"):
+        GpuBlocks(16, fwd=GpuPass(2, tiles=1, num_stages=2))
 
 
 @pytest.mark.parametrize(
@@ -332,6 +340,21 @@ def test_gpu_kernel_on_the_device_matches_reference(on_gpu, dtype_name, tol, k, 
     # Then it agrees with the reference and writes every element
     assert_close(y, y_ref, tol)
     assert_close(grads, grads_ref, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages", [2, 3])
+def test_gpu_backward_pipelined_over_heads_on_the_device_matches_reference(on_gpu, stages):
+    # Given the model's stacked shape in bf16 and a backward whose loop over heads Triton pipelines
+    # (the next heads' loads in flight during this one's math: only the device runs that schedule)
+    grid, args, cot, (y_ref, grads_ref) = _case(8, 3, 1000, 16, 2, 32, 32, "bfloat16", 83)
+    blocks = dataclasses.replace(default_gpu_blocks(8), bwd=GpuPass(1, num_stages=stages))
+    kernel = lambda *a: pallas_gpu.ssd_pallas_gpu(*a, grid=grid, blocks=blocks, poison=True)
+    # When it runs forward and backward, every output starting as NaN
+    y, grads = value_and_grads(kernel, args, cot)
+    # Then it agrees with the reference and writes every element
+    assert_close(y, y_ref, 1e-2)
+    assert_close(grads, grads_ref, 1e-2)
 
 
 @pytest.mark.gpu

@@ -20,14 +20,14 @@ class GpuPass:
     tiles: int = 1  # consecutive tiles each program runs, in a loop
     heads_ahead: int = 1  # heads whose inputs a program loads before computing any of them (the
     # backward loops over such runs of heads; the forward unrolls them)
-    num_stages: int = 1  # Triton's software-pipelining depth of the loop over tiles (needs tiles > 1)
+    num_stages: int = 1  # Triton's software-pipelining depth of the pass's loops: the loop over
+    # tiles, and the backward's loop over runs of heads (its loads of the next heads issued while
+    # this one computes, into shared memory rather than registers)
 
     def __post_init__(self):
         for name in ("num_warps", "tiles", "heads_ahead", "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GpuPass.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_stages > 1 and self.tiles == 1:
-            raise ValueError(f"GpuPass.num_stages={self.num_stages} pipelines the loop over tiles: it needs tiles > 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,13 @@ class GpuBlocks:
     block_len: int
     fwd: GpuPass = GpuPass()
     bwd: GpuPass = GpuPass()
+
+    def __post_init__(self):
+        if self.fwd.num_stages > 1 and self.fwd.tiles == 1:
+            raise ValueError(
+                f"GpuBlocks.fwd.num_stages={self.fwd.num_stages} pipelines the forward's loop over tiles, "
+                "its only loop: it needs fwd.tiles > 1"
+            )
 
     def check(self, token_chunk: int):
         if self.block_len < max(16, token_chunk) or self.block_len & (self.block_len - 1):
