@@ -23,8 +23,13 @@ def _inputs(seed, shape, dtype):
     return (y, z, weight), jax.random.normal(k[3], shape)
 
 
-def _run(implementation, args, cot, groups):
-    fn = lambda y, z, w: gated_norm(y, z, w, groups=groups, eps=1e-5, implementation=implementation)
+def _run(implementation, args, cot, groups, launch=None):
+    """Output and gradients of ``implementation`` (a name, or with ``launch`` the interpreted kernel
+    run with those launch settings)."""
+    if launch is None:
+        fn = lambda y, z, w: gated_norm(y, z, w, groups=groups, eps=1e-5, implementation=implementation)
+    else:
+        fn = lambda *a: pallas_gpu.gated_norm_pallas_gpu(*a, groups=groups, eps=1e-5, interpret=True, launch=launch)
     return value_and_grads(fn, args, cot)
 
 
@@ -47,6 +52,23 @@ def test_kernel_matches_reference(dtype, tol, shape, groups):
     # Then the output and the gradients of y, z and the weight equal the reference's, in their dtypes
     assert got[0].dtype == dtype and [g.dtype for g in got[1]] == [dtype, dtype, jnp.float32]
     assert_close(got, want, tol)
+
+
+@pytest.mark.parametrize("launch", [pallas_gpu.Launch(tile=1024, num_warps=8), pallas_gpu.Launch(tile=64, num_warps=1)])
+def test_other_launch_settings_match_reference(launch):
+    # Given the paper's stacked shape, and programs of 4 rows, or of one row narrower than a group
+    args, cot = _inputs(7, *CASES[0][:1], jnp.float32)
+    # When the kernels run with them in the interpreter, then they agree with the reference
+    assert_close(_run(None, args, cot, 2, launch), _run("xla", args, cot, 2), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [(dict(tile=3000), "Launch.tile must be a power of two"), (dict(num_warps=0), "Launch.num_warps must be >= 1")],
+)
+def test_bad_launch_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        pallas_gpu.Launch(**settings)
 
 
 def test_kernels_lower_through_triton():

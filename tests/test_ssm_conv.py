@@ -2,6 +2,8 @@
 interpreter, lowered through Triton, and on a GPU) against the reference, forward and every
 gradient; the reference's conv against the chunk grid (no tap crosses a chunk start)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,13 +39,19 @@ def _inputs(seed, s, h, p, n, g, width, b, t, k, packed, dtype):
     return sizes, (zxbcdt, weight, bias, position), ks[4]
 
 
-def _run(implementation, sizes, args, key):
+def _run(implementation, sizes, args, key, launch=None):
+    """Outputs and gradients of ``implementation`` (a name, or with ``launch`` the interpreted kernel
+    run with those launch settings) against random cotangents."""
     zxbcdt, weight, bias, position = args
     shapes = jax.eval_shape(lambda: ssm_conv(*args, sizes=sizes, implementation="xla"))
     cots = [jax.random.normal(jax.random.fold_in(key, i), o.shape) for i, o in enumerate(shapes)]
+    if launch is None:
+        op = functools.partial(ssm_conv, sizes=sizes, implementation=implementation)
+    else:
+        op = functools.partial(pallas_gpu.ssm_conv_pallas_gpu, sizes=sizes, interpret=True, launch=launch)
 
     def loss(zxbcdt, weight, bias):
-        outs = ssm_conv(zxbcdt, weight, bias, position, sizes=sizes, implementation=implementation)
+        outs = op(zxbcdt, weight, bias, position)
         return sum(jnp.sum(o.astype(jnp.float32) * c) for o, c in zip(outs, cots)), outs
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -73,6 +81,28 @@ def test_kernel_matches_reference(dtype, tol, case):
     assert [o.dtype for o in got[0]] == [dtype] * 4 + [jnp.float32]
     assert_close(got, want, tol)
     np.testing.assert_array_equal(np.asarray(got[0][0], np.float32), np.asarray(want[0][0], np.float32))
+
+
+@pytest.mark.parametrize(
+    "launch", [pallas_gpu.Launch(rows=32, slab=16, num_warps=8), pallas_gpu.Launch(rows=8, slab=128, num_warps=2)]
+)
+def test_other_launch_settings_match_reference(launch):
+    # Given the paper's stacked shape, and programs of other sizes (more tokens and narrower slabs;
+    # fewer tokens and a slab wider than B and C)
+    sizes, args, key = _inputs(11, *CASES[0], jnp.float32)
+    # When the kernels run with them in the interpreter
+    got = _run(None, sizes, args, key, launch=launch)
+    # Then they agree with the reference
+    assert_close(got, _run("xla", sizes, args, key), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [(dict(rows=12), "Launch.rows must be a power of two"), (dict(num_warps=0), "Launch.num_warps must be >= 1")],
+)
+def test_bad_launch_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        pallas_gpu.Launch(**settings)
 
 
 def test_no_dt_bias_is_a_zero_bias():

@@ -5,7 +5,7 @@ in-projection, the conv's shifted copies, SiLU and softplus forward; backward, t
 transpose, the conv weight's reduction over every token, and a concatenation that assembles the
 in-projection's gradient from its pieces. Here each direction is one pass over the tokens.
 
-A program owns ``_ROWS`` consecutive tokens of one row and one stream and walks the stream's
+A program owns ``Launch.rows`` consecutive tokens of one row and one stream and walks the stream's
 channels in slabs. The conv reads each token's earlier (forward) or later (backward) neighbours
 straight from the in-projection in memory, whichever program owns them (they are in cache), so
 chunks need not align with the programs' tokens; the taps stop at the chunk start by position.
@@ -20,6 +20,7 @@ sums them), so no program reduces over all tokens. Channel counts are padded to 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,9 +30,23 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import iota, next_pow2, triton_params
 
-_ROWS = 16  # tokens per program
-_SLAB = 64  # channels per step of a program's walk
-_NUM_WARPS = 4
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How the kernels run their programs (constants, not tuned per call; ``bench_ssm_ops.py``
+    sweeps them)."""
+
+    rows: int = 16  # tokens per program
+    slab: int = 64  # channels per step of a program's walk
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("rows", "slab"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"ssm_conv Launch.{name} must be a power of two, got {v}")
+        if self.num_warps < 1:
+            raise ValueError(f"ssm_conv Launch.num_warps must be >= 1, got {self.num_warps}")
 
 
 def _parts(sizes):
@@ -40,17 +55,17 @@ def _parts(sizes):
     return ((0, sizes.inner, 0), (sizes.inner, gn, 1), (sizes.inner + gn, gn, 2))
 
 
-def _slabs(size: int):
+def _slabs(size: int, launch: Launch):
     """Each slab's channel offsets [1, slab] and their mask."""
-    slab = min(_SLAB, next_pow2(size))
+    slab = min(launch.slab, next_pow2(size))
     c = iota(slab)[None, :]
     return [(c0 + c, c0 + c < size) for c0 in range(0, size, slab)]
 
 
-def _tokens(t: int):
-    """The program's row, token block and stream, its tokens [rows, 1] and their mask."""
+def _tokens(t: int, rows: int):
+    """The program's row, token block and stream, its ``rows`` tokens [rows, 1] and their mask."""
     m, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    r = m * _ROWS + iota(_ROWS)[:, None]
+    r = m * rows + iota(rows)[:, None]
     return b, m, s, r, r < t
 
 
@@ -71,18 +86,18 @@ def _dt_raw(u_ref, bias_ref, b, r, ok, s, sizes):
     return raw + plgpu.load(bias_ref.at[s * heads + h], mask=h < heads, other=0.0), h, hh
 
 
-def _fwd_kernel(pos_ref, u_ref, w_ref, bias_ref, z_ref, x_ref, b_ref, c_ref, dt_ref, *, sizes, t, width):
+def _fwd_kernel(pos_ref, u_ref, w_ref, bias_ref, z_ref, x_ref, b_ref, c_ref, dt_ref, *, sizes, t, width, launch):
     f32 = jnp.float32
-    b, _, s, r, ok = _tokens(t)
+    b, _, s, r, ok = _tokens(t, launch.rows)
     inner, cc = sizes.inner, sizes.conv_channels
     base = s * sizes.projection  # the stream's first column of the in-projection
     pos = plgpu.load(pos_ref.at[b, r], mask=ok, other=0)
-    for col, ch in _slabs(inner):
+    for col, ch in _slabs(inner, launch):
         plgpu.store(z_ref.at[b, r, s * inner + col], plgpu.load(u_ref.at[b, r, base + col], mask=ok & ch), mask=ok & ch)
     outs = (x_ref, b_ref, c_ref)
     for first, size, k in _parts(sizes):
-        for col, ch in _slabs(size):
-            acc = jnp.zeros((_ROWS, col.shape[1]), f32)
+        for col, ch in _slabs(size, launch):
+            acc = jnp.zeros((launch.rows, col.shape[1]), f32)
             for lag, w in enumerate(_taps(w_ref, s * cc + first + col, ch, width)):
                 tap = ok & ch & (pos >= lag) & (r >= lag)  # no tap reaches before the chunk (or the row)
                 acc = (
@@ -111,26 +126,27 @@ def _bwd_kernel(
     sizes,
     t,
     width,
+    launch,
 ):
     f32 = jnp.float32
-    b, m, s, r, ok = _tokens(t)
+    b, m, s, r, ok = _tokens(t, launch.rows)
     inner, cc, heads = sizes.inner, sizes.conv_channels, sizes.heads
     base = s * sizes.projection
     # The positions of the tokens j = 0..w-1 later (-1 past the end: no taps there).
     pos = [plgpu.load(pos_ref.at[b, r + j], mask=r + j < t, other=-1) for j in range(width)]
-    for col, ch in _slabs(inner):
+    for col, ch in _slabs(inner, launch):
         dz = plgpu.load(dz_ref.at[b, r, s * inner + col], mask=ok & ch)
         plgpu.store(du_ref.at[b, r, base + col], dz.astype(du_ref.dtype), mask=ok & ch)
     grads = (dx_ref, db_ref, dc_ref)
     for first, size, k in _parts(sizes):
-        for col, ch in _slabs(size):
+        for col, ch in _slabs(size, launch):
             u_col = base + inner + first + col
             w = _taps(w_ref, s * cc + first + col, ch, width)  # w[lag]: the tap of lag ``lag``
             pre = {
                 d: plgpu.load(u_ref.at[b, r + d, u_col], mask=ch & (r + d >= 0) & (r + d < t), other=0.0).astype(f32)
                 for d in range(1 - width, width)
             }  # the conv's inputs d tokens away
-            dpre = jnp.zeros((_ROWS, col.shape[1]), f32)
+            dpre = jnp.zeros((launch.rows, col.shape[1]), f32)
             for j in range(width):
                 # The gradient at the conv's output j tokens later, through SiLU, then its tap j.
                 a = sum(w[lag] * jnp.where(pos[j] >= lag, pre[j - lag], 0.0) for lag in range(width))
@@ -149,12 +165,12 @@ def _bwd_kernel(
     plgpu.store(dbias_ref.at[b, m, s * heads + h], jnp.sum(draw, axis=0, keepdims=True), mask=h < heads)
 
 
-def _launch(kernel, args, out_shape, b, t, sizes, interpret, name):
+def _launch(kernel, args, out_shape, b, t, sizes, launch: Launch, interpret, name):
     return pl.pallas_call(
-        kernel,
+        functools.partial(kernel, sizes=sizes, t=t, launch=launch),
         out_shape=out_shape,
-        grid=(pl.cdiv(t, _ROWS), b, sizes.streams),  # token blocks first: the launch's largest axis
-        compiler_params=triton_params(_NUM_WARPS, 1),
+        grid=(pl.cdiv(t, launch.rows), b, sizes.streams),  # token blocks first: the launch's largest axis
+        compiler_params=triton_params(launch.num_warps, 1),
         interpret=interpret,
         name=name,
     )(*args)
@@ -164,7 +180,7 @@ def _bias(dt_bias, sizes):
     return jnp.zeros((sizes.streams * sizes.heads,), jnp.float32) if dt_bias is None else dt_bias.astype(jnp.float32)
 
 
-def _forward(zxbcdt, conv_weight, dt_bias, position, sizes, interpret):
+def _forward(zxbcdt, conv_weight, dt_bias, position, sizes, launch, interpret):
     b, t = zxbcdt.shape[:2]
     s, gn, dtype = sizes.streams, sizes.groups * sizes.state, zxbcdt.dtype
     out_shape = (
@@ -174,28 +190,29 @@ def _forward(zxbcdt, conv_weight, dt_bias, position, sizes, interpret):
         jax.ShapeDtypeStruct((b, t, s * gn), dtype),
         jax.ShapeDtypeStruct((b, t, s * sizes.heads), jnp.float32),
     )
-    kernel = functools.partial(_fwd_kernel, sizes=sizes, t=t, width=conv_weight.shape[1])
+    kernel = functools.partial(_fwd_kernel, width=conv_weight.shape[1])
     args = (position, zxbcdt, conv_weight, _bias(dt_bias, sizes))
-    z, x, B, C, dt = _launch(kernel, args, out_shape, b, t, sizes, interpret, "ssm_conv_fwd")
+    z, x, B, C, dt = _launch(kernel, args, out_shape, b, t, sizes, launch, interpret, "ssm_conv_fwd")
     bc = (b, t, s * sizes.groups, sizes.state)
     return z, x.reshape(b, t, s * sizes.heads, sizes.head_dim), B.reshape(bc), C.reshape(bc), dt
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ssm_conv(zxbcdt, conv_weight, dt_bias, position, sizes, interpret):
-    return _forward(zxbcdt, conv_weight, dt_bias, position, sizes, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ssm_conv(zxbcdt, conv_weight, dt_bias, position, sizes, launch, interpret):
+    return _forward(zxbcdt, conv_weight, dt_bias, position, sizes, launch, interpret)
 
 
-def _ssm_conv_fwd(zxbcdt, conv_weight, dt_bias, position, sizes, interpret):
-    return _forward(zxbcdt, conv_weight, dt_bias, position, sizes, interpret), (zxbcdt, conv_weight, dt_bias, position)
+def _ssm_conv_fwd(zxbcdt, conv_weight, dt_bias, position, sizes, launch, interpret):
+    out = _forward(zxbcdt, conv_weight, dt_bias, position, sizes, launch, interpret)
+    return out, (zxbcdt, conv_weight, dt_bias, position)
 
 
-def _ssm_conv_bwd(sizes, interpret, res, grads):
+def _ssm_conv_bwd(sizes, launch, interpret, res, grads):
     zxbcdt, conv_weight, dt_bias, position = res
     dz, dx, dB, dC, ddt = grads
     b, t = zxbcdt.shape[:2]
     s, width = sizes.streams, conv_weight.shape[1]
-    programs = pl.cdiv(t, _ROWS)
+    programs = pl.cdiv(t, launch.rows)
     out_shape = (
         jax.ShapeDtypeStruct(zxbcdt.shape, zxbcdt.dtype),
         jax.ShapeDtypeStruct((b, programs, s * sizes.conv_channels, width), jnp.float32),
@@ -213,8 +230,8 @@ def _ssm_conv_bwd(sizes, interpret, res, grads):
         flat(dC),
         ddt.astype(jnp.float32),
     )
-    kernel = functools.partial(_bwd_kernel, sizes=sizes, t=t, width=width)
-    du, dw, dbias = _launch(kernel, args, out_shape, b, t, sizes, interpret, "ssm_conv_bwd")
+    kernel = functools.partial(_bwd_kernel, width=width)
+    du, dw, dbias = _launch(kernel, args, out_shape, b, t, sizes, launch, interpret, "ssm_conv_bwd")
     dw = jnp.sum(dw, axis=(0, 1)).astype(conv_weight.dtype)
     dbias = None if dt_bias is None else jnp.sum(dbias, axis=(0, 1)).astype(dt_bias.dtype)
     return du, dw, dbias, None
@@ -223,9 +240,11 @@ def _ssm_conv_bwd(sizes, interpret, res, grads):
 _ssm_conv.defvjp(_ssm_conv_fwd, _ssm_conv_bwd)
 
 
-def ssm_conv_pallas_gpu(zxbcdt, conv_weight, dt_bias, position_in_chunk, *, sizes, interpret: bool = False):
+def ssm_conv_pallas_gpu(
+    zxbcdt, conv_weight, dt_bias, position_in_chunk, *, sizes, interpret: bool = False, launch: Launch | None = None
+):
     """``api.ssm_conv`` as one kernel launch forward and one backward; ``interpret``: in the
-    Pallas interpreter."""
+    Pallas interpreter; ``launch``: the programs' settings (default ``Launch()``)."""
     b, t = zxbcdt.shape[:2]
     position = jnp.broadcast_to(position_in_chunk.astype(jnp.int32), (b, t))
-    return _ssm_conv(zxbcdt, conv_weight, dt_bias, position, sizes, interpret)
+    return _ssm_conv(zxbcdt, conv_weight, dt_bias, position, sizes, launch or Launch(), interpret)
