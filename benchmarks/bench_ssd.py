@@ -37,8 +37,10 @@ import numpy as np
 from benchmarks.timing import (
     DOCS,
     add_kernel_bench_args,
+    copy_bandwidth,
     device_seconds,
     document_ratios,
+    nbytes,
     packed_starts,
     rel_err,
     save,
@@ -57,18 +59,6 @@ def _inputs(key, b, t, dtype, h=HEADS, p=HEAD_DIM, g=GROUPS, n=STATE):
     return args, dy.astype(dtype)
 
 
-def _nbytes(*arrays) -> int:
-    return sum(a.size * a.dtype.itemsize for a in arrays)
-
-
-def copy_bandwidth(reps: int = 20) -> float:
-    """Device-to-device bandwidth (bytes read + written per second of kernel time) of a 2 GiB elementwise copy."""
-    x = jnp.ones((1 << 30 if jax.default_backend() != "cpu" else 1 << 22,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    jax.block_until_ready(f(x))  # compile and warm up
-    return 2 * _nbytes(x) / device_seconds(f, [(x,)], reps)
-
-
 def _input_sets(seed: int, b, t, dtype, shape: dict):
     """-> (input sets from keys ``seed``, ``seed + 1``, ... (>= 256 MB together, at most 32),
     the first set's dy, {mode: bytes the op must move}).
@@ -77,8 +67,8 @@ def _input_sets(seed: int, b, t, dtype, shape: dict):
     """
     args, dy = _inputs(jax.random.key(seed), b, t, dtype, **shape)
     x, dt, _, B, C, _ = args
-    fwd_bytes = _nbytes(x, dt, B, C, x)
-    moved = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + 2 * _nbytes(x, dt, B, C) + _nbytes(dy)}
+    fwd_bytes = nbytes(x, dt, B, C, x)
+    moved = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + 2 * nbytes(x, dt, B, C) + nbytes(dy)}
     num_sets = min(32, max(1, math.ceil((256 << 20) / fwd_bytes)))
     return [args] + [_inputs(jax.random.key(seed + i), b, t, dtype, **shape)[0] for i in range(1, num_sets)], dy, moved
 
@@ -242,16 +232,14 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
     first = {}  # mode -> the first tile's output
     variants = (  # GpuBlocks(tokens per tile, forward GpuPass, backward GpuPass); GpuPass(warps, tiles, heads ahead, stages)
         default_gpu_blocks(grid.token_chunk),  # the default
+        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 1, 1, 2)),  # the backward's loop over heads pipelined
+        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 1, 1, 3)),
+        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(2, 1, 1, 2)),
+        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 1, 2, 2)),  # pipelined over pairs of heads
         GpuBlocks(16, GpuPass(2, 1, 2, 1), GpuPass(1, 1, 1)),  # one tile per program
-        GpuBlocks(16, GpuPass(2, 8, 2, 3), GpuPass(1, 1, 1)),
-        GpuBlocks(16, GpuPass(2, 8, 2, 2), GpuPass(1, 1, 1)),
         GpuBlocks(16, GpuPass(2, 4, 2, 2), GpuPass(1, 1, 1)),  # the default before 16x1024 was swept
-        GpuBlocks(16, GpuPass(2, 4, 4, 2), GpuPass(1, 1, 1)),
-        GpuBlocks(16, GpuPass(4, 4, 2, 2), GpuPass(1, 1, 1)),
-        GpuBlocks(16, GpuPass(2, 1, 1, 1), GpuPass(1, 1, 1)),  # one head at a time
-        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 2, 1, 2)),  # the backward in a pipelined loop too
+        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 2, 1, 2)),  # the backward in a pipelined loop over tiles
         GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 1, 2)),  # the backward's loop over pairs of heads
-        GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(2, 1, 1)),
         GpuBlocks(32, GpuPass(2, 1, 2, 1), GpuPass(2, 1, 1)),
     )
     for blocks in variants:

@@ -5,6 +5,9 @@
 #            the end
 #   ssd      the SSD kernel at the paper's single-SSM shape: 4x32768 and 16x1024, forward and
 #            forward+backward, kernel time from the profiler (% of the card's bandwidth)
+#   sweeps   the launch settings of the SSD kernel (the backward's loop over heads pipelined, among
+#            others) at 4x32768 and of the SSMs' conv and gated-norm kernels at 16x1024; then those
+#            two ops' kernels against their XLA paths at 16x1024, 4x4096 and 1x32768
 #   step     the whole training step, Attamba (auto, and attamba-kernels: every GPU kernel named, the
 #            SSMs' conv and gated norm too) against the transformer in one run, at 16x1024,
 #            8x2048, 4x4096, 64x1024 and 1x32768 (tokens/s, step-time ratio, MFU), and a profile of
@@ -35,6 +38,15 @@ ssd() {
     --out "$OUT/ssd.json" 2>&1 | quiet | tee "$OUT/ssd.log" | tail -12
 }
 
+sweeps() {
+  log "SSD launch settings at 4x32768"
+  python3 -m benchmarks.bench_ssd --implementations pallas_gpu --sizes 16x1024 --sweep 4x32768 --reps 20 --trials 2 \
+    --out "$OUT/ssd_sweep.json" 2>&1 | quiet | tee "$OUT/ssd_sweep.log" | grep "sweep ssd"
+  log "the SSMs' conv and gated norm: launch settings at 16x1024, kernels against XLA"
+  python3 -m benchmarks.bench_ssm_ops --sizes 16x1024,4x4096,1x32768 --sweep 16x1024 --out "$OUT/ssm_ops.json" \
+    2>&1 | quiet | tee "$OUT/ssm_ops.log" | sed -n '/kernel \/ xla/,$p'
+}
+
 step() {
   log "training step, Attamba against the transformer"
   python3 -m benchmarks.bench_train_step --models attamba,attamba-kernels,transformer --shapes 16x1024,8x2048,4x4096,64x1024,1x32768 \
@@ -58,7 +70,7 @@ decode() {
 
 for stage in "$@"; do
   case $stage in
-    checks | ssd | step | decode) "$stage" ;;
+    checks | ssd | sweeps | step | decode) "$stage" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done

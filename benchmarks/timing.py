@@ -59,6 +59,20 @@ def device_seconds(fn, arg_sets, reps: int) -> float:
         return kernel_table(trace_dir, reps)["device_ms_per_step"] / 1e3
 
 
+def nbytes(*arrays) -> int:
+    """Bytes of every array leaf of ``arrays``."""
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(arrays))
+
+
+def copy_bandwidth(reps: int = 20) -> float:
+    """Device-to-device bandwidth (bytes read + written per second of kernel time) of a 2 GiB
+    elementwise copy (8 MiB on a CPU): what the kernel benchmarks quote their bandwidth against."""
+    x = jax.numpy.ones((1 << 30 if jax.default_backend() != "cpu" else 1 << 22,), jax.numpy.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(x))  # compile and warm up
+    return 2 * nbytes(x) / device_seconds(f, [(x,)], reps)
+
+
 def rel_err(a, b) -> float:
     """max |a - b| / max |b|, in float32."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
