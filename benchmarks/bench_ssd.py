@@ -224,14 +224,10 @@ def bench(
                 )
 
 
-def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, groups=GROUPS, interpret=False) -> None:
-    """Tile sizes of the GPU kernel at one size; every tile's outputs (forward, and every
-    gradient) are held to the first tile's, which ``check`` holds to the reference."""
-    shape = {"h": heads, "g": groups}
-    sets, dy, moved = _input_sets(1, b, t, dtype, shape)
-    first = {}  # mode -> the first tile's output
-    variants = (  # GpuBlocks(tokens per tile, forward GpuPass, backward GpuPass); GpuPass(warps, tiles, heads ahead, stages)
-        default_gpu_blocks(grid.token_chunk),  # the default
+def sweep_variants(token_chunk: int) -> tuple[GpuBlocks, ...]:
+    """The GPU kernel's tile and launch settings ``--sweep`` times, the default first."""
+    return (  # GpuBlocks(tokens per tile, forward GpuPass, backward GpuPass); GpuPass(warps, tiles, heads ahead, stages)
+        default_gpu_blocks(token_chunk),  # the default
         GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 1, 1, 2)),  # the backward's loop over heads pipelined
         GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 1, 1, 3)),
         GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(2, 1, 1, 2)),
@@ -242,6 +238,15 @@ def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, group
         GpuBlocks(16, GpuPass(2, 2, 2, 2), GpuPass(1, 1, 2)),  # the backward's loop over pairs of heads
         GpuBlocks(32, GpuPass(2, 1, 2, 1), GpuPass(2, 1, 1)),
     )
+
+
+def sweep(record, b, t, grid, dtype, reps, trials, bandwidth, heads=HEADS, groups=GROUPS, interpret=False) -> None:
+    """Tile sizes of the GPU kernel at one size; every tile's outputs (forward, and every
+    gradient) are held to the first tile's, which ``check`` holds to the reference."""
+    shape = {"h": heads, "g": groups}
+    sets, dy, moved = _input_sets(1, b, t, dtype, shape)
+    first = {}  # mode -> the first tile's output
+    variants = sweep_variants(grid.token_chunk)
     for blocks in variants:
         if blocks.block_len < grid.token_chunk:
             continue

@@ -100,7 +100,7 @@ OPS = {  # name -> (inputs, fn(implementation or Launch, interpret) -> the op on
 }
 
 
-def _fwd_bwd(fn, diff):
+def fwd_bwd(fn, diff):
     """fn's outputs and its vjp for cotangents ``cots`` (the arguments in ``diff`` differentiated)."""
 
     def run(args, cots):
@@ -111,12 +111,17 @@ def _fwd_bwd(fn, diff):
     return run
 
 
+def ones_like(outs):
+    """Cotangents of ones for outputs (or their shapes) ``outs``."""
+    return jax.tree.map(lambda o: jnp.ones(o.shape, o.dtype), outs)
+
+
 def _case(op: str, b: int, t: int, dtype):
     """-> (input sets (>= 256 MB together, at most 32), cotangents, diff indices, {mode: bytes moved})."""
     inputs, _ = OPS[op]
     args, diff = inputs(jax.random.key(b * t), b, t, dtype)
     outs = jax.eval_shape(OPS[op][1]("xla", False), *args)
-    cots = jax.tree.map(lambda o: jnp.ones(o.shape, o.dtype), outs)
+    cots = ones_like(outs)
     read, written = nbytes([args[i] for i in diff if args[i].ndim == 3]), nbytes(outs)
     moved = {"fwd": read + written, "fwd+bwd": (read + written) + (read + written + read)}
     sets = min(32, max(1, math.ceil((256 << 20) / (read + written))))
@@ -137,7 +142,7 @@ def time_op(record, key, op, b, t, impls, dtype, reps, trials, interpret, bandwi
         fn = OPS[op][1](impl, interpret)
         for mode, run in (
             ("fwd", jax.jit(lambda args, _, fn=fn: fn(*args))),
-            ("fwd+bwd", jax.jit(_fwd_bwd(fn, diff))),
+            ("fwd+bwd", jax.jit(fwd_bwd(fn, diff))),
         ):
             call_sets = [(a, cots) for a in arg_sets]
             try:

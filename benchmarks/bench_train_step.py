@@ -87,6 +87,26 @@ SHAPES = [(16, 1024), (64, 1024), (8, 2048), (4, 4096), (1, 16384), (1, 32768)]
 XLA_SHAPES = {(16, 1024), (1, 16384)}
 
 
+def build_case(model: str, batch: int, length: int, doc_length: int = 1024):
+    """-> (model config, train step (not jitted), its state, one batch) of ``model`` at B×L in bf16."""
+    path, overrides = MODELS[DOCUMENT_MODELS.get(model, model)]
+    full = load_config(ROOT / path, ["model.dtype=bfloat16"])
+    cfg = dataclasses.replace(full.model, **overrides)
+    graphdef, params = init_model(cfg, seed=0)
+    tx, schedule = make_optimizer(load_config(ROOT / path).optim, 100_000)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+    if model in DOCUMENT_MODELS:
+        data = packed_batch(full, batch, length, doc_length)
+    else:
+        tokens = jax.random.randint(jax.random.key(1), (1, batch, length + 1), 0, cfg.vocab_size)
+        data = {
+            "inputs": tokens[..., :-1],
+            "targets": tokens[..., 1:],
+            "weights": jnp.ones((1, batch, length), jnp.float32),
+        }
+    return cfg, make_train_step(graphdef, tx, schedule), state, data
+
+
 def time_case(
     model: str,
     batch: int,
@@ -98,23 +118,9 @@ def time_case(
     hlo_dir: str = "",
     doc_length: int = 1024,
 ) -> dict:
-    path, overrides = MODELS[DOCUMENT_MODELS.get(model, model)]
-    full = load_config(ROOT / path, ["model.dtype=bfloat16"])
-    cfg = dataclasses.replace(full.model, **overrides)
-    graphdef, params = init_model(cfg, seed=0)
-    n_params = count_params(params)
-    tx, schedule = make_optimizer(load_config(ROOT / path).optim, 100_000)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
-    step = jax.jit(make_train_step(graphdef, tx, schedule), donate_argnums=0)
-    if model in DOCUMENT_MODELS:
-        data = packed_batch(full, batch, length, doc_length)
-    else:
-        tokens = jax.random.randint(jax.random.key(1), (1, batch, length + 1), 0, cfg.vocab_size)
-        data = {
-            "inputs": tokens[..., :-1],
-            "targets": tokens[..., 1:],
-            "weights": jnp.ones((1, batch, length), jnp.float32),
-        }
+    cfg, step, state, data = build_case(model, batch, length, doc_length)
+    n_params = count_params(state["params"])
+    step = jax.jit(step, donate_argnums=0)
     t0 = time.perf_counter()
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
