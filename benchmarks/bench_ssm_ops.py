@@ -41,19 +41,22 @@ CONV_WIDTH, GRID = 4, ChunkGrid(8, 3)
 SWEEPS = {  # launch settings timed by --sweep; the first is each kernel's default
     "ssm_conv": [
         ssm_conv_gpu.Launch(),
-        ssm_conv_gpu.Launch(slab=32),
+        ssm_conv_gpu.Launch(slab=64),  # the first default
+        ssm_conv_gpu.Launch(slab=64, num_warps=8),
+        ssm_conv_gpu.Launch(num_warps=2),
         ssm_conv_gpu.Launch(num_warps=8),
-        ssm_conv_gpu.Launch(slab=32, num_warps=2),
         ssm_conv_gpu.Launch(rows=32, num_warps=8),
         ssm_conv_gpu.Launch(rows=8, num_warps=2),
     ],
     "gated_norm": [
         gated_norm_gpu.Launch(),
-        gated_norm_gpu.Launch(tile=2048),
-        gated_norm_gpu.Launch(tile=1024),
-        gated_norm_gpu.Launch(tile=4096, num_warps=8),
-        gated_norm_gpu.Launch(tile=2048, num_warps=8),
-        gated_norm_gpu.Launch(tile=8192, num_warps=8),
+        gated_norm_gpu.Launch(tile=4096, steps=1),  # the first default: the 16 rows at once
+        gated_norm_gpu.Launch(tile=2048, steps=1),
+        gated_norm_gpu.Launch(tile=1024, steps=1),
+        gated_norm_gpu.Launch(tile=4096, steps=1, num_warps=8),
+        gated_norm_gpu.Launch(tile=1024, steps=16),
+        gated_norm_gpu.Launch(tile=2048, steps=8, num_warps=8),
+        gated_norm_gpu.Launch(tile=512, steps=8),
     ],
 }
 

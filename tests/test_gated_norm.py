@@ -23,13 +23,15 @@ def _inputs(seed, shape, dtype):
     return (y, z, weight), jax.random.normal(k[3], shape)
 
 
-def _run(implementation, args, cot, groups, launch=None):
-    """Output and gradients of ``implementation`` (a name, or with ``launch`` the interpreted kernel
-    run with those launch settings)."""
+def _run(implementation, args, cot, groups, launch=None, interpret=True):
+    """Output and gradients of ``implementation`` (a name, or with ``launch`` the kernel run with
+    those launch settings, in the interpreter unless ``interpret`` is False)."""
     if launch is None:
         fn = lambda y, z, w: gated_norm(y, z, w, groups=groups, eps=1e-5, implementation=implementation)
     else:
-        fn = lambda *a: pallas_gpu.gated_norm_pallas_gpu(*a, groups=groups, eps=1e-5, interpret=True, launch=launch)
+        fn = lambda *a: pallas_gpu.gated_norm_pallas_gpu(
+            *a, groups=groups, eps=1e-5, interpret=interpret, launch=launch
+        )
     return value_and_grads(fn, args, cot)
 
 
@@ -54,9 +56,18 @@ def test_kernel_matches_reference(dtype, tol, shape, groups):
     assert_close(got, want, tol)
 
 
-@pytest.mark.parametrize("launch", [pallas_gpu.Launch(tile=1024, num_warps=8), pallas_gpu.Launch(tile=64, num_warps=1)])
+@pytest.mark.parametrize(
+    "launch",
+    [
+        pallas_gpu.Launch(tile=1024, num_warps=8),
+        pallas_gpu.Launch(tile=64, num_warps=1),
+        pallas_gpu.Launch(tile=4096, steps=1),
+        pallas_gpu.Launch(tile=2048, steps=3),
+    ],
+)
 def test_other_launch_settings_match_reference(launch):
-    # Given the paper's stacked shape, and programs of 4 rows, or of one row narrower than a group
+    # Given the paper's stacked shape, and programs of 4 rows, of one row narrower than a group, of
+    # 16 rows at once, of 3 tiles of 8 in a loop (74 rows: the last program's last tiles past the end)
     args, cot = _inputs(7, *CASES[0][:1], jnp.float32)
     # When the kernels run with them in the interpreter, then they agree with the reference
     assert_close(_run(None, args, cot, 2, launch), _run("xla", args, cot, 2), 1e-5)
@@ -64,7 +75,11 @@ def test_other_launch_settings_match_reference(launch):
 
 @pytest.mark.parametrize(
     "settings, message",
-    [(dict(tile=3000), "Launch.tile must be a power of two"), (dict(num_warps=0), "Launch.num_warps must be >= 1")],
+    [
+        (dict(tile=3000), "Launch.tile must be a power of two"),
+        (dict(num_warps=0), "Launch.num_warps must be >= 1"),
+        (dict(steps=0), "Launch.steps must be >= 1"),
+    ],
 )
 def test_bad_launch_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -103,3 +118,13 @@ def test_bad_shapes_and_groups_are_named():
 def test_kernel_on_the_device_matches_reference(on_gpu, dtype, tol, shape, groups):
     args, cot = _inputs(sum(shape), shape, dtype)
     assert_close(_run("pallas_gpu", args, cot, groups), _run("xla", args, cot, groups), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile, steps", [(4096, 1), (512, 8)])
+def test_other_launch_settings_on_the_device_match_reference(on_gpu, tile, steps):
+    # Given bf16 rows of the model's width, no multiple of a program's, and programs of 16 rows at
+    # once (the first default) or of 8 tiles of 2 rows in a loop
+    args, cot = _inputs(steps, (16, 1001, 512), jnp.bfloat16)
+    launch = pallas_gpu.Launch(tile=tile, steps=steps)
+    assert_close(_run(None, args, cot, 2, launch, interpret=False), _run("xla", args, cot, 2), 1e-2)

@@ -34,10 +34,12 @@ from pallas_kernels.common import iota, next_pow2, triton_params
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """How the kernels run their programs (constants, not tuned per call; ``bench_ssm_ops.py``
-    sweeps them)."""
+    sweeps them). The slab is chosen by registers, not yet by time: 108 a thread in the backward
+    against 179 for slabs of 64, so twice the warps per SM for the same bytes (``BENCHMARKS.md``,
+    "Registers per thread without a GPU")."""
 
     rows: int = 16  # tokens per program
-    slab: int = 64  # channels per step of a program's walk
+    slab: int = 32  # channels per step of a program's walk
     num_warps: int = 4
 
     def __post_init__(self):
@@ -84,6 +86,23 @@ def _dt_raw(u_ref, bias_ref, b, r, ok, s, sizes):
     hh = ok & (h < heads)
     raw = plgpu.load(u_ref.at[b, r, base + h], mask=hh, other=0.0).astype(jnp.float32)
     return raw + plgpu.load(bias_ref.at[s * heads + h], mask=h < heads, other=0.0), h, hh
+
+
+class _Shifted:
+    """The slab's conv inputs ``d`` tokens away from the program's tokens, each loaded (float32, zero
+    outside the row) where it is first used: loaded all at once, the seven of a width-4 conv would
+    be live together (more registers, fewer programs per SM: ``BENCHMARKS.md``)."""
+
+    def __init__(self, u_ref, b, r, columns, mask, t):
+        self.u_ref, self.b, self.r, self.columns, self.mask, self.t = u_ref, b, r, columns, mask, t
+        self.loaded = {}
+
+    def __getitem__(self, d: int):
+        if d not in self.loaded:
+            r = self.r + d
+            ok = self.mask & (r >= 0) & (r < self.t)
+            self.loaded[d] = plgpu.load(self.u_ref.at[self.b, r, self.columns], mask=ok, other=0.0).astype(jnp.float32)
+        return self.loaded[d]
 
 
 def _fwd_kernel(pos_ref, u_ref, w_ref, bias_ref, z_ref, x_ref, b_ref, c_ref, dt_ref, *, sizes, t, width, launch):
@@ -142,10 +161,7 @@ def _bwd_kernel(
         for col, ch in _slabs(size, launch):
             u_col = base + inner + first + col
             w = _taps(w_ref, s * cc + first + col, ch, width)  # w[lag]: the tap of lag ``lag``
-            pre = {
-                d: plgpu.load(u_ref.at[b, r + d, u_col], mask=ch & (r + d >= 0) & (r + d < t), other=0.0).astype(f32)
-                for d in range(1 - width, width)
-            }  # the conv's inputs d tokens away
+            pre = _Shifted(u_ref, b, r, u_col, ch, t)  # the conv's inputs d tokens away, pre[d]
             dpre = jnp.zeros((launch.rows, col.shape[1]), f32)
             for j in range(width):
                 # The gradient at the conv's output j tokens later, through SiLU, then its tap j.
