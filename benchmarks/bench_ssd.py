@@ -37,6 +37,7 @@ import numpy as np
 from benchmarks.timing import (
     DOCS,
     add_kernel_bench_args,
+    bandwidth_row,
     copy_bandwidth,
     device_seconds,
     document_ratios,
@@ -204,18 +205,8 @@ def bench(
                         f"{stamp()} {b}x{t} {mode}: pallas_gpu{DOCS * docs} vs {name} max rel err {err:.2e}", flush=True
                     )
                 del out
-                gbps = moved[mode] / dev / 1e9
-                row = {
-                    "B": b,
-                    "L": t,
-                    "implementation": name,
-                    "mode": mode,
-                    "ms": sec * 1e3,
-                    "device_ms": dev * 1e3,
-                    "bytes": moved[mode],
-                    "GB/s": gbps,
-                    "fraction_of_copy_bw": gbps * 1e9 / bandwidth,
-                }
+                row = bandwidth_row(b, t, name, mode, sec, dev, moved[mode], bandwidth)
+                gbps = row["GB/s"]
                 record("rows", row)
                 print(
                     f"{stamp()} {b:3d}x{t:<6d} {name:12s} {mode:8s} {sec * 1e3:9.3f} ms wall {dev * 1e3:9.3f} ms kernels "

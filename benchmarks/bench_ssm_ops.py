@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import copy_bandwidth, device_seconds, nbytes, rel_err, save, stamp, time_calls
+from benchmarks.timing import bandwidth_row, copy_bandwidth, device_seconds, nbytes, rel_err, save, stamp, time_calls
 from pallas_kernels.chunk_grid import ChunkGrid
 from pallas_kernels.gated_norm import gated_norm
 from pallas_kernels.gated_norm import pallas_gpu as gated_norm_gpu
@@ -157,20 +157,9 @@ def time_op(record, key, op, b, t, impls, dtype, reps, trials, interpret, bandwi
             leaves = jax.tree.leaves(out)
             want.setdefault(mode, leaves)
             err = max(rel_err(a, r) for a, r in zip(leaves, want[mode]))
-            gbps = moved[mode] / dev / 1e9 if dev > 0 else float("nan")
-            row = {
-                "op": op,
-                "B": b,
-                "L": t,
-                "implementation": _label(impl),
-                "mode": mode,
-                "ms": sec * 1e3,
-                "device_ms": dev * 1e3,
-                "bytes": moved[mode],
-                "GB/s": gbps,
-                "fraction_of_copy_bw": gbps * 1e9 / bandwidth,
-                "max_rel_err_vs_xla": err,
-            }
+            row = {"op": op, **bandwidth_row(b, t, _label(impl), mode, sec, dev, moved[mode], bandwidth)}
+            row["max_rel_err_vs_xla"] = err
+            gbps = row["GB/s"]
             record(key, row)
             print(
                 f"{stamp()} {op:10s} {b:3d}x{t:<6d} {row['implementation']:42s} {mode:8s} {sec * 1e3:8.3f} ms wall "

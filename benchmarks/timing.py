@@ -73,6 +73,23 @@ def copy_bandwidth(reps: int = 20) -> float:
     return 2 * nbytes(x) / device_seconds(f, [(x,)], reps)
 
 
+def bandwidth_row(b: int, t: int, implementation: str, mode: str, sec: float, dev: float, moved: int, copy_bw: float):
+    """A kernel benchmark's result row: wall and kernel ms of one call, the bytes the op must move
+    and their bandwidth over the kernel time, also as a fraction of the copy bandwidth."""
+    gbps = moved / dev / 1e9 if dev > 0 else float("nan")
+    return {
+        "B": b,
+        "L": t,
+        "implementation": implementation,
+        "mode": mode,
+        "ms": sec * 1e3,
+        "device_ms": dev * 1e3,
+        "bytes": moved,
+        "GB/s": gbps,
+        "fraction_of_copy_bw": gbps * 1e9 / copy_bw,
+    }
+
+
 def rel_err(a, b) -> float:
     """max |a - b| / max |b|, in float32."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
