@@ -45,22 +45,30 @@ REGISTERS_PER_SM, WARPS_PER_SM, PROGRAMS_PER_SM, SHARED_PER_SM = 65536, 64, 32, 
 
 
 @contextlib.contextmanager
-def _intercepted(sink: list):
-    """Appends the Triton IR text of every Pallas kernel lowered inside the block to ``sink``."""
+def _intercepted(texts: list, settings: list):
+    """Appends the Triton IR text of every Pallas kernel lowered inside the block to ``texts``,
+    and, where the lowering compiles each kernel itself (jaxlib after 0.10.2, on a machine with a
+    GPU), its (num_warps, num_stages) to ``settings``."""
     from jax._src.pallas.triton import pallas_call_registration as registration
 
-    lower = registration.lowering.lower_jaxpr_to_triton_module
+    lower, compile_ = registration.lowering.lower_jaxpr_to_triton_module, registration.triton.compile
 
-    def recording(*args, **kwargs):
+    def recording_lower(*args, **kwargs):
         result = lower(*args, **kwargs)
-        sink.append(result.module.operation.get_asm(enable_debug_info=False))
+        texts.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
-    registration.lowering.lower_jaxpr_to_triton_module = recording
+    def recording_compile(*args, num_warps, num_stages, **kwargs):
+        settings.append((num_warps, num_stages))
+        return compile_(*args, num_warps=num_warps, num_stages=num_stages, **kwargs)
+
+    registration.lowering.lower_jaxpr_to_triton_module = recording_lower
+    registration.triton.compile = recording_compile
     try:
         yield
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
+        registration.triton.compile = compile_
 
 
 @contextlib.contextmanager
@@ -82,14 +90,20 @@ def lower_kernels(fn, *args) -> list[dict]:
     import jax
 
     texts: list[str] = []
-    with _as_if_on_a_gpu(), _intercepted(texts):
+    settings: list[tuple[int, int]] = []
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    on_gpu = jax.default_device(gpus[0]) if gpus else contextlib.nullcontext()  # the lowering reads the GPU
+    with on_gpu, _as_if_on_a_gpu(), _intercepted(texts, settings):
         module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    warps = [int(w) for w in re.findall(r"num_warps = (\d+) : i32", module)]
-    stages = [int(s) for s in re.findall(r"num_stages = (\d+) : i32", module)]
-    if not len(texts) == len(warps) == len(stages):
-        raise RuntimeError(f"{len(texts)} kernels lowered but {len(warps)} launch settings found in the module")
+    if not settings:  # the kernels left to XLA to compile: their settings are in the module's text
+        warps = [int(w) for w in re.findall(r"num_warps = (\d+) : i32", module)]
+        settings = list(zip(warps, [int(s) for s in re.findall(r"num_stages = (\d+) : i32", module)]))
+    if len(texts) != len(settings):
+        raise RuntimeError(f"{len(texts)} kernels lowered but {len(settings)} launch settings found")
     names = [re.search(r"tt\.func public @(\w+)", t).group(1) for t in texts]
-    return [dict(kernel=n, ttir=t, num_warps=w, num_stages=s) for n, t, w, s in zip(names, texts, warps, stages)]
+    return [
+        dict(kernel=n, ttir=t, num_warps=w, num_stages=s) for n, t, (w, s) in zip(names, texts, settings, strict=True)
+    ]
 
 
 def _shape(text: str) -> tuple[int, int]:
