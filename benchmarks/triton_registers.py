@@ -93,6 +93,7 @@ def lower_kernels(fn, *args) -> list[dict]:
     settings: list[tuple[int, int]] = []
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     on_gpu = jax.default_device(gpus[0]) if gpus else contextlib.nullcontext()  # the lowering reads the GPU
+    jax.clear_caches()  # a computation traced or lowered before would not run the kernels' lowering again
     with on_gpu, _as_if_on_a_gpu(), _intercepted(texts, settings):
         module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     if not settings:  # the kernels left to XLA to compile: their settings are in the module's text

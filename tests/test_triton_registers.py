@@ -19,6 +19,8 @@ def test_every_kernel_is_captured_with_its_launch_settings():
     # Then both kernels come back, named, with their Triton IR and launch settings
     assert [k["kernel"] for k in kernels] == ["gated_norm_fwd", "gated_norm_bwd"]
     assert all(k["num_warps"] == 8 and k["num_stages"] == 1 and "tt.func public" in k["ttir"] for k in kernels)
+    # and again for the same computation (nothing of the first lowering is reused)
+    assert [k["ttir"] for k in lower_kernels(jax.grad(loss, (0, 1)), y, y)] == [k["ttir"] for k in kernels]
 
 
 def test_residency_follows_hopper_register_and_warp_limits():
