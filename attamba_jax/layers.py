@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.gated_norm import group_rms_norm
+
 
 def truncated_normal(key, shape, std: float, dtype=jnp.float32) -> jax.Array:
     """N(0, std²) truncated at ±3 std (PyTorch's ``trunc_normal_(std, -3std, 3std)``)."""
@@ -58,12 +60,7 @@ class RMSNorm(nnx.Module):
         self.groups = groups
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        x = x.astype(jnp.float32)
-        shape = x.shape
-        x = x.reshape(shape[:-1] + (self.groups, shape[-1] // self.groups))
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return (x.reshape(shape) * self.weight[...]).astype(dtype)
+        return group_rms_norm(x, self.weight[...], groups=self.groups, eps=self.eps).astype(x.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

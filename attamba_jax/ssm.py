@@ -129,6 +129,7 @@ class StackedMamba2(nnx.Module):
             position_axes = (rows, None)
         # Under a mesh a named kernel runs per device on its rows.
         rows = (rows, None, None, None)
+        # no bias as a zero bias: call_op shards every argument, so each must be an array
         dt_bias = jnp.zeros(self.D.shape, jnp.float32) if self.dt_bias is None else self.dt_bias[...]
         z, x, B, C, dt = call_op(
             ssm_conv,
